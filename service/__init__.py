@@ -1,0 +1,1 @@
+"""Hydra model server: FastAPI + ONNX Runtime, no torch."""

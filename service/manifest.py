@@ -1,0 +1,148 @@
+"""The model package contract: `models/<name>/<version>/manifest.json`.
+
+The service owns this schema (the consumer defines what it needs); `training/` writes it.
+A manifest describes everything the server needs to run `model.onnx` — input and output
+tensors, class labels, number of heads, the OOD score and its calibration — so nothing about a
+model is hard-coded in the service.
+
+Output contract of `model.onnx` (Hydra) and `ensemble.onnx` (the stacked teachers), identical:
+  classification: one output, per-head log-probabilities, shape (batch, heads, classes)
+  regression:     two outputs, per-head means and variances, shape (batch, heads) each,
+                  in the original target units (target scaling is baked into the graph)
+Inputs are raw features: feature standardisation is baked into the graph too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.uncertainty import CLASSIFICATION_SCORES, REGRESSION_SCORES
+
+MANIFEST_FILENAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+Task = Literal["classification", "regression"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One ONNX graph input or output. `-1` marks a variable dimension (the batch axis)."""
+
+    name: str = Field(min_length=1)
+    shape: list[int] = Field(description="Dimensions; -1 for variable (batch) dimensions.")
+    dtype: Literal["float32", "float64", "int64"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int]) -> list[int]:
+        if not shape or any(d == 0 or d < -1 for d in shape):
+            raise ValueError(f"shape must be non-empty with dims > 0 or -1, got {shape}")
+        return shape
+
+
+class OutputNames(_Strict):
+    """Which graph outputs carry what. Classification sets `log_probs`; regression `mean` and `variance`."""
+
+    log_probs: str | None = Field(default=None, description="(batch, heads, classes) log-probabilities")
+    mean: str | None = Field(default=None, description="(batch, heads) Gaussian means")
+    variance: str | None = Field(default=None, description="(batch, heads) Gaussian variances")
+
+
+class OODCalibration(_Strict):
+    """Conformal OOD calibration: scores of held-out in-distribution inputs, sorted ascending."""
+
+    score: str = Field(description="Name of the uncertainty score used as OOD score (higher = more OOD).")
+    calibration_scores: list[float] = Field(min_length=1)
+    default_alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="Flag when p-value <= alpha.")
+
+    @field_validator("calibration_scores")
+    @classmethod
+    def _sorted_finite(cls, scores: list[float]) -> list[float]:
+        if any(b < a for a, b in zip(scores, scores[1:], strict=False)):
+            raise ValueError("calibration_scores must be sorted ascending")
+        if any(s != s or s in (float("inf"), float("-inf")) for s in scores):
+            raise ValueError("calibration_scores must be finite")
+        return scores
+
+
+class Provenance(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    dataset: str
+    data_sha256: str | None = None
+    seed: int | None = None
+    git_commit: str | None = None
+    created_at: str | None = None
+    training_seconds: float | None = None
+    packages: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelManifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    version: int = Field(ge=1)
+    task: Task
+    description: str = ""
+    input: TensorSpec
+    feature_names: list[str] | None = None
+    labels: list[str] | None = Field(default=None, description="Class names, index = class id.")
+    heads: int = Field(ge=1, description="Number of heads (ensemble members imitated).")
+    outputs: OutputNames
+    temperature: float = Field(default=1.0, gt=0.0, description="Distillation temperature (informational).")
+    ood: OODCalibration
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="Summary of the evaluation report.")
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelManifest:
+        if self.input.shape[0] != -1:
+            raise ValueError("input shape must start with the variable batch dimension -1")
+        if self.task == "classification":
+            if self.outputs.log_probs is None:
+                raise ValueError("classification manifest needs outputs.log_probs")
+            if not self.labels or len(self.labels) < 2:
+                raise ValueError("classification manifest needs at least two labels")
+            if self.ood.score not in CLASSIFICATION_SCORES:
+                raise ValueError(f"ood.score {self.ood.score!r} not in {CLASSIFICATION_SCORES}")
+        else:
+            if self.outputs.mean is None or self.outputs.variance is None:
+                raise ValueError("regression manifest needs outputs.mean and outputs.variance")
+            if self.ood.score not in REGRESSION_SCORES:
+                raise ValueError(f"ood.score {self.ood.score!r} not in {REGRESSION_SCORES}")
+        if self.feature_names is not None:
+            n_features = 1
+            for d in self.input.shape[1:]:
+                n_features *= d
+            if len(self.feature_names) != n_features:
+                raise ValueError(
+                    f"{len(self.feature_names)} feature_names for an input of {n_features} features"
+                )
+        return self
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.labels) if self.labels else None
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one input row (the input shape without its batch axis)."""
+        return tuple(self.input.shape[1:])
+
+    @classmethod
+    def load(cls, path: Path) -> ModelManifest:
+        """Read and validate a manifest file (a directory means `<dir>/manifest.json`)."""
+        if path.is_dir():
+            path = path / MANIFEST_FILENAME
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def dump(self, path: Path) -> None:
+        if path.is_dir():
+            path = path / MANIFEST_FILENAME
+        path.write_text(self.model_dump_json(indent=2) + "\n")

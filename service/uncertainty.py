@@ -1,0 +1,221 @@
+"""Ensemble uncertainty math: the one implementation that evaluation and the server both use.
+
+Everything here is vectorised numpy over a batch; there is no per-row Python loop.
+Definitions follow docs (and `../shared/reference/uncertainty.md`); natural logs throughout.
+
+Classification input: per-head log-probabilities, shape (batch, heads, classes).
+Regression input: per-head Gaussian means and variances, shape (batch, heads) each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+# Names of the scores a manifest may pick as its OOD score (higher = more out-of-distribution).
+ClassificationScore = Literal["mutual_information", "epkl", "total_entropy", "disagreement", "variance"]
+RegressionScore = Literal["epistemic_variance", "total_variance", "disagreement"]
+OODScoreName = ClassificationScore | RegressionScore
+
+
+@dataclass(frozen=True)
+class ClassificationUncertainty:
+    """Per-row summaries of an M-head classifier. Every array has leading dimension `batch`."""
+
+    mean_probs: FloatArray  # (batch, classes): p̄ = mean over heads
+    label: IntArray  # (batch,): argmax p̄
+    confidence: FloatArray  # (batch,): max p̄
+    total_entropy: FloatArray  # H[p̄]
+    expected_entropy: FloatArray  # (1/M) Σ_m H[p_m] (aleatoric)
+    mutual_information: FloatArray  # H[p̄] − E_m H[p_m] (epistemic), clamped at 0
+    epkl: FloatArray  # (1/M²) Σ_{m,m'} KL(p_m ‖ p_m') ≥ MI
+    disagreement: FloatArray  # fraction of heads whose argmax differs from argmax p̄
+    variance: FloatArray  # Var_m[p_m,k] at k = argmax p̄ (population variance over heads)
+
+    def score(self, name: str) -> FloatArray:
+        """The OOD score called `name` (see `ClassificationScore`)."""
+        if name not in CLASSIFICATION_SCORES:
+            raise ValueError(f"unknown classification OOD score {name!r}; choose from {CLASSIFICATION_SCORES}")
+        value: FloatArray = getattr(self, name)
+        return value
+
+
+@dataclass(frozen=True)
+class RegressionUncertainty:
+    """Per-row summaries of an M-head Gaussian regressor (uniform mixture over heads)."""
+
+    mean: FloatArray  # (batch,): μ* = mean of head means
+    aleatoric_variance: FloatArray  # mean of head variances
+    epistemic_variance: FloatArray  # variance of head means
+    total_variance: FloatArray  # aleatoric + epistemic
+    disagreement: FloatArray  # standard deviation of head means (spread, in target units)
+
+    def interval(self, level: float = 0.95) -> tuple[FloatArray, FloatArray]:
+        """Central prediction interval of the Gaussian approximation N(μ*, total variance)."""
+        check_level(level)
+        z = NormalDist().inv_cdf(0.5 + level / 2.0)
+        half = z * np.sqrt(self.total_variance)
+        return self.mean - half, self.mean + half
+
+    def score(self, name: str) -> FloatArray:
+        if name not in REGRESSION_SCORES:
+            raise ValueError(f"unknown regression OOD score {name!r}; choose from {REGRESSION_SCORES}")
+        value: FloatArray = getattr(self, name)
+        return value
+
+
+CLASSIFICATION_SCORES: tuple[str, ...] = (
+    "mutual_information",
+    "epkl",
+    "total_entropy",
+    "disagreement",
+    "variance",
+)
+REGRESSION_SCORES: tuple[str, ...] = ("epistemic_variance", "total_variance", "disagreement")
+
+
+def check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must be in (0, 1), got {level}")
+
+
+def _entropy_from_log(log_p: FloatArray, axis: int = -1) -> FloatArray:
+    # p·log p with p = exp(log p); exp(-inf) = 0 makes 0·(-inf) → nan, so mask those terms.
+    p = np.exp(log_p)
+    terms = np.where(p > 0.0, p * log_p, 0.0)
+    out: FloatArray = -terms.sum(axis=axis)
+    return out
+
+
+def log_softmax(logits: NDArray[np.floating], axis: int = -1) -> FloatArray:
+    """Numerically stable log-softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    out: FloatArray = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    return out
+
+
+def classification_uncertainty(head_log_probs: NDArray[np.floating]) -> ClassificationUncertainty:
+    """Summaries of per-head log-probabilities `(batch, heads, classes)`.
+
+    The inputs are re-normalised with a log-softmax first, so float32 rounding in the graph
+    cannot make a row sum to anything but one.
+    """
+    log_p = np.asarray(head_log_probs, dtype=np.float64)
+    if log_p.ndim != 3:
+        raise ValueError(f"expected (batch, heads, classes) log-probabilities, got shape {log_p.shape}")
+    batch, heads, classes = log_p.shape
+    log_p = log_softmax(log_p, axis=-1)
+    p = np.exp(log_p)  # (batch, heads, classes)
+
+    mean_probs = p.mean(axis=1)  # (batch, classes)
+    # log p̄ via logsumexp over heads: stays finite where p̄ underflows in linear space.
+    m = log_p.max(axis=1, keepdims=True)
+    log_mean = (m + np.log(np.exp(log_p - m).mean(axis=1, keepdims=True)))[:, 0, :]  # (batch, classes)
+
+    total_entropy = _entropy_from_log(log_mean)
+    head_entropy = _entropy_from_log(log_p)  # (batch, heads)
+    expected_entropy = head_entropy.mean(axis=1)
+    mutual_information = np.maximum(total_entropy - expected_entropy, 0.0)
+
+    # EPKL = (1/M²) Σ_{m,m'} Σ_k p_m,k (log p_m,k − log p_m',k)
+    #      = E_m[Σ_k p_m,k log p_m,k] − Σ_k p̄_k · E_m'[log p_m',k]  (cross term factorises)
+    neg_head_entropy = -head_entropy.mean(axis=1)
+    with np.errstate(invalid="ignore"):
+        # a class with p̄_k = 0 contributes 0 whatever log p is (avoid 0·(−inf) = nan)
+        mean_log = log_p.mean(axis=1)  # (batch, classes)
+        cross = np.where(mean_probs > 0.0, mean_probs * mean_log, 0.0).sum(axis=1)
+    epkl = np.maximum(neg_head_entropy - cross, mutual_information)
+    epkl = np.where(np.isfinite(epkl), epkl, np.finfo(np.float64).max)
+
+    label = mean_probs.argmax(axis=1).astype(np.int64)
+    confidence = mean_probs[np.arange(batch), label]
+    head_labels = p.argmax(axis=2)  # (batch, heads)
+    disagreement = (head_labels != label[:, None]).mean(axis=1) if heads else np.zeros(batch)
+    variance = p[np.arange(batch), :, label].var(axis=1) if classes else np.zeros(batch)
+
+    return ClassificationUncertainty(
+        mean_probs=mean_probs,
+        label=label,
+        confidence=confidence,
+        total_entropy=total_entropy,
+        expected_entropy=expected_entropy,
+        mutual_information=mutual_information,
+        epkl=epkl,
+        disagreement=disagreement.astype(np.float64),
+        variance=variance,
+    )
+
+
+def regression_uncertainty(
+    head_means: NDArray[np.floating], head_variances: NDArray[np.floating]
+) -> RegressionUncertainty:
+    """Summaries of per-head Gaussians, both arrays `(batch, heads)`."""
+    mu = np.asarray(head_means, dtype=np.float64)
+    var = np.asarray(head_variances, dtype=np.float64)
+    if mu.ndim != 2 or mu.shape != var.shape:
+        raise ValueError(f"expected (batch, heads) means and variances, got {mu.shape} and {var.shape}")
+    mean = mu.mean(axis=1)
+    aleatoric = np.maximum(var, 0.0).mean(axis=1)
+    epistemic = mu.var(axis=1)  # (1/M) Σ μ² − μ*², computed stably
+    return RegressionUncertainty(
+        mean=mean,
+        aleatoric_variance=aleatoric,
+        epistemic_variance=epistemic,
+        total_variance=aleatoric + epistemic,
+        disagreement=np.sqrt(epistemic),
+    )
+
+
+class ConformalOODCalibrator:
+    """Conformal p-values for OOD scores (Bates et al. 2023), exactly as documented:
+
+        p(s) = (1 + #{i : S_i ≥ s}) / (n + 1),   flag when p ≤ α.
+
+    If a new input is exchangeable with the n held-out calibration inputs, P(p ≤ α) ≤ α.
+    """
+
+    def __init__(self, calibration_scores: NDArray[np.floating] | list[float]) -> None:
+        scores = np.sort(np.asarray(calibration_scores, dtype=np.float64).ravel())
+        if scores.size == 0:
+            raise ValueError("conformal calibration needs at least one calibration score")
+        if not np.all(np.isfinite(scores)):
+            raise ValueError("calibration scores must be finite")
+        self._sorted = scores
+
+    @property
+    def n(self) -> int:
+        return int(self._sorted.size)
+
+    def p_values(self, scores: NDArray[np.floating]) -> FloatArray:
+        s = np.asarray(scores, dtype=np.float64)
+        # #{S_i ≥ s} = n − #{S_i < s} = n − searchsorted(left)
+        at_least = self.n - np.searchsorted(self._sorted, s, side="left")
+        out: FloatArray = (1.0 + at_least) / (self.n + 1.0)
+        return out
+
+    def flags(self, scores: NDArray[np.floating], alpha: float) -> NDArray[np.bool_]:
+        check_alpha(alpha)
+        out: NDArray[np.bool_] = self.p_values(scores) <= alpha
+        return out
+
+    def threshold(self, alpha: float) -> float:
+        """The smallest score flagged at α (inf when n is too small to ever flag at α)."""
+        check_alpha(alpha)
+        # p(s) ≤ α  ⇔  #{S_i ≥ s} ≤ (n+1)α − 1 =: j.  With j ≥ 0 the flagged region is s > S_(n−j)
+        j = int(np.floor((self.n + 1) * alpha + 1e-12)) - 1
+        if j < 0:
+            return float("inf")
+        return float(np.nextafter(self._sorted[self.n - 1 - j], np.inf))
+
+
+def check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")

@@ -1,0 +1,1 @@
+"""Offline Hydra pipeline: teachers, distillation, evaluation, ONNX export."""
