@@ -324,6 +324,8 @@ class ServiceMetrics:
         if last_version:
             _remove(self.queue_depth, model)
             _remove(self.in_flight, model)
+            for reason in REJECT_REASONS:
+                _remove(self.rejected, model, reason)
 
     def inc_load_failure(self, model: str, reason: str) -> None:
         self.load_failures.labels(model, reason).inc()

@@ -1,0 +1,318 @@
+"""ServiceMetrics and RequestMetricsMiddleware: what is exposed equals what was observed.
+
+The exposition is parsed with prometheus_client's own parser, as a scraper would read it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.metrics import (
+    MAX_CLASS_LABELS,
+    OTHER_CLASS,
+    P_VALUE_BUCKETS,
+    REJECT_REASONS,
+    UNMATCHED_ROUTE,
+    RequestMetricsMiddleware,
+    ServiceMetrics,
+)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(metrics: ServiceMetrics) -> Samples:
+    text = generate_latest(metrics.registry).decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def names(samples: Samples) -> set[str]:
+    return {name for name, _ in samples}
+
+
+def classification_outputs(
+    rng: np.random.Generator, n: int, classes: int, alpha: float
+) -> dict[str, np.ndarray]:
+    probs = rng.dirichlet(np.ones(classes), size=n).astype(np.float32)
+    p_values = rng.integers(1, 101, size=n) / 101.0  # conformal p-values are (1 + k) / (n_cal + 1)
+    return {
+        "probabilities": probs,
+        "label": probs.argmax(axis=1).astype(np.int64),
+        "ood_p_value": p_values.astype(np.float32),
+        "ood_flag": p_values <= alpha,
+        "ood_alpha": np.full(n, alpha, np.float32),
+        "mutual_information": rng.exponential(0.05, size=n).astype(np.float32),
+        "disagreement": (rng.integers(0, 6, size=n) / 5.0).astype(np.float32),
+    }
+
+
+def test_uncertainty_counts_equal_observations() -> None:
+    rng = np.random.default_rng(0)
+    metrics = ServiceMetrics()
+    labels = [f"c{k}" for k in range(7)]
+    batches = [classification_outputs(rng, n, 7, 0.05) for n in (1, 33, 250)]
+    for out in batches:
+        metrics.observe_uncertainty("clf", "1", out, 0.05, labels)
+    s = scrape(metrics)
+    mv = {"model": "clf", "version": "1"}
+
+    p = np.concatenate([b["ood_p_value"] for b in batches]).astype(np.float64)
+    flags = np.concatenate([b["ood_flag"] for b in batches])
+    assert value(s, "hydra_predictions_total", **mv) == p.size
+    assert value(s, "hydra_ood_flagged_total", **mv) == int(flags.sum()) > 0
+    assert value(s, "hydra_ood_alpha", **mv) == pytest.approx(0.05)
+    for bound in P_VALUE_BUCKETS:
+        # float32 outputs are compared as the exporter sees them (widened to float64)
+        expected = int((p <= bound).sum())
+        assert value(s, "hydra_ood_p_value_bucket", le=repr(float(bound)), **mv) == expected, bound
+    assert value(s, "hydra_ood_p_value_bucket", le="+Inf", **mv) == p.size
+    assert value(s, "hydra_ood_p_value_count", **mv) == p.size
+    assert value(s, "hydra_ood_p_value_sum", **mv) == pytest.approx(p.sum(), rel=1e-9)
+    # the flag counter and the bucket at α agree: both are p ≤ α
+    assert value(s, "hydra_ood_p_value_bucket", le="0.05", **mv) == value(s, "hydra_ood_flagged_total", **mv)
+
+    mi = np.concatenate([b["mutual_information"] for b in batches]).astype(np.float64)
+    assert value(s, "hydra_mutual_information_nats_count", **mv) == mi.size
+    assert value(s, "hydra_mutual_information_nats_bucket", le="0.05", **mv) == int((mi <= 0.05).sum())
+    dis = np.concatenate([b["disagreement"] for b in batches]).astype(np.float64)
+    assert value(s, "hydra_vote_disagreement_ratio_bucket", le="0.0", **mv) == int((dis <= 0).sum())
+    assert value(s, "hydra_vote_disagreement_ratio_count", **mv) == dis.size
+
+    predicted = collections.Counter(int(k) for b in batches for k in b["label"])
+    for k, name in enumerate(labels):
+        # every class is exported, a class never predicted as 0
+        assert value(s, "hydra_predicted_class_total", label=name, **mv) == predicted.get(k, 0)
+    assert "hydra_head_spread_count" not in names(s)  # regression-only metric stays empty
+
+
+def test_regression_outputs_fill_spread_not_classification_metrics() -> None:
+    metrics = ServiceMetrics()
+    spread = np.array([0.001, 0.3, 7.0, 2000.0], np.float32)
+    out = {
+        "mean": np.zeros(4, np.float32),
+        "disagreement": spread,
+        "ood_p_value": np.array([0.5, 0.01, 1.0, 0.2], np.float32),
+        "ood_flag": np.array([False, True, False, False]),
+    }
+    metrics.observe_uncertainty("reg", "3", out, 0.1, None)
+    s = scrape(metrics)
+    mv = {"model": "reg", "version": "3"}
+    assert value(s, "hydra_head_spread_count", **mv) == 4
+    assert value(s, "hydra_head_spread_bucket", le="0.5", **mv) == 2
+    assert value(s, "hydra_head_spread_bucket", le="1000.0", **mv) == 3
+    assert value(s, "hydra_ood_flagged_total", **mv) == 1
+    assert value(s, "hydra_ood_alpha", **mv) == pytest.approx(0.1)
+    assert not any(name.startswith("hydra_predicted_class_total") for name in names(s))
+    assert "hydra_mutual_information_nats_count" not in names(s)
+
+
+def test_class_labels_are_capped_with_other() -> None:
+    metrics = ServiceMetrics()
+    classes = MAX_CLASS_LABELS + 10
+    label_names = [f"class_{k}" for k in range(classes)]
+    labels = np.array([0, 0, 3, MAX_CLASS_LABELS - 1, MAX_CLASS_LABELS, classes - 1, classes - 1], np.int64)
+    n = labels.size
+    out = {
+        "probabilities": np.full((n, classes), 1.0 / classes, np.float32),
+        "label": labels,
+        "ood_p_value": np.ones(n, np.float32),
+        "ood_flag": np.zeros(n, bool),
+        "mutual_information": np.zeros(n, np.float32),
+        "disagreement": np.zeros(n, np.float32),
+    }
+    metrics.observe_uncertainty("big", "1", out, 0.05, label_names)
+    s = scrape(metrics)
+    exported = {
+        dict(lbls)["label"]: v for (name, lbls), v in s.items() if name == "hydra_predicted_class_total"
+    }
+    assert len(exported) == MAX_CLASS_LABELS + 1
+    assert exported[OTHER_CLASS] == 3
+    assert exported["class_0"] == 2
+    assert exported["class_3"] == 1
+    assert exported[f"class_{MAX_CLASS_LABELS - 1}"] == 1
+    assert f"class_{MAX_CLASS_LABELS}" not in exported
+    assert sum(exported.values()) == n
+
+
+def test_known_series_are_exported_as_zero_before_traffic() -> None:
+    metrics = ServiceMetrics()
+    metrics.set_model_info("clf", "2", heads=5, provider="CPUExecutionProvider")
+    metrics.set_model_ready("clf", "2", True)
+    s = scrape(metrics)
+    mv = {"model": "clf", "version": "2"}
+    assert value(s, "hydra_model_info", heads="5", provider="CPUExecutionProvider", **mv) == 1
+    assert value(s, "hydra_model_ready", **mv) == 1
+    assert value(s, "hydra_predictions_total", **mv) == 0
+    assert value(s, "hydra_ood_flagged_total", **mv) == 0
+    assert value(s, "hydra_ood_p_value_count", **mv) == 0
+    assert value(s, "hydra_batch_size_rows_count", **mv) == 0
+    assert value(s, "hydra_queue_wait_seconds_count", **mv) == 0
+    assert value(s, "hydra_queue_depth_rows", model="clf") == 0
+    assert value(s, "hydra_in_flight_requests", model="clf") == 0
+    for reason in REJECT_REASONS:
+        assert value(s, "hydra_rejected_requests_total", model="clf", reason=reason) == 0
+
+    metrics.set_model_ready("clf", "2", False)
+    metrics.set_model_info("clf", "2", heads=5, provider="CUDAExecutionProvider")
+    s = scrape(metrics)
+    assert value(s, "hydra_model_ready", **mv) == 0
+    info = [lbls for (name, lbls), _ in s.items() if name == "hydra_model_info"]
+    assert info == [frozenset({**mv, "heads": "5", "provider": "CUDAExecutionProvider"}.items())]
+
+
+def test_batch_queue_and_rejection_metrics() -> None:
+    metrics = ServiceMetrics()
+    waits = np.array([0.0002, 0.003, 0.003, 0.7])
+    metrics.observe_batch("clf", "1", rows=9, compute_seconds=0.004, queue_wait_seconds=waits)
+    metrics.observe_batch("clf", "1", rows=1, compute_seconds=0.002, queue_wait_seconds=np.array([0.01]))
+    metrics.set_queue_depth("clf", 17)
+    metrics.set_in_flight("clf", 3)
+    metrics.inc_rejected("clf", "queue_full")
+    metrics.inc_rejected("clf", "queue_full")
+    metrics.inc_rejected("clf", "deadline")
+    metrics.inc_load_failure("broken", "invalid_manifest")
+    s = scrape(metrics)
+    mv = {"model": "clf", "version": "1"}
+    assert value(s, "hydra_batch_size_rows_count", **mv) == 2
+    assert value(s, "hydra_batch_size_rows_sum", **mv) == 10
+    assert value(s, "hydra_batch_size_rows_bucket", le="8.0", **mv) == 1
+    assert value(s, "hydra_batch_compute_seconds_sum", **mv) == pytest.approx(0.006)
+    assert value(s, "hydra_queue_wait_seconds_count", **mv) == 5
+    assert value(s, "hydra_queue_wait_seconds_bucket", le="0.0025", **mv) == 1
+    assert value(s, "hydra_queue_wait_seconds_bucket", le="0.01", **mv) == 4
+    assert value(s, "hydra_queue_wait_seconds_sum", **mv) == pytest.approx(waits.sum() + 0.01)
+    assert value(s, "hydra_queue_depth_rows", model="clf") == 17
+    assert value(s, "hydra_in_flight_requests", model="clf") == 3
+    assert value(s, "hydra_rejected_requests_total", model="clf", reason="queue_full") == 2
+    assert value(s, "hydra_rejected_requests_total", model="clf", reason="deadline") == 1
+    assert value(s, "hydra_model_load_failures_total", model="broken", reason="invalid_manifest") == 1
+
+
+def test_remove_model_drops_its_series_only() -> None:
+    rng = np.random.default_rng(1)
+    metrics = ServiceMetrics()
+    for version in ("1", "2"):
+        metrics.set_model_info("clf", version, 4, "CPUExecutionProvider")
+        metrics.set_model_ready("clf", version, True)
+        metrics.observe_batch("clf", version, 3, 0.001, np.zeros(3))
+        metrics.observe_uncertainty("clf", version, classification_outputs(rng, 5, 3, 0.05), 0.05, None)
+    metrics.set_queue_depth("clf", 2)
+    metrics.remove_model("clf", "1")
+    s = scrape(metrics)
+    versions = {dict(lbls).get("version") for (_, lbls) in s if dict(lbls).get("model") == "clf"}
+    assert versions == {"2", None}  # None: the model-only gauges, kept while version 2 is served
+    metrics.remove_model("clf", "2")
+    s = scrape(metrics)
+    assert not any(dict(lbls).get("model") == "clf" for (_, lbls) in s)
+
+
+def test_concurrent_batches_are_all_counted() -> None:
+    metrics = ServiceMetrics()
+    rng = np.random.default_rng(2)
+    batch = classification_outputs(rng, 100, 4, 0.05)
+
+    def work() -> None:
+        for _ in range(50):
+            metrics.observe_uncertainty("clf", "1", batch, 0.05, None)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = scrape(metrics)
+    assert value(s, "hydra_ood_p_value_count", model="clf", version="1") == 4 * 50 * 100
+    assert value(s, "hydra_predictions_total", model="clf", version="1") == 4 * 50 * 100
+
+
+def test_non_finite_values_are_not_bucketed() -> None:
+    metrics = ServiceMetrics()
+    metrics.observe_batch("m", "1", 3, 0.001, np.array([0.001, np.nan, np.inf]))
+    s = scrape(metrics)
+    assert value(s, "hydra_queue_wait_seconds_count", model="m", version="1") == 1
+    assert value(s, "hydra_queue_wait_seconds_sum", model="m", version="1") == pytest.approx(0.001)
+
+
+# -- middleware against a real uvicorn server -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture()
+def served_app() -> Iterator[tuple[str, ServiceMetrics]]:
+    metrics = ServiceMetrics()
+    app = FastAPI()
+
+    @app.get("/v2/models/{model_name}/ready")
+    async def ready(model_name: str) -> dict[str, str]:
+        return {"name": model_name}
+
+    @app.post("/fail")
+    async def fail() -> None:
+        raise RuntimeError("boom")
+
+    app.mount("/metrics", metrics.asgi_app())
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", metrics
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_middleware_labels_requests_with_route_templates(served_app: tuple[str, ServiceMetrics]) -> None:
+    base, metrics = served_app
+    with httpx.Client(base_url=base, timeout=5) as client:
+        for name in ("a", "b", "c"):
+            assert client.get(f"/v2/models/{name}/ready").status_code == 200
+        assert client.get("/no/such/path/123").status_code == 404
+        exposition = client.get("/metrics/")
+        assert exposition.status_code == 200
+    # an unhandled exception escapes through the middleware; uvicorn then drops the connection (own client)
+    with httpx.Client(base_url=base, timeout=5) as client, contextlib.suppress(httpx.TransportError):
+        assert client.post("/fail").status_code == 500
+    # the /metrics request itself is recorded after its body went out: scrape again
+    s = scrape(metrics)
+    route = "/v2/models/{model_name}/ready"
+    assert value(s, "hydra_requests_total", route=route, method="GET", code="200") == 3
+    assert value(s, "hydra_request_duration_seconds_count", route=route, method="GET") == 3
+    assert value(s, "hydra_requests_total", route=UNMATCHED_ROUTE, method="GET", code="404") == 1
+    assert value(s, "hydra_requests_total", route="/fail", method="POST", code="500") == 1
+    assert value(s, "hydra_requests_total", route="/metrics", method="GET", code="200") == 1
+    routes = {dict(lbls)["route"] for (name, lbls) in s if name == "hydra_requests_total"}
+    assert routes == {route, UNMATCHED_ROUTE, "/fail", "/metrics"}  # never a raw path
+    # the served exposition is this registry's
+    assert "hydra_request_duration_seconds" in exposition.text
