@@ -1,0 +1,93 @@
+"""`python -m service [--flags]`: serve a model repository with uvicorn.
+
+Flags override `HYDRA_*` environment variables (see `service.settings.Settings`). SIGTERM/SIGINT:
+uvicorn stops accepting, finishes in-flight requests, the lifespan drains the batchers, exit 0.
+A start with no loadable model exits non-zero with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def _parse_pins(values: list[str]) -> dict[str, int]:
+    pins: dict[str, int] = {}
+    for value in values:
+        name, sep, version = value.partition("=")
+        if not sep or not version.isdigit():
+            raise SystemExit(f"--pin expects NAME=VERSION, got {value!r}")
+        pins[name] = int(version)
+    return pins
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0])
+    fields = Settings.model_fields
+    for name, field in fields.items():
+        if name in ("model_versions",):
+            continue
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=None, help=field.description, metavar=name.upper())
+    parser.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="NAME=VERSION",
+        help="Serve this version of NAME (repeatable).",
+    )
+    return parser
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None and k != "pin"}
+    if args.pin:
+        overrides["model_versions"] = _parse_pins(args.pin)
+    try:
+        # flags are strings; validate them like environment values (pydantic coerces in lax mode)
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"invalid settings: {problems}") from exc
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    # uvicorn re-raises the signal it handled once it has shut down gracefully; landing here means a
+    # clean drain, which is exit status 0 (and SIGTERM before uvicorn starts means nothing to drain).
+    sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = settings_from_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        # lifespan start-up failed (e.g. no loadable model); uvicorn has logged the reason
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

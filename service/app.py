@@ -1,0 +1,62 @@
+"""`create_app()`: the FastAPI application — settings, repository, batchers, routes, metrics, errors.
+
+Lifespan: load and warm every model and start its batcher before the server reports ready; on
+shutdown (after uvicorn has finished in-flight requests) drain and stop every batcher.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.body_limit import BodySizeLimitMiddleware
+from service.errors import install_error_handlers
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.repository import ModelRepository, NoLoadableModel
+from service.responses import OrjsonResponse
+from service.routes import repository as repository_routes
+from service.routes import v1, v2
+from service.settings import Settings
+
+logger = logging.getLogger("service")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    metrics = ServiceMetrics()
+    repository = ModelRepository(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await repository.start()
+        except NoLoadableModel as exc:
+            logger.critical("cannot start: %s", exc)
+            raise
+        try:
+            yield
+        finally:
+            await repository.stop()
+
+    app = FastAPI(
+        title="hydra-serve",
+        summary="Mean prediction and per-head uncertainty from Hydra models (KServe V1, Open Inference V2).",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.repository = repository
+    install_error_handlers(app)
+    app.include_router(v1.router)
+    app.include_router(repository_routes.router)
+    app.include_router(v2.router)
+    app.mount("/metrics", metrics.asgi_app())
+    # added last = outermost: the body limit applies before any route parses, and metrics see every status
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,323 @@
+"""Per-model dynamic batcher: requests of any size in, one model run per batch, each row's answer back.
+
+Composition in the style of Ray Serve's `_BatchQueue`: routes `submit()` rows and await the returned
+future; one loop task forms batches and runs them in a worker thread. Invariants:
+
+- a batch runs when it holds `max_batch_size` rows, or when the oldest queued request has waited
+  `max_delay_s` (deadline = its arrival time + max delay), or at once while stopping;
+- a request larger than the room left in a batch is split; its parts are re-joined in order;
+- the model must return exactly one result per input row (checked; otherwise the batch fails);
+- a request still queued at its deadline is dropped before it runs (DeadlineExceeded) and a
+  cancelled request (client gone) is skipped, so neither costs a model run;
+- every future is settled, also when the model raises (ModelRunError for that batch only);
+- the queue is bounded in requests; beyond it `submit` raises QueueFull at once;
+- `stop()` stops accepting, runs what is queued without waiting for the delay, then returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull, ServiceError
+
+logger = logging.getLogger(__name__)
+
+Outputs = dict[str, NDArray[np.generic]]
+RunFn = Callable[[NDArray[np.float32]], Mapping[str, NDArray[np.generic]]]
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one executed batch looked like; handed to `on_batch` (metrics) on the event loop."""
+
+    rows: int
+    requests: int
+    compute_seconds: float
+    queue_wait_seconds: NDArray[np.float64]  # one per request part in the batch
+    outputs: Mapping[str, NDArray[np.generic]]
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Counters a client may read through model metadata (batching is observable, not private)."""
+
+    batches: int
+    rows: int
+    max_batch_rows: int
+    queued_requests: int
+    queued_rows: int
+
+
+class _Request:
+    __slots__ = ("cursor", "done_rows", "enqueued_at", "future", "n", "parts", "queued", "rows", "timer")
+
+    def __init__(self, rows: NDArray[np.float32], future: asyncio.Future[Outputs], now: float) -> None:
+        self.rows = rows
+        self.n = int(rows.shape[0])
+        self.future = future
+        self.enqueued_at = now
+        self.cursor = 0  # rows already handed to a batch
+        self.done_rows = 0  # rows whose results came back
+        self.parts: list[tuple[int, Outputs]] = []
+        self.queued = True  # still holds a queue slot (not fully taken, expired or cancelled)
+        self.timer: asyncio.TimerHandle | None = None
+
+    def deliver(self, start: int, part: Outputs) -> None:
+        if self.future.done():  # cancelled by its client, or failed by another part's batch
+            return
+        self.parts.append((start, part))
+        self.done_rows += next(iter(part.values())).shape[0]
+        if self.done_rows < self.n:
+            return
+        if len(self.parts) == 1:
+            self.future.set_result(part)
+            return
+        self.parts.sort(key=lambda p: p[0])
+        keys = self.parts[0][1].keys()
+        self.future.set_result({k: np.concatenate([p[k] for _, p in self.parts]) for k in keys})
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class DynamicBatcher:
+    """One per model. `run` is blocking (ONNX Runtime) and is called in a dedicated worker thread."""
+
+    def __init__(
+        self,
+        name: str,
+        run: RunFn,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+        on_state: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._run = run
+        self._max_batch = max_batch_size
+        self._max_delay = max_delay_s
+        self._max_queue = max_queue_size
+        self._on_batch = on_batch
+        self._on_reject = on_reject
+        self._on_state = on_state  # (queued rows, requests in flight)
+        self._queue: deque[_Request] = deque()
+        self._queued_requests = 0
+        self._queued_rows = 0
+        self._in_flight = 0
+        self._batches = 0
+        self._rows_run = 0
+        self._max_batch_rows = 0
+        self._wake = asyncio.Event()
+        self._accepting = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError(f"batcher {self.name} already started")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.name}")
+        self._accepting = True
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop accepting, run everything already queued (no delay), wait for it, release the thread."""
+        self._accepting = False
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stats(self) -> BatcherStats:
+        return BatcherStats(
+            batches=self._batches,
+            rows=self._rows_run,
+            max_batch_rows=self._max_batch_rows,
+            queued_requests=self._queued_requests,
+            queued_rows=self._queued_rows,
+        )
+
+    # ---- submission ------------------------------------------------------------------------------
+    def submit(self, rows: NDArray[np.float32], timeout_s: float | None = None) -> asyncio.Future[Outputs]:
+        """Queue `rows` (n, ...) and return the future of their outputs (each with leading dim n).
+
+        Synchronous on purpose: once `submit` returns, the request is in this batcher's queue, so a
+        model swap between a route's lookup and its `await` cannot lose it.
+        """
+        if not self._accepting:
+            raise ModelUnavailable(f"model {self.name!r} is not accepting requests (stopping or reloading)")
+        if self._queued_requests >= self._max_queue:
+            if self._on_reject:
+                self._on_reject("queue_full")
+            raise QueueFull(
+                f"queue of model {self.name!r} is full ({self._max_queue} requests waiting); retry later",
+                retry_after_s=1,
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outputs] = loop.create_future()
+        request = _Request(rows, future, loop.time())
+        if timeout_s is not None:
+            request.timer = loop.call_later(timeout_s, self._expire, request, timeout_s)
+        future.add_done_callback(functools.partial(self._settled, request))
+        self._queue.append(request)
+        self._queued_requests += 1
+        self._queued_rows += request.n
+        self._in_flight += 1
+        self._publish_state()
+        self._wake.set()
+        return future
+
+    def _unqueue(self, request: _Request) -> None:
+        if request.queued:
+            request.queued = False
+            self._queued_requests -= 1
+            self._queued_rows -= request.n - request.cursor
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
+
+    def _expire(self, request: _Request, timeout_s: float) -> None:
+        if not request.queued or request.cursor > 0 or request.future.done():
+            return  # already (partly) running: let it finish
+        self._unqueue(request)
+        if self._on_reject:
+            self._on_reject("deadline")
+        request.fail(
+            DeadlineExceeded(
+                f"request waited {timeout_s:g}s in the queue of model {self.name!r} without running"
+            )
+        )
+
+    def _settled(self, request: _Request, _: asyncio.Future[Outputs]) -> None:
+        self._in_flight -= 1
+        if request.future.cancelled() and request.queued:
+            # the client went away before its rows ran: free its slot, never run it
+            self._unqueue(request)
+            if self._on_reject:
+                self._on_reject("disconnected")
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        if self._on_state:
+            self._on_state(self._queued_rows, self._in_flight)
+
+    # ---- batch loop ------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._drop_dead_head()
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                flush_at = self._queue[0].enqueued_at + self._max_delay
+                while self._queued_rows < self._max_batch and not self._stopping:
+                    remaining = flush_at - loop.time()
+                    if remaining <= 0:
+                        break
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), remaining)
+                batch = self._take_batch()
+                if batch:
+                    await self._execute(batch)
+        finally:
+            # Only reached early if the loop task itself is cancelled: settle everything left.
+            for request in self._queue:
+                self._unqueue(request)
+                request.fail(ModelUnavailable(f"model {self.name!r} stopped before this request ran"))
+            self._queue.clear()
+
+    def _drop_dead_head(self) -> None:
+        while self._queue and not self._queue[0].queued:
+            self._queue.popleft()
+
+    def _take_batch(self) -> list[tuple[_Request, int, int]]:
+        batch: list[tuple[_Request, int, int]] = []
+        room = self._max_batch
+        while self._queue and room > 0:
+            request = self._queue[0]
+            if not request.queued or request.future.done():  # expired, cancelled, or an earlier part failed
+                self._unqueue(request)
+                self._queue.popleft()
+                continue
+            if request.timer is not None:  # it starts now: its deadline no longer applies
+                request.timer.cancel()
+                request.timer = None
+            take = min(room, request.n - request.cursor)
+            batch.append((request, request.cursor, request.cursor + take))
+            request.cursor += take
+            self._queued_rows -= take
+            room -= take
+            if request.cursor == request.n:
+                request.queued = False
+                self._queued_requests -= 1
+                self._queue.popleft()
+        self._publish_state()
+        return batch
+
+    async def _execute(self, batch: list[tuple[_Request, int, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waits = np.array([started - req.enqueued_at for req, _, _ in batch], dtype=np.float64)
+        parts = [req.rows[a:b] for req, a, b in batch]
+        inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        n = int(inputs.shape[0])
+        t0 = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != n}
+            if bad or not outputs:
+                raise ModelRunError(
+                    f"model {self.name!r} returned {bad or 'no outputs'} for a batch of {n} rows"
+                )
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, ServiceError)
+                else ModelRunError(
+                    f"model {self.name!r} failed on a batch of {n} rows: {type(exc).__name__}: {exc}"
+                )
+            )
+            logger.error("%s", error)
+            for request, _, _ in batch:
+                request.fail(error)
+            return
+        compute_s = time.perf_counter() - t0
+        self._batches += 1
+        self._rows_run += n
+        self._max_batch_rows = max(self._max_batch_rows, n)
+        offset = 0
+        for request, a, b in batch:
+            request.deliver(a, {k: v[offset : offset + (b - a)] for k, v in outputs.items()})
+            offset += b - a
+        if self._on_batch:
+            try:
+                self._on_batch(BatchReport(n, len(batch), compute_s, waits, outputs))
+            except Exception:  # metrics must never break serving
+                logger.exception("on_batch hook failed for model %s", self.name)

@@ -1,0 +1,135 @@
+"""The service's error hierarchy and the handlers that turn every error into `{"error": "..."}`.
+
+    ServiceError (500 unless a subclass says otherwise; `.status_code`, `.message`, `.headers`)
+    ├── BadRequest (400)            client sent something we cannot use; the message names it
+    ├── Unauthorized (401)          missing or wrong API key
+    ├── Forbidden (403)             the operation is disabled by configuration
+    ├── ModelNotFound (404)         unknown model or version
+    ├── PayloadTooLarge (413)       body over the byte limit (checked before parsing)
+    ├── ModelLoadError (400)        a model package failed to load (corrupt ONNX, invalid manifest)
+    ├── ModelUnavailable (503)      model exists but is not serving (unloading, not yet warm)
+    ├── QueueFull (503)             batch queue full; carries `Retry-After`
+    ├── DeadlineExceeded (504)      the request waited past its deadline and was never run
+    ├── ClientDisconnected (499)    the client went away before its answer was ready
+    └── ModelRunError (500)         ONNX Runtime failed on a batch (the server stays up)
+
+FastAPI's own errors (validation, malformed JSON, unknown routes, wrong methods) go through the
+same JSON shape, so a client sees one error format everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.responses import OrjsonResponse
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base class: an error with an HTTP status and a message safe to show to the client."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+    def __init__(self, message: str = "missing or invalid API key") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+
+
+class ModelLoadError(ServiceError):
+    # Triton answers a failed repository load with 400; we follow it.
+    status_code = 400
+
+
+class ModelUnavailable(ServiceError):
+    status_code = 503
+
+
+class QueueFull(ServiceError):
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+
+
+class ClientDisconnected(ServiceError):
+    # nginx's "client closed request"; nobody reads it, but logs and metrics do.
+    status_code = 499
+
+
+class ModelRunError(ServiceError):
+    status_code = 500
+
+
+def error_response(status_code: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return OrjsonResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+def _describe_validation_error(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        kind = err.get("type", "")
+        msg = "malformed JSON body" if kind == "json_invalid" else str(err.get("msg", "invalid value"))
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that make every error a JSON `{"error": ...}` with the right status."""
+
+    async def on_service_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        if exc.status_code >= 500:
+            logger.warning("%s: %s", type(exc).__name__, exc.message)
+        return error_response(exc.status_code, exc.message, exc.headers)
+
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(400, _describe_validation_error(exc))
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error", exc_info=exc)
+        return error_response(500, f"internal server error ({type(exc).__name__})")
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

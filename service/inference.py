@@ -1,0 +1,178 @@
+"""From raw head outputs to the named answer tensors of the serving contract (notes/contracts.md).
+
+Two steps, both vectorised over the batch:
+- `summarise` (once per executed batch, in the worker thread): everything that does not depend on
+  request parameters — mean prediction, uncertainty scores, OOD score and conformal p-value,
+  per-head outputs. Float64 until the end.
+- `finalise` (per request, on its slice of the batch): the parts that depend on the request's α and
+  interval level, dropping per-head tensors unless asked, casting to the contract's dtypes.
+
+The math is `service.uncertainty`, the same module the training evaluation uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.manifest import ModelManifest
+from service.uncertainty import (
+    ConformalOODCalibrator,
+    RegressionUncertainty,
+    check_alpha,
+    check_level,
+    classification_uncertainty,
+    regression_uncertainty,
+)
+
+Tensors = dict[str, NDArray[np.generic]]
+
+# (name, V2 datatype, shape after the batch axis) — order is the order of answers.
+_CLASSIFICATION_SCALARS = (
+    "label",
+    "label_name",
+    "confidence",
+    "variance",
+    "disagreement",
+    "mutual_information",
+    "expected_entropy",
+    "total_entropy",
+    "epkl",
+    "ood_score",
+    "ood_p_value",
+    "ood_flag",
+    "ood_alpha",
+)
+_REGRESSION_SCALARS = (
+    "mean",
+    "variance",
+    "aleatoric_variance",
+    "epistemic_variance",
+    "total_variance",
+    "disagreement",
+    "interval_lower",
+    "interval_upper",
+    "interval_level",
+    "ood_score",
+    "ood_p_value",
+    "ood_flag",
+    "ood_alpha",
+)
+_DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL"}
+CLASSIFICATION_HEAD_OUTPUTS = ("heads",)
+REGRESSION_HEAD_OUTPUTS = ("heads_mean", "heads_variance")
+
+
+def output_specs(manifest: ModelManifest) -> list[tuple[str, str, list[int]]]:
+    """Every output tensor a model can answer with: (name, V2 datatype, shape with -1 for the batch)."""
+    m = manifest.heads
+    if manifest.task == "classification":
+        k = manifest.num_classes or 0
+        specs = [("probabilities", "FP32", [-1, k])]
+        specs += [(n, _DATATYPES.get(n, "FP32"), [-1]) for n in _CLASSIFICATION_SCALARS]
+        specs.append(("heads", "FP32", [-1, m, k]))
+        return specs
+    specs = [(n, _DATATYPES.get(n, "FP32"), [-1]) for n in _REGRESSION_SCALARS]
+    specs += [("heads_mean", "FP32", [-1, m]), ("heads_variance", "FP32", [-1, m])]
+    return specs
+
+
+def head_output_names(manifest: ModelManifest) -> tuple[str, ...]:
+    return CLASSIFICATION_HEAD_OUTPUTS if manifest.task == "classification" else REGRESSION_HEAD_OUTPUTS
+
+
+def summarise(
+    manifest: ModelManifest, calibrator: ConformalOODCalibrator, raw: Mapping[str, NDArray[np.floating]]
+) -> Tensors:
+    """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`)."""
+    if manifest.task == "classification":
+        log_p = np.asarray(raw["log_probs"], dtype=np.float64)  # (batch, heads, classes)
+        u = classification_uncertainty(log_p)
+        score = u.score(manifest.ood.score)
+        labels = np.asarray(manifest.labels, dtype=object)
+        return {
+            "probabilities": u.mean_probs,
+            "label": u.label,
+            "label_name": labels[u.label],
+            "confidence": u.confidence,
+            "variance": u.variance,
+            "disagreement": u.disagreement,
+            "mutual_information": u.mutual_information,
+            "expected_entropy": u.expected_entropy,
+            "total_entropy": u.total_entropy,
+            "epkl": u.epkl,
+            "ood_score": score,
+            "ood_p_value": calibrator.p_values(score),
+            # per-head probabilities, renormalised exactly as the summaries above saw them
+            "heads": np.exp(log_p - np.logaddexp.reduce(log_p, axis=-1, keepdims=True)),
+        }
+    mu = np.asarray(raw["mean"], dtype=np.float64)  # (batch, heads)
+    var = np.asarray(raw["variance"], dtype=np.float64)
+    r = regression_uncertainty(mu, var)
+    score = r.score(manifest.ood.score)
+    return {
+        "mean": r.mean,
+        "variance": r.epistemic_variance,
+        "aleatoric_variance": r.aleatoric_variance,
+        "epistemic_variance": r.epistemic_variance,
+        "total_variance": r.total_variance,
+        "disagreement": r.disagreement,
+        "ood_score": score,
+        "ood_p_value": calibrator.p_values(score),
+        "heads_mean": mu,
+        "heads_variance": var,
+    }
+
+
+def finalise(
+    manifest: ModelManifest,
+    summary: Mapping[str, NDArray[np.generic]],
+    *,
+    alpha: float,
+    level: float = 0.95,
+    include_heads: bool = False,
+) -> Tensors:
+    """The answer tensors for one request's rows (a slice of `summarise`'s output), contract dtypes."""
+    check_alpha(alpha)
+    check_level(level)
+    p_value = np.asarray(summary["ood_p_value"], dtype=np.float64)
+    n = p_value.shape[0]
+    extra: Tensors = {
+        "ood_flag": p_value <= alpha,  # the conformal rule: flag when p ≤ α
+        "ood_alpha": np.full(n, alpha, dtype=np.float32),
+    }
+    if manifest.task == "classification":
+        order: tuple[str, ...] = ("probabilities", *_CLASSIFICATION_SCALARS)
+    else:
+        order = _REGRESSION_SCALARS
+        r = RegressionUncertainty(
+            mean=np.asarray(summary["mean"], dtype=np.float64),
+            aleatoric_variance=np.asarray(summary["aleatoric_variance"], dtype=np.float64),
+            epistemic_variance=np.asarray(summary["epistemic_variance"], dtype=np.float64),
+            total_variance=np.asarray(summary["total_variance"], dtype=np.float64),
+            disagreement=np.asarray(summary["disagreement"], dtype=np.float64),
+        )
+        lower, upper = r.interval(level)
+        extra["interval_lower"] = lower
+        extra["interval_upper"] = upper
+        extra["interval_level"] = np.full(n, level, dtype=np.float32)
+    if include_heads:
+        order = (*order, *head_output_names(manifest))
+    out: Tensors = {}
+    for name in order:
+        value = extra[name] if name in extra else summary[name]
+        out[name] = _cast(name, value)
+    return out
+
+
+def _cast(name: str, value: NDArray[np.generic]) -> NDArray[np.generic]:
+    datatype = _DATATYPES.get(name, "FP32")
+    if datatype == "FP32":
+        return np.asarray(value, dtype=np.float32)
+    if datatype == "INT64":
+        return np.asarray(value, dtype=np.int64)
+    if datatype == "BOOL":
+        return np.asarray(value, dtype=np.bool_)
+    return np.asarray(value, dtype=object)  # BYTES: Python str per element; codecs encode UTF-8

@@ -1,0 +1,184 @@
+"""The model repository: `<root>/<name>/<version>/` directories → served models, with safe reloads.
+
+Each model serves one version: the pinned one (`Settings.model_versions`) or the highest number.
+`load(name)` builds and warms the new version completely before it replaces the old one; requests
+already queued on the old version finish there (its batcher drains), new ones go to the new one, so
+a reload fails no request. A version that fails to load is refused and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+from service.errors import ModelLoadError, ModelNotFound
+from service.metrics import ServiceMetrics
+from service.served_model import ServedModel
+from service.settings import MODEL_NAME_PATTERN, Settings
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(MODEL_NAME_PATTERN)
+_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+
+__all__ = ["ModelRepository", "NoLoadableModel", "ServedModel"]
+
+
+class NoLoadableModel(RuntimeError):
+    """Start-up found nothing it could serve; the message lists what was tried and why it failed."""
+
+
+def check_model_name(name: str) -> str:
+    # also the path-traversal guard: the pattern admits no '/', '\\' and no leading '.'
+    if not _NAME.fullmatch(name):
+        raise ModelNotFound(f"invalid model name {name!r}")
+    return name
+
+
+def _load_failure_reason(exc: ModelLoadError) -> str:
+    text = exc.message
+    if "manifest" in text:
+        return "manifest"
+    if "missing" in text:
+        return "missing_file"
+    if "ONNX Runtime cannot load" in text:
+        return "onnx"
+    return "warmup"
+
+
+class ModelRepository:
+    """Served models by name. Lives on `app.state.repository`; started and stopped by the lifespan."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.root = settings.model_repository
+        self._settings = settings
+        self._metrics = metrics
+        self._models: dict[str, ServedModel] = {}
+        self._errors: dict[str, str] = {}  # last load failure per model name, shown by index()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ---- lookup ------------------------------------------------------------------------------------
+    def get(self, name: str, version: int | None = None) -> ServedModel:
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not loaded (known: {sorted(self._models) or 'none'})")
+        if version is not None and version != model.version:
+            raise ModelNotFound(
+                f"model {name!r} version {version} is not loaded (serving version {model.version})"
+            )
+        return model
+
+    def models(self) -> list[ServedModel]:
+        return [m for m in self._models.values() if m.ready]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models())
+
+    def index(self) -> list[dict[str, Any]]:
+        """Triton's repository index: every model directory, its version, and its state."""
+        names = set(self._candidate_names()) | set(self._models)
+        out: list[dict[str, Any]] = []
+        for name in sorted(names):
+            model = self._models.get(name)
+            if model is not None:
+                out.append({"name": name, "version": str(model.version), "state": "READY", "reason": ""})
+                continue
+            try:
+                version: str = str(self._pick_version(name))
+            except ModelNotFound:
+                version = ""
+            out.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "state": "UNAVAILABLE",
+                    "reason": self._errors.get(name, "unloaded"),
+                }
+            )
+        return out
+
+    # ---- directory layout -------------------------------------------------------------------------
+    def _candidate_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
+
+    def _pick_version(self, name: str) -> int:
+        directory = self.root / check_model_name(name)
+        if not directory.is_dir():
+            raise ModelNotFound(f"model {name!r} not found in repository {self.root}")
+        pinned = self._settings.model_versions.get(name)
+        versions = sorted(
+            int(p.name) for p in directory.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)
+        )
+        if pinned is not None:
+            if pinned not in versions:
+                raise ModelNotFound(
+                    f"model {name!r}: pinned version {pinned} not in {directory} (has {versions})"
+                )
+            return pinned
+        if not versions:
+            raise ModelNotFound(f"model {name!r} has no version directories (1, 2, …) in {directory}")
+        return versions[-1]
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every model in the repository; raise NoLoadableModel when none could be served."""
+        if not self.root.is_dir():
+            raise NoLoadableModel(f"model repository {str(self.root)!r} is not a directory")
+        names = self._candidate_names()
+        problems: list[str] = []
+        for name in names:
+            try:
+                await self.load(name)
+            except (ModelLoadError, ModelNotFound) as exc:
+                problems.append(exc.message)
+                logger.error("not serving %s: %s", name, exc.message)
+        if not self._models:
+            detail = "; ".join(problems) if problems else "no <name>/<version>/ directories found"
+            raise NoLoadableModel(f"no loadable model in repository {str(self.root)!r}: {detail}")
+
+    async def stop(self) -> None:
+        """Drain and stop every model (queued requests are answered first)."""
+        models, self._models = list(self._models.values()), {}
+        await asyncio.gather(*(m.stop() for m in models))
+
+    async def load(self, name: str) -> ServedModel:
+        """(Re)load `name` at its pinned/latest version; the old version serves until the new one is warm."""
+        check_model_name(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            version = self._pick_version(name)
+            directory = self.root / name / str(version)
+            try:
+                model = await asyncio.to_thread(ServedModel.load, directory, self._settings, self._metrics)
+            except ModelLoadError as exc:
+                self._errors[name] = exc.message
+                self._metrics.inc_load_failure(name, _load_failure_reason(exc))
+                raise
+            await model.start()
+            old = self._models.get(name)
+            # the swap is one dict assignment on the event loop: every request sees old or new, never none
+            self._models[name] = model
+            self._errors.pop(name, None)
+            self._metrics.set_model_info(name, str(model.version), model.manifest.heads, model.provider)
+            self._metrics.set_model_ready(name, str(model.version), True)
+            logger.info("serving %s version %s on %s", name, model.version, model.provider)
+            if old is not None:
+                await old.stop()  # drains what was queued on it
+                if old.version != model.version:
+                    self._metrics.remove_model(name, str(old.version))
+            return model
+
+    async def unload(self, name: str) -> None:
+        check_model_name(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            model = self._models.pop(name, None)
+            if model is None:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            self._errors[name] = "unloaded"
+            await model.stop()
+            self._metrics.remove_model(name, str(model.version))
+            logger.info("unloaded %s version %s", name, model.version)

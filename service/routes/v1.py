@@ -1,0 +1,150 @@
+"""KServe V1 protocol: list models, model metadata, `:predict` with per-row mean + uncertainty.
+
+`POST /v1/models/{name}:predict` with `{"instances": [[...], ...], "parameters": {"alpha": 0.05,
+"interval_level": 0.9, "heads": true}}` answers `{"predictions": [{field: value, ...}, ...]}` with
+the field names of the serving contract, one object per instance, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.auth import require_api_key
+from service.errors import BadRequest
+from service.responses import OrjsonResponse
+from service.routes import get_repository, until_disconnected
+
+router = APIRouter(tags=["KServe V1"], default_response_class=OrjsonResponse)
+
+
+class PredictParameters(BaseModel):
+    """Optional per-request knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="OOD flag level α (default: model's)."
+    )
+    interval_level: float = Field(default=0.95, gt=0.0, lt=1.0, description="Regression interval level.")
+    heads: bool = Field(default=False, description="Also return per-head outputs.")
+    timeout: float | None = Field(default=None, gt=0.0, description="Queue deadline in seconds.")
+
+
+class PredictRequest(BaseModel):
+    """A V1 predict body: each instance is one input row (nested lists for multi-dimensional rows)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[Any] = Field(min_length=1, description="Input rows, e.g. [[0.1, 2.0, ...], ...].")
+    parameters: PredictParameters = Field(default_factory=PredictParameters)
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[dict[str, Any]] = Field(
+        description="One object per instance with the contract's fields."
+    )
+
+
+class ModelStatus(BaseModel):
+    name: str
+    ready: bool
+
+
+class ModelList(BaseModel):
+    models: list[str]
+
+
+def _reject_constant(constant: str) -> float:
+    raise BadRequest(f"non-finite number {constant} is not allowed in the request (inputs must be finite)")
+
+
+def parse_json(body: bytes) -> Any:
+    """orjson first; on failure, a second look says whether NaN/Infinity literals were the problem."""
+    if not body:
+        raise BadRequest("empty request body: expected JSON")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            json.loads(body, parse_constant=_reject_constant)
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+def _rows_to_predictions(answers: dict[str, NDArray[np.generic]]) -> list[dict[str, Any]]:
+    # numpy scalars/rows go to orjson as they are: float32 then prints as 0.1, not 0.10000000149011612
+    n = next(iter(answers.values())).shape[0]
+    return [{name: column[i] for name, column in answers.items()} for i in range(n)]
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> OrjsonResponse:
+    return OrjsonResponse({"models": [m.name for m in get_repository(request).models()]})
+
+
+@router.get("/v1/models/{model_name}", response_model=ModelStatus)
+async def model_status(model_name: str, request: Request) -> OrjsonResponse:
+    """`{"name", "ready"}` per the V1 spec, plus the model's metadata (labels, heads, outputs, batching)."""
+    model = get_repository(request).get(model_name)
+    return OrjsonResponse(model.metadata())
+
+
+@router.post(
+    "/v1/models/{model_name}:predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require_api_key)],
+    openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
+    },
+)
+async def predict(model_name: str, request: Request) -> OrjsonResponse:
+    # The body is parsed here, not by FastAPI, so the byte limit applies first and errors name the problem.
+    payload = parse_json(await request.body())
+    if not isinstance(payload, dict):
+        raise BadRequest('expected a JSON object {"instances": [...]}')
+    try:
+        body = PredictRequest.model_validate(payload)
+    except ValueError as exc:
+        raise BadRequest(_validation_message(exc)) from exc
+    model = get_repository(request).get(model_name)
+    params = body.parameters
+    answers = await until_disconnected(
+        request,
+        model.infer(
+            body.instances,
+            alpha=params.alpha,
+            level=params.interval_level,
+            include_heads=params.heads,
+            timeout_s=params.timeout,
+        ),
+    )
+    return OrjsonResponse(
+        {
+            "model_name": model.name,
+            "model_version": str(model.version),
+            "predictions": _rows_to_predictions(answers),
+        }
+    )
+
+
+def _validation_message(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "too_short" and where == "instances":
+            msg = "must contain at least one instance (empty instances)"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)

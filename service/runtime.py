@@ -1,0 +1,132 @@
+"""One ONNX Runtime session per served model: provider choice, graph checks, warm-up, blocking run.
+
+`run()` blocks (ORT releases the GIL while it computes); the batcher calls it from a worker thread,
+never from the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from service.errors import ModelLoadError
+from service.manifest import ModelManifest
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(preference: str) -> list[str]:
+    """ORT providers in priority order for `auto|cuda|cpu` (cuda needs onnxruntime-gpu)."""
+    available = ort.get_available_providers()
+    if preference == "cpu":
+        return [CPU]
+    if preference == "cuda":
+        if CUDA not in available:
+            raise ModelLoadError(
+                f"execution_providers=cuda but ONNX Runtime offers only {available} (install onnxruntime-gpu)"
+            )
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+class OnnxModelRuntime:
+    """A checked, warmed `InferenceSession` for one model package."""
+
+    def __init__(self, model_path: Path, manifest: ModelManifest, settings: Settings) -> None:
+        self.manifest = manifest
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = settings.inter_op_threads
+        options.log_severity_level = 3  # ORT's warnings about unused initialisers are noise here
+        try:
+            self._session = ort.InferenceSession(
+                str(model_path),
+                sess_options=options,
+                providers=choose_providers(settings.execution_providers),
+            )
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
+            raise ModelLoadError(f"ONNX Runtime cannot load {model_path.name}: {exc}") from exc
+        self.provider: str = self._session.get_providers()[0]
+        self._output_names = self._expected_outputs()
+        self._check_graph()
+
+    def _expected_outputs(self) -> list[str]:
+        names = self.manifest.outputs
+        if self.manifest.task == "classification":
+            assert names.log_probs is not None
+            return [names.log_probs]
+        assert names.mean is not None and names.variance is not None
+        return [names.mean, names.variance]
+
+    def _check_graph(self) -> None:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name for o in self._session.get_outputs()}
+        spec = self.manifest.input
+        if spec.name not in inputs:
+            raise ModelLoadError(f"graph has no input {spec.name!r} (inputs: {sorted(inputs)})")
+        graph_shape = inputs[spec.name].shape
+        if len(graph_shape) != len(spec.shape):
+            raise ModelLoadError(f"graph input rank {len(graph_shape)} != manifest shape {spec.shape}")
+        for dim_graph, dim_manifest in zip(graph_shape[1:], spec.shape[1:], strict=True):
+            if isinstance(dim_graph, int) and dim_graph != dim_manifest:
+                raise ModelLoadError(f"graph input shape {graph_shape} != manifest shape {spec.shape}")
+        if inputs[spec.name].type != "tensor(float)":
+            raise ModelLoadError(f"graph input must be float32, got {inputs[spec.name].type}")
+        missing = [n for n in self._output_names if n not in outputs]
+        if missing:
+            raise ModelLoadError(
+                f"graph lacks outputs {missing} named by the manifest (outputs: {sorted(outputs)})"
+            )
+
+    def run(self, rows: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
+        """Raw graph outputs for `rows` (batch, *row_shape) float32, keyed by manifest role."""
+        if self.provider == CUDA:
+            # IO binding: the input goes to the device once, outputs come back once, no extra staging.
+            binding = self._session.io_binding()
+            binding.bind_cpu_input(self.manifest.input.name, rows)
+            for name in self._output_names:
+                binding.bind_output(name, "cpu")
+            self._session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
+        else:
+            values = self._session.run(self._output_names, {self.manifest.input.name: rows})
+        if self.manifest.task == "classification":
+            return {"log_probs": np.asarray(values[0], dtype=np.float32)}
+        return {
+            "mean": np.asarray(values[0], dtype=np.float32),
+            "variance": np.asarray(values[1], dtype=np.float32),
+        }
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Run zero inputs through the graph and check the output shapes against the manifest.
+
+        The first run allocates ORT's arena and picks kernels; doing it here keeps it off the first
+        client's latency and refuses a graph whose outputs do not match the manifest.
+        """
+        m = self.manifest
+        for n in batch_sizes:
+            raw = self.run(np.zeros((n, *m.row_shape), dtype=np.float32))
+            if m.task == "classification":
+                expected: tuple[int, ...] = (n, m.heads, m.num_classes or 0)
+                got = raw["log_probs"].shape
+                if got != expected:
+                    raise ModelLoadError(f"log_probs shape {got} != (batch, heads, classes) = {expected}")
+            else:
+                for key in ("mean", "variance"):
+                    if raw[key].shape != (n, m.heads):
+                        raise ModelLoadError(
+                            f"{key} shape {raw[key].shape} != (batch, heads) = {(n, m.heads)}"
+                        )
+            if any(np.isnan(v).any() for v in raw.values()):
+                raise ModelLoadError("warm-up produced NaN outputs on a zero input")
+        logger.debug("warmed %s on %s", m.name, self.provider)

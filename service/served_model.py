@@ -1,0 +1,230 @@
+"""`ServedModel`: one loaded model version — manifest, warmed ORT session, dynamic batcher, answers.
+
+Routes call `await model.infer(rows, alpha=..., level=..., include_heads=...)` and get the named
+answer tensors of the serving contract for exactly those rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import ValidationError
+
+from service import inference
+from service.batcher import BatcherStats, BatchReport, DynamicBatcher
+from service.errors import BadRequest, ModelLoadError
+from service.manifest import MANIFEST_FILENAME, ModelManifest
+from service.metrics import ServiceMetrics
+from service.runtime import OnnxModelRuntime
+from service.settings import Settings
+from service.uncertainty import ConformalOODCalibrator
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILENAME = "model.onnx"
+
+
+def read_manifest(directory: Path, name: str, version: int) -> ModelManifest:
+    """The validated manifest of `directory`, which must agree with where it lives."""
+    path = directory / MANIFEST_FILENAME
+    if not path.is_file():
+        raise ModelLoadError(f"model {name!r} version {version}: {MANIFEST_FILENAME} is missing")
+    try:
+        manifest = ModelManifest.load(path)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise ModelLoadError(f"model {name!r} version {version}: invalid manifest: {problems}") from exc
+    except ValueError as exc:  # JSON syntax
+        raise ModelLoadError(f"model {name!r} version {version}: manifest is not valid JSON: {exc}") from exc
+    if manifest.name != name or manifest.version != version:
+        raise ModelLoadError(
+            f"manifest in {name}/{version} describes {manifest.name!r} version {manifest.version}"
+        )
+    return manifest
+
+
+class ServedModel:
+    """One model version being served. Build with `ServedModel.load` (blocking), then `await start()`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: ModelManifest,
+        runtime: OnnxModelRuntime,
+        settings: Settings,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.name: str = manifest.name
+        self.version: int = manifest.version
+        self.directory = directory
+        self.manifest = manifest
+        self.provider: str = runtime.provider
+        self.default_alpha: float = settings.default_alpha or manifest.ood.default_alpha
+        self._runtime = runtime
+        self._settings = settings
+        self._metrics = metrics
+        self._calibrator = ConformalOODCalibrator(manifest.ood.calibration_scores)
+        self._batcher = DynamicBatcher(
+            manifest.name,
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_queue_delay_s,
+            max_queue_size=settings.max_queue_size,
+            on_batch=self._observe_batch,
+            on_reject=lambda reason: metrics.inc_rejected(self.name, reason),
+            on_state=self._observe_state,
+        )
+
+    @classmethod
+    def load(cls, directory: Path, settings: Settings, metrics: ServiceMetrics) -> ServedModel:
+        """Read, check and warm one `<name>/<version>` directory (blocking: call it in a thread)."""
+        name, version = directory.parent.name, int(directory.name)
+        manifest = read_manifest(directory, name, version)
+        model_path = directory / MODEL_FILENAME
+        if not model_path.is_file():
+            raise ModelLoadError(f"model {name!r} version {version}: {MODEL_FILENAME} is missing")
+        runtime = OnnxModelRuntime(model_path, manifest, settings)
+        try:
+            runtime.warm_up(batch_sizes=(1, min(8, settings.max_batch_size)))
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model {name!r} version {version}: {exc.message}") from exc
+        except Exception as exc:
+            raise ModelLoadError(f"model {name!r} version {version}: warm-up run failed: {exc}") from exc
+        return cls(directory, manifest, runtime, settings, metrics)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._batcher.start()
+
+    async def stop(self) -> None:
+        """Stop taking requests and finish every queued one (drain)."""
+        await self._batcher.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._batcher.accepting
+
+    @property
+    def batch_stats(self) -> BatcherStats:
+        return self._batcher.stats()
+
+    # ---- contract ----------------------------------------------------------------------------------
+    def output_specs(self) -> list[tuple[str, str, list[int]]]:
+        return inference.output_specs(self.manifest)
+
+    def validate_rows(self, rows: Any) -> NDArray[np.float32]:
+        """`rows` as float32 (n, *row_shape), or BadRequest naming what is wrong."""
+        try:
+            array = np.asarray(rows)
+        except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting, odd objects
+            raise BadRequest(
+                f"model {self.name!r}: inputs must be a rectangular array of numbers ({exc})"
+            ) from exc
+        if array.dtype.kind not in "iuf" or array.dtype == np.bool_:
+            raise BadRequest(f"model {self.name!r}: inputs must be numbers (got {array.dtype} values)")
+        row_shape = self.manifest.row_shape
+        if array.ndim != len(row_shape) + 1 or tuple(array.shape[1:]) != row_shape:
+            raise BadRequest(
+                f"model {self.name!r} expects rows of shape {list(row_shape)} "
+                f"(input [-1, {', '.join(map(str, row_shape))}]), got an array of shape {list(array.shape)}"
+            )
+        n = array.shape[0]
+        if n == 0:
+            raise BadRequest(f"model {self.name!r}: no rows to predict (empty input)")
+        if n > self._settings.max_request_rows:
+            raise BadRequest(
+                f"model {self.name!r}: {n} rows in one request, more than max_request_rows="
+                f"{self._settings.max_request_rows}"
+            )
+        with np.errstate(over="ignore"):
+            array32 = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(array32).all():
+            bad = np.argwhere(~np.isfinite(array32))[0]
+            raise BadRequest(
+                f"model {self.name!r}: inputs must be finite; row {int(bad[0])} has a NaN, ±Inf "
+                "or a value beyond float32 range"
+            )
+        return array32
+
+    async def infer(
+        self,
+        rows: Any,
+        *,
+        alpha: float | None = None,
+        level: float = 0.95,
+        include_heads: bool = False,
+        timeout_s: float | None = None,
+    ) -> dict[str, NDArray[np.generic]]:
+        """Named answer tensors for `rows`, through this model's dynamic batcher."""
+        alpha = self.default_alpha if alpha is None else alpha
+        if not 0.0 < alpha < 1.0:
+            raise BadRequest(f"alpha must be in (0, 1), got {alpha}")
+        if not 0.0 < level < 1.0:
+            raise BadRequest(f"interval_level must be in (0, 1), got {level}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise BadRequest(f"timeout must be > 0 seconds, got {timeout_s}")
+        array = self.validate_rows(rows)
+        timeout = self._settings.request_timeout_s if timeout_s is None else timeout_s
+        # submit() enqueues synchronously: no await between the caller's lookup and the queue.
+        summary = await self._batcher.submit(array, timeout)
+        return inference.finalise(
+            self.manifest, summary, alpha=alpha, level=level, include_heads=include_heads
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """What V1 metadata and operators see about this model (V2 metadata is the V2 router's)."""
+        m = self.manifest
+        stats = self.batch_stats
+        return {
+            "name": self.name,
+            "version": str(self.version),
+            "ready": self.ready,
+            "platform": "onnxruntime_onnx",
+            "provider": self.provider,
+            "task": m.task,
+            "heads": m.heads,
+            "labels": m.labels,
+            "input": {"name": m.input.name, "datatype": "FP32", "shape": m.input.shape},
+            "feature_names": m.feature_names,
+            "ood": {
+                "score": m.ood.score,
+                "default_alpha": self.default_alpha,
+                "calibration_size": len(m.ood.calibration_scores),
+            },
+            "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in self.output_specs()],
+            "evaluation": m.evaluation,
+            "batching": {
+                "max_batch_size": self._settings.max_batch_size,
+                "max_queue_delay_ms": self._settings.max_queue_delay_ms,
+                "batches": stats.batches,
+                "rows": stats.rows,
+                "max_batch_rows": stats.max_batch_rows,
+                "queued_requests": stats.queued_requests,
+            },
+        }
+
+    # ---- batcher hooks -------------------------------------------------------------------------------
+    def _run_batch(self, rows: NDArray[np.float32]) -> Mapping[str, NDArray[np.generic]]:
+        # worker thread: the graph and the batch-wide math both stay off the event loop
+        return inference.summarise(self.manifest, self._calibrator, self._runtime.run(rows))
+
+    def _observe_batch(self, report: BatchReport) -> None:
+        version = str(self.version)
+        self._metrics.observe_batch(
+            self.name, version, report.rows, report.compute_seconds, report.queue_wait_seconds
+        )
+        answers = inference.finalise(self.manifest, report.outputs, alpha=self.default_alpha)
+        self._metrics.observe_uncertainty(
+            self.name, version, answers, self.default_alpha, self.manifest.labels
+        )
+
+    def _observe_state(self, queued_rows: int, in_flight: int) -> None:
+        self._metrics.set_queue_depth(self.name, queued_rows)
+        self._metrics.set_in_flight(self.name, in_flight)

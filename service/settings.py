@@ -1,0 +1,108 @@
+"""Typed service configuration: environment variables `HYDRA_*` and command-line flags.
+
+Built by `create_app()` (or `python -m service`), never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Settings(BaseSettings):
+    """Everything that configures one server process; each field reads `HYDRA_<FIELD>` from the env."""
+
+    model_config = SettingsConfigDict(env_prefix="HYDRA_", extra="forbid", frozen=True)
+
+    host: str = Field(default="0.0.0.0", description="Interface to bind (0.0.0.0: every interface).")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    model_repository: Path = Field(
+        default=Path("models"),
+        description="Directory holding models/<name>/<version>/{model.onnx,manifest.json}.",
+    )
+    model_versions: dict[str, int] = Field(
+        default_factory=dict,
+        description='Pinned versions, e.g. {"digits": 1}; models not listed serve their latest version.',
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, le=65536, description="Rows per model run; 1 turns dynamic batching off."
+    )
+    max_queue_delay_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Longest time the oldest queued request waits for a batch to fill before it runs.",
+    )
+    max_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        description="Requests that may wait in one model's queue; beyond it: 503 + Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Deadline from arrival; a request still queued at its deadline is dropped (504).",
+    )
+    default_alpha: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="OOD flag level α for every model (overrides each manifest's default_alpha when set).",
+    )
+    execution_providers: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="ONNX Runtime provider: auto = CUDA when available, else CPU."
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ORT intra-op threads per session (0 = ONNX Runtime's default)."
+    )
+    inter_op_threads: int = Field(
+        default=0, ge=0, description="ORT inter-op threads per session (0 = ONNX Runtime's default)."
+    )
+    max_request_rows: int = Field(
+        default=4096, ge=1, description="Most rows one request may carry (400 beyond)."
+    )
+    max_request_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body, enforced before parsing (413 beyond).",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "When set, prediction routes need it (header X-API-Key or Authorization: Bearer). "
+            "Repository load/unload always need it and are disabled without one."
+        ),
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="Log level of the server and uvicorn."
+    )
+
+    @field_validator("model_versions")
+    @classmethod
+    def _valid_pins(cls, pins: dict[str, int]) -> dict[str, int]:
+        import re
+
+        for name, version in pins.items():
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"invalid model name {name!r} in model_versions")
+            if version < 1:
+                raise ValueError(f"pinned version of {name!r} must be >= 1, got {version}")
+        return pins
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # HYDRA_API_KEY= (empty) in a compose file means "no key", not "the empty key".
+        return None if value in ("", None) else value
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0

@@ -1,0 +1,28 @@
+"""Fixtures: a test model repository and a real server process serving it (shared per module)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.service.support import Server, build_test_repository, running_server
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`clf/1` and `reg/1`, written once per test session. Tests must not modify it."""
+    return build_test_repository(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def server(model_repository: Path) -> Iterator[Server]:
+    """A server with default settings over `model_repository`, shared by a test module."""
+    with running_server(model_repository) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def base_url(server: Server) -> str:
+    return server.url
