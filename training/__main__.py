@@ -1,0 +1,161 @@
+"""CLI: `python -m training run --dataset digits --out models/digits/1`, or stage by stage.
+
+python -m training run      --dataset digits --out models/digits/1 [--members 8 --seed 0 ...]
+python -m training run      --data rows.csv --target y --task regression --out models/rows/1 [--ood x.csv]
+python -m training teachers --run-dir runs/digits-s0        (after `run` wrote config.json, or `init`)
+python -m training distil   --run-dir runs/digits-s0
+python -m training export   --run-dir runs/digits-s0 --out models/digits/1
+python -m training evaluate --run-dir runs/digits-s0 --out models/digits/1
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from training.config import DataConfig, RunConfig, Task
+from training.data import BUILTIN_DATASETS, load_data
+from training.pipeline import make_config, run_all, stage_distil, stage_evaluate, stage_export, stage_teachers
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+
+@contextmanager
+def bars() -> Iterator[Any]:
+    """One rich progress bar per stage; yields the pipeline's progress callback."""
+    with Progress(
+        TextColumn("[bold]{task.description:<9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int, note: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total, note="")
+            progress.update(tasks[stage], completed=done, total=total, note=note)
+
+        yield update
+
+
+def _summary(report: dict[str, Any]) -> None:
+    for m, v in report["methods"].items():
+        q = ", ".join(f"{k} {x:.4f}" for k, x in v["test"].items())
+        ood = ", ".join(f"{k} {o['auroc']:.3f}" for k, o in v["ood"].items())
+        console.print(f"{m:<9} {q} | AUROC {ood}")
+    f, c = report["fidelity"], report["conformal"]
+    ret = ", ".join(f"{k} {o['retention']:.3f}" for k, o in report["methods"]["hydra"]["ood"].items())
+    console.print(
+        f"fidelity Spearman {f['spearman']:.3f}  retention {ret}  false alarms {c['false_alarm_rate']}"
+    )
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option(help="Model package directory, e.g. models/digits/1")],
+    dataset: Annotated[str, typer.Option(help=f"Built-in dataset: {', '.join(BUILTIN_DATASETS)}")] = "digits",
+    data: Annotated[Path | None, typer.Option(help="Your own CSV / Parquet / NPZ file")] = None,
+    target: Annotated[str | None, typer.Option(help="Target column (with --data)")] = None,
+    task: Annotated[str | None, typer.Option(help="classification | regression (with --data)")] = None,
+    ood: Annotated[Path | None, typer.Option(help="Optional OOD file, same columns (with --data)")] = None,
+    members: Annotated[int, typer.Option(min=1)] = 8,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    epochs: Annotated[int | None, typer.Option(help="Override every stage's epoch count")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
+    name: Annotated[str | None, typer.Option(help="Model name in the manifest")] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Model version (default: the --out folder name)")
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints (default runs/<name>-s<seed>)")] = None,
+    smoke: Annotated[bool, typer.Option(help="Seconds-long run (few members and epochs)")] = False,
+) -> None:
+    """Teachers -> Hydra distillation -> ONNX export -> evaluation on the exported graphs."""
+    if data is not None:
+        if task not in ("classification", "regression"):
+            raise typer.BadParameter("--task must be classification or regression", param_hint="--task")
+        task_value: Task = "classification" if task == "classification" else "regression"
+        data_cfg = DataConfig(
+            dataset="file", path=str(data), target=target, task=task_value, ood_path=str(ood) if ood else None
+        )
+    else:
+        data_cfg = DataConfig(dataset=dataset)
+    if version is None:
+        version = int(out.name) if out.name.isdigit() else 1
+    cfg = make_config(
+        data_cfg,
+        name=name,
+        version=version,
+        members=members,
+        seed=seed,
+        device=device,
+        threads=threads,
+        epochs=epochs,
+        smoke=smoke,
+    )
+    run_dir = run_dir or Path("runs") / f"{cfg.name}-s{seed}{'-smoke' if smoke else ''}"
+    start = time.perf_counter()
+    with bars() as progress:
+        report = run_all(cfg, run_dir, out, progress)
+    _summary(report)
+    console.print(f"wrote {out} in {time.perf_counter() - start:.1f}s (checkpoints in {run_dir})")
+
+
+def _load(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise typer.BadParameter(
+            f"{path} not found: run `python -m training run` first", param_hint="--run-dir"
+        )
+    return RunConfig.load(path)
+
+
+@app.command()
+def teachers(run_dir: Annotated[Path, typer.Option()]) -> None:
+    """Stage 1: train the ensemble members."""
+    cfg = _load(run_dir)
+    with bars() as progress:
+        info = stage_teachers(cfg, load_data(cfg.data), run_dir, progress)
+    console.print(f"teachers: {info['seconds']:.1f}s")
+
+
+@app.command()
+def distil(run_dir: Annotated[Path, typer.Option()]) -> None:
+    """Stage 2: Hydra distillation (and the KD baseline)."""
+    cfg = _load(run_dir)
+    with bars() as progress:
+        info = stage_distil(cfg, load_data(cfg.data), run_dir, progress)
+    console.print(f"distil: {info['seconds']:.1f}s, transfer set {info['transfer_size']} rows")
+
+
+@app.command()
+def export(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()]) -> None:
+    """Stage 3: export model.onnx, ensemble.onnx, kd.onnx (parity-checked)."""
+    cfg = _load(run_dir)
+    with bars() as progress:
+        stage_export(cfg, load_data(cfg.data), run_dir, out, progress)
+
+
+@app.command()
+def evaluate(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()]) -> None:
+    """Stage 4: evaluate the exported graphs; write the report and manifest.json."""
+    cfg = _load(run_dir)
+    with bars() as progress:
+        report = stage_evaluate(cfg, load_data(cfg.data), run_dir, out, progress)
+    _summary(report)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,116 @@
+"""Typed configuration for one pipeline run: plain dataclasses, no globals.
+
+A `RunConfig` is saved as `config.json` in the run directory so that stages can be re-run one by one
+(`python -m training teachers|distil|export|evaluate --run-dir ...`) against the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+Task = Literal["classification", "regression"]
+ArchKind = Literal["mlp", "cnn1d", "cnn2d"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from. Built-in datasets ignore `path`/`target`/`task`."""
+
+    dataset: str = "digits"  # digits | mnist1d | toy | diabetes | file
+    path: str | None = None  # CSV / Parquet / NPZ for dataset == "file"
+    target: str | None = None
+    task: Task | None = None
+    ood_path: str | None = None
+    split_seed: int = 0  # splits are fixed per dataset, independent of the training seed
+    # fractions of the labelled pool; calibration is held out from everything else (conformal OOD)
+    val_fraction: float = 0.1
+    cal_fraction: float = 0.175
+    test_fraction: float = 0.175
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Network shape. Dense widths chain `features -> *hidden -> out`; the last `head_layers`
+    of those linear layers form a head (fused over M heads in the Hydra student)."""
+
+    kind: ArchKind = "mlp"
+    conv_channels: tuple[int, ...] = ()
+    hidden: tuple[int, ...] = (128, 128)
+    head_layers: int = 1
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    members: int = 8
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 10  # early stopping on validation loss
+
+
+@dataclass(frozen=True)
+class DistilConfig:
+    temperature: float = 2.0
+    phase1_epochs: int = 30
+    phase2_epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    # phase-2 body learning rate as a multiple of lr; 0 freezes the body
+    phase2_body_lr_scale: float = 0.1
+    # transfer set: the training inputs + `mixup_copies` mixup blends + `noise_copies` noisy copies
+    mixup_copies: int = 2
+    noise_copies: int = 2
+    noise_std: float = 0.3  # in standardised feature units
+    # Hydra+ style penalty on the mean pairwise cosine similarity of head weights (0 = off)
+    diversity_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "digits"
+    version: int = 1
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distil: DistilConfig = field(default_factory=DistilConfig)
+    ood_score: str | None = None  # default: mutual_information / epistemic_variance
+    default_alpha: float = 0.05
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RunConfig:
+        def build(kind: type[Any], values: dict[str, Any]) -> Any:
+            kwargs = {}
+            for f in fields(kind):
+                if f.name not in values:
+                    continue
+                value = values[f.name]
+                kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+            return kind(**kwargs)
+
+        top = {k: v for k, v in raw.items() if k not in ("data", "arch", "teacher", "distil")}
+        return replace(
+            build(cls, top),
+            data=build(DataConfig, raw.get("data", {})),
+            arch=build(ArchConfig, raw.get("arch", {})),
+            teacher=build(TeacherConfig, raw.get("teacher", {})),
+            distil=build(DistilConfig, raw.get("distil", {})),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        return cls.from_json(json.loads(path.read_text()))

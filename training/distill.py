@@ -1,0 +1,188 @@
+"""Hydra distillation (Tran et al. 2020) and the plain KD baseline.
+
+Phase 1: body + one head fit the ensemble mean (KD at temperature T, loss scaled by T²; for
+regression the KL from the ensemble's moment-matched Gaussian). That phase-1 student IS the KD
+baseline. Phase 2: the head is copied M times and head m fits teacher m (per-head KL at T, or the
+KL between Gaussians), with the body at a reduced learning rate (or frozen).
+
+Transfer set: the training inputs plus mixup blends and noisy copies of them, labelled once by
+every teacher. Matching the teachers where they disagree — between and around the data — is what
+keeps the heads diverse (see README "Training" for the measured effect).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from training.config import RunConfig
+from training.data import TaskData
+from training.losses import ensemble_moments, gaussian_kl, head_cosine_similarity, hydra_kd_loss, kd_loss
+from training.models import FusedLinear, HydraNet, regression_outputs
+from training.teachers import build_network
+
+Progress = Callable[[str, int, float], None]  # (phase, epoch, loss)
+
+
+@dataclass
+class DistilResult:
+    hydra: HydraNet
+    kd: HydraNet
+    history: dict[str, list[float]]
+    transfer_size: int
+
+
+def transfer_inputs(cfg: RunConfig, data: TaskData, seed: int) -> np.ndarray:
+    """Training inputs + mixup blends + noisy copies (raw feature units), deterministic for `seed`."""
+    dc = cfg.distil
+    rng = np.random.default_rng(seed + 777)
+    x = data.train.x
+    n = len(x)
+    flat = x.reshape(n, -1)
+    # the noise scale follows the model's own standardisation (scalar for images/sequences)
+    scale = flat.std() if data.kind in ("image", "sequence") else flat.std(axis=0)
+    parts = [x]
+    for _ in range(dc.mixup_copies):
+        j = rng.permutation(n)
+        lam = rng.uniform(0.0, 1.0, size=(n,) + (1,) * (x.ndim - 1)).astype(np.float32)
+        parts.append(lam * x + (1.0 - lam) * x[j])
+    for _ in range(dc.noise_copies):
+        noise = rng.standard_normal(flat.shape).astype(np.float32) * dc.noise_std * scale
+        parts.append((flat + noise).reshape(x.shape))
+    return np.concatenate(parts).astype(np.float32)
+
+
+@torch.no_grad()
+def teacher_outputs(members: list[HydraNet], x: Tensor, batch: int = 1024) -> Tensor:
+    """Raw outputs of every teacher, stacked on the head axis: (n, M, out)."""
+    outs = []
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        outs.append(torch.cat([m(chunk) for m in members], dim=1))
+    return torch.cat(outs)
+
+
+def _phase1_loss(student_raw: Tensor, teacher_raw: Tensor, task: str, temperature: float) -> Tensor:
+    if task == "classification":
+        target = torch.softmax(teacher_raw / temperature, dim=-1).mean(dim=1)  # ensemble mean at T
+        return kd_loss(student_raw[:, 0, :], target, temperature)
+    t_mean, t_var = regression_outputs(teacher_raw)
+    mu, var = ensemble_moments(t_mean, t_var)
+    s_mean, s_var = regression_outputs(student_raw)
+    return gaussian_kl(mu, var, s_mean[:, 0], s_var[:, 0]).mean()
+
+
+def _phase2_loss(student_raw: Tensor, teacher_raw: Tensor, task: str, temperature: float) -> Tensor:
+    if task == "classification":
+        return hydra_kd_loss(student_raw, teacher_raw, temperature)
+    t_mean, t_var = regression_outputs(teacher_raw)
+    s_mean, s_var = regression_outputs(student_raw)
+    return gaussian_kl(t_mean, t_var, s_mean, s_var).mean()
+
+
+def _fit(
+    net: HydraNet,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    targets: Tensor,
+    epochs: int,
+    batch_size: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    generator: torch.Generator,
+    phase: str,
+    progress: Progress | None,
+) -> list[float]:
+    history = []
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    for epoch in range(epochs):
+        net.train()
+        perm = torch.randperm(len(x), generator=generator).to(x.device)
+        total, steps = 0.0, 0
+        for start in range(0, len(x), batch_size):
+            idx = perm[start : start + batch_size]
+            loss = loss_fn(net(x[idx]), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        sched.step()
+        history.append(total / max(steps, 1))
+        if progress is not None:
+            progress(phase, epoch, history[-1])
+    net.eval()
+    return history
+
+
+def distil(
+    cfg: RunConfig,
+    data: TaskData,
+    members: list[HydraNet],
+    device: torch.device,
+    progress: Progress | None = None,
+) -> DistilResult:
+    dc = cfg.distil
+    torch.manual_seed(cfg.seed + 999)
+    generator = torch.Generator().manual_seed(cfg.seed + 999)
+    x = torch.from_numpy(transfer_inputs(cfg, data, cfg.seed)).to(device)
+    members = [m.to(device).eval() for m in members]
+    targets = teacher_outputs(members, x)  # (n, M, out), labelled once
+    task, T = data.task, dc.temperature
+
+    # Phase 1: body + one head on the ensemble mean. This is also the KD baseline.
+    student = build_network(cfg, data, heads=1).to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
+    h1 = _fit(
+        student,
+        opt,
+        x,
+        targets,
+        dc.phase1_epochs,
+        dc.batch_size,
+        lambda s, t: _phase1_loss(s, t, task, T),
+        generator,
+        "phase 1 (KD)",
+        progress,
+    )
+    kd = copy.deepcopy(student).cpu().eval()
+
+    # Phase 2: M heads initialised from the phase-1 head, head m fits teacher m.
+    student.expand_heads(len(members))
+    student.to(device)
+    body_lr = dc.lr * dc.phase2_body_lr_scale
+    for p in student.body_parameters():
+        p.requires_grad_(body_lr > 0)
+    groups = [{"params": student.head_parameters(), "lr": dc.lr}]
+    if body_lr > 0:
+        groups.append({"params": student.body_parameters(), "lr": body_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=dc.weight_decay)
+    head_layers = [layer for layer in student.head if isinstance(layer, FusedLinear)]
+
+    def phase2(s: Tensor, t: Tensor) -> Tensor:
+        loss = _phase2_loss(s, t, task, T)
+        if dc.diversity_weight > 0:
+            loss = loss + dc.diversity_weight * sum(head_cosine_similarity(h.weight) for h in head_layers)
+        return loss
+
+    h2 = _fit(
+        student,
+        opt,
+        x,
+        targets,
+        dc.phase2_epochs,
+        dc.batch_size,
+        phase2,
+        generator,
+        "phase 2 (Hydra)",
+        progress,
+    )
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return DistilResult(
+        hydra=student.cpu().eval(), kd=kd, history={"phase1": h1, "phase2": h2}, transfer_size=len(x)
+    )

@@ -1,0 +1,196 @@
+"""Evaluation of the exported graphs through ONNX Runtime, with the server's own uncertainty code.
+
+Every number here comes from running `ensemble.onnx`, `kd.onnx` and `model.onnx` in onnxruntime and
+summarising their outputs with `service.uncertainty` — exactly what the server does per request.
+
+Conventions: OOD is the positive class, higher score = more OOD. AUPR-out = average precision with
+OOD positive. FPR@95TPR = false-positive rate on ID test rows at the first threshold that catches
+95% of the OOD rows. ECE: 15 equal-width bins of top-label confidence. Brier: Σ_k (1[k=y] − p̄_k)²,
+not divided by K. Retention = (AUROC_method − 0.5) / (AUROC_ensemble − 0.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from scipy.stats import spearmanr
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from service.uncertainty import (
+    ClassificationUncertainty,
+    ConformalOODCalibrator,
+    RegressionUncertainty,
+    classification_uncertainty,
+    regression_uncertainty,
+)
+from training.data import TaskData
+from training.export import INPUT_NAME, output_names
+
+Summary = ClassificationUncertainty | RegressionUncertainty
+METHODS = ("ensemble", "kd", "hydra")
+GRAPH_FILES = {"ensemble": "ensemble.onnx", "kd": "kd.onnx", "hydra": "model.onnx"}
+ALPHAS = (0.01, 0.05)
+
+
+@dataclass
+class Evaluation:
+    report: dict[str, Any]
+    calibration_scores: np.ndarray  # Hydra's OOD scores on the calibration split, sorted
+    summaries: dict[str, dict[str, Summary]] = field(default_factory=dict)  # method -> set -> summary
+    raw: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)  # method -> set -> outputs
+
+
+def run_graph(path: Path, x: np.ndarray, task: str) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [np.asarray(o) for o in session.run(output_names(task), {INPUT_NAME: x.astype(np.float32)})]
+
+
+def summarise(task: str, outputs: list[np.ndarray]) -> Summary:
+    if task == "classification":
+        return classification_uncertainty(outputs[0])
+    return regression_uncertainty(outputs[0], outputs[1])
+
+
+def default_score(task: str, heads: int, configured: str | None) -> str:
+    """The OOD score: knowledge uncertainty when there are several heads; a single head has none,
+    so the KD baseline falls back to total uncertainty."""
+    if heads == 1:
+        return "total_entropy" if task == "classification" else "total_variance"
+    if configured:
+        return configured
+    return "mutual_information" if task == "classification" else "epistemic_variance"
+
+
+def classification_metrics(u: ClassificationUncertainty, y: np.ndarray, bins: int = 15) -> dict[str, float]:
+    n = len(y)
+    p_true = np.clip(u.mean_probs[np.arange(n), y], 1e-12, 1.0)
+    onehot = np.eye(u.mean_probs.shape[1])[y]
+    correct = (u.label == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(u.confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - u.confidence[mask].mean())
+    return {
+        "accuracy": float(correct.mean()),
+        "nll": float(-np.log(p_true).mean()),
+        "ece": float(ece),
+        "brier": float(((onehot - u.mean_probs) ** 2).sum(axis=1).mean()),
+    }
+
+
+def regression_metrics(u: RegressionUncertainty, y: np.ndarray) -> dict[str, float]:
+    var = np.maximum(u.total_variance, 1e-12)
+    lo, hi = u.interval(0.95)
+    return {
+        "rmse": float(np.sqrt(np.mean((u.mean - y) ** 2))),
+        "nll": float(np.mean(0.5 * (np.log(2 * np.pi * var) + (y - u.mean) ** 2 / var))),
+        "coverage_95": float(np.mean((y >= lo) & (y <= hi))),
+        "mean_interval_width": float(np.mean(hi - lo)),
+    }
+
+
+def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
+    labels = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
+    scores = np.r_[id_scores, ood_scores]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {
+        "auroc": float(roc_auc_score(labels, scores)),
+        "aupr_out": float(average_precision_score(labels, scores)),
+        "fpr_at_95tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+    }
+
+
+def _uncertainty_means(u: Summary) -> dict[str, float]:
+    if isinstance(u, ClassificationUncertainty):
+        keys = ["total_entropy", "expected_entropy", "mutual_information", "epkl", "disagreement", "variance"]
+    else:
+        keys = ["aleatoric_variance", "epistemic_variance", "total_variance", "disagreement"]
+    return {k: float(np.mean(getattr(u, k))) for k in keys}
+
+
+def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_alpha: float) -> Evaluation:
+    task = data.task
+    sets = {"test": data.test.x, "cal": data.cal.x} | dict(data.ood.items())
+    raw: dict[str, dict[str, list[np.ndarray]]] = {}
+    summaries: dict[str, dict[str, Summary]] = {}
+    methods: dict[str, Any] = {}
+    for method in METHODS:
+        path = package_dir / GRAPH_FILES[method]
+        raw[method] = {name: run_graph(path, x, task) for name, x in sets.items()}
+        summaries[method] = {name: summarise(task, out) for name, out in raw[method].items()}
+        heads = int(raw[method]["test"][0].shape[1])
+        score_name = default_score(task, heads, ood_score)
+        test_u = summaries[method]["test"]
+        quality = (
+            classification_metrics(test_u, data.test.y)  # type: ignore[arg-type]
+            if task == "classification"
+            else regression_metrics(test_u, data.test.y.astype(np.float64))  # type: ignore[arg-type]
+        )
+        id_scores = test_u.score(score_name)
+        ood = {name: ood_metrics(id_scores, summaries[method][name].score(score_name)) for name in data.ood}
+        methods[method] = {
+            "heads": heads,
+            "ood_score": score_name,
+            "test": quality,
+            "uncertainty": {
+                name: _uncertainty_means(u) for name, u in summaries[method].items() if name != "cal"
+            },
+            "ood": ood,
+        }
+
+    hydra_score = methods["hydra"]["ood_score"]
+    knowledge = "mutual_information" if task == "classification" else "epistemic_variance"
+    fidelity_sets = ["test", *data.ood]
+    h_k = np.concatenate([summaries["hydra"][s].score(knowledge) for s in fidelity_sets])
+    e_k = np.concatenate([summaries["ensemble"][s].score(knowledge) for s in fidelity_sets])
+    rho = spearmanr(h_k, e_k).statistic
+    fidelity = {
+        "score": knowledge,
+        "spearman": float(rho) if np.isfinite(rho) else 0.0,
+        "rmse": float(np.sqrt(np.mean((h_k - e_k) ** 2))),
+        "ensemble_mean": float(e_k.mean()),
+    }
+    for method in ("kd", "hydra"):
+        for name in data.ood:
+            ens = methods["ensemble"]["ood"][name]["auroc"]
+            own = methods[method]["ood"][name]["auroc"]
+            methods[method]["ood"][name]["retention"] = (
+                float((own - 0.5) / (ens - 0.5)) if ens != 0.5 else 0.0
+            )
+
+    cal_scores = np.sort(summaries["hydra"]["cal"].score(hydra_score))
+    calibrator = ConformalOODCalibrator(cal_scores)
+    test_scores = summaries["hydra"]["test"].score(hydra_score)
+    conformal = {
+        "score": hydra_score,
+        "n_calibration": calibrator.n,
+        "false_alarm_rate": {str(a): float(calibrator.flags(test_scores, a).mean()) for a in ALPHAS},
+        "ood_flag_rate": {
+            name: float(calibrator.flags(summaries["hydra"][name].score(hydra_score), default_alpha).mean())
+            for name in data.ood
+        },
+        "default_alpha": default_alpha,
+    }
+    report = {
+        "dataset": data.name,
+        "task": task,
+        "sizes": {
+            "train": len(data.train),
+            "val": len(data.val),
+            "cal": len(data.cal),
+            "test": len(data.test),
+        }
+        | {name: len(x) for name, x in data.ood.items()},
+        "ood_sets": data.ood_notes,
+        "methods": methods,
+        "fidelity": fidelity,
+        "conformal": conformal,
+    }
+    return Evaluation(report=report, calibration_scores=cal_scores, summaries=summaries, raw=raw)

@@ -1,0 +1,109 @@
+"""ONNX export of a `PackagedModel` with the serving contract, checked against PyTorch.
+
+Contract (see service/manifest.py): one float32 input "input" of shape (batch, *row_shape) with a
+dynamic batch axis; outputs "log_probs" (batch, heads, classes) or "mean" and "variance"
+(batch, heads). Export fails loudly if ONNX Runtime's outputs differ from PyTorch's by more than
+`PARITY_TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from training.models import PackagedModel
+
+INPUT_NAME = "input"
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportParityError(RuntimeError):
+    """ONNX Runtime disagrees with PyTorch beyond tolerance: the graph must not ship."""
+
+
+def output_names(task: str) -> list[str]:
+    return ["log_probs"] if task == "classification" else ["mean", "variance"]
+
+
+def export_onnx(
+    model: PackagedModel, row_shape: tuple[int, ...], path: Path, check_rows: np.ndarray
+) -> dict[str, float]:
+    """Write `model` to `path` and verify it on `check_rows` (raw inputs) and on random rows.
+
+    Uses the TorchScript-based exporter (dynamo=False): it yields a small, plain graph
+    (MatMul/Gemm/Conv/Relu/LogSoftmax) with a symbolic batch axis.
+    """
+    model = model.cpu().eval()
+    names = output_names(model.task)
+    example = torch.from_numpy(np.ascontiguousarray(check_rows[:4], dtype=np.float32))
+    dynamic_axes = {INPUT_NAME: {0: "batch"}} | {n: {0: "batch"} for n in names}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(proto, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return check_parity(model, path, row_shape, check_rows)
+
+
+def check_parity(
+    model: PackagedModel, path: Path, row_shape: tuple[int, ...], rows: np.ndarray
+) -> dict[str, float]:
+    """Max |ORT - torch| per output on `rows` plus random rows of odd batch sizes (dynamic axis)."""
+    rng = np.random.default_rng(0)
+    scale = float(np.abs(rows).max()) or 1.0
+    batches = [
+        np.ascontiguousarray(rows, dtype=np.float32),
+        (rng.standard_normal((3, *row_shape)) * scale).astype(np.float32),
+        np.ascontiguousarray(rows[:1], dtype=np.float32),
+    ]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = output_names(model.task)
+    worst = dict.fromkeys(names, 0.0)
+    for batch in batches:
+        got = session.run(names, {INPUT_NAME: batch})
+        with torch.no_grad():
+            want = model(torch.from_numpy(batch))
+        wants = [want] if isinstance(want, torch.Tensor) else list(want)
+        for name, g, w in zip(names, got, wants, strict=True):
+            w_np = w.numpy()
+            if g.shape != w_np.shape:
+                raise ExportParityError(f"{path.name}: output {name} shape {g.shape} != torch {w_np.shape}")
+            # variances are in target units (can be large): compare relative to their magnitude
+            denom = np.maximum(1.0, np.abs(w_np)) if name == "variance" else 1.0
+            err = float(np.max(np.abs(g - w_np) / denom)) if g.size else 0.0
+            worst[name] = max(worst[name], err)
+    bad = {k: v for k, v in worst.items() if not v <= PARITY_TOLERANCE}
+    if bad:
+        raise ExportParityError(
+            f"{path.name}: ONNX Runtime differs from PyTorch by {bad} > {PARITY_TOLERANCE}"
+        )
+    return worst
+
+
+def graph_summary(path: Path) -> dict[str, object]:
+    proto = onnx.load(str(path))
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    return {"nodes": len(proto.graph.node), "ops": ops, "parameters": params, "bytes": path.stat().st_size}

@@ -1,0 +1,327 @@
+"""The pipeline as four restartable stages over a run directory.
+
+    teachers  -> <run>/teachers.pt          (M members, early-stopped)
+    distil    -> <run>/distil.pt            (Hydra student + the KD baseline)
+    export    -> <out>/{model,ensemble,kd}.onnx   (parity-checked against PyTorch)
+    evaluate  -> <out>/{manifest.json, report.json, report.md, *.png}   (on the exported ONNX)
+
+`<run>/config.json` holds the `RunConfig`, so every stage can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.manifest import ModelManifest, OODCalibration, OutputNames, Provenance, TensorSpec
+from training.config import ArchConfig, DataConfig, DistilConfig, RunConfig, TeacherConfig
+from training.data import TaskData, load_data
+from training.distill import distil
+from training.evaluate import evaluate
+from training.export import INPUT_NAME, export_onnx, graph_summary, output_names
+from training.models import HydraNet, PackagedModel
+from training.report import write_report
+from training.teachers import build_network, load_members, target_scaling, train_member
+
+Progress = Callable[[str, int, int, str], None]  # (stage, done, total, note)
+
+# Per-dataset defaults (measured; see README "Training").
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "arch": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
+        "teacher": TeacherConfig(epochs=40, patience=8, lr=2e-3),
+        "distil": DistilConfig(),
+    },
+    "mnist1d": {
+        "arch": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
+        "teacher": TeacherConfig(epochs=60, patience=10, lr=2e-3),
+        "distil": DistilConfig(),
+    },
+    "toy": {
+        "arch": ArchConfig(kind="mlp", hidden=(64, 64), head_layers=1),
+        "teacher": TeacherConfig(epochs=300, patience=40, lr=3e-3, batch_size=64),
+        "distil": DistilConfig(phase1_epochs=100, phase2_epochs=100, temperature=1.0),
+    },
+    "diabetes": {
+        "arch": ArchConfig(kind="mlp", hidden=(64, 64), head_layers=1, dropout=0.0),
+        "teacher": TeacherConfig(epochs=300, patience=30, lr=2e-3, batch_size=32, weight_decay=1e-3),
+        "distil": DistilConfig(phase1_epochs=100, phase2_epochs=100, temperature=1.0),
+    },
+    "file": {
+        "arch": ArchConfig(kind="mlp", hidden=(128, 128), head_layers=1),
+        "teacher": TeacherConfig(epochs=100, patience=15),
+        "distil": DistilConfig(),
+    },
+}
+
+
+def make_config(
+    data: DataConfig,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    members: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int = 2,
+    epochs: int | None = None,
+    smoke: bool = False,
+) -> RunConfig:
+    preset = PRESETS[data.dataset]
+    teacher = replace(preset["teacher"], members=members)
+    dc: DistilConfig = preset["distil"]
+    if epochs is not None:  # one override for every stage's epoch count
+        teacher = replace(teacher, epochs=epochs)
+        dc = replace(dc, phase1_epochs=epochs, phase2_epochs=epochs)
+    if smoke:
+        teacher = replace(teacher, members=min(members, 3), epochs=2)
+        dc = replace(dc, phase1_epochs=2, phase2_epochs=2, mixup_copies=1, noise_copies=1)
+    if name is None:
+        name = Path(data.path).stem if data.dataset == "file" and data.path else data.dataset
+    return RunConfig(
+        name=name,
+        version=version,
+        seed=seed,
+        device=device,
+        threads=threads,
+        data=data,
+        arch=preset["arch"],
+        teacher=teacher,
+        distil=dc,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def setup(cfg: RunConfig) -> torch.device:
+    """Determinism for a seed: fixed threads, seeded RNGs, deterministic kernels."""
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return resolve_device(cfg.device)
+
+
+def _noop(stage: str, done: int, total: int, note: str) -> None:
+    return None
+
+
+def stage_teachers(
+    cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progress = _noop
+) -> dict[str, Any]:
+    device = setup(cfg)
+    start = time.perf_counter()
+    results = []
+    total = cfg.teacher.members * cfg.teacher.epochs
+    for m in range(cfg.teacher.members):
+
+        def tick(epoch: int, val: float, m: int = m) -> None:
+            progress("teachers", m * cfg.teacher.epochs + epoch + 1, total, f"member {m} val {val:.3f}")
+
+        results.append(train_member(cfg, data, m, cfg.seed, device, on_epoch=tick))
+        progress("teachers", (m + 1) * cfg.teacher.epochs, total, f"member {m} done")
+    seconds = time.perf_counter() - start
+    summary = [
+        {
+            "member": r.index,
+            "seed": r.seed,
+            "best_epoch": r.best_epoch,
+            "epochs_run": r.epochs_run,
+            "best_val_loss": r.best_val_loss,
+        }
+        for r in results
+    ]
+    torch.save(
+        {"states": [r.state_dict for r in results], "summary": summary, "seconds": seconds},
+        run_dir / "teachers.pt",
+    )
+    return {"seconds": seconds, "members": summary}
+
+
+def _load_teachers(cfg: RunConfig, data: TaskData, run_dir: Path) -> tuple[list[HydraNet], dict[str, Any]]:
+    ckpt = torch.load(run_dir / "teachers.pt", weights_only=True)
+    return load_members(cfg, data, ckpt["states"]), ckpt
+
+
+def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
+    device = setup(cfg)
+    members, _ = _load_teachers(cfg, data, run_dir)
+    start = time.perf_counter()
+    dc = cfg.distil
+    total = dc.phase1_epochs + dc.phase2_epochs
+
+    def tick(phase: str, epoch: int, loss: float) -> None:
+        done = epoch + 1 + (dc.phase1_epochs if phase.startswith("phase 2") else 0)
+        progress("distil", done, total, f"{phase} loss {loss:.4f}")
+
+    result = distil(cfg, data, members, device, tick)
+    seconds = time.perf_counter() - start
+    torch.save(
+        {
+            "hydra": result.hydra.state_dict(),
+            "kd": result.kd.state_dict(),
+            "heads": result.hydra.heads,
+            "history": result.history,
+            "transfer_size": result.transfer_size,
+            "seconds": seconds,
+        },
+        run_dir / "distil.pt",
+    )
+    return {
+        "seconds": seconds,
+        "transfer_size": result.transfer_size,
+        "final_loss": {k: v[-1] if v else None for k, v in result.history.items()},
+    }
+
+
+def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, PackagedModel]:
+    members, _ = _load_teachers(cfg, data, run_dir)
+    ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
+    hydra = build_network(cfg, data, heads=int(ckpt["heads"]))
+    hydra.load_state_dict(ckpt["hydra"])
+    kd = build_network(cfg, data, heads=1)
+    kd.load_state_dict(ckpt["kd"])
+    y_mean, y_std = target_scaling(data)
+    return {
+        "model.onnx": PackagedModel([hydra.eval()], data.task, y_mean, y_std),
+        "ensemble.onnx": PackagedModel(members, data.task, y_mean, y_std),
+        "kd.onnx": PackagedModel([kd.eval()], data.task, y_mean, y_std),
+    }
+
+
+def stage_export(
+    cfg: RunConfig, data: TaskData, run_dir: Path, out: Path, progress: Progress = _noop
+) -> dict[str, Any]:
+    setup(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    check_rows = np.concatenate([data.test.x[:64], *[x[:16] for x in data.ood.values()]])
+    info = {}
+    models = _packaged(cfg, data, run_dir)
+    for i, (filename, model) in enumerate(models.items()):
+        parity = export_onnx(model, data.row_shape, out / filename, check_rows)
+        info[filename] = {"max_abs_diff": parity} | graph_summary(out / filename)
+        progress("export", i + 1, len(models), filename)
+    (run_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _packages() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("torch", "numpy", "onnx", "onnxruntime", "scikit-learn", "mnist1d", "hydra-serve"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of report.json that travels in the manifest."""
+    methods = report["methods"]
+    return {
+        "test": {m: methods[m]["test"] for m in methods},
+        "ood_auroc": {m: {k: round(v["auroc"], 4) for k, v in methods[m]["ood"].items()} for m in methods},
+        "hydra_auroc_retention": {k: round(v["retention"], 4) for k, v in methods["hydra"]["ood"].items()},
+        "fidelity": report["fidelity"],
+        "false_alarm_rate": report["conformal"]["false_alarm_rate"],
+    }
+
+
+def stage_evaluate(
+    cfg: RunConfig, data: TaskData, run_dir: Path, out: Path, progress: Progress = _noop
+) -> dict[str, Any]:
+    setup(cfg)
+    ev = evaluate(out, data, cfg.ood_score, cfg.default_alpha)
+    progress("evaluate", 1, 3, "metrics")
+    seconds = {}
+    for name in ("teachers", "distil"):
+        ckpt = torch.load(run_dir / f"{name}.pt", weights_only=False)
+        seconds[name] = float(ckpt["seconds"])
+    ev.report["runtime_seconds"] = seconds
+    ev.report["config"] = cfg.to_json()
+    write_report(ev, data, out)
+    progress("evaluate", 2, 3, "report")
+
+    distil_ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
+    hydra_score = ev.report["methods"]["hydra"]["ood_score"]
+    names = output_names(data.task)
+    manifest = ModelManifest(
+        name=cfg.name,
+        version=cfg.version,
+        task=data.task,
+        description=(
+            f"Hydra student ({distil_ckpt['heads']} heads) distilled from a {cfg.teacher.members}-member "
+            f"{cfg.arch.kind} ensemble on {data.name}"
+        ),
+        input=TensorSpec(name=INPUT_NAME, shape=[-1, *data.row_shape], dtype="float32"),
+        feature_names=data.feature_names,
+        labels=data.labels,
+        heads=int(distil_ckpt["heads"]),
+        outputs=OutputNames(log_probs=names[0])
+        if data.task == "classification"
+        else OutputNames(mean=names[0], variance=names[1]),
+        temperature=cfg.distil.temperature,
+        ood=OODCalibration(
+            score=hydra_score,
+            calibration_scores=[float(s) for s in ev.calibration_scores],
+            default_alpha=cfg.default_alpha,
+        ),
+        evaluation=evaluation_summary(ev.report),
+        provenance=Provenance(
+            dataset=data.name,
+            data_sha256=data.sha256,
+            seed=cfg.seed,
+            git_commit=_git_commit(),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            training_seconds=round(sum(seconds.values()), 2),
+            packages=_packages(),
+            teacher_members=cfg.teacher.members,
+            architecture=cfg.arch.kind,
+        ),
+    )
+    # validate the round trip exactly as the server will read it
+    manifest.dump(out / "manifest.json")
+    ModelManifest.load(out)
+    progress("evaluate", 3, 3, "manifest")
+    return ev.report
+
+
+def run_all(cfg: RunConfig, run_dir: Path, out: Path, progress: Progress = _noop) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    data = load_data(cfg.data)
+    stage_teachers(cfg, data, run_dir, progress)
+    stage_distil(cfg, data, run_dir, progress)
+    stage_export(cfg, data, run_dir, out, progress)
+    return stage_evaluate(cfg, data, run_dir, out, progress)

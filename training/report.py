@@ -1,0 +1,167 @@
+"""report.json, report.md and PNG plots for one evaluated package."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; set before pyplot is imported
+import matplotlib.pyplot as plt
+import numpy as np
+
+from service.uncertainty import ClassificationUncertainty, RegressionUncertainty
+from training.data import TaskData
+from training.evaluate import METHODS, Evaluation
+
+COLORS = {"ensemble": "tab:blue", "kd": "tab:gray", "hydra": "tab:orange"}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    methods = report["methods"]
+    lines = [f"# Evaluation: {report['dataset']} ({report['task']})", ""]
+    lines += ["Every number comes from the exported ONNX graphs run in onnxruntime.", ""]
+    lines += ["Split sizes: " + ", ".join(f"{k} {v}" for k, v in report["sizes"].items()), ""]
+    quality_keys = list(methods["hydra"]["test"])
+    lines += ["## Test-set quality", "", "| method | heads | " + " | ".join(quality_keys) + " |"]
+    lines += ["| --- " * (len(quality_keys) + 2) + "|"]
+    for m in METHODS:
+        row = methods[m]["test"]
+        lines.append(
+            f"| {m} | {methods[m]['heads']} | " + " | ".join(_fmt(row[k]) for k in quality_keys) + " |"
+        )
+    lines += ["", "## OOD detection (OOD positive; score per method in brackets)", ""]
+    lines += ["| OOD set | method [score] | AUROC | AUPR-out | FPR@95TPR | retention |", "| --- " * 6 + "|"]
+    for name in report["ood_sets"]:
+        for m in METHODS:
+            o = methods[m]["ood"][name]
+            lines.append(
+                f"| {name} | {m} [{methods[m]['ood_score']}] | {o['auroc']:.4f} | {o['aupr_out']:.4f} | "
+                f"{o['fpr_at_95tpr']:.4f} | {_fmt(o.get('retention', '—'))} |"
+            )
+    lines += ["", "OOD sets: " + "; ".join(f"**{k}** — {v}" for k, v in report["ood_sets"].items()), ""]
+    f = report["fidelity"]
+    lines += ["## Fidelity to the ensemble (ID test ∪ OOD sets)", ""]
+    lines += [
+        f"- {f['score']}: Spearman {f['spearman']:.4f}, RMSE {f['rmse']:.4g} "
+        f"(ensemble mean {f['ensemble_mean']:.4g})"
+    ]
+    c = report["conformal"]
+    lines += ["", "## Conformal OOD flag (Hydra, calibration split)", ""]
+    lines += [f"- score {c['score']}, n = {c['n_calibration']} calibration rows"]
+    lines += [f"- false-alarm rate on ID test at α = {a}: {r:.4f}" for a, r in c["false_alarm_rate"].items()]
+    lines += [
+        f"- flag rate at α = {c['default_alpha']} on {k}: {r:.4f}" for k, r in c["ood_flag_rate"].items()
+    ]
+    lines += ["", "## Mean uncertainty per set", ""]
+    keys = list(methods["hydra"]["uncertainty"]["test"])
+    lines += ["| method | set | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"]
+    for m in METHODS:
+        for s, vals in methods[m]["uncertainty"].items():
+            lines.append(f"| {m} | {s} | " + " | ".join(f"{vals[k]:.4g}" for k in keys) + " |")
+    if "runtime_seconds" in report:
+        lines += ["", "## Runtime (seconds)", ""]
+        lines += [f"- {k}: {v:.1f}" for k, v in report["runtime_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _reliability(ev: Evaluation, data: TaskData, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    edges = np.linspace(0, 1, 16)
+    for m in METHODS:
+        u = ev.summaries[m]["test"]
+        assert isinstance(u, ClassificationUncertainty)
+        correct = u.label == data.test.y
+        which = np.clip(np.digitize(u.confidence, edges[1:-1], right=True), 0, 14)
+        xs = [u.confidence[which == b].mean() for b in range(15) if (which == b).any()]
+        ys = [correct[which == b].mean() for b in range(15) if (which == b).any()]
+        ax.plot(
+            xs, ys, "o-", color=COLORS[m], label=f"{m} (ECE {ev.report['methods'][m]['test']['ece']:.3f})"
+        )
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(xlabel="confidence (max p̄)", ylabel="accuracy", title=f"Reliability — {data.name} test")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _scatter(ev: Evaluation, data: TaskData, path: Path) -> None:
+    score = ev.report["fidelity"]["score"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name in ["test", *data.ood]:
+        e = ev.summaries["ensemble"][name].score(score)
+        h = ev.summaries["hydra"][name].score(score)
+        ax.scatter(e, h, s=6, alpha=0.5, label=name)
+    hi = max(float(ax.get_xlim()[1]), float(ax.get_ylim()[1]))
+    ax.plot([0, hi], [0, hi], "k--", lw=1)
+    f = ev.report["fidelity"]
+    ax.set(xlabel=f"ensemble {score}", ylabel=f"Hydra {score}", title=f"Spearman {f['spearman']:.3f}")
+    ax.legend(markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _histograms(ev: Evaluation, data: TaskData, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, m in zip(axes, METHODS, strict=True):
+        score = ev.report["methods"][m]["ood_score"]
+        values = {name: ev.summaries[m][name].score(score) for name in ["test", *data.ood]}
+        top = max(float(np.quantile(v, 0.995)) for v in values.values()) or 1.0
+        bins = np.linspace(0, top, 40)
+        for name, v in values.items():
+            ax.hist(np.clip(v, 0, top), bins=bins, alpha=0.5, density=True, label=name)
+        ax.set(title=f"{m}: {score}", xlabel=score)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _band(ev: Evaluation, data: TaskData, package_dir: Path, path: Path) -> None:
+    from training.evaluate import GRAPH_FILES, run_graph, summarise
+
+    grid = np.linspace(-7, 7, 400, dtype=np.float32)[:, None]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    for ax, m in zip(axes, METHODS, strict=True):
+        u = summarise("regression", run_graph(package_dir / GRAPH_FILES[m], grid, "regression"))
+        assert isinstance(u, RegressionUncertainty)
+        lo, hi = u.interval(0.95)
+        ax.scatter(data.train.x[:, 0], data.train.y, s=3, c="k", alpha=0.3, label="train")
+        ax.fill_between(grid[:, 0], lo, hi, alpha=0.3, color=COLORS[m], label="95% interval (total)")
+        epi = 1.96 * np.sqrt(u.epistemic_variance)
+        ax.fill_between(
+            grid[:, 0], u.mean - epi, u.mean + epi, alpha=0.5, color="tab:red", label="± 1.96 epistemic sd"
+        )
+        ax.plot(grid[:, 0], u.mean, color=COLORS[m])
+        ax.set(title=m, xlabel="x", ylim=(-5, 5))
+    axes[0].legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(ev: Evaluation, data: TaskData, package_dir: Path) -> list[Path]:
+    package_dir.mkdir(parents=True, exist_ok=True)
+    written = [package_dir / "report.json", package_dir / "report.md"]
+    written[0].write_text(json.dumps(ev.report, indent=2) + "\n")
+    written[1].write_text(markdown(ev.report))
+    plots = {"ood_histograms.png": _histograms}
+    if data.task == "classification":
+        plots |= {"reliability.png": _reliability, "mi_scatter.png": _scatter}
+    else:
+        plots |= {"variance_scatter.png": _scatter}
+    for name, fn in plots.items():
+        fn(ev, data, package_dir / name)
+        written.append(package_dir / name)
+    if data.name == "toy":
+        _band(ev, data, package_dir, package_dir / "predictive_band.png")
+        written.append(package_dir / "predictive_band.png")
+    return written
