@@ -1,0 +1,90 @@
+# hydra-serve images. No torch in any of them: only the base dependencies of pyproject.toml.
+#
+# Targets:
+#   cpu      (default, the last stage) slim CPU image without models; mount a model repository
+#            read-only at /models:  docker run -v "$PWD/models:/models:ro" -p 8000:8000 hydra-serve:0.1.0
+#   bundled  cpu + this repository's models/ copied to /models (what docker-compose.yml runs)
+#   gpu      CUDA runtime base with onnxruntime-gpu instead of onnxruntime (run with --gpus all)
+#
+#   docker build -t hydra-serve:0.1.0 .
+#   docker build --target gpu -t hydra-serve:0.1.0-gpu .
+#
+# Configuration is HYDRA_* environment variables (service/settings.py). The install steps below are
+# exercised without a Docker engine by tests/deploy/test_image_install.py; hadolint lints this file.
+
+ARG PYTHON_VERSION=3.11
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ---- build: the wheel, and the requirement list of the GPU variant ----------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service/ service/
+COPY training/ training/
+# The GPU image installs the base dependencies with onnxruntime swapped for the `gpu` extra (both
+# provide the `onnxruntime` module, so they must never be installed side by side).
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = [d for d in p['dependencies'] if not d.startswith('onnxruntime')] + p['optional-dependencies']['gpu']; \
+open('/wheels/requirements-gpu.txt', 'w').write('\n'.join(deps) + '\n')"
+
+# ---- runtime-cpu: slim image, base dependencies only --------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime-cpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HYDRA_HOST=0.0.0.0 \
+    HYDRA_PORT=8000 \
+    HYDRA_MODEL_REPOSITORY=/models
+RUN groupadd --system --gid 10001 hydra \
+ && useradd --system --uid 10001 --gid hydra --home-dir /home/hydra --create-home --shell /usr/sbin/nologin hydra \
+ && mkdir -p /models
+COPY --from=build /wheels/ /wheels/
+# The wheel pulls exactly the base dependencies; the last check fails the build if torch sneaks in.
+RUN pip install --no-cache-dir /wheels/hydra_serve-*.whl \
+ && rm -rf /wheels \
+ && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+USER 10001:10001
+WORKDIR /home/hydra
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HYDRA_PORT', '8000') + '/v2/health/ready', timeout=2)"]
+ENTRYPOINT ["hydra-serve"]
+
+# ---- bundled: the CPU image with models/ inside (read-only: owned by root, run as 10001) -------------
+FROM runtime-cpu AS bundled
+COPY models/ /models/
+
+# ---- gpu: CUDA + cuDNN runtime, onnxruntime-gpu -------------------------------------------------------
+FROM ${CUDA_IMAGE} AS gpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH \
+    HYDRA_HOST=0.0.0.0 \
+    HYDRA_PORT=8000 \
+    HYDRA_MODEL_REPOSITORY=/models \
+    HYDRA_EXECUTION_PROVIDERS=cuda
+# Ubuntu's python3 (3.12 on 24.04) in a venv: the system interpreter is externally managed (PEP 668).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv \
+ && groupadd --system --gid 10001 hydra \
+ && useradd --system --uid 10001 --gid hydra --home-dir /home/hydra --create-home --shell /usr/sbin/nologin hydra \
+ && mkdir -p /models
+COPY --from=build /wheels/ /wheels/
+RUN pip install --no-cache-dir -r /wheels/requirements-gpu.txt \
+ && pip install --no-cache-dir --no-deps /wheels/hydra_serve-*.whl \
+ && rm -rf /wheels \
+ && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+USER 10001:10001
+WORKDIR /home/hydra
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HYDRA_PORT', '8000') + '/v2/health/ready', timeout=2)"]
+ENTRYPOINT ["hydra-serve"]
+
+# ---- cpu: the default target (last stage) -------------------------------------------------------------
+FROM runtime-cpu AS cpu
