@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
@@ -22,6 +23,16 @@ from service.routes import v1, v2
 from service.settings import Settings
 
 logger = logging.getLogger("service")
+
+
+class _AsgiEndpoint:
+    """Wraps an ASGI callable so Starlette routes to it as an app, not as a request handler function."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -55,7 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(repository_routes.router)
     app.include_router(v2.router)
-    app.mount("/metrics", metrics.asgi_app())
+    metrics_app = metrics.asgi_app()
+    app.mount("/metrics", metrics_app)
+    # A mount alone answers the bare path with a 307 to "/metrics/"; scrapers ask for "/metrics".
+    app.add_route("/metrics", _AsgiEndpoint(metrics_app), include_in_schema=False)
     # added last = outermost: the body limit applies before any route parses, and metrics see every status
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

@@ -121,9 +121,12 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(400, _describe_validation_error(exc))
 
-    async def on_http_error(_: Request, exc: Exception) -> Response:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):  # Starlette's bare "Not Found" does not say what was not found
+            message = f"{message}: {request.method} {request.url.path}"
+        return error_response(exc.status_code, message, dict(exc.headers or {}))
 
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         logger.exception("unhandled error", exc_info=exc)

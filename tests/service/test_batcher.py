@@ -1,0 +1,169 @@
+"""DynamicBatcher behaviour through its public API (submit / start / stop / stats), in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from service.batcher import BatchReport, DynamicBatcher
+from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull
+
+pytestmark = pytest.mark.anyio
+
+
+class RecordingModel:
+    """A real computation (row sums and a copy of the rows) that records every batch it was given."""
+
+    def __init__(self, delay_s: float = 0.0, fail_when: float | None = None) -> None:
+        self.batches: list[int] = []
+        self.seen: list[float] = []
+        self.threads: set[str] = set()
+        self.delay_s = delay_s
+        self.fail_when = fail_when
+
+    def __call__(self, rows: NDArray[np.float32]) -> Mapping[str, NDArray[np.generic]]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(int(rows.shape[0]))
+        self.seen.extend(rows[:, 0].tolist())
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_when is not None and (rows[:, 0] == self.fail_when).any():
+            raise RuntimeError("poisoned row")
+        return {"sum": rows.sum(axis=1), "rows": rows.copy()}
+
+
+def make(model: RecordingModel, **kwargs: float) -> tuple[DynamicBatcher, list[BatchReport]]:
+    reports: list[BatchReport] = []
+    options: dict[str, float] = {"max_batch_size": 8, "max_delay_s": 0.02, "max_queue_size": 100} | kwargs
+    batcher = DynamicBatcher(
+        "m",
+        model,
+        max_batch_size=int(options["max_batch_size"]),
+        max_delay_s=options["max_delay_s"],
+        max_queue_size=int(options["max_queue_size"]),
+        on_batch=reports.append,
+    )
+    return batcher, reports
+
+
+def rows(start: int, n: int) -> NDArray[np.float32]:
+    return np.arange(start, start + n, dtype=np.float32)[:, None] * np.ones((1, 3), dtype=np.float32)
+
+
+async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows() -> None:
+    model = RecordingModel()
+    batcher, reports = make(model)
+    await batcher.start()
+    sizes = [1, 3, 2, 5, 1, 4, 2, 2, 7, 1]
+    starts = np.cumsum([0, *sizes[:-1]]) * 10
+    futures = [batcher.submit(rows(int(s), n)) for s, n in zip(starts, sizes, strict=True)]
+    results = await asyncio.gather(*futures)
+    await batcher.stop()
+    for s, n, out in zip(starts, sizes, results, strict=True):
+        np.testing.assert_array_equal(out["rows"], rows(int(s), n))
+        np.testing.assert_array_equal(out["sum"], rows(int(s), n).sum(axis=1))
+    assert sum(model.batches) == sum(sizes)
+    assert max(model.batches) == 8  # full batches formed (requests were split to fill them)
+    assert len(model.batches) == -(-sum(sizes) // 8)
+    assert batcher.stats().max_batch_rows == 8
+    assert all(r.queue_wait_seconds.shape == (r.requests,) for r in reports)
+    assert not any(name == threading.main_thread().name for name in model.threads)
+
+
+async def test_large_request_is_split_and_rejoined_in_order() -> None:
+    model = RecordingModel()
+    batcher, _ = make(model, max_batch_size=4)
+    await batcher.start()
+    out = await batcher.submit(rows(0, 11))
+    await batcher.stop()
+    assert model.batches == [4, 4, 3]
+    np.testing.assert_array_equal(out["rows"], rows(0, 11))
+
+
+async def test_partial_batch_waits_at_most_the_max_delay() -> None:
+    batcher, _ = make(RecordingModel(), max_delay_s=0.05)
+    await batcher.start()
+    t0 = time.perf_counter()
+    await batcher.submit(rows(0, 1))
+    waited = time.perf_counter() - t0
+    await batcher.stop()
+    assert 0.04 <= waited < 1.0
+
+
+async def test_full_queue_rejects_at_once_with_retry_after() -> None:
+    batcher, _ = make(RecordingModel(), max_queue_size=2, max_delay_s=0.2, max_batch_size=64)
+    await batcher.start()
+    first = [batcher.submit(rows(i, 1)) for i in range(2)]
+    with pytest.raises(QueueFull) as info:
+        batcher.submit(rows(9, 1))
+    assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "1"
+    await asyncio.gather(*first)
+    await batcher.stop()
+
+
+async def test_expired_request_is_dropped_before_running() -> None:
+    model = RecordingModel()
+    batcher, _ = make(model, max_delay_s=0.3, max_batch_size=64)
+    await batcher.start()
+    doomed = batcher.submit(rows(100, 2), timeout_s=0.02)
+    kept = batcher.submit(rows(0, 1), timeout_s=5)
+    with pytest.raises(DeadlineExceeded):
+        await doomed
+    await kept
+    await batcher.stop()
+    assert 100.0 not in model.seen and model.batches == [1]
+
+
+async def test_cancelled_request_costs_no_model_run() -> None:
+    model = RecordingModel()
+    batcher, _ = make(model, max_delay_s=0.1, max_batch_size=64)
+    await batcher.start()
+    gone = batcher.submit(rows(100, 3))
+    kept = batcher.submit(rows(0, 1))
+    gone.cancel()
+    await kept
+    await batcher.stop()
+    assert 100.0 not in model.seen and model.batches == [1]
+    assert batcher.stats().queued_requests == 0
+
+
+async def test_model_error_fails_only_its_batch_and_batcher_keeps_serving() -> None:
+    model = RecordingModel(fail_when=666.0)
+    batcher, _ = make(model, max_batch_size=2, max_delay_s=0.0)
+    await batcher.start()
+    bad = batcher.submit(rows(666, 1))
+    with pytest.raises(ModelRunError, match="poisoned row"):
+        await bad
+    good = await batcher.submit(rows(0, 2))
+    await batcher.stop()
+    np.testing.assert_array_equal(good["rows"], rows(0, 2))
+
+
+async def test_wrong_number_of_results_is_an_error_not_a_misrouted_answer() -> None:
+    def short(rows: NDArray[np.float32]) -> Mapping[str, NDArray[np.generic]]:
+        return {"sum": rows.sum(axis=1)[:-1]}
+
+    batcher = DynamicBatcher("m", short, max_batch_size=4, max_delay_s=0.0, max_queue_size=10)
+    await batcher.start()
+    with pytest.raises(ModelRunError, match="for a batch of 2 rows"):
+        await batcher.submit(rows(0, 2))
+    await batcher.stop()
+
+
+async def test_stop_drains_queued_requests_then_refuses_new_ones() -> None:
+    model = RecordingModel(delay_s=0.01)
+    batcher, _ = make(model, max_delay_s=5.0, max_batch_size=64)  # only stop() can flush this fast
+    await batcher.start()
+    futures = [batcher.submit(rows(i * 10, 2)) for i in range(5)]
+    t0 = time.perf_counter()
+    await batcher.stop()
+    assert time.perf_counter() - t0 < 2.0
+    assert all(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+    with pytest.raises(ModelUnavailable):
+        batcher.submit(rows(0, 1))
