@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -586,3 +587,21 @@ def test_every_metric_the_autoscaler_uses_is_exported(deployed_server: Server) -
         )
         models = {s.labels.get("model") for s in samples if s.name == series}
         assert models >= {"clf", "reg"}, f"{series}: expected a series per served model, got {models}"
+
+
+# -- the images the manifests run ----------------------------------------------------------------------
+def test_images_are_the_ones_this_repository_builds() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    expected = {"cpu": f"hydra-serve:{version}", "gpu": f"hydra-serve:{version}-gpu"}
+    for variant in VARIANTS:
+        container = server_container(one(render(variant), "Deployment")["spec"]["template"]["spec"])
+        assert container["image"] == expected[variant]
+    assert server_container(isvc()["spec"]["predictor"], "kserve-container")["image"] == expected["cpu"]
+    # The pods run as the user the images create (Dockerfile, models.Dockerfile): files stay readable.
+    users = set()
+    for dockerfile in (ROOT / "Dockerfile", K8S / "models.Dockerfile"):
+        users |= set(re.findall(r"^USER\s+(\d+):(\d+)\s*$", dockerfile.read_text(), flags=re.MULTILINE))
+    for where, pod, _ in server_pods():
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            context = {**pod.get("securityContext", {}), **container["securityContext"]}
+            assert users == {(str(context["runAsUser"]), str(context["runAsGroup"]))}, where
