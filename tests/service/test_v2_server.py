@@ -19,7 +19,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service import inference
-from tests.service.support import ReferenceModel, start_server, write_model
+from tests.service.support import ReferenceModel, running_server, start_server, write_model
 
 FEATURES = {"clf": 8, "reg": 5}
 
@@ -331,6 +331,29 @@ def test_tritonclient_sees_the_error_message(client: triton.InferenceServerClien
     with pytest.raises(InferenceServerException) as caught:
         triton_infer(client, "clf", rows_for("reg", 2, seed=1), binary_inputs=True)
     assert caught.value.status() == "400" and "model expects [-1, 8]" in caught.value.message()
+
+
+def test_timeout_parameter_is_a_queue_deadline_in_microseconds(client: triton.InferenceServerClient) -> None:
+    rows = rows_for("clf", 3, seed=2)
+    with pytest.raises(InferenceServerException) as caught:
+        triton_infer(client, "clf", rows, binary_inputs=True, timeout=1)  # 1 µs: expires while queued
+    assert caught.value.status() == "504"
+    result = triton_infer(client, "clf", rows, binary_inputs=True, timeout=10_000_000)
+    assert result.as_numpy("label").shape == (3,)
+
+
+def test_infer_needs_the_api_key_when_one_is_set(model_repository: Path) -> None:
+    with running_server(model_repository, api_key="s3cret") as server:
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        rows = rows_for("reg", 2, seed=3)
+        with pytest.raises(InferenceServerException) as caught:
+            triton_infer(client, "reg", rows, binary_inputs=True)
+        assert caught.value.status() == "401"
+        result = triton_infer(client, "reg", rows, binary_inputs=True, headers={"X-API-Key": "s3cret"})
+        assert result.as_numpy("mean").shape == (2,)
+        # health and metadata stay open (probes carry no key)
+        assert client.is_server_ready() and client.get_model_metadata("reg")["name"] == "reg"
+        client.close()
 
 
 def test_openapi_documents_v2_routes_and_both_body_types(http: httpx.Client) -> None:
