@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -129,9 +129,15 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     return length
 
 
-def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
+def parse_infer_request(
+    body: bytes, header_length: str | None = None, *, accepted_datatypes: Collection[str] = DATATYPES
+) -> InferRequest:
     """Parse a V2 infer request body: JSON, or JSON + binary tensors when `header_length` (the
-    `Inference-Header-Content-Length` header's value) is given."""
+    `Inference-Header-Content-Length` header's value) is given.
+
+    An input whose datatype is not in `accepted_datatypes` is refused before its data is decoded
+    (BYTES decoding is a loop per element: a server that cannot use BYTES should not pay for it).
+    """
     json_length = parse_header_length(header_length, len(body))
     header = body if json_length is None else body[:json_length]
     try:
@@ -153,7 +159,7 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
     offset = 0
     inputs: dict[str, InputTensor] = {}
     for position, raw in enumerate(raw_inputs):
-        tensor, offset = _parse_input(raw, position, binary, offset)
+        tensor, offset = _parse_input(raw, position, binary, offset, accepted_datatypes)
         if tensor.name in inputs:
             raise V2ProtocolError(f"input {tensor.name!r} appears more than once")
         inputs[tensor.name] = tensor
@@ -180,7 +186,7 @@ def _parameters(raw: object, where: str) -> dict[str, Any]:
 
 
 def _parse_input(
-    raw: object, position: int, binary: memoryview | None, offset: int
+    raw: object, position: int, binary: memoryview | None, offset: int, accepted: Collection[str]
 ) -> tuple[InputTensor, int]:
     if not isinstance(raw, dict):
         raise V2ProtocolError(f"inputs[{position}] must be an object")
@@ -191,6 +197,11 @@ def _parse_input(
     datatype = raw.get("datatype")
     if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
         raise V2ProtocolError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+    if datatype not in accepted:
+        expected = ", ".join(d for d in DATATYPES if d in accepted)
+        raise V2ProtocolError(
+            f"{where}: datatype {datatype} is not accepted here (expected one of {expected})"
+        )
     shape = _parse_shape(raw.get("shape"), where)
     count = math.prod(shape)  # a Python int: huge shapes cannot overflow, they just mismatch below
     parameters = _parameters(raw.get("parameters"), where)

@@ -252,8 +252,6 @@ def _rows(parsed: InferRequest, model: ServedModel) -> NDArray[np.float32]:
     tensor = parsed.inputs.get(spec.name)
     if tensor is None:
         raise BadRequest(f"missing input {spec.name!r}")
-    if tensor.datatype not in NUMERIC_DATATYPES:
-        raise BadRequest(f"input {spec.name!r} must have a numeric datatype, got {tensor.datatype}")
     row_shape = tuple(model.manifest.row_shape)
     if len(tensor.shape) != 1 + len(row_shape) or tensor.shape[1:] != row_shape:
         expected = [-1, *row_shape]
@@ -346,7 +344,9 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     body = await request.body()
     specs = {name: datatype for name, datatype, _ in model.output_specs()}
     try:
-        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+        parsed = parse_infer_request(
+            body, request.headers.get(HEADER_LENGTH), accepted_datatypes=NUMERIC_DATATYPES
+        )
         selected = select_outputs(parsed, specs)
     except V2ProtocolError as exc:
         raise BadRequest(str(exc)) from None

@@ -373,3 +373,11 @@ def test_truncated_or_padded_client_bodies_are_refused(pair: tuple[str, np.ndarr
             parse_infer_request(body[:-cut], header)
     with pytest.raises(V2ProtocolError):
         parse_infer_request(body + b"\x00" * cut, header)
+
+
+def test_unaccepted_datatype_is_refused_before_decoding() -> None:
+    # 1 MiB of BYTES elements: refused on the datatype, never decoded element by element
+    body, header = binary_body([2**20], b"\x00" * 2**20, "BYTES", shape=[2**18])
+    with pytest.raises(V2ProtocolError, match="datatype BYTES is not accepted here"):
+        parse_infer_request(body, header, accepted_datatypes={"FP32", "FP64"})
+    assert parse_infer_request(body, header).inputs["x0"].data.shape == (2**18,)

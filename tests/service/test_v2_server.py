@@ -243,8 +243,8 @@ def _nan_rows() -> np.ndarray:
 
 BAD_JSON = [
     (v2_body(datatype="FLOAT32"), 400, "datatype 'FLOAT32'"),
-    (v2_body(datatype="BYTES", data=["a"] * 8), 400, "numeric datatype"),
-    (v2_body(datatype="BOOL", data=[True] * 8), 400, "numeric datatype"),
+    (v2_body(datatype="BYTES", data=["a"] * 8), 400, "datatype BYTES is not accepted here"),
+    (v2_body(datatype="BOOL", data=[True] * 8), 400, "datatype BOOL is not accepted here"),
     (v2_body(shape=[2, 8]), 400, "shape needs 16 elements but 'data' has 8"),
     (v2_body(shape=[1, 7], data=[0.5] * 7), 400, "model expects [-1, 8]"),
     (v2_body(shape=[8]), 400, "model expects [-1, 8]"),
