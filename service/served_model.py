@@ -90,8 +90,8 @@ class ServedModel:
         model_path = directory / MODEL_FILENAME
         if not model_path.is_file():
             raise ModelLoadError(f"model {name!r} version {version}: {MODEL_FILENAME} is missing")
-        runtime = OnnxModelRuntime(model_path, manifest, settings)
         try:
+            runtime = OnnxModelRuntime(model_path, manifest, settings)
             runtime.warm_up(batch_sizes=(1, min(8, settings.max_batch_size)))
         except ModelLoadError as exc:
             raise ModelLoadError(f"model {name!r} version {version}: {exc.message}") from exc

@@ -1,0 +1,92 @@
+"""Queue policy on a real server: bounded queue (503 + Retry-After), deadlines (504, never run),
+and a client that disconnects costs no model run."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.support import CLF_FEATURES, Server, running_server
+
+ROW = [[0.25] * CLF_FEATURES]
+
+
+@pytest.fixture(scope="module")
+def slow_queue_server(model_repository: Path) -> Iterator[Server]:
+    # batches wait 800 ms to fill and at most 2 requests may queue: easy to fill, easy to expire
+    with running_server(
+        model_repository, max_batch_size="64", max_queue_delay_ms="800", max_queue_size="2"
+    ) as server:
+        yield server
+
+
+def rows_run(url: str) -> int:
+    return int(httpx.get(f"{url}/v1/models/clf").json()["batching"]["rows"])
+
+
+def rejected(url: str, reason: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    found = re.search(
+        rf'^hydra_rejected_requests_total\{{model="clf",reason="{reason}"\}} (\S+)$', text, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+async def _burst(url: str, n: int) -> list[tuple[httpx.Response, float]]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def one() -> tuple[httpx.Response, float]:
+            t0 = time.perf_counter()
+            response = await client.post("/v1/models/clf:predict", json={"instances": ROW})
+            return response, time.perf_counter() - t0
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_full_queue_answers_503_at_once_with_retry_after(slow_queue_server: Server) -> None:
+    results = asyncio.run(_burst(slow_queue_server.url, 6))
+    ok = [(r, t) for r, t in results if r.status_code == 200]
+    full = [(r, t) for r, t in results if r.status_code == 503]
+    assert len(ok) == 2 and len(full) == 4, [r.text for r, _ in results]
+    for response, seconds in full:
+        assert response.headers["Retry-After"] == "1"
+        assert "queue" in response.json()["error"] and "full" in response.json()["error"]
+        assert seconds < 0.6  # rejected at once, not after the batch delay
+    assert all(seconds >= 0.7 for _, seconds in ok)
+    assert rejected(slow_queue_server.url, "queue_full") >= 4
+
+
+def test_request_past_its_deadline_is_504_and_never_runs(slow_queue_server: Server) -> None:
+    before = rows_run(slow_queue_server.url)
+    t0 = time.perf_counter()
+    response = httpx.post(
+        f"{slow_queue_server.url}/v1/models/clf:predict",
+        json={"instances": ROW * 3, "parameters": {"timeout": 0.1}},
+        timeout=10,
+    )
+    assert response.status_code == 504, response.text
+    assert "without running" in response.json()["error"]
+    assert time.perf_counter() - t0 < 0.6
+    time.sleep(0.9)  # past the batch delay: had it stayed queued, it would have run by now
+    assert rows_run(slow_queue_server.url) == before
+    assert rejected(slow_queue_server.url, "deadline") >= 1
+
+
+def test_disconnected_client_costs_no_model_run(slow_queue_server: Server) -> None:
+    before = rows_run(slow_queue_server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{slow_queue_server.url}/v1/models/clf:predict", json={"instances": ROW * 5}, timeout=0.2)
+    time.sleep(1.0)
+    assert rows_run(slow_queue_server.url) == before
+    assert rejected(slow_queue_server.url, "disconnected") >= 1
+    # and the server still answers
+    response = httpx.post(
+        f"{slow_queue_server.url}/v1/models/clf:predict", json={"instances": ROW}, timeout=5
+    )
+    assert response.status_code == 200

@@ -1,0 +1,165 @@
+"""Model repository over HTTP: index, API-key-guarded load/unload, reload under load with zero failed
+requests, and broken packages refused while the serving version carries on."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.service.support import CLF_FEATURES, ReferenceModel, Server, running_server, write_model
+from tests.service.test_v1 import assert_matches
+
+KEY = "s3cret-key"
+AUTH = {"X-API-Key": KEY}
+
+
+@pytest.fixture
+def repo(tmp_path: Path, model_repository: Path) -> Path:
+    """A private copy of the test repository that a test may change."""
+    shutil.copytree(model_repository, tmp_path / "models")
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def keyed_server(repo: Path) -> Iterator[Server]:
+    """A server of its own over `repo`, for tests that load, unload or break models."""
+    with running_server(repo, api_key=KEY, max_queue_delay_ms="2") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared_keyed_server(model_repository: Path) -> Iterator[Server]:
+    """One server for the read-only tests (they change no model)."""
+    with running_server(model_repository, api_key=KEY) as server:
+        yield server
+
+
+def load(url: str, name: str, headers: dict[str, str] | None = AUTH) -> httpx.Response:
+    return httpx.post(f"{url}/v2/repository/models/{name}/load", headers=headers, timeout=30)
+
+
+def predict(url: str, rows: list[list[float]], headers: dict[str, str] | None = AUTH) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/clf:predict", json={"instances": rows}, headers=headers, timeout=10)
+
+
+ROWS = np.random.default_rng(5).normal(0, 2, (3, CLF_FEATURES)).tolist()
+
+
+def test_api_key_guards_prediction_and_repository_control(shared_keyed_server: Server) -> None:
+    url = shared_keyed_server.url
+    assert predict(url, ROWS, headers=None).status_code == 401
+    assert predict(url, ROWS, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert predict(url, ROWS, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert predict(url, ROWS).status_code == 200
+    refused = load(url, "clf", headers={"Authorization": "Bearer nope"})
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]
+    assert httpx.get(f"{url}/v2/health/live").status_code == 200  # probes stay open
+
+
+def test_repository_control_is_disabled_without_a_configured_key(server: Server) -> None:
+    response = load(server.url, "clf", headers=None)
+    assert response.status_code == 403 and "HYDRA_API_KEY" in response.json()["error"]
+
+
+def test_index_get_and_post(shared_keyed_server: Server) -> None:
+    keyed_server = shared_keyed_server
+    expected = [
+        {"name": "clf", "version": "1", "state": "READY", "reason": ""},
+        {"name": "reg", "version": "1", "state": "READY", "reason": ""},
+    ]
+    assert httpx.get(f"{keyed_server.url}/v2/repository/index", headers=AUTH).json() == expected
+    posted = httpx.post(f"{keyed_server.url}/v2/repository/index", headers=AUTH, json={"ready": True})
+    assert posted.json() == expected
+
+
+def test_reload_under_load_fails_no_request(keyed_server: Server, repo: Path) -> None:
+    url = keyed_server.url
+    stop = threading.Event()
+    answers: list[tuple[list[list[float]], httpx.Response]] = []
+
+    async def hammer(worker: int) -> None:
+        rng = np.random.default_rng(worker)
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client:
+            while not stop.is_set():
+                rows = rng.normal(0, 2, (int(rng.integers(1, 4)), CLF_FEATURES)).tolist()
+                answers.append((rows, await client.post("/v1/models/clf:predict", json={"instances": rows})))
+
+    async def load_while_hammering() -> httpx.Response:
+        workers = [asyncio.create_task(hammer(i)) for i in range(8)]
+        await asyncio.sleep(0.3)
+        write_model(repo, "clf", 2, "classification", seed=42)
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
+            reloaded = await client.post("/v2/repository/models/clf/load")
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*workers)
+        return reloaded
+
+    reloaded = asyncio.run(load_while_hammering())
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["version"] == "2"
+    assert answers and all(r.status_code == 200 for _, r in answers), [
+        r.text for _, r in answers if r.is_error
+    ]
+    versions = [r.json()["model_version"] for _, r in answers]
+    assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
+    assert versions == sorted(versions)  # never back to the old version once switched
+    references = {v: ReferenceModel(repo / "clf" / v) for v in ("1", "2")}
+    for (rows, response), version in zip(answers[::10], versions[::10], strict=True):
+        assert_matches(response.json()["predictions"], references[version].answer(np.asarray(rows)))
+
+
+def test_broken_versions_are_refused_and_the_old_version_keeps_serving(
+    keyed_server: Server, repo: Path
+) -> None:
+    url = keyed_server.url
+    write_model(repo, "clf", 2, "classification", seed=42)
+    (repo / "clf" / "2" / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
+    refused = load(url, "clf")
+    assert refused.status_code == 400
+    assert "model 'clf' version 2" in refused.json()["error"] and "model.onnx" in refused.json()["error"]
+    ok = predict(url, ROWS)
+    assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+    shutil.rmtree(repo / "clf" / "2")
+    write_model(repo, "clf", 3, "classification", seed=43, heads=2)
+    manifest = repo / "clf" / "3" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"heads": 2', '"heads": 5'))  # graph has 2 heads
+    refused = load(url, "clf")
+    assert refused.status_code == 400 and "(batch, heads, classes)" in refused.json()["error"]
+
+    manifest.write_text("{ not json")
+    refused = load(url, "clf")
+    assert refused.status_code == 400 and "not valid JSON" in refused.json()["error"]
+    assert predict(url, ROWS).json()["model_version"] == "1"
+    index = httpx.get(f"{url}/v2/repository/index", headers=AUTH).json()
+    assert {"name": "clf", "version": "1", "state": "READY", "reason": ""} in index
+
+
+def test_unload_then_load_again(keyed_server: Server) -> None:
+    url = keyed_server.url
+    unloaded = httpx.post(f"{url}/v2/repository/models/reg/unload", headers=AUTH)
+    assert unloaded.status_code == 200
+    gone = httpx.post(f"{url}/v1/models/reg:predict", json={"instances": [[0.0] * 5]}, headers=AUTH)
+    assert gone.status_code == 404 and "'reg'" in gone.json()["error"]
+    index = httpx.get(f"{url}/v2/repository/index", headers=AUTH).json()
+    assert {"name": "reg", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"} in index
+    assert httpx.get(f"{url}/v1/models", headers=AUTH).json() == {"models": ["clf"]}
+    assert load(url, "reg").status_code == 200
+    back = httpx.post(f"{url}/v1/models/reg:predict", json={"instances": [[0.0] * 5]}, headers=AUTH)
+    assert back.status_code == 200
+
+
+def test_load_of_invalid_or_unknown_names_is_404(shared_keyed_server: Server) -> None:
+    for name in ["%2E%2E", "%2Ehidden", "a%20b", "x" * 65, "nope"]:
+        response = load(shared_keyed_server.url, name)
+        assert response.status_code == 404, name
+        error = response.json()["error"]
+        assert "invalid model name" in error or "'nope' not found in repository" in error, error
