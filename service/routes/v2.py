@@ -10,10 +10,14 @@ Request `parameters` we read (others, e.g. tritonclient's `priority`, are ignore
   heads           true → also return the per-head outputs (`heads`, or `heads_mean`/`heads_variance`)
   timeout         Triton's per-request timeout in microseconds (a deadline for the queued request)
   binary_data_output  true → every output as binary tensor data (tritonclient's default)
+
+A request body may be gzip- or deflate-compressed (`Content-Encoding`, tritonclient's
+`request_compression_algorithm`); answers are not compressed.
 """
 
 from __future__ import annotations
 
+import zlib
 from importlib import metadata
 from typing import Any
 
@@ -24,7 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from service.auth import require_api_key
-from service.errors import BadRequest, ModelNotFound, ModelUnavailable
+from service.errors import BadRequest, ModelNotFound, ModelUnavailable, PayloadTooLarge
 from service.inference import head_output_names
 from service.protocol.v2 import (
     HEADER_LENGTH,
@@ -39,6 +43,7 @@ from service.protocol.v2 import (
 from service.repository import ServedModel
 from service.responses import OrjsonResponse
 from service.routes import get_repository, until_disconnected
+from service.settings import Settings
 
 SERVER_NAME = "hydra-serve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -225,6 +230,29 @@ def _metadata(request: Request, model: ServedModel) -> ModelMetadata:
     )
 
 
+def _inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The body as sent by tritonclient's `request_compression_algorithm` (gzip or deflate), inflated.
+
+    Inflation stops one byte past `limit` (max_request_bytes), so a small compressed body cannot
+    make the server allocate more than an uncompressed one could.
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"unsupported Content-Encoding {content_encoding!r}: use gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"request body is not valid {encoding} data ({exc})") from None
+    if len(inflated) > limit:
+        raise PayloadTooLarge(f"decompressed request body exceeds max_request_bytes={limit}")
+    if not inflater.eof:
+        raise BadRequest(f"request body is truncated {encoding} data")
+    return inflated
+
+
 def _unit_interval(parameters: dict[str, Any], key: str) -> float | None:
     value = parameters.get(key)
     if value is None:
@@ -341,7 +369,8 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     model = _served(request, model_name, model_version)
     if not model.ready:
         raise ModelUnavailable(f"model {model.name!r} version {model.version} is not ready")
-    body = await request.body()
+    settings: Settings = request.app.state.settings
+    body = _inflate(await request.body(), request.headers.get("content-encoding"), settings.max_request_bytes)
     specs = {name: datatype for name, datatype, _ in model.output_specs()}
     try:
         parsed = parse_infer_request(

@@ -6,7 +6,9 @@ same rows (`ReferenceModel`), output by output.
 
 from __future__ import annotations
 
+import gzip
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,36 @@ def test_json_request_casts_any_numeric_datatype_and_nested_data(
     assert_matches_reference(outputs, references["clf"].answer(rows.astype(np.float32)), references["clf"])
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_from_tritonclient(
+    algorithm: str, client: triton.InferenceServerClient, references: dict[str, ReferenceModel]
+) -> None:
+    rows = rows_for("clf", 5, seed=8)
+    result = triton_infer(client, "clf", rows, binary_inputs=True, request_compression_algorithm=algorithm)
+    assert_matches_reference(triton_outputs(result), references["clf"].answer(rows), references["clf"])
+
+
+def test_concurrent_binary_requests_each_get_their_own_rows(
+    base_url: str, references: dict[str, ReferenceModel]
+) -> None:
+    """Many in-flight V2 requests with distinct rows share batches; each answer is its own rows'."""
+    client = triton.InferenceServerClient(base_url.removeprefix("http://"), concurrency=32)
+    try:
+        batches = [rows_for("clf", 1 + i % 3, seed=1000 + i) for i in range(200)]
+        pending = []
+        for rows in batches:
+            tensor = triton.InferInput("input", list(rows.shape), "FP32")
+            tensor.set_data_from_numpy(rows)
+            pending.append(client.async_infer("clf", [tensor]))
+        for rows, request in zip(batches, pending, strict=True):
+            result = request.get_result(timeout=30)
+            want = references["clf"].answer(rows)
+            np.testing.assert_allclose(result.as_numpy("probabilities"), want["probabilities"], rtol=2e-5)
+            np.testing.assert_allclose(result.as_numpy("ood_p_value"), want["ood_p_value"], rtol=1e-6)
+    finally:
+        client.close()
+
+
 # ------------------------------------------------------------------------------------- bad inputs
 
 
@@ -308,6 +340,24 @@ def test_bad_binary_requests_get_400(
         "/v2/models/clf/infer", content=body, headers=headers | {"Content-Type": "application/octet-stream"}
     )
     assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "status", "message"),
+    [
+        (gzip.compress(b"\0" * (17 * 2**20)), "gzip", 413, "decompressed request body exceeds"),
+        (b"not gzip at all", "gzip", 400, "not valid gzip data"),
+        (zlib.compress(orjson.dumps(v2_body()))[:-6], "deflate", 400, "truncated deflate"),
+        (orjson.dumps(v2_body()), "br", 400, "unsupported Content-Encoding 'br'"),
+    ],
+    ids=["gzip-bomb", "bad-gzip", "truncated-deflate", "brotli"],
+)
+def test_bad_compressed_bodies(
+    body: bytes, encoding: str, status: int, message: str, http: httpx.Client
+) -> None:
+    response = http.post("/v2/models/clf/infer", content=body, headers={"Content-Encoding": encoding})
+    assert response.status_code == status, response.text
     assert message in response.json()["error"]
 
 
