@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.body_limit import BodySizeLimitMiddleware
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics_app = metrics.asgi_app()
     app.mount("/metrics", metrics_app)
     # A mount alone answers the bare path with a 307 to "/metrics/"; scrapers ask for "/metrics".
-    app.add_route("/metrics", _AsgiEndpoint(metrics_app), include_in_schema=False)
+    app.router.routes.append(Route("/metrics", endpoint=_AsgiEndpoint(metrics_app), include_in_schema=False))
     # added last = outermost: the body limit applies before any route parses, and metrics see every status
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
