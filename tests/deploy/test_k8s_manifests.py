@@ -473,6 +473,19 @@ def test_shutdown_drains_before_the_kubelet_kills(variant: str, monkeypatch: pyt
     assert pod["terminationGracePeriodSeconds"] > pre_stop + settings.shutdown_timeout_s
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pods_are_guaranteed_qos(variant: str) -> None:
+    # Guaranteed = every container, init containers included, has cpu and memory requests == limits:
+    # evicted last, and the CPU the batch size was benchmarked with is really there.
+    pod = one(render(variant), "Deployment")["spec"]["template"]["spec"]
+    for container in [*pod["initContainers"], *pod["containers"]]:
+        resources = container["resources"]
+        for resource in ("cpu", "memory"):
+            assert str(resources["requests"][resource]) == str(resources["limits"][resource]), (
+                f"{variant}/{container['name']}: {resource} request != limit"
+            )
+
+
 def test_every_container_runs_unprivileged_on_a_read_only_root() -> None:
     for where, pod, _ in server_pods():
         pod_context = pod.get("securityContext", {})
