@@ -1,0 +1,225 @@
+"""The monitoring path end to end: a real server, Debian's Prometheus scraping it every second with our
+alert rules loaded, in-distribution then OOD traffic, then every PromQL expression of the dashboard and
+of alerts.yml evaluated through Prometheus' HTTP API.
+
+Phases are bounded by scrapes (`wait_for_scrapes`), so counters read at the phase boundaries hold
+exactly that phase's traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.deploy.support import (
+    ALERTS,
+    DASHBOARDS,
+    Expression,
+    Prometheus,
+    alert_rules,
+    comparisons_as_bool,
+    dashboard_expressions,
+    prometheus_config,
+    rule_expressions,
+    running_prometheus,
+    substitute_grafana_variables,
+)
+from tests.service.support import (
+    ReferenceModel,
+    Server,
+    build_test_repository,
+    calibration_inputs,
+    running_server,
+)
+
+pytestmark = pytest.mark.timeout(150)
+
+ROWS_PER_PHASE = 1000
+ROWS_PER_REQUEST = 25
+OOD_SHIFT = 8.0  # features ~ N(8, 1): far outside the N(0, 1) the models were calibrated on
+TASKS = {"clf": "classification", "reg": "regression"}
+ALPHA = {"clf": 0.05, "reg": 0.1}  # the default_alpha of the test manifests
+DASHBOARD = DASHBOARDS / "hydra-serve.json"
+FLAG_RATE_PANEL = "OOD flag rate vs alpha"
+SCRAPE_INTERVAL_S = 1.0
+API_KEY = "e2e-test-key"  # repository load/unload exist only with a key
+
+
+@dataclass
+class Phases:
+    prometheus: Prometheus
+    server: Server
+    repository: Path
+    rows: dict[str, dict[str, np.ndarray]]  # phase -> model -> rows sent
+    start: float  # before any inference traffic
+    id_end: float  # after the ID phase, before the OOD phase
+    ood_end: float  # after the OOD phase
+
+
+def _phase_rows(seed: int) -> dict[str, dict[str, np.ndarray]]:
+    rows: dict[str, dict[str, np.ndarray]] = {"id": {}, "ood": {}}
+    for name, task in TASKS.items():
+        rows["id"][name] = calibration_inputs(task, ROWS_PER_PHASE, seed=seed)  # same law, other draw
+        ood = calibration_inputs(task, ROWS_PER_PHASE, seed=seed + 1) + np.float32(OOD_SHIFT)
+        rows["ood"][name] = ood.astype(np.float32)
+    return rows
+
+
+def _send(client: httpx.Client, name: str, rows: np.ndarray) -> None:
+    for chunk in np.array_split(rows, len(rows) // ROWS_PER_REQUEST):
+        response = client.post(f"/v1/models/{name}:predict", json={"instances": chunk.tolist()})
+        assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phases]:
+    repository = build_test_repository(tmp_path_factory.mktemp("models"))
+    rows = _phase_rows(seed=7)
+
+    with running_server(repository, api_key=API_KEY) as server:
+        target = server.url.removeprefix("http://")
+        config = prometheus_config(target, rule_files=[ALERTS], interval=f"{SCRAPE_INTERVAL_S:g}s")
+        headers = {"X-API-Key": API_KEY}
+        with (
+            running_prometheus(config) as prometheus,
+            httpx.Client(base_url=server.url, timeout=10, headers=headers) as client,
+        ):
+            start = prometheus.wait_for_scrapes(server.url)
+            # a model version that cannot load: the load-failure counter (and its alert) must have data
+            broken = repository / "broken" / "1"
+            broken.mkdir(parents=True)
+            (broken / "manifest.json").write_text("{not json")
+            (broken / "model.onnx").write_bytes(b"not an onnx graph")
+            assert client.post("/v2/repository/models/broken/load").status_code >= 400
+            for name in TASKS:
+                _send(client, name, rows["id"][name])
+            # client errors, so the 4xx series exist (and must not count as server errors)
+            assert client.post("/v1/models/clf:predict", json={"instances": [[1.0, 2.0]]}).status_code == 400
+            assert client.post("/v1/models/nope:predict", json={"instances": [[1.0]]}).status_code == 404
+            id_end = prometheus.wait_for_scrapes(server.url)
+            for name in TASKS:
+                _send(client, name, rows["ood"][name])
+            ood_end = prometheus.wait_for_scrapes(server.url)
+            yield Phases(prometheus, server, repository, rows, start, id_end, ood_end)
+
+
+def _panel_expression(title: str, ref_id: str = "A") -> str:
+    for expression in dashboard_expressions(DASHBOARD):
+        if expression.where.endswith(f"panel {title!r} {ref_id}"):
+            return expression.promql
+    raise AssertionError(f"dashboard has no panel {title!r} target {ref_id}")
+
+
+def _by_model(result: list[dict[str, object]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for sample in result:
+        metric = sample["metric"]
+        value = sample["value"]
+        assert isinstance(metric, dict) and isinstance(value, list)
+        out[str(metric["model"])] = float(value[1])
+    return out
+
+
+def _window(seconds: float) -> str:
+    return f"{int(seconds * 1000)}ms"
+
+
+def test_every_dashboard_expression_returns_data(phases: Phases) -> None:
+    expressions = dashboard_expressions(DASHBOARD)
+    assert len(expressions) >= 20
+    empty = []
+    for expression in expressions:
+        promql = substitute_grafana_variables(expression.promql, "1m")
+        if not phases.prometheus.query(promql, at=phases.ood_end):
+            empty.append(f"{expression.where}: {promql}")
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+def test_every_alert_expression_returns_data(phases: Phases) -> None:
+    expressions: list[Expression] = rule_expressions()
+    assert {e.where.split(": ")[1] for e in expressions} == {r["alert"] for r in alert_rules()}
+    empty = []
+    for expression in expressions:
+        promql = comparisons_as_bool(expression.promql)
+        if not phases.prometheus.query(promql, at=phases.ood_end):
+            empty.append(f"{expression.where}: {promql}")
+    assert not empty, "alert expressions without data:\n" + "\n".join(empty)
+
+
+def test_prometheus_loaded_every_rule_healthy(phases: Phases) -> None:
+    groups = phases.prometheus.get("/api/v1/rules")["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+
+
+def test_prometheus_counts_every_row_and_flag(phases: Phases) -> None:
+    """Counters read through Prometheus at the phase boundaries equal what was sent and flagged."""
+    bounds = {"id": (phases.start, phases.id_end), "ood": (phases.id_end, phases.ood_end)}
+    for phase, (begin, end) in bounds.items():
+        window = _window(end - begin)
+        predictions = _by_model(
+            phases.prometheus.query(
+                f"sum by (model) (hydra_predictions_total - hydra_predictions_total offset {window})", at=end
+            )
+        )
+        flagged = _by_model(
+            phases.prometheus.query(
+                f"sum by (model) (hydra_ood_flagged_total - hydra_ood_flagged_total offset {window})", at=end
+            )
+        )
+        for name in TASKS:
+            rows = phases.rows[phase][name]
+            expected = int(ReferenceModel(phases.repository / name / "1").answer(rows)["ood_flag"].sum())
+            assert predictions[name] == len(rows), (phase, name)
+            # the server runs other batch sizes than the reference: allow a float32 tie to flip a row
+            assert abs(flagged[name] - expected) <= 2, (phase, name, flagged[name], expected)
+
+
+def test_flag_rate_is_alpha_on_id_traffic_and_far_above_on_ood(phases: Phases) -> None:
+    """The dashboard's own flag-rate query: about α on ID traffic, clearly above α on OOD traffic."""
+    promql = _panel_expression(FLAG_RATE_PANEL)
+    # rate() needs the last sample before the phase too: reach back 1.5 scrape intervals further (the
+    # scrape before that one is older than the phase boundary's two awaited scrapes, see Phases)
+    reach = SCRAPE_INTERVAL_S * 1.5
+    id_window = _window(phases.id_end - phases.start + reach)
+    ood_window = _window(phases.ood_end - phases.id_end + reach)
+    id_rate = _by_model(
+        phases.prometheus.query(substitute_grafana_variables(promql, id_window), at=phases.id_end)
+    )
+    ood_rate = _by_model(
+        phases.prometheus.query(substitute_grafana_variables(promql, ood_window), at=phases.ood_end)
+    )
+    alpha_promql = substitute_grafana_variables(_panel_expression(FLAG_RATE_PANEL, "B"), "1m")
+    alpha = _by_model(phases.prometheus.query(alpha_promql, at=phases.ood_end))
+    for name, expected_alpha in ALPHA.items():
+        assert alpha[name] == pytest.approx(expected_alpha)
+        # conformal guarantee: ≤ α in expectation; a 200-score calibration set moves it by ~±0.015
+        assert abs(id_rate[name] - expected_alpha) <= 0.03, (name, id_rate[name])
+        # (rate() extrapolates the two counters a little differently at the window's left edge)
+        assert ood_rate[name] >= max(5 * expected_alpha, 0.5), (name, ood_rate[name])
+
+
+def test_ood_alert_quiet_on_id_traffic_and_triggered_by_ood(phases: Phases) -> None:
+    ood_rule = next(r for r in alert_rules() if r["alert"] == "HydraOODFlagRateHigh")
+    assert phases.prometheus.query(ood_rule["expr"], at=phases.id_end) == []
+    firing = {str(s["metric"]["model"]) for s in phases.prometheus.query(ood_rule["expr"], at=phases.ood_end)}
+    assert firing == set(TASKS)
+    # and Prometheus' rule evaluation agrees: the alert is pending (its `for` has not elapsed yet)
+    deadline = time.monotonic() + 10
+    while True:
+        alerts = phases.prometheus.get("/api/v1/alerts")["alerts"]
+        pending = {a["labels"]["model"] for a in alerts if a["labels"]["alertname"] == "HydraOODFlagRateHigh"}
+        if pending == set(TASKS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert pending == set(TASKS), alerts
+    load_failed = [a for a in alerts if a["labels"]["alertname"] == "HydraModelLoadFailed"]
+    assert [a["labels"]["model"] for a in load_failed] == ["broken"]
+    assert all(a["labels"]["alertname"] not in ("HydraModelNotReady", "HydraServiceDown") for a in alerts)
