@@ -9,7 +9,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 MODELS ?= models
 
-.PHONY: install install-serve serve test test-fast test-long lint typecheck model bench clean
+.PHONY: install install-serve system-deps serve test test-fast test-long lint typecheck model bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,21 @@ install-serve: $(VENV)/.serve-installed
 serve: $(VENV)/.serve-installed
 	$(PY) -m service --host $(HOST) --port $(PORT) --model-repository $(MODELS)
 
-test: install
+# Debian packages the tests need: `prometheus` (brings `promtool`) for tests/deploy. Installed only
+# when missing (as root with apt-get, e.g. CI on a fresh Debian machine); otherwise a clear failure.
+system-deps:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's prometheus package (tests/deploy need prometheus and promtool)"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } \
+	    || { echo "make system-deps: could not install Debian's 'prometheus' package, which tests/deploy need" >&2; exit 1; }; \
+	else \
+	  echo "make system-deps: prometheus/promtool missing; install Debian's 'prometheus' package (apt-get install prometheus, as root)" >&2; \
+	  exit 1; \
+	fi
+
+test: install system-deps
 	$(PY) -m ruff check service training tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow"
