@@ -15,6 +15,7 @@ Inputs are raw features: feature standardisation is baked into the graph too.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +66,7 @@ class OODCalibration(_Strict):
     @field_validator("calibration_scores")
     @classmethod
     def _sorted_finite(cls, scores: list[float]) -> list[float]:
-        if any(b < a for a, b in zip(scores, scores[1:], strict=False)):
+        if any(b < a for a, b in pairwise(scores)):
             raise ValueError("calibration_scores must be sorted ascending")
         if any(s != s or s in (float("inf"), float("-inf")) for s in scores):
             raise ValueError("calibration_scores must be finite")
@@ -85,7 +86,7 @@ class Provenance(_Strict):
 
 
 class ModelManifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: int = Field(ge=1)
     task: Task

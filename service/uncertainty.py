@@ -42,7 +42,9 @@ class ClassificationUncertainty:
     def score(self, name: str) -> FloatArray:
         """The OOD score called `name` (see `ClassificationScore`)."""
         if name not in CLASSIFICATION_SCORES:
-            raise ValueError(f"unknown classification OOD score {name!r}; choose from {CLASSIFICATION_SCORES}")
+            raise ValueError(
+                f"unknown classification OOD score {name!r}; choose from {CLASSIFICATION_SCORES}"
+            )
         value: FloatArray = getattr(self, name)
         return value
 
@@ -198,8 +200,8 @@ class ConformalOODCalibrator:
         s = np.asarray(scores, dtype=np.float64)
         # #{S_i ≥ s} = n − #{S_i < s} = n − searchsorted(left)
         at_least = self.n - np.searchsorted(self._sorted, s, side="left")
-        out: FloatArray = (1.0 + at_least) / (self.n + 1.0)
-        return out
+        out = (1.0 + at_least) / (self.n + 1.0)
+        return np.asarray(out, dtype=np.float64)
 
     def flags(self, scores: NDArray[np.floating], alpha: float) -> NDArray[np.bool_]:
         check_alpha(alpha)
