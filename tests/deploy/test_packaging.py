@@ -1,0 +1,168 @@
+"""Dockerfile, docker-compose.yml and Grafana provisioning, checked without a Docker engine: hadolint,
+the compose-spec JSON schema, and the cross-references between the files (mount paths, service
+names, ports, datasource uid) that no schema sees."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.support import COMPOSE_PROMETHEUS_CONFIG, DASHBOARDS, DEPLOY, REPO_ROOT
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+GRAFANA = DEPLOY / "grafana"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(VENV_BIN)) or shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` not found: install the dev extra (pip install -e '.[dev]')", pytrace=False)
+    return path
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_tool("hadolint"), str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def stages(dockerfile: str) -> dict[str, str]:
+    """Stage name → its instructions (the text from its FROM up to the next FROM)."""
+    parts = re.split(r"^(?=FROM\s)", dockerfile, flags=re.MULTILINE)
+    out: dict[str, str] = {}
+    for part in parts:
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", part, flags=re.IGNORECASE)
+        if match:
+            out[match.group(1)] = part
+    return out
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /tmp && pip install numpy\n")
+    result = hadolint(bad)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout  # `latest` tag
+    assert "DL3003" in result.stdout  # cd instead of WORKDIR
+
+
+def test_dockerfile_targets() -> None:
+    text = DOCKERFILE.read_text()
+    found = stages(text)
+    assert set(found) >= {"build", "runtime-cpu", "bundled", "gpu", "cpu"}
+    assert list(found)[-1] == "cpu", "the default target (last stage) must be the model-free CPU image"
+    for name in ("runtime-cpu", "gpu"):
+        stage = found[name]
+        assert re.search(r"^USER\s+10001", stage, re.MULTILINE), f"{name} must run as non-root 10001"
+        assert "HEALTHCHECK" in stage and "/v2/health/ready" in stage, name
+        assert 'ENTRYPOINT ["hydra-serve"]' in stage, name
+    # no torch anywhere, and a build-time guard that fails if it sneaks in
+    assert not re.search(r"pip install[^\n]*torch", text)
+    assert "find_spec('torch') is not None" in found["runtime-cpu"]
+    # GPU: onnxruntime swapped for the gpu extra, the wheel without its (CPU) dependencies
+    assert "nvidia/cuda" in text and "cudnn-runtime" in text
+    assert "requirements-gpu.txt" in found["gpu"] and "--no-deps" in found["gpu"]
+    assert "'optional-dependencies']['gpu']" in found["build"]
+    assert "COPY models/ /models/" in found["bundled"]
+
+
+def test_dockerignore_admits_what_the_build_copies() -> None:
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    for stage in stages(DOCKERFILE.read_text()).values():
+        for line in re.findall(r"^COPY\s+(?!--from)(.+)$", stage, re.MULTILINE):
+            *sources, _dest = line.split()
+            for source in sources:
+                assert source.rstrip("/") in allowed, f"{source} is copied but excluded by .dockerignore"
+                assert (REPO_ROOT / source).exists(), source
+
+
+# ---- docker-compose.yml ----------------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    result = subprocess.run(
+        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_mounts_only_deploy_and_wires_services_together() -> None:
+    spec = compose()
+    services = spec["services"]
+    assert set(services) == {"hydra-serve", "prometheus", "grafana"}
+    mounts: dict[str, str] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith((".", "/")):  # a bind mount, not a named volume
+                assert source.startswith("./deploy/"), f"{name} mounts {source} from outside deploy/"
+                assert (REPO_ROOT / source).exists(), f"{name} mounts missing {source}"
+                mounts[target] = source
+    # the service image target exists and is the one bundling models/
+    assert services["hydra-serve"]["build"]["target"] in stages(DOCKERFILE.read_text())
+    # Prometheus scrapes the service by its compose name and port and loads the rules
+    assert mounts["/etc/prometheus"] == "./deploy/prometheus"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    prometheus = yaml.safe_load(COMPOSE_PROMETHEUS_CONFIG.read_text())
+    assert prometheus["rule_files"] == ["alerts.yml"]
+    targets = [
+        t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    ]
+    assert "hydra-serve:8000" in targets
+    assert "8000:8000" in services["hydra-serve"]["ports"]
+    # Grafana: provisioning and dashboards mounted where the provisioning files say
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "hydra-serve.yaml").read_text())
+    dashboard_path = providers["providers"][0]["options"]["path"]
+    assert mounts[dashboard_path] == "./deploy/grafana/dashboards"
+    datasource = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    (prom_ds,) = datasource["datasources"]
+    assert prom_ds["url"] == "http://prometheus:9090"
+    assert prom_ds["type"] == "prometheus" and prom_ds["uid"]
+
+
+def test_dashboard_has_fixed_uid_and_uses_the_provisioned_datasource() -> None:
+    datasource = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    uid = datasource["datasources"][0]["uid"]
+    dashboard = json.loads((DASHBOARDS / "hydra-serve.json").read_text())
+    assert dashboard["uid"] == "hydra-serve-overview"
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 15
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == uid, panel["title"]
+    kinds = {p["type"] for p in panels}
+    assert "heatmap" in kinds  # the p-value distribution over time
