@@ -30,13 +30,13 @@ def _matches(request: Request, expected: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if settings.api_key is not None and not _matches(request, settings.api_key.get_secret_value()):
         raise Unauthorized()
 
 
-def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if settings.api_key is None:
         raise Forbidden("repository load/unload is disabled: the server has no API key (set HYDRA_API_KEY)")

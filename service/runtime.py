@@ -46,6 +46,10 @@ class OnnxModelRuntime:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.log_severity_level = 3  # ORT's warnings about unused initialisers are noise here
+        # ORT's pool threads spin-wait between runs by default; on a few cores that spinning takes
+        # the CPU the event loop and the HTTP parsing need (the batch runs are short).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
                 str(model_path),

@@ -1,0 +1,241 @@
+"""Short, bounded load test of the V1 predict route: rows/s and latency with batching on and off.
+
+Starts `python -m service` on a free loopback port for each configuration (batching on: the given
+max batch size and queue delay; off: max_batch_size=1), sends a fixed number of requests from a
+fixed number of concurrent asyncio + httpx clients, and prints rows/s, requests/s, p50 and p99.
+
+    .venv/bin/python bench/load.py                      # models/digits, 2000 one-row requests, 32 clients
+    .venv/bin/python bench/load.py --requests 500 --concurrency 16 --rows 4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Result:
+    config: str
+    max_batch_size: int
+    requests: int
+    rows_per_request: int
+    concurrency: int
+    errors: int
+    seconds: float
+    rows_per_s: float
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch_rows: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(repository: Path, max_batch_size: int, delay_ms: float) -> Iterator[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
+    env |= {"HYDRA_MAX_BATCH_SIZE": str(max_batch_size), "HYDRA_MAX_QUEUE_DELAY_MS": str(delay_ms),
+            "HYDRA_LOG_LEVEL": "warning"}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
+         "--model-repository", str(repository)],
+        cwd=REPO_ROOT, env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"server exited with {process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            raise SystemExit("server did not become ready in 60 s")
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+async def drive_raw(
+    url: str, model: str, payloads: list[bytes], concurrency: int
+) -> tuple[list[float], int, float]:
+    """Keep-alive HTTP/1.1 over asyncio streams: ~10x less client CPU than httpx, so on a small box
+    the numbers describe the server rather than the load generator."""
+    host, port = url.removeprefix("http://").split(":")
+    path = f"/v1/models/{model}:predict"
+    latencies: list[float] = []
+    errors = 0
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for p in payloads:
+        queue.put_nowait(p)
+
+    def request(body: bytes) -> bytes:
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> int:
+        writer.write(request(body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await reader.readexactly(length)
+        return status
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await exchange(reader, writer, payloads[0])  # warm this connection
+        await start.wait()
+        while True:
+            try:
+                body = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            t0 = time.perf_counter()
+            status = await exchange(reader, writer, body)
+            latencies.append(time.perf_counter() - t0)
+            errors += status != 200
+        writer.close()
+
+    start = asyncio.Event()
+    workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(0.5)
+    t0 = time.perf_counter()
+    start.set()
+    await asyncio.gather(*workers)
+    return latencies, errors, time.perf_counter() - t0
+
+
+async def drive_httpx(
+    url: str, model: str, payloads: list[bytes], concurrency: int
+) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    errors = 0
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for p in payloads:
+        queue.put_nowait(p)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30, headers=headers) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while True:
+                try:
+                    body = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t0 = time.perf_counter()
+                response = await client.post(f"/v1/models/{model}:predict", content=body)
+                latencies.append(time.perf_counter() - t0)
+                errors += response.status_code != 200
+
+        # warm the connections and the model's first batches before timing
+        await asyncio.gather(*(client.post(f"/v1/models/{model}:predict", content=payloads[0])
+                               for _ in range(concurrency)))  # fmt: skip
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, errors, time.perf_counter() - t0
+
+
+def mean_batch_rows(url: str, model: str) -> float:
+    batching = httpx.get(f"{url}/v1/models/{model}").json()["batching"]
+    return batching["rows"] / max(1, batching["batches"])
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    rng = np.random.default_rng(0)
+    meta_features = None
+    results = []
+    configs = [("batching on", args.max_batch_size), ("batching off", 1)]
+    for name, batch in configs:
+        with serve(args.repository, batch, args.max_queue_delay_ms) as url:
+            if meta_features is None:
+                shape = httpx.get(f"{url}/v1/models/{args.model}").json()["input"]["shape"][1:]
+                meta_features = shape
+            payloads = [
+                json.dumps(
+                    {"instances": rng.uniform(0, 16, (args.rows, *meta_features)).round(1).tolist()}
+                ).encode()
+                for _ in range(args.requests)
+            ]
+            drive = drive_raw if args.client == "raw" else drive_httpx
+            latencies, errors, seconds = asyncio.run(drive(url, args.model, payloads, args.concurrency))
+            lat = np.asarray(latencies) * 1000
+            results.append(
+                Result(
+                    config=name,
+                    max_batch_size=batch,
+                    requests=args.requests,
+                    rows_per_request=args.rows,
+                    concurrency=args.concurrency,
+                    errors=errors,
+                    seconds=round(seconds, 3),
+                    rows_per_s=round(args.requests * args.rows / seconds, 1),
+                    requests_per_s=round(args.requests / seconds, 1),
+                    p50_ms=round(float(np.percentile(lat, 50)), 2),
+                    p99_ms=round(float(np.percentile(lat, 99)), 2),
+                    mean_batch_rows=round(mean_batch_rows(url, args.model), 2),
+                )
+            )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per configuration (bounded)")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=1, help="rows per request")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                        help="load generator: raw asyncio HTTP/1.1 (cheap) or httpx")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 512:
+        parser.error("keep it bounded: 1..100000 requests, 1..512 concurrent clients")
+    results = run(args)
+    header = (
+        f"{'config':<13} {'batch':>5} {'rows/s':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'rows/batch':>10} {'errors':>6}"
+    )
+    print(header)
+    for r in results:
+        print(f"{r.config:<13} {r.max_batch_size:>5} {r.rows_per_s:>9.1f} {r.requests_per_s:>8.1f} "
+              f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.mean_batch_rows:>10.2f} {r.errors:>6}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
