@@ -1,0 +1,142 @@
+"""The image's install steps without a Docker engine: the build stage's files → wheel → a fresh venv
+with the base dependencies only (no torch) → `hydra-serve` started outside the source tree → a
+prediction, with metrics. The pip commands are the Dockerfile's (asserted below, so they cannot drift).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.deploy.support import REPO_ROOT
+from tests.deploy.test_packaging import DOCKERFILE, stages
+from tests.service.support import build_test_repository, calibration_inputs, free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+WHEEL_STEP = "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ."
+INSTALL_STEP = "pip install --no-cache-dir /wheels/hydra_serve-*.whl"
+
+
+def _run(*args: str | Path, cwd: Path, timeout: float) -> str:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")
+    }
+    result = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _copy_build_context(context: Path) -> None:
+    """Exactly what the Dockerfile's build stage COPYs into /src."""
+    for line in re.findall(r"^COPY\s+(?!--from)(.+)$", stages(DOCKERFILE.read_text())["build"], re.MULTILINE):
+        *sources, _dest = line.split()
+        for source in sources:
+            origin = REPO_ROOT / source
+            if origin.is_dir():
+                shutil.copytree(
+                    origin, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+                )
+            else:
+                shutil.copy2(origin, context / source)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh venv holding the wheel and its base dependencies; yields its bin/ directory."""
+    text = DOCKERFILE.read_text()
+    assert WHEEL_STEP in stages(text)["build"] and INSTALL_STEP in stages(text)["runtime-cpu"]
+    work = tmp_path_factory.mktemp("image")
+    context, wheels = work / "src", work / "wheels"
+    context.mkdir()
+    _copy_build_context(context)
+    python = Path(getattr(sys, "_base_executable", sys.executable))  # the interpreter, not this venv
+    _run(python, "-m", "venv", work / "venv", cwd=work, timeout=60)
+    bin_dir = work / "venv" / "bin"
+    # the Dockerfile's two pip steps, with /wheels → wheels (pip's download cache stays on: speed only)
+    _run(bin_dir / "python", "-m", *WHEEL_STEP.replace("/wheels", str(wheels)).split()[:-1], context,
+         cwd=work, timeout=180)  # fmt: skip
+    (wheel,) = wheels.glob("hydra_serve-*.whl")
+    _run(bin_dir / "python", "-m", "pip", "install", "-q", wheel, cwd=work, timeout=300)
+    yield bin_dir
+
+
+def test_installed_package_has_base_dependencies_only(installed: Path) -> None:
+    freeze = _run(installed / "python", "-m", "pip", "freeze", cwd=installed, timeout=60).lower()
+    names = {re.split(r"[=@ ]", line)[0].replace("_", "-") for line in freeze.splitlines()}
+    assert "torch" not in names and "onnxruntime-gpu" not in names
+    assert {"hydra-serve", "onnxruntime", "fastapi", "prometheus-client", "numpy"} <= names
+    where = _run(
+        installed / "python", "-c", "import service; print(service.__file__)", cwd=installed, timeout=60
+    )
+    assert str(installed.parent) in where and str(REPO_ROOT) not in where
+
+
+def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) -> None:
+    repository = build_test_repository(tmp_path / "models")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_") and k != "PYTHONPATH"}
+    # the image's configuration: HYDRA_* variables and the `hydra-serve` entrypoint, run elsewhere
+    env.update(HYDRA_HOST="127.0.0.1", HYDRA_PORT=str(port), HYDRA_MODEL_REPOSITORY=str(repository))
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [installed / "hydra-serve"], cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "installed server not ready:\n" + log.read_text()
+            time.sleep(0.1)
+        rows = calibration_inputs("classification", 3, seed=5)
+        response = httpx.post(
+            f"{url}/v2/models/clf/infer",
+            json={
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": list(rows.shape),
+                        "datatype": "FP32",
+                        "data": rows.ravel().tolist(),
+                    }
+                ]
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        outputs = {o["name"]: o for o in response.json()["outputs"]}
+        assert {"probabilities", "label", "ood_p_value", "ood_flag", "mutual_information"} <= set(outputs)
+        probabilities = np.asarray(outputs["probabilities"]["data"], dtype=np.float64).reshape(3, -1)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        metrics = httpx.get(f"{url}/metrics", timeout=5, follow_redirects=True).text
+        assert 'hydra_predictions_total{model="clf",version="1"} 3.0' in metrics
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(timeout=30) == 0, log.read_text()
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
