@@ -43,7 +43,10 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instances: list[Any] = Field(min_length=1, description="Input rows, e.g. [[0.1, 2.0, ...], ...].")
+    instances: list[Any] = Field(
+        min_length=1,
+        description="Input rows, e.g. [[0.1, 2.0, ...], ...]; or objects keyed by the model's feature_names.",
+    )
     parameters: PredictParameters = Field(default_factory=PredictParameters)
 
 
@@ -120,7 +123,7 @@ async def predict(model_name: str, request: Request) -> OrjsonResponse:
     answers = await until_disconnected(
         request,
         model.infer(
-            body.instances,
+            _instances_to_rows(body.instances, model.manifest.feature_names),
             alpha=params.alpha,
             level=params.interval_level,
             include_heads=params.heads,
@@ -134,6 +137,25 @@ async def predict(model_name: str, request: Request) -> OrjsonResponse:
             "predictions": _rows_to_predictions(answers),
         }
     )
+
+
+def _instances_to_rows(instances: list[Any], feature_names: list[str] | None) -> list[Any]:
+    """Rows as given, or — for tabular models with `feature_names` — objects keyed by feature name."""
+    if not any(isinstance(instance, dict) for instance in instances):
+        return instances
+    if feature_names is None:
+        raise BadRequest("this model has no feature names: send each instance as a list of numbers")
+    if not all(isinstance(instance, dict) for instance in instances):
+        raise BadRequest("mix of named (object) and positional (list) instances")
+    expected = set(feature_names)
+    rows = []
+    for i, instance in enumerate(instances):
+        if instance.keys() != expected:
+            missing = sorted(expected - instance.keys())[:5]
+            unknown = sorted(instance.keys() - expected)[:5]
+            raise BadRequest(f"instance {i}: missing features {missing}, unknown features {unknown}")
+        rows.append([instance[name] for name in feature_names])
+    return rows
 
 
 def _validation_message(exc: ValueError) -> str:

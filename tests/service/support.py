@@ -40,6 +40,7 @@ HIDDEN = 16
 HEADS = 4
 CLF_FEATURES, CLF_CLASSES = 8, 3
 REG_FEATURES = 5
+REG_FEATURE_NAMES = ("age", "bmi", "bp", "s1", "s2")
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -164,6 +165,7 @@ def write_model(
         scores = regression_uncertainty(mean, variance).epistemic_variance
         features = REG_FEATURES
         extra = {
+            "feature_names": list(REG_FEATURE_NAMES),
             "outputs": {"mean": "mean", "variance": "variance"},
             "ood": {
                 "score": "epistemic_variance",

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.support import CLF_FEATURES, REG_FEATURES, ReferenceModel
+from tests.service.support import CLF_FEATURES, REG_FEATURE_NAMES, REG_FEATURES, ReferenceModel
 
 CLASSIFICATION_FIELDS = [
     "probabilities", "label", "label_name", "confidence", "variance", "disagreement", "mutual_information",
@@ -94,6 +94,14 @@ def test_regression_defaults_omit_heads(base_url: str) -> None:
     assert body["predictions"][0]["interval_level"] == pytest.approx(0.95)
 
 
+def test_named_instances_for_a_model_with_feature_names(base_url: str) -> None:
+    rows = np.random.default_rng(10).normal(0, 1, (3, REG_FEATURES)).round(4)
+    named = [dict(zip(reversed(REG_FEATURE_NAMES), reversed(row.tolist()), strict=True)) for row in rows]
+    by_name = predict(base_url, "reg", {"instances": named}).json()["predictions"]
+    by_position = predict(base_url, "reg", {"instances": rows.tolist()}).json()["predictions"]
+    assert by_name == by_position
+
+
 GOOD_CLF = [[0.5] * CLF_FEATURES]
 BAD_REQUESTS: list[tuple[str, str, bytes | None, Any, int, str]] = [
     # (case, model, raw body, json body, status, text the error must contain)
@@ -117,6 +125,9 @@ BAD_REQUESTS: list[tuple[str, str, bytes | None, Any, int, str]] = [
     ("level 1.5", "reg", None, {"instances": [[0.0] * REG_FEATURES], "parameters": {"interval_level": 1.5}},
      400, "interval_level"),
     ("unknown parameter", "clf", None, {"instances": GOOD_CLF, "parameters": {"alfa": 0.1}}, 400, "alfa"),
+    ("missing named feature", "reg", None, {"instances": [{"age": 1, "bmi": 2, "bp": 3, "s1": 4}]}, 400,
+     "missing features ['s2']"),
+    ("named features without names", "clf", None, {"instances": [{"a": 1}]}, 400, "no feature names"),
     ("too many rows", "clf", None, {"instances": [[0.0] * CLF_FEATURES] * 5000}, 400, "max_request_rows"),
     ("unknown model", "nope", None, {"instances": GOOD_CLF}, 404, "'nope'"),
     ("dot-dot model name", "..", None, {"instances": GOOD_CLF}, 404, "'..'"),
