@@ -223,3 +223,13 @@ def test_ood_alert_quiet_on_id_traffic_and_triggered_by_ood(phases: Phases) -> N
     load_failed = [a for a in alerts if a["labels"]["alertname"] == "HydraModelLoadFailed"]
     assert [a["labels"]["model"] for a in load_failed] == ["broken"]
     assert all(a["labels"]["alertname"] not in ("HydraModelNotReady", "HydraServiceDown") for a in alerts)
+
+
+def test_request_metrics_carry_route_templates_only(phases: Phases) -> None:
+    routes = {
+        str(s["metric"]["route"]) for s in phases.prometheus.query("count by (route) (hydra_requests_total)")
+    }
+    assert "/v1/models/{model_name}:predict" in routes
+    assert "/v2/repository/models/{model_name}/load" in routes
+    # the model names of the requests (clf, reg, nope, broken) never become label values
+    assert not [r for r in routes if any(name in r for name in ("clf", "reg", "nope", "broken"))], routes
