@@ -246,8 +246,13 @@ class DynamicBatcher:
                 batch = self._take_batch()
                 if batch:
                     await self._execute(batch)
+        except BaseException:
+            logger.exception("batch loop of model %s stopped unexpectedly", self.name)
+            raise
         finally:
-            # Only reached early if the loop task itself is cancelled: settle everything left.
+            # Normally the queue is empty here (stop() drained it). If the loop was cancelled or
+            # broke, refuse new work and settle everything left so no caller waits forever.
+            self._accepting = False
             for request in self._queue:
                 self._unqueue(request)
                 request.fail(ModelUnavailable(f"model {self.name!r} stopped before this request ran"))
@@ -308,6 +313,10 @@ class DynamicBatcher:
             for request, _, _ in batch:
                 request.fail(error)
             return
+        except asyncio.CancelledError:  # the loop itself is being cancelled: settle this batch too
+            for request, _, _ in batch:
+                request.fail(ModelUnavailable(f"model {self.name!r} stopped while this request ran"))
+            raise
         compute_s = time.perf_counter() - t0
         self._batches += 1
         self._rows_run += n

@@ -60,16 +60,35 @@ def _body(rng: np.random.Generator, features: int, scale: float) -> tuple[list[o
     return nodes, inits
 
 
-def make_classifier(seed: int = 0, heads: int = HEADS) -> onnx.ModelProto:
-    """input [-1, 8] → MLP body → heads×classes logits → reshape → log_softmax: log_probs [-1, heads, 3]."""
+def make_classifier(seed: int = 0, heads: int = HEADS, *, poisoned: bool = False) -> onnx.ModelProto:
+    """input [-1, 8] → MLP body → heads×classes logits → reshape → log_softmax: log_probs [-1, heads, 3].
+
+    `poisoned`: the graph also gathers from a 4-element table at index |input[:, 0]|; that adds
+    nothing to the logits, but ONNX Runtime fails the whole run when a row has |input[:, 0]| ≥ 4 — a
+    real model error on demand.
+    """
     rng = np.random.default_rng(seed)
     nodes, inits = _body(rng, CLF_FEATURES, 2.0)
     nodes += [
         helper.make_node("MatMul", ["body", "w2"], ["z0"]),
         helper.make_node("Add", ["z0", "b2"], ["z1"]),
-        helper.make_node("Reshape", ["z1", "shape"], ["logits"]),
+        helper.make_node("Reshape", ["z1", "shape"], ["logits" if not poisoned else "clean_logits"]),
         helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
     ]
+    if poisoned:
+        nodes[-1:-1] = [
+            helper.make_node("Gather", ["input", "zero_index"], ["x0"], axis=1),  # (batch,)
+            helper.make_node("Abs", ["x0"], ["x0_abs"]),
+            helper.make_node("Cast", ["x0_abs"], ["table_index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "table_index"], ["looked_up"], axis=0),  # (batch,)
+            helper.make_node("Unsqueeze", ["looked_up", "axes"], ["offset"]),  # (batch, 1, 1)
+            helper.make_node("Add", ["clean_logits", "offset"], ["logits"]),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array(0, dtype=np.int64), "zero_index"),
+            _init("table", np.zeros(4)),
+            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+        ]
     inits += [
         _init("w2", rng.normal(0, 1.5 / np.sqrt(HIDDEN), (HIDDEN, heads * CLF_CLASSES))),
         _init("b2", rng.normal(0, 0.2, heads * CLF_CLASSES)),
@@ -139,11 +158,15 @@ def write_model(
     *,
     seed: int = 0,
     heads: int = HEADS,
+    poisoned: bool = False,
 ) -> Path:
     """Write `root/name/version/{model.onnx, manifest.json}`; calibration scores from running it."""
     directory = root / name / str(version)
     directory.mkdir(parents=True, exist_ok=True)
-    model = make_classifier(seed, heads) if task == "classification" else make_regressor(seed, heads)
+    if task == "classification":
+        model = make_classifier(seed, heads, poisoned=poisoned)
+    else:
+        model = make_regressor(seed, heads)
     onnx.save(model, directory / "model.onnx")
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     calib = calibration_inputs(task)
