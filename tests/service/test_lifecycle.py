@@ -16,7 +16,7 @@ from tests.service.support import CLF_FEATURES, start_server, wait_ready, write_
 
 
 def test_sigterm_under_load_answers_every_accepted_request_then_exits_0(model_repository: Path) -> None:
-    server = start_server(model_repository, "--max-queue-delay-ms", "400", "--max-batch-size", "256")
+    server = start_server(model_repository, "--max-queue-delay-ms", "1500", "--max-batch-size", "256")
     wait_ready(server)
 
     async def scenario() -> list[httpx.Response]:
@@ -27,7 +27,13 @@ def test_sigterm_under_load_answers_every_accepted_request_then_exits_0(model_re
                 asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": [row.tolist()]}))
                 for row in rows
             ]
-            await asyncio.sleep(0.25)  # all 40 are in the batch queue, waiting for the 400 ms delay
+            # SIGTERM once all 40 wait in the batch queue (the batch runs 1.5 s after the first arrived)
+            for _ in range(100):
+                meta = (await client.get("/v1/models/clf")).json()
+                if meta["batching"]["queued_requests"] == 40:
+                    break
+                await asyncio.sleep(0.01)
+            assert meta["batching"]["queued_requests"] == 40 and meta["batching"]["rows"] == 0
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 

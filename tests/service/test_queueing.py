@@ -80,8 +80,11 @@ def test_request_past_its_deadline_is_504_and_never_runs(slow_queue_server: Serv
 
 def test_disconnected_client_costs_no_model_run(slow_queue_server: Server) -> None:
     before = rows_run(slow_queue_server.url)
+    impatient = httpx.Timeout(5.0, read=0.3)  # connects and sends, then gives up waiting for the answer
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{slow_queue_server.url}/v1/models/clf:predict", json={"instances": ROW * 5}, timeout=0.2)
+        httpx.post(
+            f"{slow_queue_server.url}/v1/models/clf:predict", json={"instances": ROW * 5}, timeout=impatient
+        )
     time.sleep(1.0)
     assert rows_run(slow_queue_server.url) == before
     assert rejected(slow_queue_server.url, "disconnected") >= 1
