@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.__main__ import settings_from_args
+from service.__main__ import build_parser, settings_from_args
 from service.settings import Settings
 
 
@@ -49,5 +49,8 @@ def test_bad_values_are_refused_with_a_message(argv: list[str]) -> None:
     assert info.value.code != 0
 
 
-def test_every_setting_is_documented() -> None:
+def test_every_setting_is_documented_and_has_a_flag() -> None:
     assert all(field.description for field in Settings.model_fields.values())
+    help_text = build_parser().format_help()
+    flags = {f"--{name.replace('_', '-')}" for name in Settings.model_fields} - {"--model-versions"}
+    assert all(flag in help_text for flag in flags | {"--pin"})
