@@ -5,6 +5,7 @@ prediction, with metrics. The pip commands are the Dockerfile's (asserted below,
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -132,6 +133,8 @@ def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) 
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
         metrics = httpx.get(f"{url}/metrics", timeout=5, follow_redirects=True).text
         assert 'hydra_predictions_total{model="clf",version="1"} 3.0' in metrics
+        # the image's HEALTHCHECK command, run as Docker would (exec form, the image's environment)
+        assert _healthcheck(installed, env).returncode == 0
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -140,3 +143,12 @@ def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) 
             process.kill()
             process.wait()
             raise
+    assert _healthcheck(installed, env).returncode != 0  # and it reports a stopped server unhealthy
+
+
+def _healthcheck(bin_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    line = re.search(r"^\s*CMD (\[.*\])$", stages(DOCKERFILE.read_text())["runtime-cpu"], re.MULTILINE)
+    assert line, "runtime-cpu has no exec-form HEALTHCHECK CMD"
+    command = json.loads(line.group(1))
+    assert command[0] == "python"
+    return subprocess.run([str(bin_dir / "python"), *command[1:]], env=env, capture_output=True, timeout=10)
