@@ -163,3 +163,29 @@ def test_load_of_invalid_or_unknown_names_is_404(shared_keyed_server: Server) ->
         assert response.status_code == 404, name
         error = response.json()["error"]
         assert "invalid model name" in error or "'nope' not found in repository" in error, error
+
+
+def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
+    with running_server(repo, api_key=KEY, max_queue_delay_ms="3000", max_batch_size="256") as server:
+
+        async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as client:
+                queued = [
+                    asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ROWS}))
+                    for _ in range(5)
+                ]
+                for _ in range(200):  # until all five wait in version 1's queue
+                    if (await client.get("/v1/models/clf")).json()["batching"]["queued_requests"] == 5:
+                        break
+                    await asyncio.sleep(0.01)
+                write_model(repo, "clf", 2, "classification", seed=42)
+                reloaded = await client.post("/v2/repository/models/clf/load")
+                # a full batch (256 rows) runs at once instead of waiting out the 3 s delay
+                after = await client.post("/v1/models/clf:predict", json={"instances": [ROWS[0]] * 256})
+                return await asyncio.gather(*queued), reloaded, after
+
+        queued, reloaded, after = asyncio.run(scenario())
+    assert reloaded.status_code == 200
+    assert [r.status_code for r in queued] == [200] * 5
+    assert {r.json()["model_version"] for r in queued} == {"1"}
+    assert after.json()["model_version"] == "2"
