@@ -85,11 +85,16 @@ class BatchHistogram(Collector):
         that means anything and would poison `_sum` forever."""
         key = tuple(labelvalues)
         self._check(key)
-        v = np.asarray(values, dtype=np.float64).ravel()
+        v = np.asarray(values).ravel()
+        if not np.issubdtype(v.dtype, np.floating):
+            v = v.astype(np.float64)
         v = v[np.isfinite(v)]
+        # Compare in the values' own precision: a float32 p-value equal to α (0.05 as float32 is
+        # 0.0500000007) must land in the bucket le=α, as it was flagged with p <= α.
+        bounds = self._bounds.astype(v.dtype)
         # side="left": index i satisfies bounds[i-1] < v <= bounds[i], the `le` semantics.
-        counts = np.bincount(np.searchsorted(self._bounds, v, side="left"), minlength=self._bounds.size + 1)
-        total = float(v.sum())
+        counts = np.bincount(np.searchsorted(bounds, v, side="left"), minlength=self._bounds.size + 1)
+        total = float(v.sum(dtype=np.float64))
         with self._lock:
             bucket_counts, acc = self._series.setdefault(
                 key, (np.zeros(self._bounds.size + 1, np.int64), [0.0])

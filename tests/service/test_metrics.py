@@ -82,8 +82,7 @@ def test_uncertainty_counts_equal_observations() -> None:
     assert value(s, "hydra_ood_flagged_total", **mv) == int(flags.sum()) > 0
     assert value(s, "hydra_ood_alpha", **mv) == pytest.approx(0.05)
     for bound in P_VALUE_BUCKETS:
-        # float32 outputs are compared as the exporter sees them (widened to float64)
-        expected = int((p <= bound).sum())
+        expected = int((p <= bound).sum())  # no p-value here lies within float32 rounding of a bound
         assert value(s, "hydra_ood_p_value_bucket", le=repr(float(bound)), **mv) == expected, bound
     assert value(s, "hydra_ood_p_value_bucket", le="+Inf", **mv) == p.size
     assert value(s, "hydra_ood_p_value_count", **mv) == p.size
@@ -243,6 +242,20 @@ def test_concurrent_batches_are_all_counted() -> None:
     s = scrape(metrics)
     assert value(s, "hydra_ood_p_value_count", model="clf", version="1") == 4 * 50 * 100
     assert value(s, "hydra_predictions_total", model="clf", version="1") == 4 * 50 * 100
+
+
+def test_float32_values_on_a_bucket_bound_fall_in_that_bucket() -> None:
+    """The served p-values are FP32: one equal to α is flagged (p <= α) and must count in le=α."""
+    metrics = ServiceMetrics()
+    p = np.array([0.05, 0.05, 0.1, 1.0, 0.0500001], np.float32)
+    out = {"ood_p_value": p, "ood_flag": p <= np.float32(0.05), "disagreement": np.zeros(5, np.float32)}
+    metrics.observe_uncertainty("reg", "1", out, 0.05, None)
+    s = scrape(metrics)
+    mv = {"model": "reg", "version": "1"}
+    assert value(s, "hydra_ood_p_value_bucket", le="0.05", **mv) == 2
+    assert value(s, "hydra_ood_p_value_bucket", le="0.05", **mv) == value(s, "hydra_ood_flagged_total", **mv)
+    assert value(s, "hydra_ood_p_value_bucket", le="0.1", **mv) == 4
+    assert value(s, "hydra_ood_p_value_bucket", le="0.9", **mv) == 4
 
 
 def test_non_finite_values_are_not_bucketed() -> None:
