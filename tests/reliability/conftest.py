@@ -1,0 +1,29 @@
+"""Fixtures for the reliability tests: model repositories with the wide (compute-bound) classifier and
+the faulty models, and a pool of input rows whose direct ONNX Runtime answers are known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.models import make_wide_classifier, write_classifier_package
+from tests.service.support import build_test_repository
+
+# Wide enough that model compute, not HTTP, bounds capacity on a 2-core machine (about 50 requests
+# of 32 rows per second with one ORT thread), so overload is a queue problem the batcher must solve.
+WIDE_HIDDEN, WIDE_LAYERS = 2048, 3
+
+
+@pytest.fixture(scope="session")
+def wide_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`wide/1`: the compute-bound classifier. Tests must not modify it."""
+    root = tmp_path_factory.mktemp("wide-models")
+    write_classifier_package(root, "wide", 1, make_wide_classifier(WIDE_HIDDEN, WIDE_LAYERS))
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`clf/1` and `reg/1` of tests/service/support.py. Tests must not modify it."""
+    return build_test_repository(tmp_path_factory.mktemp("models"))

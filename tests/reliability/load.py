@@ -1,0 +1,249 @@
+"""A small load generator for the reliability tests: raw HTTP/1.1 keep-alive connections on asyncio.
+
+httpx costs about a millisecond of client CPU per request; on a 2-core machine shared with the
+server that would cap the offered load below what the overload tests need. This client writes the
+request bytes itself and reads `Content-Length` bodies (all the server sends), nothing more.
+
+- `closed_loop`: `concurrency` workers, each sending its next request as soon as the last answered.
+- `open_loop`: requests released on a fixed schedule (`rate` per second) whatever the answers do;
+  `connections` workers take them in order. `Outcome.late_s` says how far behind schedule a request
+  started (the client's own backlog, reported so a too-slow client cannot pass for a fast server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+BodyFactory = Callable[[int], bytes]
+
+
+@dataclass
+class Outcome:
+    """One request: its index, status (0 = transport error), headers, body and times (perf_counter)."""
+
+    index: int
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    scheduled: float
+    started: float
+    finished: float
+    error: str = ""
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished - self.started
+
+    @property
+    def late_s(self) -> float:
+        return self.started - self.scheduled
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; reconnects when the server closes it."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _ensure_open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        return self._reader, self._writer
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        reader, writer = await self._ensure_open()
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            f"Content-Length: {len(body)}",
+        ]
+        if body:
+            lines.append("Content-Type: application/json")
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            await self.close()
+            raise
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        response_headers: dict[str, str] = {}
+        for line in header_lines:
+            if ":" in line:
+                key, _, value = line.partition(":")
+                response_headers[key.strip().lower()] = value.strip()
+        payload = await reader.readexactly(int(response_headers.get("content-length", "0")))
+        if response_headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, response_headers, payload
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+
+async def _send(
+    connection: Connection, path: str, index: int, body: bytes, scheduled: float, headers: dict[str, str]
+) -> Outcome:
+    started = time.perf_counter()
+    try:
+        status, response_headers, payload = await connection.request("POST", path, body, headers)
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        await connection.close()
+        return Outcome(index, 0, {}, b"", scheduled, started, time.perf_counter(), repr(exc))
+    return Outcome(index, status, response_headers, payload, scheduled, started, time.perf_counter())
+
+
+async def closed_loop(
+    url: str,
+    path: str,
+    make_body: BodyFactory,
+    *,
+    concurrency: int,
+    duration_s: float,
+    first_index: int = 0,
+    headers: dict[str, str] | None = None,
+    stop: asyncio.Event | None = None,
+) -> list[Outcome]:
+    """`concurrency` workers, each with its own connection, for `duration_s` (or until `stop`)."""
+    outcomes: list[Outcome] = []
+    counter = iter(range(first_index, 1 << 62))
+    deadline = time.perf_counter() + duration_s
+
+    async def worker() -> None:
+        connection = Connection(url)
+        try:
+            while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
+                index = next(counter)
+                now = time.perf_counter()
+                outcomes.append(await _send(connection, path, index, make_body(index), now, headers or {}))
+        finally:
+            await connection.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes
+
+
+async def open_loop(
+    url: str,
+    path: str,
+    make_body: BodyFactory,
+    *,
+    rate: float,
+    duration_s: float,
+    connections: int,
+    first_index: int = 0,
+    headers: dict[str, str] | None = None,
+) -> list[Outcome]:
+    """`rate` requests per second for `duration_s`, released on schedule, over `connections` workers."""
+    outcomes: list[Outcome] = []
+    total = int(rate * duration_s)
+    t0 = time.perf_counter() + 0.05
+    schedule: asyncio.Queue[int | None] = asyncio.Queue()
+
+    async def release() -> None:
+        for i in range(total):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            schedule.put_nowait(i)
+        for _ in range(connections):
+            schedule.put_nowait(None)
+
+    async def worker() -> None:
+        connection = Connection(url)
+        try:
+            while (i := await schedule.get()) is not None:
+                index = first_index + i
+                outcome = await _send(connection, path, index, make_body(index), t0 + i / rate, headers or {})
+                outcomes.append(outcome)
+        finally:
+            await connection.close()
+
+    await asyncio.gather(release(), *(worker() for _ in range(connections)))
+    return outcomes
+
+
+def throughput(outcomes: list[Outcome], status: int = 200) -> float:
+    """Answers with `status` per second over the span from the first start to the last finish."""
+    chosen = [o for o in outcomes if o.status == status]
+    if not chosen:
+        return 0.0
+    span = max(o.finished for o in chosen) - min(o.started for o in outcomes)
+    return len(chosen) / span if span > 0 else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100.0 * len(ordered)))]
+
+
+# ---- server process memory ------------------------------------------------------------------------
+
+
+def _status_kib(pid: int, field_name: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(rf"^{field_name}:\s+(\d+) kB$", text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def rss_bytes(pid: int) -> int:
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The kernel's high-water mark of the process's resident memory (VmHWM)."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+@dataclass
+class RssSampler:
+    """Samples the RSS of `pid` every `interval_s` in a thread: `with RssSampler(pid) as s: ...`."""
+
+    pid: int
+    interval_s: float = 0.1
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.perf_counter(), rss_bytes(self.pid)))
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self._stop.wait(self.interval_s)
+
+    @property
+    def peak(self) -> int:
+        return max((rss for _, rss in self.samples), default=0)
