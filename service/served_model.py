@@ -92,7 +92,8 @@ class ServedModel:
             raise ModelLoadError(f"model {name!r} version {version}: {MODEL_FILENAME} is missing")
         try:
             runtime = OnnxModelRuntime(model_path, manifest, settings)
-            runtime.warm_up(batch_sizes=(1, min(8, settings.max_batch_size)))
+            # one row, and a full batch: ORT sizes its arena for the largest batch before traffic does
+            runtime.warm_up(batch_sizes=(1, min(settings.max_batch_size, 1024)))
         except ModelLoadError as exc:
             raise ModelLoadError(f"model {name!r} version {version}: {exc.message}") from exc
         except Exception as exc:
