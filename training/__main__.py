@@ -74,7 +74,7 @@ def run(
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     epochs: Annotated[int | None, typer.Option(help="Override every stage's epoch count")] = None,
-    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads (1 is fastest on a shared CPU)")] = 1,
     name: Annotated[str | None, typer.Option(help="Model name in the manifest")] = None,
     version: Annotated[
         int | None, typer.Option(help="Model version (default: the --out folder name)")

@@ -29,6 +29,8 @@ class DataConfig:
     val_fraction: float = 0.1
     cal_fraction: float = 0.175
     test_fraction: float = 0.175
+    # keep at most this many training rows (a random subset): --smoke runs use it to stay seconds-long
+    max_train_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class RunConfig:
     version: int = 1
     seed: int = 0
     device: str = "auto"
-    threads: int = 2
+    threads: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -21,7 +21,7 @@ Built-in OOD sets (see also README "Training"):
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -351,4 +351,9 @@ def load_data(cfg: DataConfig) -> TaskData:
     }
     if cfg.dataset not in builders:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; built-in: {BUILTIN_DATASETS}, or --data FILE")
-    return builders[cfg.dataset](cfg)
+    data = builders[cfg.dataset](cfg)
+    if cfg.max_train_rows is not None and len(data.train) > cfg.max_train_rows:
+        rng = np.random.default_rng(cfg.split_seed)
+        keep = np.sort(rng.permutation(len(data.train))[: cfg.max_train_rows])
+        data = replace(data, train=Split(data.train.x[keep], data.train.y[keep]))
+    return data

@@ -74,7 +74,7 @@ def make_config(
     members: int = 8,
     seed: int = 0,
     device: str = "auto",
-    threads: int = 2,
+    threads: int = 1,
     epochs: int | None = None,
     smoke: bool = False,
 ) -> RunConfig:
@@ -85,6 +85,7 @@ def make_config(
         teacher = replace(teacher, epochs=epochs)
         dc = replace(dc, phase1_epochs=epochs, phase2_epochs=epochs)
     if smoke:
+        data = replace(data, max_train_rows=256)
         teacher = replace(teacher, members=min(members, 3), epochs=2)
         dc = replace(dc, phase1_epochs=2, phase2_epochs=2, mixup_copies=1, noise_copies=1)
     if name is None:

@@ -1,0 +1,175 @@
+"""End-to-end `--smoke` runs through the real CLI: export, ONNX Runtime, manifest, parity, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from service.manifest import ModelManifest
+from service.uncertainty import ConformalOODCalibrator, classification_uncertainty
+from training.__main__ import app
+from training.config import DataConfig
+from training.data import load_data
+
+runner = CliRunner()
+
+
+def _invoke(*args: str) -> None:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def digits_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("digits")
+    out, run_dir = root / "pkg" / "3", root / "run"
+    _invoke(
+        "run",
+        "--dataset",
+        "digits",
+        "--smoke",
+        "--out",
+        str(out),
+        "--run-dir",
+        str(run_dir),
+        "--device",
+        "cpu",
+    )
+    return out, run_dir
+
+
+def test_smoke_package_is_complete_and_valid(digits_smoke: tuple[Path, Path]) -> None:
+    out, run_dir = digits_smoke
+    for name in (
+        "model.onnx",
+        "ensemble.onnx",
+        "kd.onnx",
+        "manifest.json",
+        "report.json",
+        "report.md",
+        "reliability.png",
+        "mi_scatter.png",
+        "ood_histograms.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    manifest = ModelManifest.load(out)
+    assert (manifest.name, manifest.version, manifest.task) == ("digits", 3, "classification")
+    assert manifest.input.shape == [-1, 64] and manifest.heads == 3
+    assert manifest.labels == [str(i) for i in range(10)]
+    assert manifest.provenance.data_sha256 and manifest.provenance.seed == 0
+    assert manifest.ood.default_alpha == 0.05
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"ensemble", "kd", "hydra"}
+    assert set(report["methods"]["hydra"]["ood"]) == {"noise", "inverted", "rotated"}
+    parity = json.loads((run_dir / "export.json").read_text())
+    assert all(v <= 1e-4 for info in parity.values() for v in info["max_abs_diff"].values())
+
+
+def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> None:
+    out, _ = digits_smoke
+    manifest = ModelManifest.load(out)
+    data = load_data(DataConfig(dataset="digits"))
+    for filename, heads in (("model.onnx", manifest.heads), ("ensemble.onnx", 3), ("kd.onnx", 1)):
+        session = ort.InferenceSession(str(out / filename), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["input"]
+        assert [o.name for o in session.get_outputs()] == ["log_probs"]
+        for batch in (1, 7):
+            (log_probs,) = session.run(None, {"input": data.test.x[:batch]})
+            assert log_probs.shape == (batch, heads, 10) and log_probs.dtype == np.float32
+            np.testing.assert_allclose(np.exp(log_probs).sum(-1), 1.0, atol=1e-5)
+
+    # the stored calibration scores are the model's OOD scores on the held-out calibration split
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (cal_log_probs,) = session.run(None, {"input": data.cal.x})
+    scores = classification_uncertainty(cal_log_probs).score(manifest.ood.score)
+    np.testing.assert_allclose(manifest.ood.calibration_scores, np.sort(scores), rtol=1e-6, atol=1e-9)
+    test_scores = classification_uncertainty(session.run(None, {"input": data.test.x})[0]).score(
+        manifest.ood.score
+    )
+    report = json.loads((out / "report.json").read_text())
+    rate = ConformalOODCalibrator(manifest.ood.calibration_scores).flags(test_scores, 0.05).mean()
+    assert report["conformal"]["false_alarm_rate"]["0.05"] == pytest.approx(rate)
+
+
+def test_stages_rerun_deterministically(digits_smoke: tuple[Path, Path], tmp_path: Path) -> None:
+    out, run_dir = digits_smoke
+    again = tmp_path / "again"
+    for stage in ("teachers", "distil"):
+        _invoke(stage, "--run-dir", str(run_dir))
+    _invoke("export", "--run-dir", str(run_dir), "--out", str(again))
+    _invoke("evaluate", "--run-dir", str(run_dir), "--out", str(again))
+    for name in ("model.onnx", "ensemble.onnx", "kd.onnx"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    assert ModelManifest.load(again).ood.calibration_scores == ModelManifest.load(out).ood.calibration_scores
+
+
+def test_bring_your_own_csv_regression_with_ood(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((240, 3))
+    y = 2.0 * x[:, 0] - x[:, 1] + 0.1 * rng.standard_normal(240) + 50.0
+    rows = "\n".join(",".join(f"{v:.5f}" for v in (*xi, yi)) for xi, yi in zip(x, y, strict=True))
+    (tmp_path / "rows.csv").write_text("a,b,c,price\n" + rows + "\n")
+    ood = 6.0 + rng.standard_normal((40, 3))
+    (tmp_path / "far.csv").write_text(
+        "a,b,c\n" + "\n".join(",".join(f"{v:.5f}" for v in r) for r in ood) + "\n"
+    )
+    out = tmp_path / "models" / "rows" / "1"
+    _invoke(
+        "run",
+        "--data",
+        str(tmp_path / "rows.csv"),
+        "--target",
+        "price",
+        "--task",
+        "regression",
+        "--ood",
+        str(tmp_path / "far.csv"),
+        "--smoke",
+        "--out",
+        str(out),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    manifest = ModelManifest.load(out)
+    assert manifest.task == "regression" and manifest.feature_names == ["a", "b", "c"]
+    assert manifest.ood.score == "epistemic_variance"
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["mean", "variance"]
+    mean, variance = session.run(None, {"input": x[:5].astype(np.float32)})
+    assert mean.shape == variance.shape == (5, manifest.heads) and (variance > 0).all()
+    report = json.loads((out / "report.json").read_text())
+    assert "ood" in report["methods"]["hydra"]["ood"]
+    assert {"rmse", "nll", "coverage_95"} <= set(report["methods"]["hydra"]["test"])
+
+
+@pytest.mark.parametrize("dataset", ["mnist1d", "toy", "diabetes"])
+def test_builtin_datasets_smoke(dataset: str, tmp_path: Path) -> None:
+    out = tmp_path / "pkg" / "1"
+    _invoke(
+        "run",
+        "--dataset",
+        dataset,
+        "--smoke",
+        "--members",
+        "2",
+        "--out",
+        str(out),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    manifest = ModelManifest.load(out)
+    assert manifest.name == dataset and manifest.heads == 2
+    if dataset == "toy":
+        assert (out / "predictive_band.png").stat().st_size > 0
+
+
+def test_bad_task_is_rejected(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["run", "--data", "x.csv", "--target", "y", "--task", "ranking", "--out", str(tmp_path)]
+    )
+    assert result.exit_code != 0
