@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from service.errors import ClientDisconnected
 from service.repository import ModelRepository
@@ -46,3 +47,26 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task in done:
         return task.result()
     raise ClientDisconnected("client disconnected before the answer was ready")
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A JSON schema with its `$defs` inlined, so it can sit in an operation's `openapi_extra`.
+
+    Pydantic's `"$ref": "#/$defs/..."` would resolve against the OpenAPI document's root, where
+    there are no `$defs`: clients and fuzzers generating from the document could not build a body.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved

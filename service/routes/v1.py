@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.auth import require_api_key
 from service.errors import BadRequest
 from service.responses import OrjsonResponse
-from service.routes import get_repository, until_disconnected
+from service.routes import get_repository, inline_schema, until_disconnected
 
 router = APIRouter(tags=["KServe V1"], default_response_class=OrjsonResponse)
 
@@ -106,7 +106,7 @@ async def model_status(model_name: str, request: Request) -> OrjsonResponse:
     response_model=PredictResponse,
     dependencies=[Depends(require_api_key)],
     openapi_extra={
-        "requestBody": {"content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
+        "requestBody": {"content": {"application/json": {"schema": inline_schema(PredictRequest)}}}
     },
 )
 async def predict(model_name: str, request: Request) -> OrjsonResponse:

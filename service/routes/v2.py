@@ -42,7 +42,7 @@ from service.protocol.v2 import (
 )
 from service.repository import ServedModel
 from service.responses import OrjsonResponse
-from service.routes import get_repository, until_disconnected
+from service.routes import get_repository, inline_schema, until_disconnected
 from service.settings import Settings
 
 SERVER_NAME = "hydra-serve"
@@ -143,30 +143,11 @@ class InferResponseSchema(BaseModel):
     outputs: list[InferOutputSchema]
 
 
-def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A JSON schema with its `$defs` inlined, so it can sit in an operation's `openapi_extra`."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    resolved: dict[str, Any] = resolve(schema)
-    return resolved
-
-
 _INFER_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": _inline_schema(InferRequestSchema)},
+            "application/json": {"schema": inline_schema(InferRequestSchema)},
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": f"JSON request of `{HEADER_LENGTH}` bytes, then raw little-endian tensors.",
