@@ -122,6 +122,12 @@ class ServedModel:
 
     def validate_rows(self, rows: Any) -> NDArray[np.float32]:
         """`rows` as float32 (n, *row_shape), or BadRequest naming what is wrong."""
+        limit = self._settings.max_request_rows
+        if isinstance(rows, list | tuple) and len(rows) > limit:
+            # counted before any array is built: an oversized request costs no conversion
+            raise BadRequest(
+                f"model {self.name!r}: {len(rows)} rows in one request, more than max_request_rows={limit}"
+            )
         try:
             array = np.asarray(rows)
         except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting, odd objects
