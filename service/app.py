@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.protocol.v2 import HEADER_LENGTH
 from service.repository import ModelRepository, NoLoadableModel
 from service.responses import OrjsonResponse
 from service.routes import repository as repository_routes
@@ -72,6 +74,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # A mount alone answers the bare path with a 307 to "/metrics/"; scrapers ask for "/metrics".
     app.router.routes.append(Route("/metrics", endpoint=_AsgiEndpoint(metrics_app), include_in_schema=False))
     # added last = outermost: the body limit applies before any route parses, and metrics see every status
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        read_timeout_s=settings.request_read_timeout_s,
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:  # off unless configured: browsers then refuse cross-origin calls
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Content-Encoding", HEADER_LENGTH],
+            expose_headers=["Retry-After", HEADER_LENGTH],
+        )
     return app

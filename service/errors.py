@@ -5,6 +5,7 @@
     ├── Unauthorized (401)          missing or wrong API key
     ├── Forbidden (403)             the operation is disabled by configuration
     ├── ModelNotFound (404)         unknown model or version
+    ├── RequestTimeout (408)        the client took longer than request_read_timeout_s to send its body
     ├── PayloadTooLarge (413)       body over the byte limit (checked before parsing)
     ├── ModelLoadError (400)        a model package failed to load (corrupt ONNX, invalid manifest)
     ├── ModelUnavailable (503)      model exists but is not serving (unloading, not yet warm)
@@ -59,6 +60,10 @@ class Forbidden(ServiceError):
 
 class ModelNotFound(ServiceError):
     status_code = 404
+
+
+class RequestTimeout(ServiceError):
+    status_code = 408
 
 
 class PayloadTooLarge(ServiceError):

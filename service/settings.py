@@ -71,6 +71,21 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body, enforced before parsing (413 beyond).",
     )
+    request_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description=(
+            "Longest time a client may take to send its request body after its headers (408 beyond), "
+            "so a slow or stalled client cannot hold a connection and a handler indefinitely."
+        ),
+    )
+    cors_allow_origins: str = Field(
+        default="",
+        description=(
+            "Comma-separated browser origins allowed to call the API (CORS), e.g. https://app.example; "
+            "empty (the default) = CORS off, no Access-Control-* headers."
+        ),
+    )
     api_key: SecretStr | None = Field(
         default=None,
         description=(
@@ -102,6 +117,10 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value: object) -> object:
         # HYDRA_API_KEY= (empty) in a compose file means "no key", not "the empty key".
         return None if value in ("", None) else value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_allow_origins.split(",") if origin.strip()]
 
     @property
     def max_queue_delay_s(self) -> float:
