@@ -133,4 +133,9 @@ class OnnxModelRuntime:
                         )
             if any(np.isnan(v).any() for v in raw.values()):
                 raise ModelLoadError("warm-up produced NaN outputs on a zero input")
+        # A graph can be finite on zeros and NaN elsewhere (a Log or Sqrt of a feature, a NaN weight
+        # that a zero input multiplies away): probe seeded standard-normal rows too.
+        probe = np.random.default_rng(0).standard_normal((8, *m.row_shape)).astype(np.float32)
+        if any(np.isnan(v).any() for v in self.run(probe).values()):
+            raise ModelLoadError("warm-up produced NaN outputs on standard-normal inputs")
         logger.debug("warmed %s on %s", m.name, self.provider)
