@@ -155,3 +155,29 @@ def write_wrong_schema_manifest(directory: Path, schema_version: int = 2) -> Non
     document = json.loads(path.read_text())
     document["schema_version"] = schema_version
     path.write_text(json.dumps(document, indent=2))
+
+
+def make_nan_off_zero_classifier(seed: int = 0) -> onnx.ModelProto:
+    """`make_classifier(seed)` plus 0 × sum(sqrt(input)) per row: finite on a zero input, NaN for
+    any row with a negative feature (so a warm-up on zeros alone would pass it)."""
+    model = make_classifier(seed)
+    graph = model.graph
+    softmax = next(node for node in graph.node if node.op_type == "LogSoftmax")
+    softmax.output[0] = "clean_log_probs"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "sum_axes"),
+            numpy_helper.from_array(np.array([-1, 1, 1], dtype=np.int64), "row_scalar_shape"),
+            numpy_helper.from_array(np.zeros(1, dtype=np.float32), "zero_scale"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Sqrt", ["input"], ["root"]),  # NaN where a feature is negative
+            helper.make_node("ReduceSum", ["root", "sum_axes"], ["root_sum"], keepdims=1),  # (n, 1)
+            helper.make_node("Reshape", ["root_sum", "row_scalar_shape"], ["root_sum3"]),  # (n, 1, 1)
+            helper.make_node("Mul", ["root_sum3", "zero_scale"], ["nan_or_zero"]),
+            helper.make_node("Add", ["clean_log_probs", "nan_or_zero"], ["log_probs"]),
+        ]
+    )
+    return _finish(graph)

@@ -37,6 +37,7 @@ from tests.reliability.models import (
     POISON_THRESHOLD,
     make_fragile_classifier,
     make_nan_classifier,
+    make_nan_off_zero_classifier,
     write_classifier_package,
     write_wrong_schema_manifest,
 )
@@ -86,11 +87,16 @@ def _nan_outputs(repo: Path) -> None:
     write_classifier_package(repo, "clf", 2, make_nan_classifier(seed=42))
 
 
+def _nan_off_zero(repo: Path) -> None:
+    write_classifier_package(repo, "clf", 2, make_nan_off_zero_classifier(seed=42))
+
+
 FAULTS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     # name: (break version 2, reason label of the failure counter, words the error must contain)
     "corrupt_onnx": (_corrupt_onnx, "onnx", "cannot load model.onnx"),
     "wrong_schema_version": (_wrong_schema, "manifest", "schema_version"),
     "nan_outputs": (_nan_outputs, "warmup", "NaN"),
+    "nan_outputs_on_nonzero_inputs_only": (_nan_off_zero, "warmup", "NaN outputs on standard-normal inputs"),
 }
 
 
