@@ -10,9 +10,10 @@ import pytest
 from tests.reliability.models import make_wide_classifier, write_classifier_package
 from tests.service.support import build_test_repository
 
-# Wide enough that model compute, not HTTP, bounds capacity on a 2-core machine (about 50 requests
-# of 32 rows per second with one ORT thread), so overload is a queue problem the batcher must solve.
-WIDE_HIDDEN, WIDE_LAYERS = 2048, 3
+# Wide and deep enough that model compute, not HTTP, bounds capacity on a 2-core machine (about 30
+# requests of 64 rows per second with one ORT thread): overload is then a queue problem for the
+# batcher, and 10x that rate is something the test client can really offer.
+WIDE_HIDDEN, WIDE_LAYERS = 2048, 6
 
 
 @pytest.fixture(scope="session")

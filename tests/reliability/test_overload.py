@@ -41,7 +41,7 @@ from tests.service.support import Server, running_server
 
 PATH = "/v1/models/wide:predict"
 MiB = 1024 * 1024
-QUEUE = 32  # requests that may wait per model: at ~50 req/s, under a second of work
+QUEUE = 32  # requests that may wait per model: at ~30 req/s, about a second of work
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +131,20 @@ def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float
     assert figures["refusal_latency_p50_ms"] < 0.5 * 1000 * percentile([o.latency_s for o in accepted], 50)
     # accepted throughput under overload does not collapse (refusals cost the event loop some CPU,
     # which on 2 shared cores the model run misses; the figure is reported)
-    assert figures["accepted_req_s"] >= 0.25 * capacity
+    assert figures["accepted_req_s"] >= 0.4 * capacity
     # memory bounded: the queue is bounded, so overload costs at most a little working memory
     assert sampler.peak - baseline_rss < 150 * MiB, figures
     assert rss[-tenth:] and max(rss[-tenth:]) - max(rss[:tenth]) < 40 * MiB, "RSS grows with overload time"
     # back to normal within seconds: every recovery request answered, throughput near capacity
     assert all(o.status == 200 for o in recovery), figures["recovery_statuses"]
     assert first_ok_after < 2.0
-    assert figures["recovered_req_s"] >= 0.7 * capacity, figures
+    # (2-second windows on a shared 2-core machine vary by about ±30%, hence the margin)
+    assert figures["recovered_req_s"] >= 0.5 * capacity, figures
     return figures
 
 
 def test_overload_10x_short(wide_server: Server, pool: RowPool) -> None:
-    run_overload(wide_server, pool, factor=10.0, seconds=5.0)
+    run_overload(wide_server, pool, factor=10.0, seconds=4.0)
 
 
 @pytest.mark.slow
