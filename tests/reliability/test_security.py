@@ -208,7 +208,17 @@ TRAVERSAL_NAMES = [
     ".hidden",
     "~root",
 ]
-TRAVERSAL_VERSIONS = ["..", "%2e%2e", "1%2F..%2F..", "%2F1", "-1", "0", "1.0", "%31%00", "%EF%BC%91"]  # last: fullwidth digit one
+TRAVERSAL_VERSIONS = [
+    "..",
+    "%2e%2e",
+    "1%2F..%2F..",
+    "%2F1",
+    "-1",
+    "0",
+    "1.0",
+    "%31%00",
+    "%EF%BC%91",
+]  # last: fullwidth digit one
 
 
 @pytest.fixture(scope="module")
