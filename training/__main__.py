@@ -10,6 +10,7 @@ python -m training evaluate --run-dir runs/digits-s0 --out models/digits/1
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from training.config import DataConfig, RunConfig, Task
 from training.data import BUILTIN_DATASETS, load_data
 from training.pipeline import make_config, run_all, stage_distil, stage_evaluate, stage_export, stage_teachers
+from training.report import results_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -155,6 +157,12 @@ def evaluate(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, type
     with bars() as progress:
         report = stage_evaluate(cfg, load_data(cfg.data), run_dir, out, progress)
     _summary(report)
+
+
+@app.command()
+def table(reports: Annotated[list[Path], typer.Argument(help="report.json files")]) -> None:
+    """Print the README results table (ensemble / KD / Hydra) for evaluated packages."""
+    typer.echo(results_table([json.loads(p.read_text()) for p in reports]), nl=False)
 
 
 if __name__ == "__main__":

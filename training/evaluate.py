@@ -107,6 +107,32 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     }
 
 
+def retention_interval(
+    id_scores: list[np.ndarray], ood_scores: list[np.ndarray], resamples: int = 200, seed: int = 0
+) -> list[float]:
+    """Paired bootstrap 95% interval of AUROC retention ([ensemble, method] score arrays).
+
+    Retention is a ratio of two AUROC margins over 0.5; when the ensemble's own margin is small
+    (a hard near-OOD set) the ratio is noisy, and this interval says how noisy.
+    """
+    rng = np.random.default_rng(seed)
+    n_id, n_ood = len(id_scores[0]), len(ood_scores[0])
+    labels = np.r_[np.zeros(n_id), np.ones(n_ood)]
+    values = []
+    for _ in range(resamples):
+        i = rng.integers(0, n_id, n_id)
+        o = rng.integers(0, n_ood, n_ood)
+        ens, own = (
+            roc_auc_score(labels, np.r_[a[i], b[o]]) for a, b in zip(id_scores, ood_scores, strict=True)
+        )
+        if ens != 0.5:
+            values.append((own - 0.5) / (ens - 0.5))
+    if not values:
+        return [float("nan"), float("nan")]
+    lo, hi = np.quantile(values, [0.025, 0.975])
+    return [float(lo), float(hi)]
+
+
 def _uncertainty_means(u: Summary) -> dict[str, float]:
     if isinstance(u, ClassificationUncertainty):
         keys = ["total_entropy", "expected_entropy", "mutual_information", "epkl", "disagreement", "variance"]
@@ -161,8 +187,11 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
         for name in data.ood:
             ens = methods["ensemble"]["ood"][name]["auroc"]
             own = methods[method]["ood"][name]["auroc"]
-            methods[method]["ood"][name]["retention"] = (
-                float((own - 0.5) / (ens - 0.5)) if ens != 0.5 else 0.0
+            entry = methods[method]["ood"][name]
+            entry["retention"] = float((own - 0.5) / (ens - 0.5)) if ens != 0.5 else 0.0
+            entry["retention_ci95"] = retention_interval(
+                [summaries[k]["test"].score(methods[k]["ood_score"]) for k in ("ensemble", method)],
+                [summaries[k][name].score(methods[k]["ood_score"]) for k in ("ensemble", method)],
             )
 
     cal_scores = np.sort(summaries["hydra"]["cal"].score(hydra_score))

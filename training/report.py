@@ -23,6 +23,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _retention(o: dict[str, Any]) -> str:
+    if "retention" not in o:
+        return "—"
+    lo, hi = o["retention_ci95"]
+    return f"{o['retention']:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
 def markdown(report: dict[str, Any]) -> str:
     methods = report["methods"]
     lines = [f"# Evaluation: {report['dataset']} ({report['task']})", ""]
@@ -37,13 +44,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {m} | {methods[m]['heads']} | " + " | ".join(_fmt(row[k]) for k in quality_keys) + " |"
         )
     lines += ["", "## OOD detection (OOD positive; score per method in brackets)", ""]
-    lines += ["| OOD set | method [score] | AUROC | AUPR-out | FPR@95TPR | retention |", "| --- " * 6 + "|"]
+    lines += [
+        "| OOD set | method [score] | AUROC | AUPR-out | FPR@95TPR | retention [bootstrap 95% CI] |",
+        "| --- " * 6 + "|",
+    ]
     for name in report["ood_sets"]:
         for m in METHODS:
             o = methods[m]["ood"][name]
             lines.append(
                 f"| {name} | {m} [{methods[m]['ood_score']}] | {o['auroc']:.4f} | {o['aupr_out']:.4f} | "
-                f"{o['fpr_at_95tpr']:.4f} | {_fmt(o.get('retention', '—'))} |"
+                f"{o['fpr_at_95tpr']:.4f} | {_retention(o)} |"
             )
     lines += ["", "OOD sets: " + "; ".join(f"**{k}** — {v}" for k, v in report["ood_sets"].items()), ""]
     f = report["fidelity"]
@@ -165,3 +175,35 @@ def write_report(ev: Evaluation, data: TaskData, package_dir: Path) -> list[Path
         _band(ev, data, package_dir, package_dir / "predictive_band.png")
         written.append(package_dir / "predictive_band.png")
     return written
+
+
+def results_table(reports: list[dict[str, Any]]) -> str:
+    """The README's side-by-side table (ensemble / KD / Hydra) for one or more report.json files."""
+    lines = [
+        "| dataset | method | heads | accuracy | NLL | ECE | OOD AUROC per set (retention [95% CI]) "
+        "| MI Spearman vs ensemble | false alarms α=0.05 / 0.01 |",
+        "| --- " * 9 + "|",
+    ]
+    for report in reports:
+        if report["task"] != "classification":
+            continue
+        for m in METHODS:
+            r = report["methods"][m]
+            t = r["test"]
+            ood = ", ".join(
+                f"{k} {v['auroc']:.3f}"
+                + (
+                    f" ({v['retention']:.2f} [{v['retention_ci95'][0]:.2f}, {v['retention_ci95'][1]:.2f}])"
+                    if "retention" in v
+                    else ""
+                )
+                for k, v in r["ood"].items()
+            )
+            rho = f"{report['fidelity']['spearman']:.3f}" if m == "hydra" else "—"
+            far = report["conformal"]["false_alarm_rate"]
+            alarms = f"{far['0.05']:.3f} / {far['0.01']:.3f}" if m == "hydra" else "—"
+            lines.append(
+                f"| {report['dataset']} | {m} [{r['ood_score']}] | {r['heads']} | {t['accuracy']:.4f} | "
+                f"{t['nll']:.4f} | {t['ece']:.4f} | {ood} | {rho} | {alarms} |"
+            )
+    return "\n".join(lines) + "\n"
