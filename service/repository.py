@@ -1,14 +1,16 @@
 """The model repository: `<root>/<name>/<version>/` directories → served models, with safe reloads.
 
 Each model serves one version: the pinned one (`Settings.model_versions`) or the highest number.
-`load(name)` builds and warms the new version completely before it replaces the old one; requests
-already queued on the old version finish there (its batcher drains), new ones go to the new one, so
-a reload fails no request. A version that fails to load is refused and the old one keeps serving.
+`load(name)` builds and warms the new version completely before it replaces the old one; new lookups
+get the new version, while requests that reached (or looked up) the old one are answered by it — it
+keeps serving for a grace period, then drains and stops — so a reload fails no request. A version
+that fails to load is refused and the old one keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from typing import Any
@@ -58,6 +60,11 @@ class ModelRepository:
         self._models: dict[str, ServedModel] = {}
         self._errors: dict[str, str] = {}  # last load failure per model name, shown by index()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Replaced versions still answering requests that looked them up before the swap.
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
+        # Longest gap between a route's lookup and its submit: reading the body is bounded by this.
+        self._retire_grace_s = settings.request_read_timeout_s + 1.0
 
     # ---- lookup ------------------------------------------------------------------------------------
     def get(self, name: str, version: int | None = None) -> ServedModel:
@@ -142,9 +149,10 @@ class ModelRepository:
             raise NoLoadableModel(f"no loadable model in repository {str(self.root)!r}: {detail}")
 
     async def stop(self) -> None:
-        """Drain and stop every model (queued requests are answered first)."""
+        """Drain and stop every model, retiring ones included (queued requests are answered first)."""
+        self._closing.set()  # retiring versions stop now instead of at the end of their grace period
         models, self._models = list(self._models.values()), {}
-        await asyncio.gather(*(m.stop() for m in models))
+        await asyncio.gather(*(m.stop() for m in models), *self._retiring)
 
     async def load(self, name: str) -> ServedModel:
         """(Re)load `name` at its pinned/latest version; the old version serves until the new one is warm."""
@@ -167,10 +175,26 @@ class ModelRepository:
             self._metrics.set_model_ready(name, str(model.version), True)
             logger.info("serving %s version %s on %s", name, model.version, model.provider)
             if old is not None:
-                await old.stop()  # drains what was queued on it
                 if old.version != model.version:
-                    self._metrics.remove_model(name, str(old.version))
+                    self._metrics.set_model_ready(name, str(old.version), False)
+                retiring = asyncio.create_task(self._retire(old, model.version), name=f"retire-{name}")
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
             return model
+
+    async def _retire(self, old: ServedModel, new_version: int) -> None:
+        """Stop a replaced version once no request can still be on its way to it.
+
+        A route may look a model up and submit only later (the V2 route reads and decodes the body
+        after its lookup), so for `retire_grace_s` the old version keeps answering what reaches it —
+        correctly labelled with its own version — then drains its queue and stops.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), self._retire_grace_s)
+        await old.stop()
+        if old.version != new_version:
+            self._metrics.remove_model(old.name, str(old.version))
+        logger.info("retired %s version %s", old.name, old.version)
 
     async def unload(self, name: str) -> None:
         check_model_name(name)

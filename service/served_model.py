@@ -6,6 +6,7 @@ answer tensors of the serving contract for exactly those rows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from service import inference
-from service.batcher import BatcherStats, BatchReport, DynamicBatcher
+from service.batcher import BatcherStats, BatchReport, DynamicBatcher, Outputs
 from service.errors import BadRequest, ModelLoadError
 from service.manifest import MANIFEST_FILENAME, ModelManifest
 from service.metrics import ServiceMetrics
@@ -170,6 +171,24 @@ class ServedModel:
         timeout_s: float | None = None,
     ) -> dict[str, NDArray[np.generic]]:
         """Named answer tensors for `rows`, through this model's dynamic batcher."""
+        return await self.submit(
+            rows, alpha=alpha, level=level, include_heads=include_heads, timeout_s=timeout_s
+        )
+
+    def submit(
+        self,
+        rows: Any,
+        *,
+        alpha: float | None = None,
+        level: float = 0.95,
+        include_heads: bool = False,
+        timeout_s: float | None = None,
+    ) -> asyncio.Future[dict[str, NDArray[np.generic]]]:
+        """Validate and enqueue `rows` now (synchronously); the future resolves to the answer tensors.
+
+        Use it where the answer is awaited in another task (e.g. raced against a client disconnect):
+        the rows are queued before this returns. Cancelling the future skips rows not yet run.
+        """
         alpha = self.default_alpha if alpha is None else alpha
         if not 0.0 < alpha < 1.0:
             raise BadRequest(f"alpha must be in (0, 1), got {alpha}")
@@ -179,11 +198,37 @@ class ServedModel:
             raise BadRequest(f"timeout must be > 0 seconds, got {timeout_s}")
         array = self.validate_rows(rows)
         timeout = self._settings.request_timeout_s if timeout_s is None else timeout_s
-        # submit() enqueues synchronously: no await between the caller's lookup and the queue.
-        summary = await self._batcher.submit(array, timeout)
-        return inference.finalise(
-            self.manifest, summary, alpha=alpha, level=level, include_heads=include_heads
-        )
+        summary = self._batcher.submit(array, timeout)
+        answer: asyncio.Future[dict[str, NDArray[np.generic]]] = asyncio.get_running_loop().create_future()
+
+        def finish(done: asyncio.Future[Outputs]) -> None:
+            if answer.done():
+                return
+            if done.cancelled():
+                answer.cancel()
+            elif (error := done.exception()) is not None:
+                answer.set_exception(error)
+            else:
+                try:  # the request's own α, level and heads: cheap, vectorised over its rows
+                    answer.set_result(
+                        inference.finalise(
+                            self.manifest,
+                            done.result(),
+                            alpha=alpha,
+                            level=level,
+                            include_heads=include_heads,
+                        )
+                    )
+                except Exception as exc:
+                    answer.set_exception(exc)
+
+        def skip_if_abandoned(done: asyncio.Future[dict[str, NDArray[np.generic]]]) -> None:
+            if done.cancelled():
+                summary.cancel()  # the batcher then never runs rows still queued
+
+        summary.add_done_callback(finish)
+        answer.add_done_callback(skip_if_abandoned)
+        return answer
 
     def metadata(self) -> dict[str, Any]:
         """What V1 metadata and operators see about this model (V2 metadata is the V2 router's)."""

@@ -120,9 +120,11 @@ async def predict(model_name: str, request: Request) -> OrjsonResponse:
         raise BadRequest(_validation_message(exc)) from exc
     model = get_repository(request).get(model_name)
     params = body.parameters
+    # submit() queues the rows before anything else can run on the loop (a reload cannot slip in
+    # between the lookup above and the queue); the answer is then awaited against a disconnect.
     answers = await until_disconnected(
         request,
-        model.infer(
+        model.submit(
             _instances_to_rows(body.instances, model.manifest.feature_names),
             alpha=params.alpha,
             level=params.interval_level,

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from tests.service.support import CLF_FEATURES, ReferenceModel, Server, running_server, write_model
@@ -166,7 +169,7 @@ def test_load_of_invalid_or_unknown_names_is_404(shared_keyed_server: Server) ->
 
 
 def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="3000", max_batch_size="256") as server:
+    with running_server(repo, api_key=KEY, max_queue_delay_ms="1500", max_batch_size="256") as server:
 
         async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as client:
@@ -180,7 +183,7 @@ def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
                     await asyncio.sleep(0.01)
                 write_model(repo, "clf", 2, "classification", seed=42)
                 reloaded = await client.post("/v2/repository/models/clf/load")
-                # a full batch (256 rows) runs at once instead of waiting out the 3 s delay
+                # a full batch (256 rows) runs at once instead of waiting out the 1.5 s delay
                 after = await client.post("/v1/models/clf:predict", json={"instances": [ROWS[0]] * 256})
                 return await asyncio.gather(*queued), reloaded, after
 
@@ -189,3 +192,35 @@ def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
     assert [r.status_code for r in queued] == [200] * 5
     assert {r.json()["model_version"] for r in queued} == {"1"}
     assert after.json()["model_version"] == "2"
+
+
+def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_it(repo: Path) -> None:
+    """The V2 route looks the model up as soon as the headers arrive, then reads the body: a reload
+    in between must not fail the request. Sent by hand: headers and half the body, reload, the rest."""
+    row = [0.5] * CLF_FEATURES
+    body = orjson.dumps(
+        {"inputs": [{"name": "input", "shape": [1, CLF_FEATURES], "datatype": "FP32", "data": row}]}
+    )
+    with running_server(repo, api_key=KEY, max_queue_delay_ms="1") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            head = (
+                f"POST /v2/models/clf/infer HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            conn.sendall(head.encode() + body[:20])
+            time.sleep(0.3)  # the route has looked up clf (version 1) and waits for the body
+            write_model(repo, "clf", 2, "classification", seed=42)
+            assert load(server.url, "clf").json()["version"] == "2"
+            conn.sendall(body[20:])
+            answer = b""
+            while not (b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}")):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        head_text, _, payload = answer.decode().partition("\r\n\r\n")
+        assert head_text.startswith("HTTP/1.1 200 OK"), answer
+        assert orjson.loads(payload)["model_version"] == "1"
+        fresh = predict(server.url, ROWS)
+        assert fresh.status_code == 200 and fresh.json()["model_version"] == "2"
