@@ -224,3 +224,7 @@ def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_i
         assert orjson.loads(payload)["model_version"] == "1"
         fresh = predict(server.url, ROWS)
         assert fresh.status_code == 200 and fresh.json()["model_version"] == "2"
+        # SIGTERM while version 1 is still retiring: it is drained at once, not after its grace period
+        t0 = time.monotonic()
+        assert server.terminate() == 0
+        assert time.monotonic() - t0 < 10
