@@ -67,3 +67,44 @@ model: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# ---- Benchmarks (bench/, written to docs/BENCHMARKS.md) -----------------------------------------
+# make bench [BENCH_PRESET=reduced|full|smoke]; each part alone: bench-quality, bench-cost, bench-server.
+# Part 4 (GPU) is bench/gpu.sh, on a machine with an NVIDIA GPU.
+BENCH_PRESET ?= reduced
+TRITON_VENV ?= .venv-triton
+.PHONY: bench-deps bench-triton-venv bench-quality bench-cost bench-server bench-report bench-gpu
+
+# wrk (Debian) drives the load; py-spy profiles the server where a target is missed.
+bench-deps: $(VENV)/.dev-installed
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }; } || \
+	  { echo "make bench-deps: install Debian's 'wrk' package (apt-get install wrk, as root)" >&2; exit 1; }
+	@$(VENV)/bin/py-spy --version >/dev/null 2>&1 || $(PY) -m pip install -q py-spy
+
+# Triton through PyTriton needs Debian's python3.11 (the pyenv Python lacks the libpython it loads).
+$(TRITON_VENV)/bin/python:
+	@[ -x /usr/bin/python3.11 ] || { echo "make bench-triton-venv: needs Debian's python3.11 and python3.11-venv" >&2; exit 1; }
+	/usr/bin/python3.11 -m venv $(TRITON_VENV) || { rm -rf $(TRITON_VENV); \
+	  echo "make bench-triton-venv: apt-get install python3.11-venv" >&2; exit 1; }
+	$(TRITON_VENV)/bin/pip install -q nvidia-pytriton==0.7.0 onnxruntime numpy pydantic
+
+bench-triton-venv: $(TRITON_VENV)/bin/python
+
+bench: install bench-deps bench-triton-venv
+	$(PY) -m bench all --preset $(BENCH_PRESET)
+
+bench-quality: install
+	$(PY) -m bench quality --preset $(BENCH_PRESET)
+
+bench-cost: install
+	$(PY) -m bench cost --preset $(BENCH_PRESET)
+
+bench-server: install bench-deps bench-triton-venv
+	$(PY) -m bench server --preset $(BENCH_PRESET)
+
+bench-report: install
+	$(PY) -m bench report
+
+bench-gpu:
+	bash bench/gpu.sh

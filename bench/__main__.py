@@ -1,0 +1,194 @@
+"""`python -m bench quality|cost|server|report|all [--preset reduced]` — see docs/BENCHMARKS.md.
+
+Each part writes bench/results/<part>.json (with machine, date, load and command) and regenerates
+docs/BENCHMARKS.md and its figures. `--preset smoke` checks everything runs in minutes;
+`reduced` produced the published numbers; `full` is the long version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bench import report
+from bench.machine import describe
+from bench.presets import PRESETS, Preset
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+DOCS = report.REPO_ROOT / "docs"
+
+PresetOption = Annotated[str, typer.Option(help="smoke | reduced | full")]
+WorkloadOption = Annotated[str, typer.Option(help="comma-separated: digits,mnist1d_wide")]
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise typer.BadParameter(
+            f"unknown preset {name!r}; one of {', '.join(PRESETS)}", param_hint="--preset"
+        )
+    return PRESETS[name]
+
+
+def _command() -> str:
+    return "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _save(part: str, result: dict[str, Any]) -> None:
+    path = report.RESULTS / f"{part}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    typer.echo(f"wrote {path.relative_to(report.REPO_ROOT)}")
+
+
+def _workloads(names: str) -> list[Any]:
+    from bench.workloads import digits, wide
+
+    makers = {"digits": digits, "mnist1d_wide": wide}
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in makers]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown workload(s) {unknown}; known: {list(makers)}", param_hint="--workloads"
+        )
+    return [makers[n]() for n in chosen]
+
+
+@app.command()
+def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip_shift: bool = False) -> None:
+    """Part 1: ensemble vs KD vs Hydra on four datasets, ablations, shift severity, figures."""
+    from bench import plots
+    from bench.quality import aggregate, run_ablations, run_main, run_shift
+
+    p = _preset(preset)
+    plan = p.quality
+    meta = describe(_command())
+    t0 = time.perf_counter()
+    runs = run_main(plan, log=typer.echo)
+    result: dict[str, Any] = {
+        "preset": p.name,
+        "plan": dataclasses.asdict(plan),
+        "machine": meta,
+        "runs": runs,
+        "aggregate": aggregate(runs, "dataset"),
+    }
+    if not skip_ablations:
+        ab = run_ablations(plan, log=typer.echo)
+        result["ablations"] = ab
+        result["ablation_aggregate"] = aggregate(ab, "variant")
+    seed0 = {r["dataset"]: Path(r["package"]) for r in runs if r["seed"] == plan.seeds[0]}
+    if not skip_shift and plan.shift_dataset in seed0:
+        result["shift"] = run_shift(seed0[plan.shift_dataset], plan)
+    result["seconds"] = time.perf_counter() - t0
+    _save("quality", result)
+    plots.quality_figures(seed0, DOCS)
+    if "shift" in result:
+        plots.shift_figure(result["shift"], DOCS / "quality_shift.png")
+    if "ablation_aggregate" in result:
+        plots.ablation_figure(result["ablation_aggregate"], DOCS / "quality_ablations.png")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def cost(
+    preset: PresetOption = "reduced",
+    workloads: WorkloadOption = "digits,mnist1d_wide",
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,64,256",
+    provider: Annotated[str, typer.Option(help="ORT execution provider")] = "CPUExecutionProvider",
+    io_binding: bool = False,
+    output: Annotated[str, typer.Option(help="results name (gpu_cost on GPU)")] = "cost",
+) -> None:
+    """Part 2: rows/s and latency of Hydra, the ensemble and one member, next to their FLOP ratio."""
+    from bench import plots
+    from bench.cost import run_cost
+
+    p = _preset(preset)
+    meta = describe(_command())
+    sizes = tuple(int(b) for b in batches.split(","))
+    result = run_cost(_workloads(workloads), sizes, p.cost_seconds, provider=provider, io_binding=io_binding)
+    result["machine"] = meta
+    result["preset"] = p.name
+    _save(output, result)
+    plots.cost_figure(result, DOCS / f"{output}.png")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def server(
+    preset: PresetOption = "reduced",
+    workloads: WorkloadOption = "digits,mnist1d_wide",
+    max_batch_size: int = 64,
+    max_queue_delay_ms: float = 2.0,
+    configs: Annotated[
+        str, typer.Option(help="comma-separated: hydra,hydra-b1,triton")
+    ] = "hydra,hydra-b1,triton",
+    output: Annotated[str, typer.Option(help="results name (gpu_server on GPU)")] = "server",
+) -> None:
+    """Part 3: our server (batching on/off) vs Triton vs the in-process ceiling, under wrk load."""
+    from bench import plots
+    from bench.loadgen import wrk_binary
+    from bench.server import run_server
+
+    p = _preset(preset)
+    wrk_binary()  # fail before any server starts
+    meta = describe(_command())
+    result = run_server(
+        _workloads(workloads),
+        seconds=p.server_seconds,
+        max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms,
+        configs=tuple(configs.split(",")),
+        log=typer.echo,
+        **p.server,
+    )
+    result["machine"] = meta
+    result["preset"] = p.name
+    _save(output, result)
+    plots.server_figure(result, DOCS / f"{output}.png")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command("build-model")
+def build_model() -> None:
+    """Train and export the compute-bound mnist1d_wide workload (bench/build/models)."""
+    from bench.workloads import BUILD, build_wide_model
+
+    typer.echo(f"wrote {build_wide_model(BUILD / 'models')}")
+
+
+@app.command("report")
+def report_cmd() -> None:
+    """Regenerate docs/BENCHMARKS.md from bench/results/*.json."""
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command("all")
+def all_parts(preset: PresetOption = "reduced") -> None:
+    """Parts 1-3 in order (part 4 is bench/gpu.sh)."""
+    cost(
+        preset=preset,
+        workloads="digits,mnist1d_wide",
+        batches="1,64,256",
+        provider="CPUExecutionProvider",
+        io_binding=False,
+        output="cost",
+    )
+    server(
+        preset=preset,
+        workloads="digits,mnist1d_wide",
+        max_batch_size=64,
+        max_queue_delay_ms=2.0,
+        configs="hydra,hydra-b1,triton",
+        output="server",
+    )
+    quality(preset=preset, skip_ablations=False, skip_shift=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,96 @@
+"""What a result was measured on: machine, load, versions, date, command, commit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def busiest_processes(n: int = 5) -> list[str]:
+    """The processes using the most CPU right now (other work on a shared machine skews timings)."""
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [" ".join(line.split()) for line in out.stdout.splitlines()[1 : n + 1]]
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def describe(command: str) -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnx", "torch", "numpy", "uvicorn", "fastapi"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "gpu": gpu_name(),
+        "os": platform.platform(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "busiest_processes_at_start": busiest_processes(),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty_paths": (_git("status", "--porcelain", "--", "training", "service", "bench") or "").count(
+            "\n"
+        )
+        + bool(_git("status", "--porcelain", "--", "training", "service", "bench")),
+        "versions": versions,
+        "argv": sys.argv,
+    }

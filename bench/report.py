@@ -1,0 +1,433 @@
+# ruff: noqa: E501  (long lines here are Markdown prose and table cells, kept whole for readability)
+"""docs/BENCHMARKS.md from bench/results/*.json: every table from a recorded run, with its machine,
+date and command. Parts that have not been run say so instead of showing numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "bench" / "results"
+DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
+
+
+def load(part: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{part}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pm(agg: dict[str, Any], key: str, digits: int = 3) -> str:
+    if key not in agg:
+        return "—"
+    v = agg[key]
+    if v["n"] > 1:
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+    return f"{v['mean']:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _provenance(meta: dict[str, Any]) -> str:
+    load_ = meta.get("loadavg_at_start")
+    busy = "; ".join(meta.get("busiest_processes_at_start", [])[:3])
+    gpu = meta.get("gpu") or "none"
+    return (
+        f"*Run {meta['date_utc']} on {meta['cpu']} ({meta['cores']} cores, {meta.get('memory_gib')} GiB, GPU: {gpu}), "
+        f"commit `{meta.get('git_commit')}`, load average at start {load_} (busiest: {busy}). "
+        f"Command: `{meta['command']}`.*"
+    )
+
+
+def _check(met: bool) -> str:
+    return "**met**" if met else "**missed**"
+
+
+# ------------------------------------------------------------------------------------------ quality
+
+
+def quality_section(q: dict[str, Any] | None) -> str:
+    if q is None:
+        return "## 1. Quality: ensemble vs KD vs Hydra\n\nNot run yet: `make bench-quality`.\n"
+    out = ["## 1. Quality: ensemble vs KD vs Hydra", "", _provenance(q["machine"]), ""]
+    plan = q["plan"]
+    out.append(
+        f"Preset `{q['preset']}`: datasets {', '.join(plan['datasets'])}; seeds {plan['seeds']} (mean ± std over "
+        f"seeds, population std); {plan['members']} teachers; epochs per stage: "
+        + ", ".join(f"{d} {plan['epochs'].get(d) or 'preset'}" for d in plan["datasets"])
+        + f' ("preset" = training/pipeline.py PRESETS). Wall time {q["seconds"]:.0f} s. Every number is '
+        "from `training.pipeline.run_all` (evaluation on the exported ONNX graphs). OOD: positive class, "
+        "each method's own score (ensemble/Hydra: mutual information or variance of means; KD, one head: "
+        "total entropy / total variance). Retention = (AUROC_Hydra − 0.5) / (AUROC_ensemble − 0.5)."
+    )
+    out.append("")
+    agg = q["aggregate"]
+    for dataset, a in agg.items():
+        run = next(r for r in q["runs"] if r["dataset"] == dataset)
+        oods = list(run["methods"]["hydra"]["ood"])
+        classification = "methods.hydra.test.accuracy" in a
+        quality_keys = (
+            ["accuracy", "nll", "ece", "brier"]
+            if classification
+            else ["rmse", "nll", "coverage_95", "mean_interval_width"]
+        )
+        header = ["method", *quality_keys, *[f"AUROC {o}" for o in oods], *[f"FPR95 {o}" for o in oods]]
+        rows = []
+        for m in ("ensemble", "kd", "hydra"):
+            rows.append(
+                [
+                    m,
+                    *[_pm(a, f"methods.{m}.test.{k}") for k in quality_keys],
+                    *[_pm(a, f"methods.{m}.ood.{o}.auroc") for o in oods],
+                    *[_pm(a, f"methods.{m}.ood.{o}.fpr_at_95tpr", 2) for o in oods],
+                ]
+            )
+        out += [f"### {dataset}", "", _table(header, rows), ""]
+        fid = [
+            ["MI/variance Spearman vs ensemble", _pm(a, "fidelity.spearman")],
+            ["MI/variance RMSE vs ensemble", _pm(a, "fidelity.rmse", 4)],
+            *[[f"AUROC retention, {o}", _pm(a, f"methods.hydra.ood.{o}.retention")] for o in oods],
+            *[[f"KD AUROC retention, {o}", _pm(a, f"methods.kd.ood.{o}.retention")] for o in oods],
+            ["conformal false-alarm rate at α = 0.01 (ID test)", _pm(a, "conformal.false_alarm_rate.0.01")],
+            ["conformal false-alarm rate at α = 0.05 (ID test)", _pm(a, "conformal.false_alarm_rate.0.05")],
+            *[[f"flag rate at α = 0.05, {o}", _pm(a, f"conformal.ood_flag_rate.{o}")] for o in oods],
+        ]
+        out += [_table(["Hydra fidelity", "value"], fid), ""]
+    out += [
+        "![MI scatter](quality_mi_scatter.png)",
+        "",
+        "![OOD ROC](quality_ood_roc.png)",
+        "",
+        "![reliability](quality_reliability.png)",
+        "",
+    ]
+    out += [
+        "Figures: seed 0 of each dataset. MI scatter: Hydra's vs the ensemble's knowledge uncertainty per input "
+        "(test and OOD sets); ROC: each method's own OOD score; reliability: 15 equal-width bins (bins with ≥ 5 rows).",
+        "",
+    ]
+    if q.get("ablations"):
+        out.append(ablation_section(q))
+    if q.get("shift"):
+        out.append(shift_section(q["shift"]))
+    return "\n".join(out)
+
+
+def ablation_section(q: dict[str, Any]) -> str:
+    plan = q["plan"]
+    agg = q["ablation_aggregate"]
+    first = next(iter(q["ablations"]))
+    oods = list(first["methods"]["hydra"]["ood"])
+    header = [
+        "variant",
+        "M",
+        "Hydra acc",
+        "NLL",
+        "ECE",
+        *[f"AUROC {o}" for o in oods],
+        "retention (mean)",
+        "MI Spearman",
+        "false alarm α=.05",
+        "distil+export+eval s",
+    ]
+    members = {r["variant"]: r["members"] for r in q["ablations"]}
+    seconds: dict[str, list[float]] = {}
+    for r in q["ablations"]:
+        seconds.setdefault(r["variant"], []).append(r["seconds"])
+    rows = []
+    for name, a in agg.items():
+        rows.append(
+            [
+                name,
+                str(members[name]),
+                _pm(a, "methods.hydra.test.accuracy"),
+                _pm(a, "methods.hydra.test.nll"),
+                _pm(a, "methods.hydra.test.ece"),
+                *[_pm(a, f"methods.hydra.ood.{o}.auroc") for o in oods],
+                _pm(a, "retention_mean"),
+                _pm(a, "fidelity.spearman"),
+                _pm(a, "conformal.false_alarm_rate.0.05"),
+                f"{sum(seconds[name]) / len(seconds[name]):.0f}",
+            ]
+        )
+    notes = (
+        "Variants change one thing against `default` (the dataset's preset: 8 teachers, linear heads, phase 1 then "
+        "phase 2 with the body at 0.1× the learning rate, T = 2, transfer set = train + 2 mixup + 2 noisy copies, "
+        "no diversity penalty). `M=4/16`: teachers and heads. `2-layer heads`: the last two dense layers per head "
+        "(own teachers, same seeds). `phase 1 off`: phase 2 from an untrained body for the same total epochs, body at "
+        "full rate (heads start identical). `body frozen` / `body full lr`: phase-2 body rate 0 / 1×. `T=1/4`: "
+        "distillation temperature. `diversity w`: Hydra+-style penalty w × mean pairwise cosine similarity of head "
+        "weights. `transfer: train only`: distil on the training inputs alone."
+    )
+    return "\n".join(
+        [
+            f"### Ablations ({plan['ablation_dataset']}, seeds {plan['ablation_seeds']}, epochs "
+            f"{plan['ablation_epochs'] or 'preset'})",
+            "",
+            notes,
+            "",
+            _table(header, rows),
+            "",
+            "![ablations](quality_ablations.png)",
+            "",
+        ]
+    )
+
+
+def shift_section(shift: dict[str, Any]) -> str:
+    header = [
+        "severity k",
+        "acc ens",
+        "acc KD",
+        "acc Hydra",
+        "MI ens",
+        "MI Hydra",
+        "entropy KD",
+        "Hydra flag rate",
+    ]
+    rows = []
+    for e in shift["levels"]:
+        rows.append(
+            [
+                str(e["level"]),
+                f"{e['ensemble']['accuracy']:.3f}",
+                f"{e['kd']['accuracy']:.3f}",
+                f"{e['hydra']['accuracy']:.3f}",
+                f"{e['ensemble']['mutual_information']:.4f}",
+                f"{e['hydra']['mutual_information']:.4f}",
+                f"{e['kd']['total_entropy']:.3f}",
+                f"{e['hydra']['flag_rate']:.3f}",
+            ]
+        )
+    return "\n".join(
+        [
+            "### Uncertainty vs shift severity (MNIST-1D)",
+            "",
+            "MNIST-1D regenerated by its own generator (another seed per level) with correlated noise × (1 + 0.6k) and "
+            f"shear × (1 + 0.2k); k = 5 is the `shifted` OOD set's strength. Package: seed 0 of the main run. Flag rate: "
+            f"Hydra's conformal OOD flag at α = {shift['alpha']} (calibrated on unshifted data: ≈ α at k = 0).",
+            "",
+            _table(header, rows),
+            "",
+            "![shift](quality_shift.png)",
+            "",
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------- cost
+
+
+def cost_section(c: dict[str, Any] | None, title: str = "## 2. Serving cost: Hydra vs the ensemble") -> str:
+    if c is None:
+        return f"{title}\n\nNot run yet: `make bench-cost`.\n"
+    out = [
+        title,
+        "",
+        _provenance(c["machine"]),
+        "",
+        f"In-process ONNX Runtime {c['machine']['versions'].get('onnxruntime') or c['machine']['versions'].get('onnxruntime-gpu')}, "
+        f"provider {c['provider']}{' with IO binding' if c['io_binding'] else ''}, session options as the server's "
+        f"(default intra-op threads, no spin-waiting). Each graph ran ≈ {c['seconds_per_cell']} s per batch size, the "
+        "three graphs interleaved in 5 slices so that background load hits them alike. FLOPs are counted from each "
+        "graph by `bench/flops.py` (2 per multiply-accumulate; element-wise ops 1 per element; see its docstring). "
+        "`member` is one teacher cut out of `ensemble.onnx` (`bench/members.py`).",
+        "",
+    ]
+    for name, w in c["workloads"].items():
+        f = w["flops_per_row"]
+        out += [
+            f"### {name} (`{w['package']}`)",
+            "",
+            f"FLOPs per row: Hydra {f['hydra']:,}, ensemble {f['ensemble']:,}, one member {f['member']:,}. "
+            f"FLOP ratio ensemble / Hydra = **{w['flop_ratio_ensemble_over_hydra']:.2f}**; Hydra / member = "
+            f"{w['flop_ratio_hydra_over_member']:.3f}.",
+            "",
+        ]
+        header = [
+            "batch",
+            "Hydra rows/s",
+            "ensemble rows/s",
+            "member rows/s",
+            "Hydra p50 / p99 ms",
+            "ensemble p50 / p99 ms",
+            "speedup",
+            "speedup / FLOP ratio",
+            "target ≥ 0.9",
+        ]
+        rows = []
+        for cell in w["cells"]:
+            t = cell["timings"]
+            rows.append(
+                [
+                    str(cell["batch"]),
+                    f"{t['hydra']['rows_per_s']:,.0f}",
+                    f"{t['ensemble']['rows_per_s']:,.0f}",
+                    f"{t['member']['rows_per_s']:,.0f}",
+                    f"{t['hydra']['p50_ms']:.3f} / {t['hydra']['p99_ms']:.3f}",
+                    f"{t['ensemble']['p50_ms']:.3f} / {t['ensemble']['p99_ms']:.3f}",
+                    f"{cell['speedup_vs_ensemble']:.2f}×",
+                    f"{cell['speedup_over_flop_ratio']:.2f}",
+                    _check(cell["target_met"]),
+                ]
+            )
+        out += [_table(header, rows), ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------- server
+
+
+def server_section(s: dict[str, Any] | None, title: str = "## 3. The server under load") -> str:
+    if s is None:
+        return f"{title}\n\nNot run yet: `make bench-server`.\n"
+    out = [
+        title,
+        "",
+        _provenance(s["machine"]),
+        "",
+        f"V2 JSON `infer` requests (the same bytes for every server; no `outputs`, so every default answer tensor) "
+        f"from `wrk` (Debian's package, `bench/wrk_post.lua`) in its own process on loopback: {s['seconds_per_cell']} s "
+        f"per cell after a 1 s warm-up. (a) `hydra`: our server, max batch {s['max_batch_size']} rows, queue delay "
+        f"{s['max_queue_delay_ms']} ms; (b) `hydra-b1`: our server with max batch size 1 (every row its own model "
+        "run; a 32-row request is split into 32 runs); (c) `triton`: Triton through PyTriton 0.7.0 (Debian "
+        f"python3.11 venv), dynamic batcher with the same max batch and delay, its Python backend running the same "
+        "ONNX graph in ONNX Runtime and the same `service.inference` answer code; (d) in-process ORT on `model.onnx` "
+        "at the batch the cell could form, min(rows × clients, max batch). Latencies are wrk's, per request. "
+        "`batch` is the mean rows per model run during the cell (from each server's own counters).",
+        "",
+    ]
+    configs = s["configs"]
+    for name, w in s["workloads"].items():
+        out += [f"### {name}", ""]
+        for n_rows in sorted({c["rows_per_request"] for c in w["cells"]}):
+            header = ["clients"]
+            for cfg in configs:
+                header += [f"{cfg} rows/s", f"{cfg} p50 / p99 ms", f"{cfg} err", f"{cfg} batch"]
+            header += ["(d) ORT rows/s", "(a)/(d)"]
+            rows = []
+            for conc in sorted({c["concurrency"] for c in w["cells"] if c["rows_per_request"] == n_rows}):
+                row = [str(conc)]
+                a_cell = None
+                for cfg in configs:
+                    cell = next(
+                        (
+                            c
+                            for c in w["cells"]
+                            if c["config"] == cfg
+                            and c["rows_per_request"] == n_rows
+                            and c["concurrency"] == conc
+                        ),
+                        None,
+                    )
+                    if cell is None:
+                        row += ["—"] * 4
+                        continue
+                    a_cell = cell if cfg == "hydra" else a_cell
+                    row += [
+                        f"{cell['rows_per_s']:,.0f}",
+                        f"{cell['p50_ms']:.1f} / {cell['p99_ms']:.1f}",
+                        str(cell["errors"]),
+                        str(cell["mean_batch_rows"]),
+                    ]
+                if a_cell is not None:
+                    d = w["ceiling"][str(a_cell["ceiling_batch"])]["rows_per_s"]
+                    row += [
+                        f"{d:,.0f} (b={a_cell['ceiling_batch']})",
+                        f"{100 * a_cell['fraction_of_ceiling']:.1f}%",
+                    ]
+                else:
+                    row += ["—", "—"]
+                rows.append(row)
+            out += [f"**{n_rows}-row requests**", "", _table(header, rows), ""]
+        out += [
+            "Targets:",
+            "",
+            _table(
+                ["target", "measured", ""],
+                [[t["target"], t["value"], _check(t["met"])] for t in w["targets"]],
+            ),
+            "",
+        ]
+        for cell, prof in w.get("profiles", {}).items():
+            leaf = ", ".join(f"{k} {v}%" for k, v in prof["leaf_percent"][:8])
+            out += [
+                f"py-spy, (a) at {cell.replace('x', ' rows × ')} clients ({prof['samples']} samples, all threads, "
+                f"% of samples by leaf function): {leaf}.",
+                "",
+            ]
+    out += ["![server](server.png)", ""]
+    return "\n".join(out)
+
+
+def write(extra: dict[str, str] | None = None) -> Path:
+    q, c, s = load("quality"), load("cost"), load("server")
+    gpu_cost, gpu_server = load("gpu_cost"), load("gpu_server")
+    parts = [HEADER, headline(q, c, s), quality_section(q), cost_section(c), server_section(s)]
+    if gpu_cost or gpu_server:
+        parts += [
+            cost_section(gpu_cost, "## 4a. GPU: serving cost"),
+            server_section(gpu_server, "## 4b. GPU: server"),
+        ]
+    else:
+        parts.append(GPU_PENDING)
+    for title, text in (extra or {}).items():
+        parts.append(f"## {title}\n\n{text}\n")
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n\n".join(p.rstrip() for p in parts) + "\n")
+    return DOC
+
+
+HEADER = """# Benchmarks
+
+Generated by `python -m bench report` from `bench/results/*.json` (each part rewrites its JSON and this file:
+`make bench` runs all parts; `make bench-quality`, `make bench-cost`, `make bench-server` one each; `bench/gpu.sh`
+on a GPU machine). Every table and figure below comes from the run whose machine, date, load and command head
+its section — nothing is typed in by hand. Measurements on a shared 2-core machine: compare numbers *within* a
+section (same run), not across sections."""
+
+GPU_PENDING = """## 4. GPU
+
+**Pending.** No GPU was available to this work. `bench/gpu.sh` is the prepared run: on a machine with an NVIDIA
+GPU, `nvidia-smi` and `onnxruntime-gpu`, it runs parts 2 and 3 with the CUDA execution provider (the server with
+`HYDRA_EXECUTION_PROVIDERS=cuda`, which uses IO binding; part 2 with IO binding too) at batch 1, 64, 256 and 1024,
+and writes `bench/results/gpu_cost.json` and `gpu_server.json`, which this file then shows as sections 4a/4b with
+the card's name. Without a GPU it stops at once with a message saying what is missing."""
+
+
+def headline(q: dict[str, Any] | None, c: dict[str, Any] | None, s: dict[str, Any] | None) -> str:
+    lines = ["## Headline", ""]
+    if c:
+        for name, w in c["workloads"].items():
+            sp = ", ".join(f"{x['speedup_vs_ensemble']:.2f}× at batch {x['batch']}" for x in w["cells"])
+            lines.append(
+                f"- **Serving cost ({name})**: Hydra runs {sp} faster than the {w['flop_ratio_ensemble_over_hydra']:.2f}×-FLOP "
+                f"ensemble it replaces; target ≥ 0.9 × FLOP ratio {'met at every batch' if all(x['target_met'] for x in w['cells']) else 'missed at some batch (see §2)'}."
+            )
+    if q:
+        for dataset, a in q["aggregate"].items():
+            if "methods.hydra.test.accuracy" in a:
+                lines.append(
+                    f"- **Quality ({dataset})**: accuracy ensemble {_pm(a, 'methods.ensemble.test.accuracy')}, "
+                    f"KD {_pm(a, 'methods.kd.test.accuracy')}, Hydra {_pm(a, 'methods.hydra.test.accuracy')}; "
+                    f"Hydra keeps {_pm(a, 'retention_mean', 2)} of the ensemble's OOD AUROC margin (mean over OOD sets), "
+                    f"MI Spearman {_pm(a, 'fidelity.spearman', 2)}."
+                )
+            else:
+                lines.append(
+                    f"- **Quality ({dataset})**: RMSE ensemble {_pm(a, 'methods.ensemble.test.rmse')}, Hydra "
+                    f"{_pm(a, 'methods.hydra.test.rmse')}; 95% coverage {_pm(a, 'methods.ensemble.test.coverage_95', 2)} vs "
+                    f"{_pm(a, 'methods.hydra.test.coverage_95', 2)}; retention {_pm(a, 'retention_mean', 2)}."
+                )
+    if s:
+        for name, w in s["workloads"].items():
+            for t in w["targets"]:
+                lines.append(f"- **Server ({name})**: {t['target']}: {t['value']} — {_check(t['met'])}.")
+    if len(lines) == 2:
+        lines.append("No part has been run yet.")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Start the servers under test as separate processes on a free loopback port.
+
+- `hydra_server`: `python -m service` (uvicorn, our settings as flags), one model repository.
+- `triton_server`: bench/triton_server.py under `.venv-triton` (Debian python3.11 + nvidia-pytriton).
+Both yield (base URL, pid) once the model answers ready, and are stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRITON_VENV = REPO_ROOT / ".venv-triton"
+# PyTriton guards Triton's statistics API with a token; this process picks it and tells the server
+TRITON_TOKEN = secrets.token_urlsafe(16)
+
+
+class TritonUnavailable(RuntimeError):
+    pass
+
+
+def free_port(span: int = 1) -> int:
+    """A free loopback port p such that p..p+span-1 are free too (Triton takes three)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + span >= 65535:
+            continue
+        try:
+            for extra in range(1, span):
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", port + extra))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free loopback port range")
+
+
+def _wait_ready(url: str, model: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v2/models/{model}/ready", timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} not ready after {timeout_s}s")
+
+
+@contextlib.contextmanager
+def _running(
+    cmd: list[str], env: dict[str, str], url: str, model: str, log: Path, timeout_s: float
+) -> Iterator[tuple[str, int]]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as sink:
+        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(url, model, process, timeout_s)
+            yield url, process.pid
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def hydra_server(
+    repository: Path, model: str, *, max_batch_size: int, max_queue_delay_ms: float, log: Path
+) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-repository",
+        str(repository),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--max-queue-delay-ms",
+        str(max_queue_delay_ms),
+        "--log-level",
+        "warning",
+        "--max-queue-size",
+        "4096",
+    ]
+    return _running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
+
+
+def triton_python() -> Path:
+    python = TRITON_VENV / "bin" / "python"
+    if not python.exists():
+        raise TritonUnavailable(
+            f"{python} missing: run `make bench-triton-venv` (Debian python3.11 + nvidia-pytriton)"
+        )
+    return python
+
+
+def triton_server(
+    package: Path, model: str, *, max_batch_size: int, max_queue_delay_ms: float, log: Path
+) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    port = free_port(span=3)
+    cmd = [
+        str(triton_python()),
+        str(REPO_ROOT / "bench" / "triton_server.py"),
+        "--package",
+        str(package),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--max-queue-delay-us",
+        str(int(max_queue_delay_ms * 1000)),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["BENCH_TRITON_TOKEN"] = TRITON_TOKEN
+    return _running(cmd, env, f"http://127.0.0.1:{port}", model, log, 180)
+
+
+def hydra_batch_stats(url: str, model: str) -> tuple[int, int]:
+    """(batches, rows) our batcher has run so far (V1 model metadata)."""
+    b = httpx.get(f"{url}/v1/models/{model}", timeout=5).json()["batching"]
+    return int(b["batches"]), int(b["rows"])
+
+
+def triton_batch_stats(url: str, model: str) -> tuple[int, int]:
+    """(executions, inferences) from Triton's statistics extension."""
+    headers = {"triton-access-token": TRITON_TOKEN}
+    s = httpx.get(f"{url}/v2/models/{model}/stats", timeout=5, headers=headers).json()["model_stats"][0]
+    return int(s["execution_count"]), int(s["inference_count"])

@@ -1,0 +1,95 @@
+"""Result bookkeeping of the bench parts: profiles, targets, seed aggregation, request bodies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.loadgen import v2_body
+from bench.profiling import summarise
+from bench.quality import aggregate
+from bench.server import targets
+
+
+def test_profile_summary_shares_by_leaf_and_inclusive(tmp_path: Path) -> None:
+    raw = tmp_path / "prof.txt"
+    raw.write_text(
+        "thread (0x1);main (a.py:1);handle (/x/site-packages/app/h.py:5);"
+        "loads (/x/site-packages/orjson.py:3) 30\n"
+        "thread (0x1);main (a.py:1);handle (/x/site-packages/app/h.py:5) 10\n"
+        "thread (0x2);worker (/r/service/batcher.py:9);run (/r/service/runtime.py:2) 60\n"
+    )
+    s = summarise(raw)
+    assert s["samples"] == 100
+    assert dict(s["leaf_percent"]) == {
+        "run (service/runtime.py)": 60.0,
+        "loads (orjson.py)": 30.0,
+        "handle (app/h.py)": 10.0,
+    }
+    assert dict(s["inclusive_percent"])["handle (app/h.py)"] == 40.0
+
+
+def _cell(config: str, rows: int, conc: int, rps: float, p99: float, frac: float = 0.1) -> dict[str, object]:
+    return {
+        "config": config,
+        "rows_per_request": rows,
+        "concurrency": conc,
+        "rows_per_s": rps,
+        "p99_ms": p99,
+        "fraction_of_ceiling": frac,
+    }
+
+
+def test_targets_need_throughput_and_latency() -> None:
+    rows = [
+        _cell("hydra", 1, 32, 3000, 20),
+        _cell("triton", 1, 32, 1000, 30),  # 3x, lower p99: met
+        _cell("hydra", 32, 32, 9000, 50),
+        _cell("triton", 32, 32, 3000, 40),  # 3x but higher p99: missed
+        _cell("hydra", 1, 64, 2000, 30, 0.6),
+        _cell("hydra-b1", 1, 64, 400, 100),  # 5x: met
+    ]
+    got = {t["target"]: t["met"] for t in targets(rows, "mnist1d_wide")}
+    assert got["(a) >= 2x (c) rows/s at equal or lower p99, concurrency 32, 1-row requests"] is True
+    assert got["(a) >= 2x (c) rows/s at equal or lower p99, concurrency 32, 32-row requests"] is False
+    assert got["(a) >= 4x (b) rows/s, compute-bound model, 64 concurrent one-row clients"] is True
+    assert got["(a) >= 50% of (d), the in-process ORT ceiling at the same batch"] is False  # 1 of 3 cells
+    # the batching-off target is about the compute-bound model only
+    assert not any("4x (b)" in t["target"] for t in targets(rows, "digits"))
+
+
+def test_aggregate_mean_and_population_std_over_seeds() -> None:
+    def run(seed: int, acc: float) -> dict[str, object]:
+        return {
+            "dataset": "d",
+            "seed": seed,
+            "methods": {"hydra": {"test": {"accuracy": acc}, "ood_score": "mi"}},
+            "retention_mean": acc / 2,
+            "fidelity": {"spearman": 1.0},
+            "conformal": {"flag": True},
+        }
+
+    agg = aggregate([run(0, 0.8), run(1, 0.9)], "dataset")["d"]
+    assert agg["methods.hydra.test.accuracy"] == {
+        "mean": pytest.approx(0.85),
+        "std": pytest.approx(0.05),
+        "n": 2,
+    }
+    assert agg["retention_mean"]["mean"] == pytest.approx(0.425)
+    assert "conformal.flag" not in agg  # booleans and strings are not averaged
+
+
+def test_v2_body_is_a_valid_infer_request() -> None:
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    body = json.loads(v2_body(rows))
+    (tensor,) = body["inputs"]
+    assert tensor == {
+        "name": "input",
+        "shape": [2, 3],
+        "datatype": "FP32",
+        "data": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+    }
+    assert "outputs" not in body
