@@ -142,6 +142,7 @@ def test_fuzz_every_route_short(fuzz_server: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 35 requests/s on a busy 2-core machine: 5-10 minutes
 def test_fuzz_every_route_10k(fuzz_server: Server) -> None:
     figures = fuzz(fuzz_server, examples_per_operation=1400)
     assert figures["requests"] >= 10_000

@@ -148,11 +148,13 @@ def test_overload_10x_short(wide_server: Server, pool: RowPool) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_overload_10x_60s(wide_server: Server, pool: RowPool) -> None:
     run_overload(wide_server, pool, factor=10.0, seconds=60.0)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the 600 s run plus set-up and checks, past pytest's 600 s default
 def test_soak_at_70_percent(wide_server: Server, pool: RowPool) -> None:
     seconds = float(os.environ.get("HYDRA_SOAK_S", "600"))
     capacity, _ = _capacity(wide_server, pool, 3.0)
