@@ -28,6 +28,7 @@ from service.manifest import ModelManifest, OODCalibration, OutputNames, Provena
 from training.config import ArchConfig, DataConfig, DistilConfig, RunConfig, TeacherConfig
 from training.data import TaskData, load_data
 from training.distill import distil
+from training.distributed import from_main, gather_members, rank_members, save_on_main, world_size
 from training.evaluate import evaluate
 from training.export import INPUT_NAME, export_onnx, graph_summary, output_names
 from training.models import HydraNet, PackagedModel
@@ -130,13 +131,14 @@ def stage_teachers(
     start = time.perf_counter()
     results = []
     total = cfg.teacher.members * cfg.teacher.epochs
-    for m in range(cfg.teacher.members):
+    for m in rank_members(cfg.teacher.members):  # under torchrun: this rank's share
 
         def tick(epoch: int, val: float, m: int = m) -> None:
             progress("teachers", m * cfg.teacher.epochs + epoch + 1, total, f"member {m} val {val:.3f}")
 
         results.append(train_member(cfg, data, m, cfg.seed, device, on_epoch=tick))
         progress("teachers", (m + 1) * cfg.teacher.epochs, total, f"member {m} done")
+    results = gather_members(results)  # every rank gets every member
     seconds = time.perf_counter() - start
     summary = [
         {
@@ -148,8 +150,13 @@ def stage_teachers(
         }
         for r in results
     ]
-    torch.save(
-        {"states": [r.state_dict for r in results], "summary": summary, "seconds": seconds},
+    save_on_main(
+        {
+            "states": [r.state_dict for r in results],
+            "summary": summary,
+            "seconds": seconds,
+            "world_size": world_size(),  # >1: members spread over torchrun ranks
+        },
         run_dir / "teachers.pt",
     )
     return {"seconds": seconds, "members": summary}
@@ -162,7 +169,9 @@ def _load_teachers(cfg: RunConfig, data: TaskData, run_dir: Path) -> tuple[list[
 
 def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
     device = setup(cfg)
-    members, _ = _load_teachers(cfg, data, run_dir)
+    # rank 0 reads the checkpoint it wrote and hands the states to the others (no shared disk needed)
+    states = from_main(lambda: torch.load(run_dir / "teachers.pt", weights_only=True)["states"])
+    members = load_members(cfg, data, states)
     start = time.perf_counter()
     dc = cfg.distil
     total = dc.phase1_epochs + dc.phase2_epochs
@@ -173,7 +182,7 @@ def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progre
 
     result = distil(cfg, data, members, device, tick)
     seconds = time.perf_counter() - start
-    torch.save(
+    save_on_main(
         {
             "hydra": result.hydra.state_dict(),
             "kd": result.kd.state_dict(),
@@ -181,6 +190,7 @@ def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progre
             "history": result.history,
             "transfer_size": result.transfer_size,
             "seconds": seconds,
+            "world_size": world_size(),  # >1: DDP, each rank on a shard of the transfer set
         },
         run_dir / "distil.pt",
     )
@@ -320,9 +330,13 @@ def stage_evaluate(
 
 def run_all(cfg: RunConfig, run_dir: Path, out: Path, progress: Progress = _noop) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
+    from_main(lambda: cfg.save(run_dir / "config.json"))  # one writer
     data = load_data(cfg.data)
     stage_teachers(cfg, data, run_dir, progress)
     stage_distil(cfg, data, run_dir, progress)
-    stage_export(cfg, data, run_dir, out, progress)
-    return stage_evaluate(cfg, data, run_dir, out, progress)
+
+    def package() -> dict[str, Any]:
+        stage_export(cfg, data, run_dir, out, progress)
+        return stage_evaluate(cfg, data, run_dir, out, progress)
+
+    return from_main(package)  # under torchrun rank 0 exports and evaluates; the others wait for it
