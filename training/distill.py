@@ -22,6 +22,7 @@ from torch import Tensor
 
 from training.config import RunConfig
 from training.data import TaskData
+from training.distributed import data_parallel, local_batch_size, mean_over_ranks, shard
 from training.losses import ensemble_moments, gaussian_kl, head_cosine_similarity, hydra_kd_loss, kd_loss
 from training.models import FusedLinear, HydraNet, regression_outputs
 from training.teachers import build_network
@@ -86,7 +87,7 @@ def _phase2_loss(student_raw: Tensor, teacher_raw: Tensor, task: str, temperatur
 
 
 def _fit(
-    net: HydraNet,
+    net: torch.nn.Module,
     opt: torch.optim.Optimizer,
     x: Tensor,
     targets: Tensor,
@@ -99,11 +100,12 @@ def _fit(
 ) -> list[float]:
     history = []
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    batch_size = local_batch_size(batch_size)  # under DDP: this rank's part of each global batch
     for epoch in range(epochs):
         net.train()
-        perm = torch.randperm(len(x), generator=generator).to(x.device)
+        perm = shard(torch.randperm(len(x), generator=generator)).to(x.device)  # this rank's rows
         total, steps = 0.0, 0
-        for start in range(0, len(x), batch_size):
+        for start in range(0, len(perm), batch_size):
             idx = perm[start : start + batch_size]
             loss = loss_fn(net(x[idx]), targets[idx])
             opt.zero_grad(set_to_none=True)
@@ -112,7 +114,7 @@ def _fit(
             total += float(loss.detach())
             steps += 1
         sched.step()
-        history.append(total / max(steps, 1))
+        history.append(mean_over_ranks(total / max(steps, 1)))
         if progress is not None:
             progress(phase, epoch, history[-1])
     net.eval()
@@ -138,7 +140,7 @@ def distil(
     student = build_network(cfg, data, heads=1).to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
     h1 = _fit(
-        student,
+        data_parallel(student, device),
         opt,
         x,
         targets,
@@ -170,7 +172,7 @@ def distil(
         return loss
 
     h2 = _fit(
-        student,
+        data_parallel(student, device),  # after expand_heads and freezing: DDP sees the final params
         opt,
         x,
         targets,
