@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from training.config import DataConfig, RunConfig, Task
 from training.data import BUILTIN_DATASETS, load_data
+from training.distributed import from_main, is_main, process_group
 from training.pipeline import make_config, run_all, stage_distil, stage_evaluate, stage_export, stage_teachers
 from training.report import results_table
 
@@ -33,6 +34,7 @@ console = Console(stderr=True)
 @contextmanager
 def bars() -> Iterator[Any]:
     """One rich progress bar per stage; yields the pipeline's progress callback."""
+    console.quiet = not is_main()  # under torchrun only rank 0 draws bars and prints summaries
     with Progress(
         TextColumn("[bold]{task.description:<9}"),
         BarColumn(),
@@ -109,7 +111,7 @@ def run(
     )
     run_dir = run_dir or Path("runs") / f"{cfg.name}-s{seed}{'-smoke' if smoke else ''}"
     start = time.perf_counter()
-    with bars() as progress:
+    with process_group(cfg.device), bars() as progress:
         report = run_all(cfg, run_dir, out, progress)
     _summary(report)
     console.print(f"wrote {out} in {time.perf_counter() - start:.1f}s (checkpoints in {run_dir})")
@@ -128,7 +130,7 @@ def _load(run_dir: Path) -> RunConfig:
 def teachers(run_dir: Annotated[Path, typer.Option()]) -> None:
     """Stage 1: train the ensemble members."""
     cfg = _load(run_dir)
-    with bars() as progress:
+    with process_group(cfg.device), bars() as progress:
         info = stage_teachers(cfg, load_data(cfg.data), run_dir, progress)
     console.print(f"teachers: {info['seconds']:.1f}s")
 
@@ -137,7 +139,7 @@ def teachers(run_dir: Annotated[Path, typer.Option()]) -> None:
 def distil(run_dir: Annotated[Path, typer.Option()]) -> None:
     """Stage 2: Hydra distillation (and the KD baseline)."""
     cfg = _load(run_dir)
-    with bars() as progress:
+    with process_group(cfg.device), bars() as progress:
         info = stage_distil(cfg, load_data(cfg.data), run_dir, progress)
     console.print(f"distil: {info['seconds']:.1f}s, transfer set {info['transfer_size']} rows")
 
@@ -146,16 +148,16 @@ def distil(run_dir: Annotated[Path, typer.Option()]) -> None:
 def export(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()]) -> None:
     """Stage 3: export model.onnx, ensemble.onnx, kd.onnx (parity-checked)."""
     cfg = _load(run_dir)
-    with bars() as progress:
-        stage_export(cfg, load_data(cfg.data), run_dir, out, progress)
+    with process_group(cfg.device), bars() as progress:
+        from_main(lambda: stage_export(cfg, load_data(cfg.data), run_dir, out, progress))
 
 
 @app.command()
 def evaluate(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()]) -> None:
     """Stage 4: evaluate the exported graphs; write the report and manifest.json."""
     cfg = _load(run_dir)
-    with bars() as progress:
-        report = stage_evaluate(cfg, load_data(cfg.data), run_dir, out, progress)
+    with process_group(cfg.device), bars() as progress:
+        report = from_main(lambda: stage_evaluate(cfg, load_data(cfg.data), run_dir, out, progress))
     _summary(report)
 
 
