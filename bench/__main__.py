@@ -129,6 +129,7 @@ def server(
         str, typer.Option(help="comma-separated: hydra,hydra-b1,triton")
     ] = "hydra,hydra-b1,triton",
     output: Annotated[str, typer.Option(help="results name (gpu_server on GPU)")] = "server",
+    provider: Annotated[str, typer.Option(help="ORT execution provider")] = "CPUExecutionProvider",
 ) -> None:
     """Part 3: our server (batching on/off) vs Triton vs the in-process ceiling, under wrk load."""
     from bench import plots
@@ -144,6 +145,7 @@ def server(
         max_batch_size=max_batch_size,
         max_queue_delay_ms=max_queue_delay_ms,
         configs=tuple(configs.split(",")),
+        provider=provider,
         log=typer.echo,
         **p.server,
     )
@@ -186,6 +188,7 @@ def all_parts(preset: PresetOption = "reduced") -> None:
         max_queue_delay_ms=2.0,
         configs="hydra,hydra-b1,triton",
         output="server",
+        provider="CPUExecutionProvider",
     )
     quality(preset=preset, skip_ablations=False, skip_shift=False)
 

@@ -151,7 +151,7 @@ def shift_figure(shift: dict[str, Any], path: Path) -> Path:
     twin.set_ylim(0, 1)
     twin.legend(fontsize=7, loc="center right")
     for ax, title in zip(axes, ["accuracy", "mean total entropy", "mean mutual information"], strict=True):
-        ax.set_xlabel("shift severity (noise x(1+0.6k), shear x(1+0.2k))")
+        ax.set_xlabel("shift severity k (noise x(1+0.3k), shear x(1+0.1k))")
         ax.set_title(f"MNIST-1D: {title}")
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

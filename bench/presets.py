@@ -42,8 +42,9 @@ PRESETS = {
         QualityPlan(
             datasets=("mnist1d", "digits", "toy", "diabetes"),
             seeds=(0, 1, 2),
-            epochs={"mnist1d": 15, "digits": None, "toy": 100, "diabetes": 100},
+            epochs={"mnist1d": 12, "digits": None, "toy": 80, "diabetes": 100},
             ablation_seeds=(0, 1),
+            ablation_epochs=20,
         ),
         cost_seconds=2.0,
         server_seconds=5.0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,17 @@ from bench.servers import (
 from bench.workloads import BUILD, Workload
 
 CONFIGS = ("hydra", "hydra-b1", "triton")
+CUDA = "CUDAExecutionProvider"
 
 
-def _ceiling(w: Workload, batches: list[int], seconds: float) -> dict[int, dict[str, Any]]:
-    session = make_session(w.graphs["hydra"])
+def _ceiling(w: Workload, batches: list[int], seconds: float, provider: str) -> dict[int, dict[str, Any]]:
+    session = make_session(w.graphs["hydra"], provider)
+    io_binding = provider == CUDA
     row_shape = tuple(int(d) for d in session.get_inputs()[0].shape[1:])
     out = {}
     for b in batches:
-        t = time_interleaved({"hydra": Runner(session, sample_rows(row_shape, b))}, b, seconds, rounds=2)
+        runner = Runner(session, sample_rows(row_shape, b), io_binding)
+        t = time_interleaved({"hydra": runner}, b, seconds, rounds=2)
         out[b] = asdict(t["hydra"])
     return out
 
@@ -77,7 +81,8 @@ def run_server(
     max_queue_delay_ms: float = 2.0,
     configs: tuple[str, ...] = CONFIGS,
     profile_cells: tuple[tuple[int, int], ...] = ((1, 32), (32, 32)),
-    log=print,  # type: ignore[no-untyped-def]
+    provider: str = "CPUExecutionProvider",
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     work = BUILD / "server"
     work.mkdir(parents=True, exist_ok=True)
@@ -92,6 +97,7 @@ def run_server(
         "seconds_per_cell": seconds,
         "max_batch_size": max_batch_size,
         "max_queue_delay_ms": max_queue_delay_ms,
+        "provider": provider,
         "configs": list(configs),
         "workloads": {},
     }
@@ -99,7 +105,7 @@ def run_server(
         bodies = _bodies(w, row_sizes, work)
         batches = sorted({min(r * c, max_batch_size) for r, c in cells} | {1})
         log(f"[{w.name}] in-process ceiling at batches {batches}")
-        ceiling = _ceiling(w, batches, seconds=min(seconds, 2.0))
+        ceiling = _ceiling(w, batches, min(seconds, 2.0), provider)
         rows: list[dict[str, Any]] = []
         profiles: dict[str, Any] = {}
         for config in configs:
@@ -112,6 +118,7 @@ def run_server(
                     max_batch_size=batch,
                     max_queue_delay_ms=max_queue_delay_ms,
                     log=log_file,
+                    cuda=provider == CUDA,
                 )
                 stats = triton_batch_stats
             else:
@@ -121,6 +128,7 @@ def run_server(
                     max_batch_size=batch,
                     max_queue_delay_ms=max_queue_delay_ms,
                     log=log_file,
+                    cuda=provider == CUDA,
                 )
                 stats = hydra_batch_stats
             with server as (url, pid):

@@ -81,7 +81,13 @@ def _running(
 
 
 def hydra_server(
-    repository: Path, model: str, *, max_batch_size: int, max_queue_delay_ms: float, log: Path
+    repository: Path,
+    model: str,
+    *,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    log: Path,
+    cuda: bool = False,
 ) -> contextlib.AbstractContextManager[tuple[str, int]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
@@ -103,6 +109,8 @@ def hydra_server(
         "warning",
         "--max-queue-size",
         "4096",
+        "--execution-providers",
+        "cuda" if cuda else "cpu",
     ]
     return _running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
 
@@ -117,7 +125,13 @@ def triton_python() -> Path:
 
 
 def triton_server(
-    package: Path, model: str, *, max_batch_size: int, max_queue_delay_ms: float, log: Path
+    package: Path,
+    model: str,
+    *,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    log: Path,
+    cuda: bool = False,
 ) -> contextlib.AbstractContextManager[tuple[str, int]]:
     port = free_port(span=3)
     cmd = [
@@ -131,6 +145,8 @@ def triton_server(
         str(max_batch_size),
         "--max-queue-delay-us",
         str(int(max_queue_delay_ms * 1000)),
+        "--provider",
+        "cuda" if cuda else "cpu",
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["BENCH_TRITON_TOKEN"] = TRITON_TOKEN

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True, help="HTTP port (gRPC and metrics take +1, +2)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="cuda: onnxruntime-gpu")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -50,9 +51,13 @@ def main() -> None:
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    session = ort.InferenceSession(
-        str(args.package / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    providers = ["CPUExecutionProvider"]
+    if args.provider == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    graph = str(args.package / "model.onnx")
+    session = ort.InferenceSession(graph, sess_options=options, providers=providers)
+    if args.provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise SystemExit("--provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
     raw_names = (
         [manifest.outputs.log_probs]
         if manifest.task == "classification"
