@@ -66,11 +66,6 @@ def test_api_key_guards_prediction_and_repository_control(shared_keyed_server: S
     assert httpx.get(f"{url}/v2/health/live").status_code == 200  # probes stay open
 
 
-def test_repository_control_is_disabled_without_a_configured_key(server: Server) -> None:
-    response = load(server.url, "clf", headers=None)
-    assert response.status_code == 403 and "HYDRA_API_KEY" in response.json()["error"]
-
-
 def test_index_get_and_post(shared_keyed_server: Server) -> None:
     keyed_server = shared_keyed_server
     expected = [
@@ -95,12 +90,18 @@ def test_reload_under_load_fails_no_request(keyed_server: Server, repo: Path) ->
                 answers.append((rows, await client.post("/v1/models/clf:predict", json={"instances": rows})))
 
     async def load_while_hammering() -> httpx.Response:
+        async def answered(at_least: int) -> None:  # counts, not sleeps: the box may be busy
+            for _ in range(2000):
+                if len(answers) >= at_least:
+                    return
+                await asyncio.sleep(0.01)
+
         workers = [asyncio.create_task(hammer(i)) for i in range(8)]
-        await asyncio.sleep(0.3)
+        await answered(24)
         write_model(repo, "clf", 2, "classification", seed=42)
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
             reloaded = await client.post("/v2/repository/models/clf/load")
-        await asyncio.sleep(0.3)
+        await answered(len(answers) + 24)
         stop.set()
         await asyncio.gather(*workers)
         return reloaded
@@ -209,7 +210,7 @@ def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_i
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             )
             conn.sendall(head.encode() + body[:20])
-            time.sleep(0.3)  # the route has looked up clf (version 1) and waits for the body
+            time.sleep(1.0)  # the route has looked up clf (version 1) and waits for the body
             write_model(repo, "clf", 2, "classification", seed=42)
             assert load(server.url, "clf").json()["version"] == "2"
             conn.sendall(body[20:])

@@ -173,6 +173,11 @@ def test_unknown_route_and_method_are_json_errors(base_url: str) -> None:
     assert wrong.status_code in (404, 405) and "error" in wrong.json()
 
 
+def test_repository_control_is_disabled_without_a_configured_key(base_url: str) -> None:
+    response = httpx.post(f"{base_url}/v2/repository/models/clf/load")
+    assert response.status_code == 403 and "HYDRA_API_KEY" in response.json()["error"]
+
+
 def test_openapi_documents_the_predict_body(base_url: str) -> None:
     spec = httpx.get(f"{base_url}/openapi.json").json()
     operation = spec["paths"]["/v1/models/{model_name}:predict"]["post"]
