@@ -59,6 +59,9 @@ class ModelRepository:
         self._metrics = metrics
         self._models: dict[str, ServedModel] = {}
         self._errors: dict[str, str] = {}  # last load failure per model name, shown by index()
+        # Versions exported as not ready because they failed to load and nothing else serves the name:
+        # hydra_model_ready == 0 is what the HydraModelNotReady alert watches.
+        self._unready: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Replaced versions still answering requests that looked them up before the swap.
         self._retiring: set[asyncio.Task[None]] = set()
@@ -165,12 +168,17 @@ class ModelRepository:
             except ModelLoadError as exc:
                 self._errors[name] = exc.message
                 self._metrics.inc_load_failure(name, _load_failure_reason(exc))
+                if name not in self._models:  # an old version still serving keeps the name ready
+                    self._mark_unready(name, str(version))
                 raise
             await model.start()
             old = self._models.get(name)
             # the swap is one dict assignment on the event loop: every request sees old or new, never none
             self._models[name] = model
             self._errors.pop(name, None)
+            failed = self._unready.pop(name, None)
+            if failed is not None and failed != str(model.version):
+                self._metrics.remove_model(name, failed)
             self._metrics.set_model_info(name, str(model.version), model.manifest.heads, model.provider)
             self._metrics.set_model_ready(name, str(model.version), True)
             logger.info("serving %s version %s on %s", name, model.version, model.provider)
@@ -181,6 +189,13 @@ class ModelRepository:
                 self._retiring.add(retiring)
                 retiring.add_done_callback(self._retiring.discard)
             return model
+
+    def _mark_unready(self, name: str, version: str) -> None:
+        previous = self._unready.get(name)
+        if previous is not None and previous != version:
+            self._metrics.remove_model(name, previous)
+        self._unready[name] = version
+        self._metrics.set_model_ready(name, version, False)
 
     async def _retire(self, old: ServedModel, new_version: int) -> None:
         """Stop a replaced version once no request can still be on its way to it.

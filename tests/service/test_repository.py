@@ -4,7 +4,9 @@ requests, and broken packages refused while the serving version carries on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -15,8 +17,16 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.support import CLF_FEATURES, ReferenceModel, Server, running_server, write_model
+from tests.service.support import (
+    CLF_FEATURES,
+    ReferenceModel,
+    Server,
+    running_server,
+    start_server,
+    write_model,
+)
 from tests.service.test_v1 import assert_matches
 
 KEY = "s3cret-key"
@@ -229,3 +239,33 @@ def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_i
         t0 = time.monotonic()
         assert server.terminate() == 0
         assert time.monotonic() - t0 < 10
+
+
+def _model_ready_series(url: str) -> dict[tuple[str, str], float]:
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    ready = next(f for f in families if f.name == "hydra_model_ready")
+    return {(s.labels["model"], s.labels["version"]): s.value for s in ready.samples}
+
+
+def test_a_model_nothing_serves_is_exported_not_ready_until_it_loads(repo: Path) -> None:
+    """HydraModelNotReady watches hydra_model_ready == 0: a broken model must show up there."""
+    write_model(repo, "broken", 1, "classification", seed=7)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    server = start_server(repo, api_key=KEY)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/v2/health/live", timeout=1.0).status_code == 200:
+                    break
+            time.sleep(0.05)
+        ready = _model_ready_series(server.url)
+        assert ready[("broken", "1")] == 0.0 and ready[("clf", "1")] == 1.0
+
+        write_model(repo, "broken", 2, "classification", seed=8)  # a good version 2 appears
+        assert load(server.url, "broken").status_code == 200
+        ready = _model_ready_series(server.url)
+        assert ready[("broken", "2")] == 1.0 and ("broken", "1") not in ready
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=30)
