@@ -285,8 +285,13 @@ class ServiceMetrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
 
-    def set_model_info(self, model: str, version: str, heads: int, provider: str) -> None:
+    def set_model_info(
+        self, model: str, version: str, heads: int, provider: str, ood_alpha: float | None = None
+    ) -> None:
+        """Info series of a loaded version; `ood_alpha` exports its default α before any traffic."""
         self._ensure_model(model, version)
+        if ood_alpha is not None:
+            self.ood_alpha.labels(model, version).set(ood_alpha)
         with self._lock:
             previous = self._info_labels.get((model, version))
             self._info_labels[(model, version)] = (str(heads), provider)

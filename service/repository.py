@@ -179,7 +179,9 @@ class ModelRepository:
             failed = self._unready.pop(name, None)
             if failed is not None and failed != str(model.version):
                 self._metrics.remove_model(name, failed)
-            self._metrics.set_model_info(name, str(model.version), model.manifest.heads, model.provider)
+            self._metrics.set_model_info(
+                name, str(model.version), model.manifest.heads, model.provider, model.default_alpha
+            )
             self._metrics.set_model_ready(name, str(model.version), True)
             logger.info("serving %s version %s on %s", name, model.version, model.provider)
             if old is not None:

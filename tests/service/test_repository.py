@@ -261,6 +261,10 @@ def test_a_model_nothing_serves_is_exported_not_ready_until_it_loads(repo: Path)
             time.sleep(0.05)
         ready = _model_ready_series(server.url)
         assert ready[("broken", "1")] == 0.0 and ready[("clf", "1")] == 1.0
+        # α is exported as soon as a model loads, before any traffic, so dashboards can draw it
+        families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+        alpha = next(f for f in families if f.name == "hydra_ood_alpha")
+        assert {s.labels["model"] for s in alpha.samples if s.value > 0} >= {"clf", "reg"}
 
         write_model(repo, "broken", 2, "classification", seed=8)  # a good version 2 appears
         assert load(server.url, "broken").status_code == 200
