@@ -87,11 +87,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rank_members(members: int) -> range:
     """The ensemble members this rank trains: m with m % world_size == rank."""
     return range(rank(), members, world_size())
