@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import platform
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from bench.flops import count_flops
 from bench.ort_timing import Runner, make_session, sample_rows, time_interleaved
-from bench.workloads import Workload
+from bench.workloads import REPO_ROOT, Workload
 
 TARGET_FRACTION_OF_FLOP_RATIO = 0.9
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def run_cost(
@@ -58,9 +63,7 @@ def run_cost(
                 }
             )
         results["workloads"][w.name] = {
-            "package": str(
-                w.package.relative_to(w.package.parents[3]) if len(w.package.parents) > 3 else w.package
-            ),
+            "package": _relative(w.package),
             "flops_per_row": {g: f.total for g, f in flops.items()},
             "flops_by_op": {g: dict(f.by_op) for g, f in flops.items()},
             "matmul_share": {g: round(f.matmul_share, 4) for g, f in flops.items()},

@@ -232,7 +232,7 @@ def shifted_mnist1d(level: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 def run_shift(package: Path, plan: QualityPlan) -> dict[str, Any]:
     from service.manifest import ModelManifest
-    from service.uncertainty import ConformalOODCalibrator
+    from service.uncertainty import ClassificationUncertainty, ConformalOODCalibrator
     from training.evaluate import GRAPH_FILES, classification_metrics, run_graph, summarise
 
     manifest = ModelManifest.load(package / "manifest.json")
@@ -243,12 +243,12 @@ def run_shift(package: Path, plan: QualityPlan) -> dict[str, Any]:
         entry: dict[str, Any] = {"level": level}
         for method, graph in GRAPH_FILES.items():
             u = summarise("classification", run_graph(package / graph, x, "classification"))
-            metrics = classification_metrics(u, y)  # type: ignore[arg-type]
+            assert isinstance(u, ClassificationUncertainty)
             entry[method] = {
-                **metrics,
-                "mutual_information": float(np.mean(u.mutual_information)),  # type: ignore[union-attr]
+                **classification_metrics(u, y),
+                "mutual_information": float(np.mean(u.mutual_information)),
                 "total_entropy": float(np.mean(u.total_entropy)),
-            }  # type: ignore[union-attr]
+            }
             if method == "hydra":
                 score = u.score(manifest.ood.score)
                 entry[method]["flag_rate"] = float(calibrator.flags(score, manifest.ood.default_alpha).mean())

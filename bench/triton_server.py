@@ -67,7 +67,7 @@ def main() -> None:
     specs = [s for s in inference.output_specs(manifest) if s[0] not in inference.head_output_names(manifest)]
     alpha = manifest.ood.default_alpha
 
-    @batch
+    @batch  # type: ignore[untyped-decorator]  (PyTriton ships no type hints)
     def infer(input: np.ndarray) -> dict[str, np.ndarray]:
         rows = np.ascontiguousarray(input, dtype=np.float32)
         raw = dict(zip(roles, session.run(raw_names, {manifest.input.name: rows}), strict=True))
