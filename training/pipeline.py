@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mnist1d": {
         "arch": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
         "teacher": TeacherConfig(epochs=60, patience=10, lr=2e-3),
-        "distil": DistilConfig(),
+        "distil": DistilConfig(phase2_body_lr_scale=1.0),
     },
     "toy": {
         "arch": ArchConfig(kind="mlp", hidden=(64, 64), head_layers=1),
