@@ -78,6 +78,7 @@ def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip
         "runs": runs,
         "aggregate": aggregate(runs, "dataset"),
     }
+    _save("quality", result | {"partial": True})  # the main runs survive a failure further on
     if not skip_ablations:
         ab = run_ablations(plan, log=typer.echo)
         result["ablations"] = ab

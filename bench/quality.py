@@ -175,11 +175,11 @@ def run_ablations(plan: QualityPlan, log: Callable[[str], None] = print) -> list
         )
         root = QUALITY / "ablations" / f"{plan.ablation_dataset}-s{seed}"
         pool = root / "teachers" / "teachers.pt"
-        if not pool.exists():
-            pool.parent.mkdir(parents=True, exist_ok=True)
-            stage_teachers(
-                replace(base, teacher=replace(base.teacher, members=max_members)), data, pool.parent
-            )
+        pool_cfg = replace(base, teacher=replace(base.teacher, members=max_members))
+        # always trained afresh: a pool left by another preset would silently change every variant
+        pool.parent.mkdir(parents=True, exist_ok=True)
+        pool_cfg.save(pool.parent / "config.json")
+        stage_teachers(pool_cfg, data, pool.parent)
         for name in ("default", *plan.ablations):
             members, cfg = (plan.members, base) if name == "default" else _variant(name, base, plan.members)
             cfg = replace(cfg, teacher=replace(cfg.teacher, members=members))
