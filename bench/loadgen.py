@@ -35,6 +35,7 @@ class CellResult:
     p99_ms: float
     errors: int
     non_2xx: int
+    bytes_per_response: float  # HTTP response size, headers included (both servers answer the same tensors)
 
 
 def wrk_binary() -> str:
@@ -111,4 +112,5 @@ def run_wrk(
         p99_ms=round(s["p99_us"] / 1000, 3),
         errors=errors,
         non_2xx=s["errors"]["status"],
+        bytes_per_response=round(s["bytes"] / max(1, s["requests"]), 1),
     )

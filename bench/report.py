@@ -319,6 +319,7 @@ def server_section(s: dict[str, Any] | None, title: str = "## 3. The server unde
                 "p99 ms",
                 "errors",
                 "mean batch",
+                "bytes/answer",
                 "(d) ORT rows/s",
                 "÷ (d)",
             ]
@@ -347,6 +348,7 @@ def server_section(s: dict[str, Any] | None, title: str = "## 3. The server unde
                             f"{cell['p99_ms']:.1f}",
                             str(cell["errors"]),
                             str(cell["mean_batch_rows"]),
+                            f"{cell.get('bytes_per_response', 0):,.0f}",
                             f"{d:,.0f} (b={cell['ceiling_batch']})",
                             f"{100 * cell['rows_per_s'] / d:.1f}%",
                         ]

@@ -76,6 +76,7 @@ def test_server_section_shows_every_cell_and_target() -> None:
         "errors": 0,
         "mean_batch_rows": 12.5,
         "ceiling_batch": 32,
+        "bytes_per_response": 1500.0,
     }
     result = {
         "machine": MACHINE,
@@ -93,5 +94,5 @@ def test_server_section_shows_every_cell_and_target() -> None:
         },
     }
     text = server_section(result)
-    assert "| 32 | (a) ours, batching | 500 | 3.0 | 9.0 | 0 | 12.5 | 2,000 (b=32) | 25.0% |" in text
+    assert "| 32 | (a) ours, batching | 500 | 3.0 | 9.0 | 0 | 12.5 | 1,500 | 2,000 (b=32) | 25.0% |" in text
     assert "| t | v | **missed** |" in text
