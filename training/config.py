@@ -69,6 +69,9 @@ class DistilConfig:
     mixup_copies: int = 2
     noise_copies: int = 2
     noise_std: float = 0.3  # in standardised feature units
+    # images only: copies translated by up to `shift_pixels` in each axis (zero fill)
+    shift_copies: int = 0
+    shift_pixels: int = 2
     # Hydra+ style penalty on the mean pairwise cosine similarity of head weights (0 = off)
     diversity_weight: float = 0.0
 

@@ -55,7 +55,23 @@ def transfer_inputs(cfg: RunConfig, data: TaskData, seed: int) -> np.ndarray:
     for _ in range(dc.noise_copies):
         noise = rng.standard_normal(flat.shape).astype(np.float32) * dc.noise_std * scale
         parts.append((flat + noise).reshape(x.shape))
+    if data.image_hw is not None:
+        for _ in range(dc.shift_copies):
+            parts.append(_shifted(x, data.image_hw, dc.shift_pixels, rng))
     return np.concatenate(parts).astype(np.float32)
+
+
+def _shifted(x: np.ndarray, hw: tuple[int, int], max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image translated by a random (dy, dx) in [-max_shift, max_shift], zero fill."""
+    h, w = hw
+    images = x.reshape(len(x), h, w)
+    pad = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    dy = rng.integers(0, 2 * max_shift + 1, size=len(x))
+    dx = rng.integers(0, 2 * max_shift + 1, size=len(x))
+    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
+    out = pad[np.arange(len(x))[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return out.reshape(x.shape)
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
         "arch": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
         "teacher": TeacherConfig(epochs=40, patience=8, lr=2e-3),
-        "distil": DistilConfig(phase2_epochs=60),
+        "distil": DistilConfig(phase2_epochs=60, shift_copies=2),
     },
     "mnist1d": {
         "arch": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
