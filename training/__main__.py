@@ -2,7 +2,8 @@
 
 python -m training run      --dataset digits --out models/digits/1 [--members 8 --seed 0 ...]
 python -m training run      --data rows.csv --target y --task regression --out models/rows/1 [--ood x.csv]
-python -m training teachers --run-dir runs/digits-s0        (after `run` wrote config.json, or `init`)
+python -m training run      --dataset digits --out models/digits/1 --config-only   (writes config.json)
+python -m training teachers --run-dir runs/digits-s0
 python -m training distil   --run-dir runs/digits-s0
 python -m training export   --run-dir runs/digits-s0 --out models/digits/1
 python -m training evaluate --run-dir runs/digits-s0 --out models/digits/1
@@ -85,6 +86,9 @@ def run(
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints (default runs/<name>-s<seed>)")] = None,
     smoke: Annotated[bool, typer.Option(help="Seconds-long run (few members and epochs)")] = False,
+    config_only: Annotated[
+        bool, typer.Option(help="Only write <run-dir>/config.json; then run the stages one by one")
+    ] = False,
 ) -> None:
     """Teachers -> Hydra distillation -> ONNX export -> evaluation on the exported graphs."""
     if data is not None:
@@ -110,6 +114,13 @@ def run(
         smoke=smoke,
     )
     run_dir = run_dir or Path("runs") / f"{cfg.name}-s{seed}{'-smoke' if smoke else ''}"
+    if config_only:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+        console.print(
+            f"wrote {run_dir / 'config.json'}; next: python -m training teachers --run-dir {run_dir}"
+        )
+        return
     start = time.perf_counter()
     with process_group(cfg.device), bars() as progress:
         report = run_all(cfg, run_dir, out, progress)
@@ -121,7 +132,8 @@ def _load(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.exists():
         raise typer.BadParameter(
-            f"{path} not found: run `python -m training run` first", param_hint="--run-dir"
+            f"{path} not found: run `python -m training run` (or `run ... --config-only`) first",
+            param_hint="--run-dir",
         )
     return RunConfig.load(path)
 
