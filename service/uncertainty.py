@@ -91,7 +91,7 @@ def check_level(level: float) -> None:
 def _entropy_from_log(log_p: FloatArray, axis: int = -1) -> FloatArray:
     # p·log p with p = exp(log p); exp(-inf) = 0 makes 0·(-inf) → nan, so mask those terms.
     p = np.exp(log_p)
-    terms = np.where(p > 0.0, p * log_p, 0.0)
+    terms = p * np.where(p > 0.0, log_p, 0.0)
     out: FloatArray = -terms.sum(axis=axis)
     return out
 
