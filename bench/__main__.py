@@ -64,7 +64,7 @@ def _workloads(names: str) -> list[Any]:
 def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip_shift: bool = False) -> None:
     """Part 1: ensemble vs KD vs Hydra on four datasets, ablations, shift severity, figures."""
     from bench import plots
-    from bench.quality import aggregate, run_ablations, run_main, run_shift
+    from bench.quality import aggregate, derive, run_ablations, run_main, run_shift
 
     p = _preset(preset)
     plan = p.quality
@@ -87,7 +87,7 @@ def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip
     if not skip_shift and plan.shift_dataset in seed0:
         result["shift"] = run_shift(seed0[plan.shift_dataset], plan)
     result["seconds"] = time.perf_counter() - t0
-    _save("quality", result)
+    _save("quality", derive(result))
     plots.quality_figures(seed0, DOCS)
     if "shift" in result:
         plots.shift_figure(result["shift"], DOCS / "quality_shift.png")
@@ -167,7 +167,14 @@ def build_model() -> None:
 
 @app.command("report")
 def report_cmd() -> None:
-    """Regenerate docs/BENCHMARKS.md from bench/results/*.json."""
+    """Regenerate docs/BENCHMARKS.md (and the figures drawn from results alone) from bench/results/*.json."""
+    from bench import plots
+
+    q = report.load("quality")
+    if q and "ablation_aggregate" in q:
+        plots.ablation_figure(q["ablation_aggregate"], DOCS / "quality_ablations.png")
+    if q and "shift" in q:
+        plots.shift_figure(q["shift"], DOCS / "quality_shift.png")
     typer.echo(f"wrote {report.write()}")
 
 

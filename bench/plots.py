@@ -164,7 +164,7 @@ def ablation_figure(agg: dict[str, Any], path: Path) -> Path:
     names = list(agg)
     metrics = [
         ("methods.hydra.test.accuracy", "Hydra accuracy"),
-        ("retention_mean", "OOD AUROC retention"),
+        ("retention_well_posed", "OOD AUROC retention (ens. AUROC >= 0.7)"),
         ("fidelity.spearman", "MI Spearman vs ensemble"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
