@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.flops import count_flops
 from bench.workloads import BUILD
 
 QUALITY = BUILD / "quality"
@@ -200,6 +201,7 @@ def run_ablations(plan: QualityPlan, log: Callable[[str], None] = print) -> list
                     "variant": name,
                     "seed": seed,
                     "members": members,
+                    "hydra_flops_per_row": count_flops(out / "model.onnx").total,
                     "seconds": round(time.perf_counter() - t0, 1),
                     "distil": dataclasses.asdict(cfg.distil),
                     "arch": dataclasses.asdict(cfg.arch),

@@ -139,6 +139,7 @@ def ablation_section(q: dict[str, Any]) -> str:
     header = [
         "variant",
         "M",
+        "Hydra FLOPs/row",
         "Hydra acc",
         "NLL",
         "ECE",
@@ -149,6 +150,7 @@ def ablation_section(q: dict[str, Any]) -> str:
         "distil+export+eval s",
     ]
     members = {r["variant"]: r["members"] for r in q["ablations"]}
+    flops = {r["variant"]: r.get("hydra_flops_per_row") for r in q["ablations"]}
     seconds: dict[str, list[float]] = {}
     for r in q["ablations"]:
         seconds.setdefault(r["variant"], []).append(r["seconds"])
@@ -158,6 +160,7 @@ def ablation_section(q: dict[str, Any]) -> str:
             [
                 name,
                 str(members[name]),
+                f"{flops[name]:,}" if flops.get(name) else "—",
                 _pm(a, "methods.hydra.test.accuracy"),
                 _pm(a, "methods.hydra.test.nll"),
                 _pm(a, "methods.hydra.test.ece"),
