@@ -93,3 +93,19 @@ def test_v2_body_is_a_valid_infer_request() -> None:
         "data": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
     }
     assert "outputs" not in body
+
+
+def test_well_posed_retention_skips_sets_the_ensemble_cannot_detect() -> None:
+    from bench.quality import well_posed_retention
+
+    run = {
+        "methods": {
+            "ensemble": {"ood": {"far": {"auroc": 0.99}, "near": {"auroc": 0.55}}},
+            "hydra": {
+                "ood": {"far": {"auroc": 0.95, "retention": 0.92}, "near": {"auroc": 0.6, "retention": 2.0}}
+            },
+        }
+    }
+    assert well_posed_retention(run) == pytest.approx(0.92)
+    run["methods"]["ensemble"]["ood"]["far"]["auroc"] = 0.6
+    assert well_posed_retention(run) is None
