@@ -239,7 +239,11 @@ def shift_section(shift: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- cost
 
 
-def cost_section(c: dict[str, Any] | None, title: str = "## 2. Serving cost: Hydra vs the ensemble") -> str:
+def cost_section(
+    c: dict[str, Any] | None,
+    title: str = "## 2. Serving cost: Hydra vs the ensemble",
+    figure: str = "cost.png",
+) -> str:
     if c is None:
         return f"{title}\n\nNot run yet: `make bench-cost`.\n"
     out = [
@@ -293,13 +297,16 @@ def cost_section(c: dict[str, Any] | None, title: str = "## 2. Serving cost: Hyd
                 ]
             )
         out += [_table(header, rows), ""]
+    out += [f"![cost]({figure})", ""]
     return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------- server
 
 
-def server_section(s: dict[str, Any] | None, title: str = "## 3. The server under load") -> str:
+def server_section(
+    s: dict[str, Any] | None, title: str = "## 3. The server under load", figure: str = "server.png"
+) -> str:
     if s is None:
         return f"{title}\n\nNot run yet: `make bench-server`.\n"
     out = [
@@ -381,7 +388,7 @@ def server_section(s: dict[str, Any] | None, title: str = "## 3. The server unde
                 f"% of samples by leaf function): {leaf}.",
                 "",
             ]
-    out += ["![server](server.png)", ""]
+    out += [f"![server]({figure})", ""]
     return "\n".join(out)
 
 
@@ -394,8 +401,8 @@ def write(extra: dict[str, str] | None = None) -> Path:
     parts = [HEADER, headline(q, c, s), quality_section(q), cost_section(c), server_section(s)]
     if gpu_cost or gpu_server:
         parts += [
-            cost_section(gpu_cost, "## 4a. GPU: serving cost"),
-            server_section(gpu_server, "## 4b. GPU: server"),
+            cost_section(gpu_cost, "## 4a. GPU: serving cost", "gpu_cost.png"),
+            server_section(gpu_server, "## 4b. GPU: server", "gpu_server.png"),
         ]
     else:
         parts.append(GPU_PENDING)
