@@ -99,6 +99,7 @@ bench-quality: install
 
 bench-cost: install
 	$(PY) -m bench cost --preset $(BENCH_PRESET)
+	$(PY) -m bench cost --preset $(BENCH_PRESET) --threads 1 --output cost_1thread
 
 bench-server: install bench-deps bench-triton-venv
 	$(PY) -m bench server --preset $(BENCH_PRESET)

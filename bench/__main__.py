@@ -104,6 +104,7 @@ def cost(
     provider: Annotated[str, typer.Option(help="ORT execution provider")] = "CPUExecutionProvider",
     io_binding: bool = False,
     output: Annotated[str, typer.Option(help="results name (gpu_cost on GPU)")] = "cost",
+    threads: Annotated[int, typer.Option(help="ORT intra-op threads (0 = ORT's default, the server's)")] = 0,
 ) -> None:
     """Part 2: rows/s and latency of Hydra, the ensemble and one member, next to their FLOP ratio."""
     from bench import plots
@@ -112,7 +113,14 @@ def cost(
     p = _preset(preset)
     meta = describe(_command())
     sizes = tuple(int(b) for b in batches.split(","))
-    result = run_cost(_workloads(workloads), sizes, p.cost_seconds, provider=provider, io_binding=io_binding)
+    result = run_cost(
+        _workloads(workloads),
+        sizes,
+        p.cost_seconds,
+        provider=provider,
+        io_binding=io_binding,
+        threads=threads,
+    )
     result["machine"] = meta
     result["preset"] = p.name
     _save(output, result)
@@ -188,6 +196,17 @@ def all_parts(preset: PresetOption = "reduced") -> None:
         provider="CPUExecutionProvider",
         io_binding=False,
         output="cost",
+        threads=0,
+    )
+    # the same with one ORT thread: separates the graphs' cost from how well each uses the thread pool
+    cost(
+        preset=preset,
+        workloads="digits,mnist1d_wide",
+        batches="1,64,256",
+        provider="CPUExecutionProvider",
+        io_binding=False,
+        output="cost_1thread",
+        threads=1,
     )
     server(
         preset=preset,

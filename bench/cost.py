@@ -29,10 +29,12 @@ def run_cost(
     seconds: float = 3.0,
     provider: str = "CPUExecutionProvider",
     io_binding: bool = False,
+    threads: int = 0,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {
         "provider": provider,
         "io_binding": io_binding,
+        "intra_op_threads": threads,
         "batches": list(batches),
         "seconds_per_cell": seconds,
         "workloads": {},
@@ -41,7 +43,7 @@ def run_cost(
         w.ensure_member()
         graphs = w.graphs
         flops = {g: count_flops(p, batch=1) for g, p in graphs.items()}
-        sessions = {g: make_session(p, provider) for g, p in graphs.items()}
+        sessions = {g: make_session(p, provider, threads) for g, p in graphs.items()}
         row_shape = tuple(int(d) for d in sessions["hydra"].get_inputs()[0].shape[1:])
         flop_ratio = flops["ensemble"].total / flops["hydra"].total
         cells = []

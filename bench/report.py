@@ -253,7 +253,7 @@ def cost_section(
         "",
         f"In-process ONNX Runtime {c['machine']['versions'].get('onnxruntime') or c['machine']['versions'].get('onnxruntime-gpu')}, "
         f"provider {c['provider']}{' with IO binding' if c['io_binding'] else ''}, session options as the server's "
-        f"(default intra-op threads, no spin-waiting). Each graph ran ≈ {c['seconds_per_cell']} s per batch size, the "
+        f"({c.get('intra_op_threads') or 'default (one per core)'} intra-op threads, no spin-waiting). Each graph ran ≈ {c['seconds_per_cell']} s per batch size, the "
         "three graphs interleaved in 5 slices so that background load hits them alike. FLOPs are counted from each "
         "graph by `bench/flops.py` (2 per multiply-accumulate; element-wise ops 1 per element; see its docstring). "
         "`member` is one teacher cut out of `ensemble.onnx` (`bench/members.py`).",
@@ -398,7 +398,13 @@ LABELS = {"hydra": "(a) ours, batching", "hydra-b1": "(b) ours, batch 1", "trito
 def write(extra: dict[str, str] | None = None) -> Path:
     q, c, s = load("quality"), load("cost"), load("server")
     gpu_cost, gpu_server = load("gpu_cost"), load("gpu_server")
-    parts = [HEADER, headline(q, c, s), quality_section(q), cost_section(c), server_section(s)]
+    c1 = load("cost_1thread")
+    parts = [HEADER, headline(q, c, s), quality_section(q), cost_section(c)]
+    if c1:
+        parts.append(
+            cost_section(c1, "### 2b. Serving cost with one ORT thread per session", "cost_1thread.png")
+        )
+    parts.append(server_section(s))
     if gpu_cost or gpu_server:
         parts += [
             cost_section(gpu_cost, "## 4a. GPU: serving cost", "gpu_cost.png"),
