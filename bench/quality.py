@@ -84,7 +84,8 @@ def _variant(name: str, cfg: Any, members: int) -> tuple[int, Any]:
     if name.startswith("diversity "):
         return members, replace(cfg, distil=replace(d, diversity_weight=float(name.split()[1])))
     if name == "transfer: train only":
-        return members, replace(cfg, distil=replace(d, mixup_copies=0, noise_copies=0))
+        extra = {"shift_copies": 0} if hasattr(d, "shift_copies") else {}  # newer presets add shifted copies
+        return members, replace(cfg, distil=replace(d, mixup_copies=0, noise_copies=0, **extra))
     raise ValueError(f"unknown ablation {name!r}")
 
 

@@ -171,14 +171,20 @@ def ablation_section(q: dict[str, Any]) -> str:
                 f"{sum(seconds[name]) / len(seconds[name]):.0f}",
             ]
         )
+    d = next(r["distil"] for r in q["ablations"] if r["variant"] == "default")
+    transfer = f"train + {d['mixup_copies']} mixup + {d['noise_copies']} noisy"
+    if d.get("shift_copies"):
+        transfer += f" + {d['shift_copies']} shifted"
     notes = (
-        "Variants change one thing against `default` (the dataset's preset: 8 teachers, linear heads, phase 1 then "
-        "phase 2 with the body at 0.1× the learning rate, T = 2, transfer set = train + 2 mixup + 2 noisy copies, "
-        "no diversity penalty). `M=4/16`: teachers and heads. `2-layer heads`: the last two dense layers per head "
-        "(own teachers, same seeds). `phase 1 off`: phase 2 from an untrained body for the same total epochs, body at "
-        "full rate (heads start identical). `body frozen` / `body full lr`: phase-2 body rate 0 / 1×. `T=1/4`: "
-        "distillation temperature. `diversity w`: Hydra+-style penalty w × mean pairwise cosine similarity of head "
-        "weights. `transfer: train only`: distil on the training inputs alone."
+        f"Variants change one thing against `default` (the dataset's preset with this run's epochs: "
+        f"{next(r['members'] for r in q['ablations'] if r['variant'] == 'default')} teachers, linear heads, "
+        f"phase 1 ({d['phase1_epochs']} epochs) then phase 2 ({d['phase2_epochs']} epochs) with the body at "
+        f"{d['phase2_body_lr_scale']}× the learning rate, T = {d['temperature']}, transfer set = {transfer} copies, "
+        f"diversity penalty {d['diversity_weight']}). `M=4/16`: teachers and heads. `2-layer heads`: the last two dense "
+        "layers per head (own teachers, same seeds). `phase 1 off`: phase 2 from an untrained body for the same total "
+        "epochs, body at full rate (heads start identical). `body frozen` / `body full lr`: phase-2 body rate 0 / 1×. "
+        "`T=1/4`: distillation temperature. `diversity w`: Hydra+-style penalty w × mean pairwise cosine similarity of "
+        "head weights. `transfer: train only`: distil on the training inputs alone."
     )
     return "\n".join(
         [
