@@ -22,7 +22,7 @@ from bench.machine import describe
 from bench.presets import PRESETS, Preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-DOCS = report.REPO_ROOT / "docs"
+DOCS = report.DOC.parent
 
 PresetOption = Annotated[str, typer.Option(help="smoke | reduced | full")]
 WorkloadOption = Annotated[str, typer.Option(help="comma-separated: digits,mnist1d_wide")]
@@ -41,10 +41,11 @@ def _command() -> str:
 
 
 def _save(part: str, result: dict[str, Any]) -> None:
+    DOCS.mkdir(parents=True, exist_ok=True)
     path = report.RESULTS / f"{part}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    typer.echo(f"wrote {path.relative_to(report.REPO_ROOT)}")
+    typer.echo(f"wrote {path}")
 
 
 def _workloads(names: str) -> list[Any]:

@@ -5,12 +5,16 @@ date and command. Parts that have not been run say so instead of showing numbers
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS = REPO_ROOT / "bench" / "results"
-DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
+# BENCH_OUTPUT_DIR sends results and the document elsewhere (a trial run that must not overwrite the
+# published ones): <dir>/results/*.json and <dir>/docs/BENCHMARKS.md + figures
+_OUT = Path(os.environ["BENCH_OUTPUT_DIR"]) if os.environ.get("BENCH_OUTPUT_DIR") else None
+RESULTS = _OUT / "results" if _OUT else REPO_ROOT / "bench" / "results"
+DOC = _OUT / "docs" / "BENCHMARKS.md" if _OUT else REPO_ROOT / "docs" / "BENCHMARKS.md"
 # hand-written reading of the latest published run (targets missed and why), appended verbatim
 ANALYSIS = REPO_ROOT / "bench" / "analysis.md"
 
