@@ -338,6 +338,8 @@ def server_section(
     configs = s["configs"]
     for name, w in s["workloads"].items():
         out += [f"### {name}", ""]
+        for failure in w.get("failures", []):
+            out += [f"**Not measured** (the server failed): {failure}", ""]
         for n_rows in sorted({c["rows_per_request"] for c in w["cells"]}):
             header = [
                 "clients",
