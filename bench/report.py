@@ -73,7 +73,7 @@ def quality_section(q: dict[str, Any] | None) -> str:
         f"Preset `{q['preset']}`: datasets {', '.join(plan['datasets'])}; seeds {plan['seeds']} (mean ± std over "
         f"seeds, population std); {plan['members']} teachers; epochs per stage: "
         + ", ".join(f"{d} {plan['epochs'].get(d) or 'preset'}" for d in plan["datasets"])
-        + f' ("preset" = training/pipeline.py PRESETS). Wall time {q["seconds"]:.0f} s. Every number is '
+        + f' ("preset" = training/pipeline.py PRESETS; the full RunConfig of every run is in bench/results/quality.json). Wall time {q["seconds"]:.0f} s. Every number is '
         "from `training.pipeline.run_all` (evaluation on the exported ONNX graphs). OOD: positive class, "
         "each method's own score (ensemble/Hydra: mutual information or variance of means; KD, one head: "
         "total entropy / total variance). Retention = (AUROC_Hydra − 0.5) / (AUROC_ensemble − 0.5)."
