@@ -144,5 +144,7 @@ def test_fuzz_every_route_short(fuzz_server: Server) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 35 requests/s on a busy 2-core machine: 5-10 minutes
 def test_fuzz_every_route_10k(fuzz_server: Server) -> None:
-    figures = fuzz(fuzz_server, examples_per_operation=1400)
+    # Hypothesis stops early on operations with few distinct inputs (GET /v2 has none), so the total
+    # varies run to run (9,836 and 10,536 were both seen at 1,400): 1,600 leaves margin over 10,000.
+    figures = fuzz(fuzz_server, examples_per_operation=1600)
     assert figures["requests"] >= 10_000
