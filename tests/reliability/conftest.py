@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.models import make_wide_classifier, write_classifier_package
-from tests.service.support import build_test_repository
 
 # Wide and deep enough that model compute, not HTTP, bounds capacity on a 2-core machine (about 30
 # requests of 64 rows per second with one ORT thread): overload is then a queue problem for the
@@ -22,9 +21,3 @@ def wide_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wide-models")
     write_classifier_package(root, "wide", 1, make_wide_classifier(WIDE_HIDDEN, WIDE_LAYERS))
     return root
-
-
-@pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`clf/1` and `reg/1` of tests/service/support.py. Tests must not modify it."""
-    return build_test_repository(tmp_path_factory.mktemp("models"))

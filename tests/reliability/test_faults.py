@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import shutil
 import signal
 import time
 from collections import Counter
@@ -53,12 +52,6 @@ from tests.service.support import (
 
 KEY = "reliability-admin-key"
 AUTH = {"X-API-Key": KEY}
-
-
-@pytest.fixture
-def repo(tmp_path: Path, model_repository: Path) -> Path:
-    shutil.copytree(model_repository, tmp_path / "models")
-    return tmp_path / "models"
 
 
 @pytest.fixture

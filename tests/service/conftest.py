@@ -7,19 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.support import Server, build_test_repository, running_server
+from tests.service.support import Server, running_server
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """In-process async tests (anyio's pytest plugin) run on asyncio, like the server."""
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`clf/1` and `reg/1`, written once per test session. Tests must not modify it."""
-    return build_test_repository(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

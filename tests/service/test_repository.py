@@ -34,13 +34,6 @@ AUTH = {"X-API-Key": KEY}
 
 
 @pytest.fixture
-def repo(tmp_path: Path, model_repository: Path) -> Path:
-    """A private copy of the test repository that a test may change."""
-    shutil.copytree(model_repository, tmp_path / "models")
-    return tmp_path / "models"
-
-
-@pytest.fixture
 def keyed_server(repo: Path) -> Iterator[Server]:
     """A server of its own over `repo`, for tests that load, unload or break models."""
     with running_server(repo, api_key=KEY, max_queue_delay_ms="2") as server:

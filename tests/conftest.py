@@ -1,0 +1,23 @@
+"""Fixtures shared by every test package: the small test model repository and writable copies of it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.service.support import build_test_repository
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`clf/1` and `reg/1` of tests/service/support.py, written once per session. Never modify it."""
+    return build_test_repository(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def repo(tmp_path: Path, model_repository: Path) -> Path:
+    """A private copy of the test repository that a test may change (reloads, broken versions)."""
+    shutil.copytree(model_repository, tmp_path / "models")
+    return tmp_path / "models"
