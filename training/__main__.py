@@ -28,6 +28,10 @@ from training.distributed import from_main, is_main, process_group
 from training.pipeline import make_config, run_all, stage_distil, stage_evaluate, stage_export, stage_teachers
 from training.report import results_table
 
+StrictOption = Annotated[
+    bool,
+    typer.Option(help="Exit non-zero (3) when the fidelity self-check fails; the package is still written"),
+]
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 
@@ -65,6 +69,28 @@ def _summary(report: dict[str, Any]) -> None:
     console.print(
         f"fidelity Spearman {f['spearman']:.3f}  retention {ret}  false alarms {c['false_alarm_rate']}"
     )
+    sc = report["self_check"]
+    families = ", ".join(
+        f"{k} {v['ensemble']:.2f}/{v['hydra']:.2f}" for k, v in sc["families"].items() if v["well_posed"]
+    )
+    console.print(
+        f"self-check: {sc['score']} Spearman {sc['spearman']:.3f}; AUROC ensemble/Hydra where the "
+        f"ensemble detects: {families or 'none'}"
+    )
+    if not sc["passed"]:
+        console.print(
+            "[bold yellow]WARNING[/]: Hydra does not follow its teachers on the self-check probes: "
+            + "; ".join(sc["problems"])
+            + ". Its uncertainty may not be the ensemble's on your data "
+            "(see report.md, 'Fidelity self-check')."
+        )
+
+
+def _verdict(report: dict[str, Any], strict: bool) -> None:
+    """`--strict`: a failed self-check is a failed run (non-zero exit), after the package is written."""
+    if strict and not report["self_check"]["passed"]:
+        console.print("[bold red]--strict[/]: the fidelity self-check failed; exiting with status 3")
+        raise typer.Exit(code=3)
 
 
 @app.command()
@@ -89,6 +115,7 @@ def run(
     config_only: Annotated[
         bool, typer.Option(help="Only write <run-dir>/config.json; then run the stages one by one")
     ] = False,
+    strict: StrictOption = False,
 ) -> None:
     """Teachers -> Hydra distillation -> ONNX export -> evaluation on the exported graphs."""
     if data is not None:
@@ -126,6 +153,7 @@ def run(
         report = run_all(cfg, run_dir, out, progress)
     _summary(report)
     console.print(f"wrote {out} in {time.perf_counter() - start:.1f}s (checkpoints in {run_dir})")
+    _verdict(report, strict)
 
 
 def _load(run_dir: Path) -> RunConfig:
@@ -165,12 +193,18 @@ def export(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.
 
 
 @app.command()
-def evaluate(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()]) -> None:
-    """Stage 4: evaluate the exported graphs; write the report and manifest.json."""
+def evaluate(
+    run_dir: Annotated[Path, typer.Option()],
+    out: Annotated[Path, typer.Option()],
+    strict: StrictOption = False,
+) -> None:
+    """Stage 4: evaluate the exported graphs and run the fidelity self-check; write the report and
+    manifest.json."""
     cfg = _load(run_dir)
     with process_group(cfg.device), bars() as progress:
         report = from_main(lambda: stage_evaluate(cfg, load_data(cfg.data), run_dir, out, progress))
     _summary(report)
+    _verdict(report, strict)
 
 
 @app.command()

@@ -58,19 +58,29 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class DistilConfig:
     temperature: float = 2.0
-    phase1_epochs: int = 30
-    phase2_epochs: int = 30
+    phase1_epochs: int = 60
+    phase2_epochs: int = 60
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
     # phase-2 body learning rate as a multiple of lr; 0 freezes the body
-    phase2_body_lr_scale: float = 0.1
-    # transfer set: the training inputs + `mixup_copies` mixup blends + `noise_copies` noisy copies
-    mixup_copies: int = 2
+    phase2_body_lr_scale: float = 1.0
+    # transfer set (training/transfer.py): train rows + mixup + near noise + far multi-scale noise
+    # + product-of-marginals rows + extrapolation along row differences (+ shifted images)
+    mixup_copies: int = 4
     noise_copies: int = 2
     noise_std: float = 0.3  # in standardised feature units
+    far_copies: int = 4
+    far_min_std: float = 0.1  # far noise magnitudes: log-uniform in [far_min_std, far_max_std]
+    far_max_std: float = 1000.0
+    marginal_copies: int = 1
+    extrapolate_copies: int = 1
+    extrapolate_max: float = 100.0  # x_i + t (x_i - x_j), t log-uniform in [0.1, extrapolate_max]
+    # per-row factor max(1, distance / training radius): divides the temperature (classification) or
+    # the Gaussian KL (regression) of far rows (training/transfer.py, radial_scale)
+    radial_temperature: bool = True
     # images only: copies translated by up to `shift_pixels` in each axis (zero fill)
-    shift_copies: int = 0
+    shift_copies: int = 2
     shift_pixels: int = 2
     # Hydra+ style penalty on the mean pairwise cosine similarity of head weights (0 = off)
     diversity_weight: float = 0.0

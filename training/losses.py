@@ -14,22 +14,31 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor) -> Tensor:
     return (0.5 * (torch.log(variance) + (target - mean) ** 2 / variance + math.log(2 * math.pi))).mean()
 
 
-def kd_loss(student_logits: Tensor, teacher_probs: Tensor, temperature: float) -> Tensor:
+def kd_loss(
+    student_logits: Tensor, teacher_probs: Tensor, temperature: float, row_scale: Tensor | None = None
+) -> Tensor:
     """Hinton knowledge distillation: T² · KL(teacher ‖ softmax(student / T)), mean over the batch.
 
-    `teacher_probs` (batch, K) are already at temperature T (for Hydra phase 1: the mean over the
-    ensemble of softmax(z_m / T)). The T² factor keeps gradient magnitudes comparable across T.
+    `teacher_probs` (batch, K) are already at the same temperature (for Hydra phase 1: the mean over
+    the ensemble of softmax(z_m / T)). The T² factor keeps gradient magnitudes comparable across T.
+    `row_scale` (batch,) multiplies the temperature per row (see `radial_scale`); T² stays the
+    base temperature's, so a far row weighs as much as a near one.
     """
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    t = temperature if row_scale is None else temperature * row_scale[:, None]
+    log_student = F.log_softmax(student_logits / t, dim=-1)
     log_teacher = torch.log(teacher_probs.clamp_min(1e-30))
     kl = (teacher_probs * (log_teacher - log_student)).sum(dim=-1)
     return temperature**2 * kl.mean()
 
 
-def hydra_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Hydra phase 2: mean over heads of T² · KL(softmax(t_m/T) ‖ softmax(s_m/T)); (batch, M, K) each."""
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+def hydra_kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, row_scale: Tensor | None = None
+) -> Tensor:
+    """Hydra phase 2: mean over heads of T² · KL(softmax(t_m/T) ‖ softmax(s_m/T)); (batch, M, K) each.
+    `row_scale` as in `kd_loss`."""
+    t = temperature if row_scale is None else temperature * row_scale[:, None, None]
+    log_student = F.log_softmax(student_logits / t, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits / t, dim=-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=-1)  # (batch, M)
     return temperature**2 * kl.mean()
 

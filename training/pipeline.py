@@ -33,21 +33,23 @@ from training.evaluate import evaluate
 from training.export import INPUT_NAME, export_onnx, graph_summary, output_names
 from training.models import HydraNet, PackagedModel
 from training.report import write_report
+from training.selfcheck import self_check
 from training.teachers import build_network, load_members, target_scaling, train_member
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, note)
 
-# Per-dataset defaults (measured; see README "Training").
+# Per-dataset architecture and schedules (measured; see README "Training"). Distillation uses the
+# one default recipe (DistilConfig's defaults) everywhere but the two regression toys' schedules.
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
         "arch": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
         "teacher": TeacherConfig(epochs=40, patience=8, lr=2e-3),
-        "distil": DistilConfig(phase2_epochs=60, shift_copies=2),
+        "distil": DistilConfig(),
     },
     "mnist1d": {
         "arch": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
         "teacher": TeacherConfig(epochs=60, patience=10, lr=2e-3),
-        "distil": DistilConfig(phase2_body_lr_scale=1.0),
+        "distil": DistilConfig(),
     },
     "toy": {
         "arch": ArchConfig(kind="mlp", hidden=(64, 64), head_layers=1),
@@ -88,7 +90,9 @@ def make_config(
     if smoke:
         data = replace(data, max_train_rows=256)
         teacher = replace(teacher, members=min(members, 3), epochs=2)
-        dc = replace(dc, phase1_epochs=2, phase2_epochs=2, mixup_copies=1, noise_copies=1)
+        dc = replace(
+            dc, phase1_epochs=2, phase2_epochs=2, mixup_copies=1, noise_copies=1, far_copies=1, shift_copies=0
+        )
     if name is None:
         name = Path(data.path).stem if data.dataset == "file" and data.path else data.dataset
     return RunConfig(
@@ -266,6 +270,15 @@ def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
         "hydra_auroc_retention": {k: round(v["retention"], 4) for k, v in methods["hydra"]["ood"].items()},
         "fidelity": report["fidelity"],
         "false_alarm_rate": report["conformal"]["false_alarm_rate"],
+        "self_check": {
+            k: report["self_check"][k] for k in ("passed", "problems", "score", "spearman", "thresholds")
+        }
+        | {
+            "families": {
+                name: {k: f[k] for k in ("ensemble", "hydra", "kd", "hydra_retention", "well_posed")}
+                for name, f in report["self_check"]["families"].items()
+            }
+        },
     }
 
 
@@ -274,17 +287,18 @@ def stage_evaluate(
 ) -> dict[str, Any]:
     setup(cfg)
     ev = evaluate(out, data, cfg.ood_score, cfg.default_alpha)
-    progress("evaluate", 1, 3, "metrics")
-    seconds = {}
-    for name in ("teachers", "distil"):
-        ckpt = torch.load(run_dir / f"{name}.pt", weights_only=False)
-        seconds[name] = float(ckpt["seconds"])
+    scores = {m: v["ood_score"] for m, v in ev.report["methods"].items()}
+    ev.report["self_check"] = self_check(out, data, scores, seed=cfg.seed)
+    progress("evaluate", 1, 3, "metrics and self-check")
+    teachers_ckpt = torch.load(run_dir / "teachers.pt", weights_only=True)
+    distil_ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
+    seconds = {"teachers": float(teachers_ckpt["seconds"]), "distil": float(distil_ckpt["seconds"])}
     ev.report["runtime_seconds"] = seconds
+    ev.report["transfer_size"] = int(distil_ckpt["transfer_size"])
     ev.report["config"] = cfg.to_json()
     write_report(ev, data, out)
     progress("evaluate", 2, 3, "report")
 
-    distil_ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
     hydra_score = ev.report["methods"]["hydra"]["ood_score"]
     names = output_names(data.task)
     manifest = ModelManifest(

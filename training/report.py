@@ -62,6 +62,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- {f['score']}: Spearman {f['spearman']:.4f}, RMSE {f['rmse']:.4g} "
         f"(ensemble mean {f['ensemble_mean']:.4g})"
     ]
+    lines += self_check_markdown(report["self_check"])
     c = report["conformal"]
     lines += ["", "## Conformal OOD flag (Hydra, calibration split)", ""]
     lines += [f"- score {c['score']}, n = {c['n_calibration']} calibration rows"]
@@ -79,6 +80,28 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Runtime (seconds)", ""]
         lines += [f"- {k}: {v:.1f}" for k, v in report["runtime_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def self_check_markdown(sc: dict[str, Any]) -> list[str]:
+    t = sc["thresholds"]
+    verdict = "**passed**" if sc["passed"] else "**FAILED**: " + "; ".join(sc["problems"])
+    lines = ["", "## Fidelity self-check (generic probe families, never in the transfer set)", ""]
+    lines += [
+        f"- {verdict} (Spearman ≥ {t['spearman_min']}, retention ≥ {t['retention_min']} where the "
+        f"ensemble's AUROC ≥ {t['well_posed_auroc']})",
+        f"- {sc['score']} Spearman, Hydra vs ensemble, over test ∪ probes: {sc['spearman']:.4f}",
+        f"- {sc['rows_per_family']} rows per family, seed {sc['seed']}; ID = the test split",
+        "",
+        "| family | ensemble AUROC | KD AUROC | Hydra AUROC | Hydra retention | counted |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, f in sc["families"].items():
+        lines.append(
+            f"| {name} | {f['ensemble']:.4f} | {f['kd']:.4f} | {f['hydra']:.4f} | "
+            f"{f['hydra_retention']:.3f} | {'yes' if f['well_posed'] else 'no'} |"
+        )
+    lines += ["", "Families: " + "; ".join(f"**{k}** — {v}" for k, v in sc["notes"].items())]
+    return lines
 
 
 def _reliability(ev: Evaluation, data: TaskData, path: Path) -> None:

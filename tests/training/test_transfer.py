@@ -1,0 +1,97 @@
+"""The transfer set: training inputs first, then each family with its defining property,
+deterministic for a seed; and the radial temperature factor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.config import DataConfig, DistilConfig
+from training.data import load_data
+from training.transfer import radial_scale, transfer_inputs, transfer_parts
+
+NONE = DistilConfig(mixup_copies=0, noise_copies=0, far_copies=0, marginal_copies=0, extrapolate_copies=0)
+
+
+def test_layout_and_determinism() -> None:
+    data = load_data(DataConfig(dataset="digits", max_train_rows=50))
+    dc = DistilConfig(shift_copies=2, shift_pixels=1)
+    x = transfer_inputs(dc, data, seed=0)
+    n = len(data.train)
+    copies = 1 + dc.mixup_copies + dc.noise_copies + dc.far_copies + dc.marginal_copies
+    copies += dc.extrapolate_copies + dc.shift_copies
+    assert x.shape == (copies * n, 64) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:n], data.train.x)  # the training inputs themselves come first
+    np.testing.assert_array_equal(x, transfer_inputs(dc, data, seed=0))
+    assert not np.array_equal(x, transfer_inputs(dc, data, seed=1))
+    # adding copies of one family leaves every other family's rows as they were
+    more = transfer_parts(DistilConfig(shift_copies=2, shift_pixels=1, far_copies=6), data, seed=0)
+    base = transfer_parts(dc, data, seed=0)
+    for family in ("mixup", "noise", "marginals", "extrapolate", "shifted"):
+        np.testing.assert_array_equal(base[family], more[family])
+
+
+def test_each_family_has_its_defining_property() -> None:
+    data = load_data(DataConfig(dataset="diabetes"))
+    train = data.train.x.astype(np.float64)
+    lo, hi, std = train.min(axis=0), train.max(axis=0), train.std(axis=0)
+    parts = transfer_parts(DistilConfig(), data, seed=3)
+    assert set(parts) == {"train", "mixup", "noise", "far", "marginals", "extrapolate"}
+    # mixup blends stay inside each feature's training range
+    assert np.all(parts["mixup"] >= lo - 1e-9) and np.all(parts["mixup"] <= hi + 1e-9)
+    # product of marginals: every value of column j is a training value of column j, rows are new
+    m = parts["marginals"]
+    for j in range(train.shape[1]):
+        assert np.isin(m[:, j], train[:, j]).all()
+    assert not np.isin(
+        m.view([("", m.dtype)] * m.shape[1]), train.view([("", train.dtype)] * train.shape[1])
+    ).all()
+    # far noise spans orders of magnitude of the per-feature std, some rows moving one axis only
+    far = parts["far"]
+    n = len(train)
+    delta = (far - np.tile(train, (len(far) // n, 1))) / std
+    size = np.abs(delta).max(axis=1)
+    assert np.quantile(size, 0.05) < 1.0 and np.quantile(size, 0.95) > 100.0
+    moved = (np.abs(delta) > 0).sum(axis=1)
+    assert (
+        moved.min() >= 1 and (moved < train.shape[1]).mean() > 0.2 and (moved == train.shape[1]).mean() > 0.4
+    )
+    # extrapolation leaves the training range along row differences
+    out_of_range = (parts["extrapolate"] < lo) | (parts["extrapolate"] > hi)
+    assert out_of_range.any(axis=1).mean() > 0.3
+
+
+def test_shift_copies_apply_to_images_only() -> None:
+    data = load_data(DataConfig(dataset="toy", max_train_rows=40))
+    dc = DistilConfig(**{**NONE.__dict__, "shift_copies": 3})
+    assert transfer_inputs(dc, data, seed=0).shape == (40, 1)
+
+
+def test_shifted_images_are_translations() -> None:
+    data = load_data(DataConfig(dataset="digits", max_train_rows=30))
+    dc = DistilConfig(**{**NONE.__dict__, "shift_copies": 1, "shift_pixels": 1})
+    x = transfer_inputs(dc, data, seed=0)
+    n = len(data.train)
+    for img, orig in zip(x[n:].reshape(n, 8, 8), data.train.x.reshape(n, 8, 8), strict=True):
+        assert img.sum() <= orig.sum() + 1e-4  # zero fill: same pixels or fewer
+        assert any(
+            np.array_equal(
+                img[max(dy, 0) : 8 + min(dy, 0), max(dx, 0) : 8 + min(dx, 0)],
+                orig[max(-dy, 0) : 8 + min(-dy, 0), max(-dx, 0) : 8 + min(-dx, 0)],
+            )
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        )
+
+
+@pytest.mark.parametrize("dataset", ["diabetes", "digits"])
+def test_radial_scale_is_one_near_the_data_and_linear_far_out(dataset: str) -> None:
+    data = load_data(DataConfig(dataset=dataset))
+    near = radial_scale(data.test.x, data)
+    assert near.dtype == np.float32 and near.min() == 1.0 and np.median(near) < 1.3
+    mean = data.train.x.mean(axis=0)
+    direction = data.test.x[:5] - mean
+    s100 = radial_scale(mean + 100 * direction, data)
+    s1000 = radial_scale(mean + 1000 * direction, data)
+    assert np.all(s100 > 10)
+    np.testing.assert_allclose(s1000 / s100, 10.0, rtol=0.05)  # linear in the distance far out

@@ -1,0 +1,148 @@
+"""The transfer set: the inputs every teacher labels and Hydra is distilled on.
+
+Hydra can only copy the teachers where it is shown them. Between and around the training rows a
+few mixup blends and small-noise copies suffice; far from the data ReLU networks extrapolate
+linearly along directions, and *where* their asymptotes disagree decides the ensemble's mutual
+information out there. So the set reaches out over orders of magnitude, in many directions, built
+from the training inputs alone (never from evaluation or probe sets):
+
+    train        the training rows themselves
+    mixup        λ·x_i + (1 − λ)·x_j, λ ~ U(0, 1)                             near, inside the data
+    noise        x + σ·ε·s, s = `noise_std` (0.3 standardised units)         near
+    far          x + σ·ε·s on a random subset of features, s log-uniform in
+                 [`far_min_std`, `far_max_std`] (0.1 … 1000)                near to very far
+    marginals    every column resampled independently from the training rows  product of marginals
+    extrapolate  x_i + t·(x_i − x_j), t log-uniform in [0.1, `extrapolate_max`]  out of range, along the data
+    shifted      images only: translated by up to `shift_pixels` pixels, zero fill
+
+σ follows the network's own standardisation (per feature for tabular rows, one scalar for images
+and sequences). Deterministic for a seed; each family draws from its own stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from training.config import DistilConfig
+from training.data import TaskData
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float, size: tuple[int, ...]) -> np.ndarray:
+    return np.exp(rng.uniform(np.log(lo), np.log(hi), size=size))
+
+
+def _mixup(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    j = rng.permutation(len(x))
+    lam = rng.uniform(0.0, 1.0, size=(len(x), 1))
+    return lam * x + (1.0 - lam) * x[j]
+
+
+def _far(x: np.ndarray, scale: np.ndarray, dc: DistilConfig, rng: np.random.Generator) -> np.ndarray:
+    n, d = x.shape
+    magnitude = _log_uniform(rng, dc.far_min_std, dc.far_max_std, (n, 1))
+    # half the rows move every feature, half a random subset (1 … d features): far out along the
+    # axes as well as along the diagonals, which isotropic noise in d dimensions almost never visits
+    keep = rng.random((n, d)) < rng.uniform(0.0, 1.0, size=(n, 1))
+    keep[rng.random(n) < 0.5] = True
+    keep[np.arange(n), rng.integers(0, d, n)] = True
+    return x + rng.standard_normal((n, d)) * scale * magnitude * keep
+
+
+def _marginals(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n, d = x.shape
+    return x[rng.integers(0, n, size=(n, d)), np.arange(d)[None, :]]
+
+
+def _extrapolate(x: np.ndarray, dc: DistilConfig, rng: np.random.Generator) -> np.ndarray:
+    j = rng.permutation(len(x))
+    t = _log_uniform(rng, 0.1, dc.extrapolate_max, (len(x), 1))
+    return x + t * (x - x[j])
+
+
+def _shifted(x: np.ndarray, hw: tuple[int, int], max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image translated by a random (dy, dx) in [-max_shift, max_shift], zero fill."""
+    h, w = hw
+    images = x.reshape(len(x), h, w)
+    pad = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    dy = rng.integers(0, 2 * max_shift + 1, size=len(x))
+    dx = rng.integers(0, 2 * max_shift + 1, size=len(x))
+    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
+    out = pad[np.arange(len(x))[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return out.reshape(len(x), h * w)
+
+
+def _standardisation(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per feature as the network standardises (one scalar for images and sequences)."""
+    if kind in ("image", "sequence"):
+        mean, scale = np.full(x.shape[1], x.mean()), np.full(x.shape[1], x.std())
+    else:
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+    return mean, np.where(scale > 1e-6, scale, 1.0)
+
+
+def radial_scale(rows: np.ndarray, data: TaskData) -> np.ndarray:
+    """max(1, r / r_train) per row, float32: r is the row's distance from the training mean in the
+    network's standardised units, r_train the training rows' RMS distance.
+
+    Far out a ReLU network's logits grow linearly with r, so a softmax at a fixed temperature
+    saturates to one-hot and carries only the argmax, while the KL loss and its gradient grow
+    with r and swamp the rows near the data. Dividing the temperature by this factor compares
+    the teachers' and the student's logit *directions* there instead: soft targets, and a far row
+    weighs as much as a near one.
+    """
+    train = data.train.x.reshape(len(data.train), -1).astype(np.float64)
+    mean, scale = _standardisation(train, data.kind)
+    r_train = float(np.sqrt((((train - mean) / scale) ** 2).sum(axis=1).mean())) or 1.0
+    r = np.sqrt((((rows.reshape(len(rows), -1) - mean) / scale) ** 2).sum(axis=1))
+    return np.maximum(1.0, r / r_train).astype(np.float32)
+
+
+def transfer_parts(dc: DistilConfig, data: TaskData, seed: int) -> dict[str, np.ndarray]:
+    """Every family of the transfer set, in raw feature units, flat (n, features) float64."""
+    x = data.train.x.reshape(len(data.train), -1).astype(np.float64)
+    _, scale = _standardisation(x, data.kind)
+
+    def stream(family: int, copy: int) -> np.random.Generator:
+        return np.random.default_rng([seed + 777, family, copy])
+
+    parts: dict[str, list[np.ndarray]] = {"train": [x]}
+    parts["mixup"] = [_mixup(x, stream(1, c)) for c in range(dc.mixup_copies)]
+    parts["noise"] = [
+        x + stream(2, c).standard_normal(x.shape) * dc.noise_std * scale for c in range(dc.noise_copies)
+    ]
+    parts["far"] = [_far(x, scale, dc, stream(3, c)) for c in range(dc.far_copies)]
+    parts["marginals"] = [_marginals(x, stream(4, c)) for c in range(dc.marginal_copies)]
+    parts["extrapolate"] = [_extrapolate(x, dc, stream(5, c)) for c in range(dc.extrapolate_copies)]
+    if data.image_hw is not None:
+        parts["shifted"] = [
+            _shifted(x, data.image_hw, dc.shift_pixels, stream(6, c)) for c in range(dc.shift_copies)
+        ]
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+
+def train_only(dc: DistilConfig) -> DistilConfig:
+    """`dc` with a transfer set of the training rows alone (no perturbed family)."""
+    return replace(
+        dc,
+        mixup_copies=0,
+        noise_copies=0,
+        far_copies=0,
+        marginal_copies=0,
+        extrapolate_copies=0,
+        shift_copies=0,
+    )
+
+
+def near_only(dc: DistilConfig) -> DistilConfig:
+    """`dc` with the near families only (mixup, small noise, shifts): the recipe before the far ones."""
+    return replace(dc, far_copies=0, marginal_copies=0, extrapolate_copies=0)
+
+
+def transfer_inputs(dc: DistilConfig, data: TaskData, seed: int) -> np.ndarray:
+    """The whole transfer set, shaped like the training rows (n, *row_shape), float32; the
+    training rows come first."""
+    flat = np.concatenate(list(transfer_parts(dc, data, seed).values()))
+    return flat.reshape(len(flat), *data.train.x.shape[1:]).astype(np.float32)
