@@ -69,11 +69,12 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # ---- Benchmarks (bench/, written to docs/BENCHMARKS.md) -----------------------------------------
-# make bench [BENCH_PRESET=reduced|full|smoke]; each part alone: bench-quality, bench-cost, bench-server.
+# make bench [BENCH_PRESET=reduced|full|smoke]; each part alone: bench-quality (built-in datasets, then the
+# tuning and confirmation suites), bench-suites (the suites alone), bench-cost, bench-server.
 # Part 4 (GPU) is bench/gpu.sh, on a machine with an NVIDIA GPU.
 BENCH_PRESET ?= reduced
 TRITON_VENV ?= .venv-triton
-.PHONY: bench-deps bench-triton-venv bench-quality bench-cost bench-server bench-report bench-gpu
+.PHONY: bench-deps bench-triton-venv bench-quality bench-suites bench-cost bench-server bench-report bench-gpu
 
 # wrk (Debian) drives the load; py-spy profiles the server where a target is missed.
 bench-deps: $(VENV)/.dev-installed
@@ -96,6 +97,10 @@ bench: install bench-deps bench-triton-venv
 
 bench-quality: install
 	$(PY) -m bench quality --preset $(BENCH_PRESET)
+	$(PY) -m bench suites --preset $(BENCH_PRESET)
+
+bench-suites: install
+	$(PY) -m bench suites --preset $(BENCH_PRESET)
 
 bench-cost: install
 	$(PY) -m bench cost --preset $(BENCH_PRESET)

@@ -1,4 +1,4 @@
-"""`python -m bench quality|cost|server|report|all [--preset reduced]` — see docs/BENCHMARKS.md.
+"""`python -m bench quality|suites|cost|server|report|all [--preset reduced]` — see docs/BENCHMARKS.md.
 
 Each part writes bench/results/<part>.json (with machine, date, load and command) and regenerates
 docs/BENCHMARKS.md and its figures. `--preset smoke` checks everything runs in minutes;
@@ -63,7 +63,7 @@ def _workloads(names: str) -> list[Any]:
 
 @app.command()
 def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip_shift: bool = False) -> None:
-    """Part 1: ensemble vs KD vs Hydra on four datasets, ablations, shift severity, figures."""
+    """Part 1: ensemble vs KD vs Hydra on the four built-in datasets, ablations, shift severity, figures."""
     from bench import plots
     from bench.quality import aggregate, derive, run_ablations, run_main, run_shift
 
@@ -94,6 +94,34 @@ def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip
         plots.shift_figure(result["shift"], DOCS / "quality_shift.png")
     if "ablation_aggregate" in result:
         plots.ablation_figure(result["ablation_aggregate"], DOCS / "quality_ablations.png")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def suites(
+    preset: PresetOption = "reduced",
+    only: Annotated[
+        str, typer.Option(help="comma-separated suites: tuning,confirmation")
+    ] = "tuning,confirmation",
+) -> None:
+    """Part 1b: the tuning and confirmation suites of datasets nobody's preset was tuned on, via `--data`."""
+    from bench.suites import run_suites, verdict
+    from bench.workloads import BUILD
+
+    p = _preset(preset)
+    plan = dataclasses.replace(p.suites, suites=tuple(s.strip() for s in only.split(",") if s.strip()))
+    meta = describe(_command())
+    t0 = time.perf_counter()
+    runs = run_suites(plan, BUILD / "suites", log=typer.echo)
+    result = {
+        "preset": p.name,
+        "plan": dataclasses.asdict(plan),
+        "machine": meta,
+        "runs": runs,
+        "verdict": {s: verdict([r for r in runs if r["suite"] == s]) for s in plan.suites},
+        "seconds": time.perf_counter() - t0,
+    }
+    _save("suites", result)
     typer.echo(f"wrote {report.write()}")
 
 
@@ -219,6 +247,7 @@ def all_parts(preset: PresetOption = "reduced") -> None:
         provider="CPUExecutionProvider",
     )
     quality(preset=preset, skip_ablations=False, skip_shift=False)
+    suites(preset=preset, only="tuning,confirmation")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.quality import QualityPlan
+from bench.suites import SuitePlan
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Preset:
     cost_seconds: float  # per graph and batch size, interleaved
     server_seconds: float  # per load cell (after a 1 s warm-up)
     server: dict[str, Any] = field(default_factory=dict)
+    suites: SuitePlan = field(default_factory=SuitePlan)
 
 
 PRESETS = {
@@ -36,6 +38,7 @@ PRESETS = {
         cost_seconds=0.3,
         server_seconds=1.0,
         server={"concurrencies": (1, 8), "extra_one_row": ()},
+        suites=SuitePlan(seeds=(0,), members=3, epochs=2),
     ),
     "reduced": Preset(
         "reduced",
@@ -48,11 +51,13 @@ PRESETS = {
         ),
         cost_seconds=2.0,
         server_seconds=5.0,
+        suites=SuitePlan(seeds=(0, 1)),
     ),
     "full": Preset(
         "full",
         QualityPlan(seeds=(0, 1, 2, 3, 4), ablation_seeds=(0, 1, 2)),
         cost_seconds=5.0,
         server_seconds=10.0,
+        suites=SuitePlan(seeds=(0, 1, 2)),
     ),
 }

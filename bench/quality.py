@@ -52,6 +52,8 @@ class QualityPlan:
         "diversity 0.1",
         "diversity 1.0",
         "transfer: train only",
+        "transfer: near only",
+        "radial temperature off",
     )
     shift_dataset: str = "mnist1d"
     shift_levels: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
@@ -61,6 +63,7 @@ class QualityPlan:
 def _variant(name: str, cfg: Any, members: int) -> tuple[int, Any]:
     """(members, config) of one ablation variant; the default config is the preset's."""
     from training.config import DistilConfig
+    from training.transfer import near_only, train_only
 
     d: DistilConfig = cfg.distil
     if name.startswith("M="):
@@ -84,8 +87,11 @@ def _variant(name: str, cfg: Any, members: int) -> tuple[int, Any]:
     if name.startswith("diversity "):
         return members, replace(cfg, distil=replace(d, diversity_weight=float(name.split()[1])))
     if name == "transfer: train only":
-        extra = {"shift_copies": 0} if hasattr(d, "shift_copies") else {}  # newer presets add shifted copies
-        return members, replace(cfg, distil=replace(d, mixup_copies=0, noise_copies=0, **extra))
+        return members, replace(cfg, distil=train_only(d))
+    if name == "transfer: near only":
+        return members, replace(cfg, distil=near_only(d))
+    if name == "radial temperature off":
+        return members, replace(cfg, distil=replace(d, radial_temperature=False))
     raise ValueError(f"unknown ablation {name!r}")
 
 

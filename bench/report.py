@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # BENCH_OUTPUT_DIR sends results and the document elsewhere (a trial run that must not overwrite the
 # published ones): <dir>/results/*.json and <dir>/docs/BENCHMARKS.md + figures
@@ -59,6 +61,110 @@ def _provenance(meta: dict[str, Any]) -> str:
 
 def _check(met: bool) -> str:
     return "**met**" if met else "**missed**"
+
+
+# ------------------------------------------------------------------------------------------- suites
+
+
+def _mean(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def _suite_tables(runs: list[dict[str, Any]]) -> list[str]:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["dataset"], []).append(r)
+    quality_rows, family_rows = [], []
+    families: list[str] = list(runs[0]["self_check"]["families"]) if runs else []
+    for name, rs in by.items():
+        clf = rs[0]["task"] == "classification"
+        key = "accuracy" if clf else "rmse"
+        cells = [name, rs[0]["source"], key]
+        cells += [_mean([r["test"][m][key] for r in rs], 4) for m in ("ensemble", "kd", "hydra")]
+        cells.append(
+            "—" if clf else " / ".join(_mean([r["test"][m]["coverage_95"] for r in rs]) for m in ("ensemble", "hydra"))
+        )
+        cells.append(_mean([r["self_check"]["spearman"] for r in rs]))
+        kept = [
+            min((f["hydra_retention"] for f in r["self_check"]["families"].values() if f["well_posed"]), default=None)
+            for r in rs
+        ]
+        cells.append(_mean([k for k in kept if k is not None], 2))
+        cells.append(str(sum(f["well_posed"] for r in rs for f in r["self_check"]["families"].values())))
+        cells.append(f"{np.mean([r['transfer_size'] for r in rs]):,.0f}")
+        cells.append(f"{np.mean([r['seconds'] for r in rs]):.0f}")
+        quality_rows.append(cells)
+        fam_cells = [name]
+        for fam in families:
+            fam_cells.append(
+                " / ".join(
+                    f"{np.mean([r['self_check']['families'][fam][m] for r in rs]):.2f}" for m in ("ensemble", "kd", "hydra")
+                )
+                + (" ✓" if all(r["self_check"]["families"][fam]["well_posed"] for r in rs) else "")
+            )
+        family_rows.append(fam_cells)
+    header = [
+        "dataset",
+        "source",
+        "metric",
+        "ensemble",
+        "KD",
+        "Hydra",
+        "95% coverage ens / Hydra",
+        "MI Spearman (test ∪ probes)",
+        "min retention (families ens ≥ 0.7)",
+        "families counted",
+        "transfer rows",
+        "run s",
+    ]
+    return [
+        _table(header, quality_rows),
+        "",
+        "OOD AUROC per probe family, ensemble / KD / Hydra (✓: the ensemble detects it, AUROC ≥ 0.7, so "
+        "retention counts):",
+        "",
+        _table(["dataset", *families], family_rows),
+    ]
+
+
+def suites_section(su: dict[str, Any] | None) -> str:
+    title = "## 1b. Datasets nobody tuned on: the tuning and confirmation suites"
+    if su is None:
+        return f"{title}\n\nNot run yet: `make bench-suites`.\n"
+    from bench.suites import SUITES
+
+    plan = su["plan"]
+    out = [title, "", _provenance(su["machine"]), ""]
+    out.append(
+        f"Preset `{su['preset']}`: seeds {plan['seeds']} (mean ± std over seeds), {plan['members']} teachers, epochs "
+        f"{plan['epochs'] or 'of the `file` preset'}; wall time {su['seconds']:.0f} s. Every dataset is written to a CSV "
+        "and trained with `python -m training run --data FILE --target target --task …` (the `file` preset, the default "
+        "recipe, no per-dataset setting). The **tuning** suite is where the recipe's settings were chosen; the "
+        "**confirmation** suite was fixed before tuning began and never looked at while tuning, so only it is evidence. "
+        "OOD families: the generic probe families of `training/probes.py`, scored by the run's own fidelity self-check "
+        "on the exported graphs (ID = the test split; each method's own OOD score)."
+    )
+    for suite in plan["suites"]:
+        runs = [r for r in su["runs"] if r["suite"] == suite]
+        v = su["verdict"][suite]
+        out += ["", f"### {suite.capitalize()} suite ({', '.join(d.name for d in SUITES[suite])})", ""]
+        out += _suite_tables(runs)
+        out += [
+            "",
+            f"Criteria over every (dataset, seed): median MI Spearman {v['median_spearman']:.3f} ≥ 0.9 — "
+            f"{_check(v['spearman_met'])}; retention ≥ 0.9 on every family the ensemble detects — "
+            f"{_check(not v['low_retention'])}{(' (' + ', '.join(v['low_retention']) + ')') if v['low_retention'] else ''}; "
+            f"no family inverted — {_check(not v['inverted'])}{(' (' + ', '.join(v['inverted']) + ')') if v['inverted'] else ''}; "
+            f"accuracy within 1 pt of the ensemble — {_check(not v['accuracy_misses'])}"
+            f"{(' (' + ', '.join(v['accuracy_misses']) + ')') if v['accuracy_misses'] else ''}; "
+            f"regression coverage within 2 pts — {_check(not v['coverage_misses'])}"
+            f"{(' (' + ', '.join(v['coverage_misses']) + ')') if v['coverage_misses'] else ''}.",
+        ]
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -177,8 +283,16 @@ def ablation_section(q: dict[str, Any]) -> str:
         )
     d = next(r["distil"] for r in q["ablations"] if r["variant"] == "default")
     transfer = f"train + {d['mixup_copies']} mixup + {d['noise_copies']} noisy"
-    if d.get("shift_copies"):
-        transfer += f" + {d['shift_copies']} shifted"
+    for key, label in (
+        ("far_copies", "far multi-scale noise"),
+        ("marginal_copies", "product-of-marginals"),
+        ("extrapolate_copies", "extrapolated"),
+        ("shift_copies", "shifted"),
+    ):
+        if d.get(key):
+            transfer += f" + {d[key]} {label}"
+    if d.get("radial_temperature"):
+        transfer += ", radial temperature"
     notes = (
         f"Variants change one thing against `default` (the dataset's preset with this run's epochs: "
         f"{next(r['members'] for r in q['ablations'] if r['variant'] == 'default')} teachers, linear heads, "
@@ -188,7 +302,9 @@ def ablation_section(q: dict[str, Any]) -> str:
         "layers per head (own teachers, same seeds). `phase 1 off`: phase 2 from an untrained body for the same total "
         "epochs, body at full rate (heads start identical). `body frozen` / `body full lr`: phase-2 body rate 0 / 1×. "
         "`T=1/4`: distillation temperature. `diversity w`: Hydra+-style penalty w × mean pairwise cosine similarity of "
-        "head weights. `transfer: train only`: distil on the training inputs alone."
+        "head weights. `transfer: train only`: distil on the training inputs alone. `transfer: near only`: without the far "
+        "noise, product-of-marginals and extrapolated copies (the recipe before the far families). `radial temperature off`: one "
+        "temperature for every row."
     )
     return "\n".join(
         [
@@ -410,8 +526,8 @@ LABELS = {"hydra": "(a) ours, batching", "hydra-b1": "(b) ours, batch 1", "trito
 def write(extra: dict[str, str] | None = None) -> Path:
     q, c, s = load("quality"), load("cost"), load("server")
     gpu_cost, gpu_server = load("gpu_cost"), load("gpu_server")
-    c1 = load("cost_1thread")
-    parts = [HEADER, headline(q, c, s), quality_section(q), cost_section(c)]
+    c1, su = load("cost_1thread"), load("suites")
+    parts = [HEADER, headline(q, c, s, su), quality_section(q), suites_section(su), cost_section(c)]
     if c1:
         parts.append(
             cost_section(c1, "### 2b. Serving cost with one ORT thread per session", "cost_1thread.png")
@@ -436,7 +552,7 @@ def write(extra: dict[str, str] | None = None) -> Path:
 HEADER = """# Benchmarks
 
 Generated by `python -m bench report` from `bench/results/*.json` (each part rewrites its JSON and this file:
-`make bench` runs all parts; `make bench-quality`, `make bench-cost`, `make bench-server` one each; `bench/gpu.sh`
+`make bench` runs all parts; `make bench-quality` (with the suites of §1b), `make bench-suites`, `make bench-cost`, `make bench-server` one each; `bench/gpu.sh`
 on a GPU machine). Every table and figure below comes from the run whose machine, date, load and command head
 its section — no number in them is typed in by hand; only the closing "Reading the results" is written by hand
 (`bench/analysis.md`). Measurements on a shared 2-core machine: compare numbers *within* a section (same run),
@@ -452,8 +568,16 @@ and writes `bench/results/gpu_cost.json` and `gpu_server.json`, which this file 
 the card's name. Without a GPU it stops at once with a message saying what is missing."""
 
 
-def headline(q: dict[str, Any] | None, c: dict[str, Any] | None, s: dict[str, Any] | None) -> str:
+def headline(
+    q: dict[str, Any] | None, c: dict[str, Any] | None, s: dict[str, Any] | None, su: dict[str, Any] | None = None
+) -> str:
     lines = ["## Headline", ""]
+    if su and "confirmation" in su["verdict"]:
+        v = su["verdict"]["confirmation"]
+        lines.append(
+            f"- **Distillation on data nobody tuned on (confirmation suite, §1b)**: median MI Spearman "
+            f"{v['median_spearman']:.3f}; every criterion {'met' if v['met'] else 'not met (see §1b)'}."
+        )
     if c:
         for name, w in c["workloads"].items():
             sp = ", ".join(f"{x['speedup_vs_ensemble']:.2f}× at batch {x['batch']}" for x in w["cells"])

@@ -61,6 +61,7 @@ def build_wide_model(
     """Train and export the compute-bound model with the training pipeline (teachers -> Hydra -> ONNX)."""
     from training.config import ArchConfig, DataConfig
     from training.pipeline import make_config, run_all
+    from training.transfer import train_only
 
     cfg = make_config(
         DataConfig(dataset="mnist1d"),
@@ -74,7 +75,7 @@ def build_wide_model(
         cfg,
         arch=ArchConfig(kind="cnn1d", conv_channels=(32, 64), hidden=(4096, 2048), head_layers=1),
         # a serving workload: the transfer set is the training inputs only, to keep the build short
-        distil=replace(cfg.distil, mixup_copies=0, noise_copies=0),
+        distil=train_only(cfg.distil),
     )
     out = repository / WIDE_NAME / "1"
     run_dir = BUILD / "runs" / f"{WIDE_NAME}-s{seed}"

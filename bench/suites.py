@@ -1,0 +1,249 @@
+"""Two suites of datasets nobody's preset was tuned on, all offline, run through `--data` exactly as
+a user would: every dataset is written to a CSV and trained with the `file` preset.
+
+- TUNING: the distillation recipe's settings (training/transfer.py, DistilConfig defaults) were
+  chosen on these.
+- CONFIRMATION: chosen before the recipe was tuned and never looked at while tuning; its numbers
+  are the evidence.
+
+Sources: scikit-learn's built-in tables and generators, palmerpenguins' and statsmodels' bundled
+tables. Nothing is downloaded. OOD families are the generic probe families of training/probes.py
+(six per dataset), scored by the pipeline's self-check on the exported graphs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Maker = Callable[[], pd.DataFrame]  # feature columns + a "target" column
+
+
+@dataclass(frozen=True)
+class SuiteDataset:
+    name: str
+    task: str  # classification | regression
+    make: Maker
+    source: str
+
+
+def _frame(x: np.ndarray, y: np.ndarray, names: list[str] | None = None) -> pd.DataFrame:
+    names = names or [f"x{i}" for i in range(x.shape[1])]
+    frame = pd.DataFrame(np.asarray(x, dtype=np.float64), columns=names)
+    frame["target"] = y
+    return frame
+
+
+def _breast_cancer() -> pd.DataFrame:
+    from sklearn.datasets import load_breast_cancer
+
+    b = load_breast_cancer()
+    return _frame(b.data, b.target, [str(n).replace(" ", "_") for n in b.feature_names])
+
+
+def _wine() -> pd.DataFrame:
+    from sklearn.datasets import load_wine
+
+    b = load_wine()
+    return _frame(b.data, b.target, list(b.feature_names))
+
+
+def _penguins() -> pd.DataFrame:
+    import palmerpenguins
+
+    p = palmerpenguins.load_penguins()
+    cols = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
+    p = p.dropna(subset=[*cols, "species"])
+    return _frame(p[cols].to_numpy(), p["species"].to_numpy(), cols)
+
+
+def _fair() -> pd.DataFrame:
+    import statsmodels.api as sm
+
+    d = sm.datasets.fair.load_pandas().data
+    cols = [c for c in d.columns if c != "affairs"]
+    return _frame(d[cols].to_numpy(), (d["affairs"] > 0).astype(int).to_numpy(), cols)
+
+
+def _classification(seed: int, n: int, d: int, k: int, informative: int, sep: float) -> Maker:
+    def make() -> pd.DataFrame:
+        from sklearn.datasets import make_classification
+
+        x, y = make_classification(
+            n_samples=n,
+            n_features=d,
+            n_informative=informative,
+            n_redundant=min(2, d - informative),
+            n_classes=k,
+            n_clusters_per_class=2,
+            class_sep=sep,
+            flip_y=0.01,
+            random_state=seed,
+        )
+        return _frame(x, y)
+
+    return make
+
+
+def _gaussian_quantiles() -> pd.DataFrame:
+    from sklearn.datasets import make_gaussian_quantiles
+
+    x, y = make_gaussian_quantiles(n_samples=2000, n_features=6, n_classes=3, random_state=11)
+    return _frame(x, y)
+
+
+def _friedman(which: int, seed: int) -> Maker:
+    def make() -> pd.DataFrame:
+        from sklearn import datasets
+
+        if which == 1:
+            x, y = datasets.make_friedman1(n_samples=1500, n_features=10, noise=1.0, random_state=seed)
+        elif which == 2:
+            x, y = datasets.make_friedman2(n_samples=1500, noise=50.0, random_state=seed)
+        else:
+            x, y = datasets.make_friedman3(n_samples=1500, noise=0.1, random_state=seed)
+        return _frame(x, y)
+
+    return make
+
+
+def _linear_regression() -> pd.DataFrame:
+    from sklearn.datasets import make_regression
+
+    x, y = make_regression(n_samples=1500, n_features=20, n_informative=8, noise=10.0, random_state=21)
+    return _frame(x, y)
+
+
+TUNING = (
+    SuiteDataset("breast_cancer", "classification", _breast_cancer, "sklearn load_breast_cancer, 569 x 30"),
+    SuiteDataset(
+        "clf_10d_3c",
+        "classification",
+        _classification(seed=1, n=2000, d=10, k=3, informative=6, sep=1.0),
+        "sklearn make_classification: 2000 x 10, 3 classes, 6 informative",
+    ),
+    SuiteDataset("penguins", "classification", _penguins, "palmerpenguins, 342 x 4, 3 species"),
+    SuiteDataset("friedman1", "regression", _friedman(1, seed=3), "sklearn make_friedman1, 1500 x 10"),
+)
+
+CONFIRMATION = (
+    SuiteDataset("wine", "classification", _wine, "sklearn load_wine, 178 x 13, 3 classes"),
+    SuiteDataset("fair", "classification", _fair, "statsmodels fair (affairs > 0), 6366 x 8"),
+    SuiteDataset(
+        "clf_30d_5c",
+        "classification",
+        _classification(seed=7, n=3000, d=30, k=5, informative=12, sep=1.5),
+        "sklearn make_classification: 3000 x 30, 5 classes, 12 informative",
+    ),
+    SuiteDataset(
+        "gauss_quantiles", "classification", _gaussian_quantiles, "sklearn make_gaussian_quantiles: 2000 x 6"
+    ),
+    SuiteDataset("friedman2", "regression", _friedman(2, seed=5), "sklearn make_friedman2, 1500 x 4"),
+    SuiteDataset("linear_20d", "regression", _linear_regression, "sklearn make_regression, 1500 x 20"),
+)
+
+SUITES = {"tuning": TUNING, "confirmation": CONFIRMATION}
+
+
+def write_csv(dataset: SuiteDataset, folder: Path) -> Path:
+    """The dataset as the CSV a user would pass to `--data` (feature columns + `target`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dataset.name}.csv"
+    dataset.make().to_csv(path, index=False)
+    return path
+
+
+@dataclass(frozen=True)
+class SuitePlan:
+    suites: tuple[str, ...] = ("tuning", "confirmation")
+    seeds: tuple[int, ...] = (0,)
+    members: int = 8
+    epochs: int | None = None  # None: the `file` preset's epochs (what a user gets)
+    datasets: tuple[str, ...] | None = None  # a subset by name (tests); None = every dataset
+
+
+def _row(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers we tabulate from one pipeline report."""
+    sc = report["self_check"]
+    return {
+        "test": {m: v["test"] for m, v in report["methods"].items()},
+        "self_check": sc,
+        "runtime_seconds": report.get("runtime_seconds", {}),
+        "transfer_size": report.get("transfer_size"),
+        "false_alarm_rate": report["conformal"]["false_alarm_rate"],
+    }
+
+
+def run_suites(plan: SuitePlan, root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every (suite, dataset, seed) through `training.pipeline.run_all` on a CSV, as `--data` does."""
+    from training.config import DataConfig
+    from training.pipeline import make_config, run_all
+
+    runs = []
+    for suite in plan.suites:
+        for ds in SUITES[suite]:
+            if plan.datasets is not None and ds.name not in plan.datasets:
+                continue
+            csv = write_csv(ds, root / "data")
+            for seed in plan.seeds:
+                data = DataConfig(dataset="file", path=str(csv), target="target", task=ds.task)  # type: ignore[arg-type]
+                cfg = make_config(data, name=ds.name, members=plan.members, seed=seed, epochs=plan.epochs)
+                t0 = time.perf_counter()
+                report = run_all(
+                    cfg, root / "runs" / f"{ds.name}-s{seed}", root / "models" / ds.name / f"s{seed}"
+                )
+                seconds = time.perf_counter() - t0
+                runs.append(
+                    {"suite": suite, "dataset": ds.name, "task": ds.task, "source": ds.source, "seed": seed}
+                    | {"seconds": round(seconds, 1), "config": cfg.to_json()}
+                    | _row(report)
+                )
+                log(
+                    f"[suites] {suite}/{ds.name} seed {seed}: {seconds:.0f}s, self-check Spearman "
+                    f"{report['self_check']['spearman']:.3f}, passed {report['self_check']['passed']}"
+                )
+    return runs
+
+
+ACCURACY_POINTS = 0.01  # Hydra accuracy within 1 point of the ensemble's
+COVERAGE_POINTS = 0.02  # regression: 95% coverage within 2 points
+
+
+def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's done-when criteria over a suite's runs (each (dataset, seed) counts)."""
+    from training.selfcheck import RETENTION_MIN, SPEARMAN_MIN
+
+    spearman = [r["self_check"]["spearman"] for r in runs]
+    low_retention, inverted, accuracy, coverage = [], [], [], []
+    for r in runs:
+        tag = f"{r['dataset']} s{r['seed']}"
+        for name, f in r["self_check"]["families"].items():
+            if f["well_posed"] and f["hydra_retention"] < RETENTION_MIN:
+                low_retention.append(f"{tag} {name} ({f['hydra_retention']:.2f})")
+            if f["well_posed"] and f["hydra"] < 0.5:
+                inverted.append(f"{tag} {name}")
+        t = r["test"]
+        if r["task"] == "classification":
+            gap = t["ensemble"]["accuracy"] - t["hydra"]["accuracy"]
+            if gap > ACCURACY_POINTS + 1e-9:
+                accuracy.append(f"{tag} (−{100 * gap:.1f} pts)")
+        else:
+            gap = abs(t["ensemble"]["coverage_95"] - t["hydra"]["coverage_95"])
+            if gap > COVERAGE_POINTS + 1e-9:
+                coverage.append(f"{tag} ({100 * gap:.1f} pts)")
+    median = float(np.median(spearman)) if spearman else float("nan")
+    return {
+        "median_spearman": median,
+        "spearman_met": median >= SPEARMAN_MIN,
+        "low_retention": low_retention,
+        "inverted": inverted,
+        "accuracy_misses": accuracy,
+        "coverage_misses": coverage,
+        "met": median >= SPEARMAN_MIN and not (low_retention or inverted or accuracy or coverage),
+    }
