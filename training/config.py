@@ -63,11 +63,13 @@ class DistilConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm per step (0 = off)
     # phase-2 body learning rate as a multiple of lr; 0 freezes the body
     phase2_body_lr_scale: float = 1.0
     # transfer set (training/transfer.py): train rows + mixup + near noise + far multi-scale noise
     # + product-of-marginals rows + extrapolation along row differences (+ shifted images)
-    mixup_copies: int = 4
+    mixup_copies: int = 6
+    mixup_rows: int = 8  # blends of 2..mixup_rows rows (2: classic mixup)
     noise_copies: int = 2
     noise_std: float = 0.3  # in standardised feature units
     far_copies: int = 4

@@ -95,6 +95,7 @@ def _fit(
     generator: torch.Generator,
     phase: str,
     progress: Progress | None,
+    grad_clip: float = 0.0,
 ) -> list[float]:
     history = []
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
@@ -108,6 +109,8 @@ def _fit(
             loss = loss_fn(net(x[idx]), targets[idx], None if row_scale is None else row_scale[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip > 0:  # a far-out row's loss spike must not throw the weights away
+                torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             opt.step()
             total += float(loss.detach())
             steps += 1
@@ -154,6 +157,7 @@ def distil(
         generator,
         "phase 1 (KD)",
         progress,
+        dc.grad_clip,
     )
     kd = copy.deepcopy(student).cpu().eval()
 
@@ -187,6 +191,7 @@ def distil(
         generator,
         "phase 2 (Hydra)",
         progress,
+        dc.grad_clip,
     )
     for p in student.parameters():
         p.requires_grad_(True)

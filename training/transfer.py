@@ -33,20 +33,30 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float, size: tuple[int
     return np.exp(rng.uniform(np.log(lo), np.log(hi), size=size))
 
 
-def _mixup(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    j = rng.permutation(len(x))
-    lam = rng.uniform(0.0, 1.0, size=(len(x), 1))
-    return lam * x + (1.0 - lam) * x[j]
+def _mixup(x: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Convex blends of k rows, k uniform in 2..max_rows, weights ~ Dirichlet(1). k = 2 is classic
+    mixup (λ ~ U(0, 1)); more rows reach the interior of the data's hull, which pairs of rows in many
+    dimensions almost never visit."""
+    n = len(x)
+    k = rng.integers(2, max(2, max_rows) + 1, size=n)
+    weights = rng.dirichlet(np.ones(max(2, max_rows)), size=n)
+    weights = np.where(np.arange(weights.shape[1])[None, :] < k[:, None], weights, 0.0)
+    weights /= weights.sum(axis=1, keepdims=True)
+    picks = np.stack([rng.permutation(n) for _ in range(weights.shape[1])], axis=1)  # (n, max_rows)
+    picks[:, 0] = np.arange(n)
+    return np.einsum("nk,nkd->nd", weights, x[picks])
 
 
 def _far(x: np.ndarray, scale: np.ndarray, dc: DistilConfig, rng: np.random.Generator) -> np.ndarray:
     n, d = x.shape
     magnitude = _log_uniform(rng, dc.far_min_std, dc.far_max_std, (n, 1))
-    # half the rows move every feature, half a random subset (1 … d features): far out along the
-    # axes as well as along the diagonals, which isotropic noise in d dimensions almost never visits
-    keep = rng.random((n, d)) < rng.uniform(0.0, 1.0, size=(n, 1))
+    # half the rows move every feature, half a random subset of k features, k log-uniform in 1 … d:
+    # far out along the axes and low-dimensional faces as well as along the diagonals, which
+    # isotropic noise in d dimensions almost never visits (a uniform k would make 1-3 features
+    # rare in wide tables)
+    k = np.clip(np.floor(np.exp(rng.uniform(0.0, np.log(d + 1), size=n))), 1, d).astype(int)
+    keep = np.argsort(rng.random((n, d)), axis=1) < k[:, None]
     keep[rng.random(n) < 0.5] = True
-    keep[np.arange(n), rng.integers(0, d, n)] = True
     return x + rng.standard_normal((n, d)) * scale * magnitude * keep
 
 
@@ -109,7 +119,7 @@ def transfer_parts(dc: DistilConfig, data: TaskData, seed: int) -> dict[str, np.
         return np.random.default_rng([seed + 777, family, copy])
 
     parts: dict[str, list[np.ndarray]] = {"train": [x]}
-    parts["mixup"] = [_mixup(x, stream(1, c)) for c in range(dc.mixup_copies)]
+    parts["mixup"] = [_mixup(x, dc.mixup_rows, stream(1, c)) for c in range(dc.mixup_copies)]
     parts["noise"] = [
         x + stream(2, c).standard_normal(x.shape) * dc.noise_std * scale for c in range(dc.noise_copies)
     ]

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from bench.report import suites_section
-from bench.suites import CONFIRMATION, SUITES, TUNING, SuitePlan, run_suites, verdict, write_csv
+from bench.suites import CONFIRMATION, FRESH, SUITES, TUNING, SuitePlan, run_suites, verdict, write_csv
 
-ALL = TUNING + CONFIRMATION
+ALL = TUNING + CONFIRMATION + FRESH
 
 
 @pytest.mark.parametrize("dataset", ALL, ids=lambda d: d.name)
@@ -33,10 +33,10 @@ def test_every_dataset_is_an_offline_numeric_table(dataset: Any, tmp_path: Path)
 def test_suites_are_disjoint_and_big_enough() -> None:
     names = [d.name for d in ALL]
     assert len(set(names)) == len(names)
-    assert {d.name for d in TUNING}.isdisjoint({d.name for d in CONFIRMATION})
     tasks = [d.task for d in ALL]
     assert tasks.count("classification") >= 6 and tasks.count("regression") >= 3
-    assert {d.task for d in CONFIRMATION} == {"classification", "regression"}
+    for held_out in (CONFIRMATION, FRESH):
+        assert {d.task for d in held_out} == {"classification", "regression"}
 
 
 def _run(
@@ -102,4 +102,4 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
         }
     )
     assert "### Tuning suite" in doc and "| penguins |" in doc and "scaled_x4" in doc
-    assert list(SUITES) == ["tuning", "confirmation"]
+    assert list(SUITES) == ["tuning", "confirmation", "fresh"]
