@@ -101,10 +101,10 @@ def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip
 def suites(
     preset: PresetOption = "reduced",
     only: Annotated[
-        str, typer.Option(help="comma-separated suites: tuning,confirmation,fresh")
-    ] = "tuning,confirmation,fresh",
+        str, typer.Option(help="comma-separated suites: tuning,confirmation,fresh,fresh2")
+    ] = "tuning,confirmation,fresh,fresh2",
 ) -> None:
-    """Part 1b: the tuning, confirmation and fresh suites of datasets no preset was tuned on, via `--data`."""
+    """Part 1b: the tuning, confirmation and fresh suites of tables no preset was tuned on, via `--data`."""
     from bench.suites import run_suites, verdict
     from bench.workloads import BUILD
 
@@ -247,7 +247,7 @@ def all_parts(preset: PresetOption = "reduced") -> None:
         provider="CPUExecutionProvider",
     )
     quality(preset=preset, skip_ablations=False, skip_shift=False)
-    suites(preset=preset, only="tuning,confirmation,fresh")
+    suites(preset=preset, only="tuning,confirmation,fresh,fresh2")
 
 
 if __name__ == "__main__":

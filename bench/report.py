@@ -146,7 +146,9 @@ def suites_section(su: dict[str, Any] | None) -> str:
         "recipe, no per-dataset setting). The **tuning** suite is where the recipe's settings were chosen. The "
         "**confirmation** suite was fixed before tuning began; one run of an intermediate recipe on it motivated one "
         "change (sparse far noise; docs/TRAINING.md, \"How the recipe was chosen\"). The **fresh** suite was added "
-        "after that run and first run with the final recipe: it is the untouched evidence. "
+        "after that run; its miss and the confirmation suite's remaining one chose the `file` preset's wider student "
+        "(2× the teachers' widths), and the **fresh2** suite was added with it, before its first run: it is the "
+        "untouched evidence for the final recipe. "
         "OOD families: the generic probe families of `training/probes.py`, scored by the run's own fidelity self-check "
         "on the exported graphs (ID = the test split; each method's own OOD score)."
     )
@@ -574,7 +576,7 @@ def headline(
     q: dict[str, Any] | None, c: dict[str, Any] | None, s: dict[str, Any] | None, su: dict[str, Any] | None = None
 ) -> str:
     lines = ["## Headline", ""]
-    for suite in ("confirmation", "fresh"):
+    for suite in ("confirmation", "fresh", "fresh2"):
         if su and suite in su["verdict"]:
             v = su["verdict"][suite]
             lines.append(

@@ -82,7 +82,8 @@ def _summary(report: dict[str, Any]) -> None:
             "[bold yellow]WARNING[/]: Hydra does not follow its teachers on the self-check probes: "
             + "; ".join(sc["problems"])
             + ". Its uncertainty may not be the ensemble's on your data "
-            "(see report.md, 'Fidelity self-check')."
+            "(see report.md, 'Fidelity self-check'). Levers: a wider shared body (--student-width, "
+            "e.g. 2 or 4), more members or epochs; docs/TRAINING.md."
         )
 
 
@@ -116,6 +117,10 @@ def run(
         bool, typer.Option(help="Only write <run-dir>/config.json; then run the stages one by one")
     ] = False,
     strict: StrictOption = False,
+    student_width: Annotated[
+        float | None,
+        typer.Option(min=0.25, help="Student dense widths = the teachers' x this (default: the preset's)"),
+    ] = None,
 ) -> None:
     """Teachers -> Hydra distillation -> ONNX export -> evaluation on the exported graphs."""
     if data is not None:
@@ -139,6 +144,7 @@ def run(
         threads=threads,
         epochs=epochs,
         smoke=smoke,
+        student_width=student_width,
     )
     run_dir = run_dir or Path("runs") / f"{cfg.name}-s{seed}{'-smoke' if smoke else ''}"
     if config_only:

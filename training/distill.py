@@ -3,11 +3,12 @@
 Phase 1: body + one head fit the ensemble mean (KD at temperature T, loss scaled by T²; for
 regression the KL from the ensemble's moment-matched Gaussian). That phase-1 student IS the KD
 baseline. Phase 2: the head is copied M times and head m fits teacher m (per-head KL at T, or the
-KL between Gaussians), with the body at a reduced learning rate (or frozen).
+KL between Gaussians), with the body at `phase2_body_lr_scale` × the learning rate (0 freezes it).
 
-Transfer set: the training inputs plus mixup blends and noisy copies of them, labelled once by
-every teacher. Matching the teachers where they disagree — between and around the data — is what
-keeps the heads diverse (see README "Training" for the measured effect).
+Both phases run on the transfer set of `training/transfer.py`, labelled once by every teacher, with
+a per-row radial factor: it multiplies the temperature (classification) or divides the Gaussian KL
+by its square root (regression), so rows far from the data neither saturate nor dominate. Gradient
+norms are clipped (`grad_clip`): one far row's loss spike must not throw the weights away.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def distil(
         scale = torch.from_numpy(radial_scale(x.cpu().numpy(), data)).to(device)
 
     # Phase 1: body + one head on the ensemble mean. This is also the KD baseline.
-    student = build_network(cfg, data, heads=1).to(device)
+    student = build_network(cfg, data, heads=1, student=True).to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
     h1 = _fit(
         data_parallel(student, device),

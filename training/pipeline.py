@@ -64,7 +64,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "file": {
         "arch": ArchConfig(kind="mlp", hidden=(128, 128), head_layers=1),
         "teacher": TeacherConfig(epochs=100, patience=15),
-        "distil": DistilConfig(),
+        # a shared body twice a teacher's width: on wide tables one 128-unit body could not carry
+        # eight teachers' extrapolations (docs/TRAINING.md); ~2x a tiny MLP's microseconds
+        "distil": DistilConfig(student_width=2.0),
     },
 }
 
@@ -80,10 +82,13 @@ def make_config(
     threads: int = 1,
     epochs: int | None = None,
     smoke: bool = False,
+    student_width: float | None = None,
 ) -> RunConfig:
     preset = PRESETS[data.dataset]
     teacher = replace(preset["teacher"], members=members)
     dc: DistilConfig = preset["distil"]
+    if student_width is not None:
+        dc = replace(dc, student_width=student_width)
     if epochs is not None:  # one override for every stage's epoch count
         teacher = replace(teacher, epochs=epochs)
         dc = replace(dc, phase1_epochs=epochs, phase2_epochs=epochs)
@@ -208,9 +213,9 @@ def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progre
 def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, PackagedModel]:
     members, _ = _load_teachers(cfg, data, run_dir)
     ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
-    hydra = build_network(cfg, data, heads=int(ckpt["heads"]))
+    hydra = build_network(cfg, data, heads=int(ckpt["heads"]), student=True)
     hydra.load_state_dict(ckpt["hydra"])
-    kd = build_network(cfg, data, heads=1)
+    kd = build_network(cfg, data, heads=1, student=True)
     kd.load_state_dict(ckpt["kd"])
     y_mean, y_std = target_scaling(data)
     return {

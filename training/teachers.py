@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from training.config import RunConfig
+from training.config import ArchConfig, RunConfig
 from training.data import TaskData
 from training.losses import gaussian_nll
 from training.models import HydraNet, input_scaling, regression_outputs
@@ -37,11 +37,20 @@ def member_seed(seed: int, member: int) -> int:
     return seed * 1000 + member
 
 
-def build_network(cfg: RunConfig, data: TaskData, heads: int) -> HydraNet:
+def student_arch(cfg: RunConfig) -> ArchConfig:
+    """The student's shape: the teachers', dense widths × `distil.student_width` (one body must
+    carry what M teachers compute separately; the heads stay light)."""
+    width = cfg.distil.student_width
+    return replace(cfg.arch, hidden=tuple(max(1, round(h * width)) for h in cfg.arch.hidden))
+
+
+def build_network(cfg: RunConfig, data: TaskData, heads: int, student: bool = False) -> HydraNet:
+    """A teacher (`student=False`) or the Hydra / KD student network for this run."""
     x_train = torch.from_numpy(data.train.x)
     mean, std = input_scaling(x_train, data.kind)
     out_dim = data.num_classes if data.task == "classification" else 2
-    return HydraNet(cfg.arch, data.row_shape, out_dim, heads, mean, std, data.image_hw)
+    arch = student_arch(cfg) if student else cfg.arch
+    return HydraNet(arch, data.row_shape, out_dim, heads, mean, std, data.image_hw)
 
 
 def target_scaling(data: TaskData) -> tuple[float, float]:

@@ -12,9 +12,19 @@ import pandas as pd
 import pytest
 
 from bench.report import suites_section
-from bench.suites import CONFIRMATION, FRESH, SUITES, TUNING, SuitePlan, run_suites, verdict, write_csv
+from bench.suites import (
+    CONFIRMATION,
+    FRESH,
+    FRESH2,
+    SUITES,
+    TUNING,
+    SuitePlan,
+    run_suites,
+    verdict,
+    write_csv,
+)
 
-ALL = TUNING + CONFIRMATION + FRESH
+ALL = TUNING + CONFIRMATION + FRESH + FRESH2
 
 
 @pytest.mark.parametrize("dataset", ALL, ids=lambda d: d.name)
@@ -35,7 +45,7 @@ def test_suites_are_disjoint_and_big_enough() -> None:
     assert len(set(names)) == len(names)
     tasks = [d.task for d in ALL]
     assert tasks.count("classification") >= 6 and tasks.count("regression") >= 3
-    for held_out in (CONFIRMATION, FRESH):
+    for held_out in (CONFIRMATION, FRESH, FRESH2):
         assert {d.task for d in held_out} == {"classification", "regression"}
 
 
@@ -102,4 +112,4 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
         }
     )
     assert "### Tuning suite" in doc and "| penguins |" in doc and "scaled_x4" in doc
-    assert list(SUITES) == ["tuning", "confirmation", "fresh"]
+    assert list(SUITES) == ["tuning", "confirmation", "fresh", "fresh2"]
