@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
@@ -187,3 +188,31 @@ def test_bad_task_is_rejected(tmp_path: Path) -> None:
         app, ["run", "--data", "x.csv", "--target", "y", "--task", "ranking", "--out", str(tmp_path)]
     )
     assert result.exit_code != 0
+
+
+def _dense_widths(path: Path) -> list[int]:
+    """Output widths of the body's dense layers (the (out, in) weights of its Gemm nodes)."""
+    graph = onnx.load(str(path)).graph
+    return [int(t.dims[0]) for t in graph.initializer if len(t.dims) == 2]
+
+
+def test_student_width_widens_the_student_only(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).standard_normal((200, 4))
+    frame = "f0,f1,f2,f3,label\n" + "\n".join(
+        ",".join(f"{v:.4f}" for v in row) + f",{int(row[0] > 0)}" for row in x
+    )
+    (tmp_path / "rows.csv").write_text(frame + "\n")
+    widths = {}
+    for width in ("1", "3"):
+        out = tmp_path / f"w{width}" / "1"
+        run_dir = tmp_path / f"run{width}"
+        _invoke(
+            "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+            "--smoke", "--student-width", width, "--out", str(out), "--run-dir", str(run_dir),
+        )  # fmt: skip
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["distil"]["student_width"] == float(width)
+        widths[width] = (_dense_widths(out / "model.onnx"), _dense_widths(out / "ensemble.onnx"))
+    (student1, teachers1), (student3, teachers3) = widths["1"], widths["3"]
+    assert teachers1 == teachers3  # the teachers keep the preset's shape
+    assert student1 and [3 * w for w in student1] == student3
