@@ -2,7 +2,8 @@
 inputs nobody tuned for?
 
 Probe families (`training/probes.py`, generated from the training rows with their own seed, none of
-them a transfer-set family) are run through the exported `ensemble.onnx`, `kd.onnx` and
+them a transfer-set family), and the dataset's own OOD sets (`ood:<name>`: the built-ins', or the
+rows of `--ood FILE`), are run through the exported `ensemble.onnx`, `kd.onnx` and
 `model.onnx`; per family we report each method's OOD AUROC against the held-out test rows, Hydra's
 and KD's retention, and the Spearman correlation of Hydra's knowledge uncertainty (mutual
 information / epistemic variance) with the ensemble's over test ∪ probes.
@@ -58,7 +59,8 @@ def self_check(
     """Probe the exported graphs; the report's `self_check` section. `scores` names each method's
     OOD score (the evaluation's choice: MI for multi-head graphs, total uncertainty for KD)."""
     task = data.task
-    probes = probe_sets(data.train.x, rows, seed)
+    # the dataset's own OOD sets (built-in, or the user's --ood file) are checked like the probes
+    probes = probe_sets(data.train.x, rows, seed) | {f"ood:{k}": v for k, v in data.ood.items()}
     sets = {"test": data.test.x} | probes
     bounds = np.cumsum([0, *(len(x) for x in sets.values())])
     summaries = {}
@@ -99,5 +101,5 @@ def self_check(
             "well_posed_auroc": WELL_POSED_AUROC,
         },
         "families": families,
-        "notes": probe_notes(tuple(probes)),
+        "notes": probe_notes() | {f"ood:{k}": v for k, v in data.ood_notes.items()},
     }

@@ -159,6 +159,9 @@ def test_bring_your_own_csv_regression_with_ood(tmp_path: Path) -> None:
     assert mean.shape == variance.shape == (5, manifest.heads) and (variance > 0).all()
     report = json.loads((out / "report.json").read_text())
     assert "ood" in report["methods"]["hydra"]["ood"]
+    # the user's OOD rows are checked by the self-check beside the generic probes
+    assert {"ood:ood", "box", "scaled_x4"} <= set(report["self_check"]["families"])
+    assert report["self_check"]["notes"]["ood:ood"] == "user-supplied: far.csv"
     assert {"rmse", "nll", "coverage_95"} <= set(report["methods"]["hydra"]["test"])
 
 
