@@ -103,13 +103,25 @@ def suites(
     only: Annotated[
         str, typer.Option(help="comma-separated suites: tuning,confirmation,fresh,fresh2")
     ] = "tuning,confirmation,fresh,fresh2",
+    datasets: Annotated[str, typer.Option(help="comma-separated dataset names (default: all)")] = "",
+    split_seeds: Annotated[str, typer.Option(help="comma-separated split seeds (other splits)")] = "0",
+    output: Annotated[str, typer.Option(help="results name: suites, or suites_splits")] = "suites",
 ) -> None:
-    """Part 1b: the tuning, confirmation and fresh suites of tables no preset was tuned on, via `--data`."""
+    """Part 1b: the tuning, confirmation and fresh suites of tables no preset was tuned on, via `--data`.
+
+    `--datasets wine,breast_cancer --split-seeds 0,1,2,3,4 --output suites_splits` measures how much
+    the result moves with the split (the same table, other rows in training and test)."""
     from bench.suites import run_suites, verdict
     from bench.workloads import BUILD
 
     p = _preset(preset)
-    plan = dataclasses.replace(p.suites, suites=tuple(s.strip() for s in only.split(",") if s.strip()))
+    names = tuple(d.strip() for d in datasets.split(",") if d.strip()) or None
+    plan = dataclasses.replace(
+        p.suites,
+        suites=tuple(s.strip() for s in only.split(",") if s.strip()),
+        datasets=names,
+        split_seeds=tuple(int(s) for s in split_seeds.split(",")),
+    )
     meta = describe(_command())
     t0 = time.perf_counter()
     runs = run_suites(plan, BUILD / "suites", log=typer.echo)
@@ -121,7 +133,7 @@ def suites(
         "verdict": {s: verdict([r for r in runs if r["suite"] == s]) for s in plan.suites},
         "seconds": time.perf_counter() - t0,
     }
-    _save("suites", result)
+    _save(output, result)
     typer.echo(f"wrote {report.write()}")
 
 
@@ -247,7 +259,9 @@ def all_parts(preset: PresetOption = "reduced") -> None:
         provider="CPUExecutionProvider",
     )
     quality(preset=preset, skip_ablations=False, skip_shift=False)
-    suites(preset=preset, only="tuning,confirmation,fresh,fresh2")
+    suites(
+        preset=preset, only="tuning,confirmation,fresh,fresh2", datasets="", split_seeds="0", output="suites"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ tables. Nothing is downloaded. OOD families are the generic probe families of tr
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,7 +238,8 @@ class SuitePlan:
     seeds: tuple[int, ...] = (0,)
     members: int = 8
     epochs: int | None = None  # None: the `file` preset's epochs (what a user gets)
-    datasets: tuple[str, ...] | None = None  # a subset by name (tests); None = every dataset
+    datasets: tuple[str, ...] | None = None  # a subset by name; None = every dataset
+    split_seeds: tuple[int, ...] = (0,)  # other train/val/cal/test splits of the same table
 
 
 def _row(report: dict[str, Any]) -> dict[str, Any]:
@@ -263,21 +265,22 @@ def run_suites(plan: SuitePlan, root: Path, log: Callable[[str], None] = print) 
             if plan.datasets is not None and ds.name not in plan.datasets:
                 continue
             csv = write_csv(ds, root / "data")
-            for seed in plan.seeds:
-                data = DataConfig(dataset="file", path=str(csv), target="target", task=ds.task)  # type: ignore[arg-type]
-                cfg = make_config(data, name=ds.name, members=plan.members, seed=seed, epochs=plan.epochs)
-                t0 = time.perf_counter()
-                report = run_all(
-                    cfg, root / "runs" / f"{ds.name}-s{seed}", root / "models" / ds.name / f"s{seed}"
+            for split, seed in itertools.product(plan.split_seeds, plan.seeds):
+                data = DataConfig(
+                    dataset="file", path=str(csv), target="target", task=ds.task, split_seed=split  # type: ignore[arg-type]
                 )
+                cfg = make_config(data, name=ds.name, members=plan.members, seed=seed, epochs=plan.epochs)
+                tag = f"s{seed}" + (f"-split{split}" if split else "")
+                t0 = time.perf_counter()
+                report = run_all(cfg, root / "runs" / f"{ds.name}-{tag}", root / "models" / ds.name / tag)
                 seconds = time.perf_counter() - t0
                 runs.append(
                     {"suite": suite, "dataset": ds.name, "task": ds.task, "source": ds.source, "seed": seed}
-                    | {"seconds": round(seconds, 1), "config": cfg.to_json()}
+                    | {"split_seed": split, "seconds": round(seconds, 1), "config": cfg.to_json()}
                     | _row(report)
                 )
                 log(
-                    f"[suites] {suite}/{ds.name} seed {seed}: {seconds:.0f}s, self-check Spearman "
+                    f"[suites] {suite}/{ds.name} {tag}: {seconds:.0f}s, self-check Spearman "
                     f"{report['self_check']['spearman']:.3f}, passed {report['self_check']['passed']}"
                 )
     return runs
@@ -294,7 +297,7 @@ def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
     spearman = [r["self_check"]["spearman"] for r in runs]
     low_retention, inverted, accuracy, coverage = [], [], [], []
     for r in runs:
-        tag = f"{r['dataset']} s{r['seed']}"
+        tag = f"{r['dataset']} s{r['seed']}" + (f" split {r['split_seed']}" if r.get("split_seed") else "")
         for name, f in r["self_check"]["families"].items():
             if f["well_posed"] and f["hydra_retention"] < RETENTION_MIN:
                 low_retention.append(f"{tag} {name} ({f['hydra_retention']:.2f})")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.report import suites_section
+from bench.report import splits_section, suites_section
 from bench.suites import (
     CONFIRMATION,
     FRESH,
@@ -94,9 +94,13 @@ def test_verdict_names_every_miss() -> None:
 
 
 def test_one_real_suite_run_renders(tmp_path: Path) -> None:
-    plan = SuitePlan(suites=("tuning",), seeds=(0,), members=2, epochs=2, datasets=("penguins",))
+    plan = SuitePlan(
+        suites=("tuning",), seeds=(0,), members=2, epochs=2, datasets=("penguins",), split_seeds=(0, 1)
+    )
     runs = run_suites(plan, tmp_path, log=lambda _: None)
-    assert [(r["suite"], r["dataset"]) for r in runs] == [("tuning", "penguins")]
+    assert [(r["dataset"], r["split_seed"]) for r in runs] == [("penguins", 0), ("penguins", 1)]
+    sizes = [r["self_check"]["rows_per_family"] for r in runs]
+    assert sizes == [500, 500] and runs[1]["config"]["data"]["split_seed"] == 1
     run = runs[0]
     assert set(run["test"]) == {"ensemble", "kd", "hydra"} and run["transfer_size"] > 0
     assert (tmp_path / "models" / "penguins" / "s0" / "model.onnx").exists()
@@ -112,4 +116,6 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
         }
     )
     assert "### Tuning suite" in doc and "| penguins |" in doc and "scaled_x4" in doc
+    stability = splits_section({"machine": machine, "runs": runs})
+    assert "| penguins | 0, 1 |" in stability and "of 2" in stability
     assert list(SUITES) == ["tuning", "confirmation", "fresh", "fresh2"]
