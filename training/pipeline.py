@@ -38,7 +38,7 @@ from training.teachers import build_network, load_members, target_scaling, train
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, note)
 
-# Per-dataset architecture and schedules (measured; see README "Training"). Distillation uses the
+# Per-dataset architecture and schedules (measured; docs/TRAINING.md). Distillation uses the
 # one default recipe (DistilConfig's defaults) everywhere but the two regression toys' schedules.
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
