@@ -199,7 +199,7 @@ def splits_section(sp: dict[str, Any] | None) -> str:
         "accuracy / RMSE ensemble / Hydra",
         "MI Spearman",
         "self-check passed (runs)",
-        "max |AUROC ens − Hydra| over families",
+        "largest AUROC gap, ensemble vs Hydra, over families",
     ]
     return "\n".join(
         [
