@@ -265,9 +265,6 @@ def run_shift(package: Path, plan: QualityPlan) -> dict[str, Any]:
     return {"package": str(package), "alpha": manifest.ood.default_alpha, "levels": levels}
 
 
-WELL_POSED_AUROC = 0.7
-
-
 def well_posed_retention(run: dict[str, Any]) -> float | None:
     """Mean Hydra retention over the OOD sets the ensemble itself detects (AUROC >= 0.7).
 
@@ -275,6 +272,8 @@ def well_posed_retention(run: dict[str, Any]) -> float | None:
     `rotated`, ~0.6) the ratio swings by whole units between seeds and says nothing about Hydra."""
     ens = run["methods"]["ensemble"]["ood"]
     hydra = run["methods"]["hydra"]["ood"]
+    from training.selfcheck import WELL_POSED_AUROC  # one threshold for the bench and the self-check
+
     kept = [hydra[k]["retention"] for k in hydra if ens[k]["auroc"] >= WELL_POSED_AUROC]
     return float(np.mean(kept)) if kept else None
 

@@ -55,14 +55,22 @@ def summarise(task: str, outputs: list[np.ndarray]) -> Summary:
     return regression_uncertainty(outputs[0], outputs[1])
 
 
+def knowledge_score(task: str) -> str:
+    """Knowledge (epistemic) uncertainty: what fidelity to the ensemble is measured on."""
+    return "mutual_information" if task == "classification" else "epistemic_variance"
+
+
+def retention(own_auroc: float, ensemble_auroc: float) -> float:
+    """(AUROC_method − 0.5) / (AUROC_ensemble − 0.5); 0 when the ensemble is at chance."""
+    return float((own_auroc - 0.5) / (ensemble_auroc - 0.5)) if ensemble_auroc != 0.5 else 0.0
+
+
 def default_score(task: str, heads: int, configured: str | None) -> str:
     """The OOD score: knowledge uncertainty when there are several heads; a single head has none,
     so the KD baseline falls back to total uncertainty."""
     if heads == 1:
         return "total_entropy" if task == "classification" else "total_variance"
-    if configured:
-        return configured
-    return "mutual_information" if task == "classification" else "epistemic_variance"
+    return configured or knowledge_score(task)
 
 
 def classification_metrics(u: ClassificationUncertainty, y: np.ndarray, bins: int = 15) -> dict[str, float]:
@@ -172,7 +180,7 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
         }
 
     hydra_score = methods["hydra"]["ood_score"]
-    knowledge = "mutual_information" if task == "classification" else "epistemic_variance"
+    knowledge = knowledge_score(task)
     fidelity_sets = ["test", *data.ood]
     h_k = np.concatenate([summaries["hydra"][s].score(knowledge) for s in fidelity_sets])
     e_k = np.concatenate([summaries["ensemble"][s].score(knowledge) for s in fidelity_sets])
@@ -188,7 +196,7 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
             ens = methods["ensemble"]["ood"][name]["auroc"]
             own = methods[method]["ood"][name]["auroc"]
             entry = methods[method]["ood"][name]
-            entry["retention"] = float((own - 0.5) / (ens - 0.5)) if ens != 0.5 else 0.0
+            entry["retention"] = retention(own, ens)
             entry["retention_ci95"] = retention_interval(
                 [summaries[k]["test"].score(methods[k]["ood_score"]) for k in ("ensemble", method)],
                 [summaries[k][name].score(methods[k]["ood_score"]) for k in ("ensemble", method)],

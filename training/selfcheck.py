@@ -22,21 +22,21 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from training.data import TaskData
-from training.evaluate import GRAPH_FILES, METHODS, ood_metrics, run_graph, summarise
+from training.evaluate import (
+    GRAPH_FILES,
+    METHODS,
+    knowledge_score,
+    ood_metrics,
+    retention,
+    run_graph,
+    summarise,
+)
 from training.probes import probe_notes, probe_sets
 
 SPEARMAN_MIN = 0.9
 RETENTION_MIN = 0.9
 WELL_POSED_AUROC = 0.7
 PROBE_ROWS = 500  # per family; the ID side is the held-out test split
-
-
-def knowledge_score(task: str) -> str:
-    return "mutual_information" if task == "classification" else "epistemic_variance"
-
-
-def retention(own_auroc: float, ensemble_auroc: float) -> float:
-    return float((own_auroc - 0.5) / (ensemble_auroc - 0.5)) if ensemble_auroc != 0.5 else 0.0
 
 
 def find_problems(score: str, spearman: float, families: dict[str, dict[str, Any]]) -> list[str]:
