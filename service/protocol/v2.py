@@ -59,6 +59,7 @@ _JSON_ELEMENT_TYPES: dict[str, frozenset[type]] = {
     "BYTES": frozenset({str}),
 }
 _MAX_DIMS = 32
+_MAX_ELEMENTS = 2**40  # far beyond any body the server accepts; below numpy's index range
 _LENGTH_PREFIX = struct.Struct("<I")
 
 
@@ -204,6 +205,10 @@ def _parse_input(
         )
     shape = _parse_shape(raw.get("shape"), where)
     count = math.prod(shape)  # a Python int: huge shapes cannot overflow, they just mismatch below
+    # ... except an empty one: numpy refuses to shape even 0 elements as [0, 2**62, 4] (its index
+    # range is checked on the non-zero dimensions), so such a shape is refused here, by name
+    if count == 0 and math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise V2ProtocolError(f"{where}: 'shape' {list(shape)} is too large")
     parameters = _parameters(raw.get("parameters"), where)
     size = parameters.get("binary_data_size")
     has_data = "data" in raw

@@ -15,6 +15,7 @@ import tracemalloc
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,3 +62,18 @@ def test_hostile_binary_requests_never_over_allocate(request: tuple[bytes, str])
     # decoded tensors may be a few times the raw bytes (e.g. BOOL → object-free bool arrays, BYTES →
     # an object array of small bytes), never proportional to a declared shape or size
     assert peak <= 64 * len(body) + 256 * 1024, (peak, len(body))
+
+
+def test_an_empty_tensor_with_astronomical_dimensions_is_a_clear_error() -> None:
+    """Found by the property above: numpy refuses to shape even an empty array whose non-zero
+    dimensions overflow its index range, which escaped as a ValueError (a 500) before."""
+    for shape in ([0, 2**62, 4], [2**20, 0, 2**40, 2**20]):
+        tensor = {"name": "x", "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": 0}}
+        header = orjson.dumps({"inputs": [tensor]})
+        with pytest.raises(V2ProtocolError, match="too large"):
+            parse_infer_request(header, str(len(header)))
+    # an honest empty tensor still parses
+    tensor = {"name": "x", "datatype": "FP32", "shape": [0, 64], "parameters": {"binary_data_size": 0}}
+    header = orjson.dumps({"inputs": [tensor]})
+    (parsed,) = parse_infer_request(header, str(len(header))).inputs.values()
+    assert parsed.data.shape == (0, 64)
