@@ -215,7 +215,7 @@ def evaluate(
 
 @app.command()
 def table(reports: Annotated[list[Path], typer.Argument(help="report.json files")]) -> None:
-    """Print the README results table (ensemble / KD / Hydra) for evaluated packages."""
+    """Print the results table of docs/TRAINING.md (ensemble / KD / Hydra) for evaluated packages."""
     typer.echo(results_table([json.loads(p.read_text()) for p in reports]), nl=False)
 
 

@@ -5,7 +5,7 @@ split into train / validation / calibration / test, plus named OOD sets used for
 (never for training or distillation). Standardisation is fitted on the training split later and
 baked into the exported graph, so clients send raw features.
 
-Built-in OOD sets (see also README "Training"):
+Built-in OOD sets (see also docs/TRAINING.md):
 - digits:   noise    (far)  i.i.d. uniform pixel intensities 0..16
             inverted (far)  test digits with intensities flipped, 16 - x
             rotated  (near) test digits rotated by 90 degrees

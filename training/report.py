@@ -201,7 +201,7 @@ def write_report(ev: Evaluation, data: TaskData, package_dir: Path) -> list[Path
 
 
 def results_table(reports: list[dict[str, Any]]) -> str:
-    """The README's side-by-side table (ensemble / KD / Hydra) for one or more report.json files."""
+    """The side-by-side results table of docs/TRAINING.md (ensemble / KD / Hydra) for report.json files."""
     lines = [
         "| dataset | method | heads | accuracy | NLL | ECE | OOD AUROC per set (retention [95% CI]) "
         "| MI Spearman vs ensemble | false alarms α=0.05 / 0.01 |",
