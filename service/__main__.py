@@ -8,8 +8,10 @@ A start with no loadable model exits non-zero with the reason.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 from typing import Any
@@ -67,6 +69,24 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         raise SystemExit(f"invalid settings: {problems}") from exc
 
 
+# How long, after the listening sockets close on SIGTERM, keep-alive connections may still deliver
+# a request before uvicorn's shutdown closes every connection it sees idle.
+SHUTDOWN_READ_GRACE_S = 0.05
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown closes at once every keep-alive connection with no request in
+    progress; a request whose bytes are already in that socket's buffer (a client that sent just as
+    the signal came) is then answered with a TCP reset. Stop accepting first, read for a moment,
+    then shut down as uvicorn does: those requests are answered, and no new connection gets in."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(SHUTDOWN_READ_GRACE_S)
+        await super().shutdown(sockets)
+
+
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     # uvicorn re-raises the signal it handled once it has shut down gracefully; landing here means a
     # clean drain, which is exit status 0 (and SIGTERM before uvicorn starts means nothing to drain).
@@ -87,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     server.run()
     if not server.started:
         # lifespan start-up failed (e.g. no loadable model); uvicorn has logged the reason
