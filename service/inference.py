@@ -19,7 +19,10 @@ from numpy.typing import NDArray
 
 from service.manifest import ModelManifest
 from service.uncertainty import (
+    DENSITY_SCORE,
+    ClassificationUncertainty,
     ConformalOODCalibrator,
+    FloatArray,
     RegressionUncertainty,
     check_alpha,
     check_level,
@@ -40,6 +43,7 @@ _CLASSIFICATION_SCALARS = (
     "expected_entropy",
     "total_entropy",
     "epkl",
+    "density_score",
     "ood_score",
     "ood_p_value",
     "ood_flag",
@@ -52,6 +56,7 @@ _REGRESSION_SCALARS = (
     "epistemic_variance",
     "total_variance",
     "disagreement",
+    "density_score",
     "interval_lower",
     "interval_upper",
     "interval_level",
@@ -65,18 +70,33 @@ CLASSIFICATION_HEAD_OUTPUTS = ("heads",)
 REGRESSION_HEAD_OUTPUTS = ("heads_mean", "heads_variance")
 
 
+def scalar_outputs(manifest: ModelManifest) -> tuple[str, ...]:
+    """The per-row answer names of this model, in answer order (`density_score` only with a density)."""
+    names = _CLASSIFICATION_SCALARS if manifest.task == "classification" else _REGRESSION_SCALARS
+    return names if manifest.has_density else tuple(n for n in names if n != "density_score")
+
+
 def output_specs(manifest: ModelManifest) -> list[tuple[str, str, list[int]]]:
     """Every output tensor a model can answer with: (name, V2 datatype, shape with -1 for the batch)."""
     m = manifest.heads
+    scalars = [(n, _DATATYPES.get(n, "FP32"), [-1]) for n in scalar_outputs(manifest)]
     if manifest.task == "classification":
         k = manifest.num_classes or 0
-        specs = [("probabilities", "FP32", [-1, k])]
-        specs += [(n, _DATATYPES.get(n, "FP32"), [-1]) for n in _CLASSIFICATION_SCALARS]
-        specs.append(("heads", "FP32", [-1, m, k]))
-        return specs
-    specs = [(n, _DATATYPES.get(n, "FP32"), [-1]) for n in _REGRESSION_SCALARS]
-    specs += [("heads_mean", "FP32", [-1, m]), ("heads_variance", "FP32", [-1, m])]
-    return specs
+        return [("probabilities", "FP32", [-1, k]), *scalars, ("heads", "FP32", [-1, m, k])]
+    return [*scalars, ("heads_mean", "FP32", [-1, m]), ("heads_variance", "FP32", [-1, m])]
+
+
+def ood_statistic(
+    manifest: ModelManifest, u: ClassificationUncertainty | RegressionUncertainty, density: FloatArray | None
+) -> FloatArray:
+    """The manifest's OOD score for each row: one uncertainty score, or the combined statistic."""
+    combiner = manifest.ood.combiner()
+    if combiner is None:
+        return u.score(manifest.ood.score)
+    scores = {name: density if name == DENSITY_SCORE else u.score(name) for name in combiner.names}
+    if any(v is None for v in scores.values()):
+        raise ValueError("the combined OOD score reads the density output, which this graph lacks")
+    return combiner({k: v for k, v in scores.items() if v is not None})
 
 
 def head_output_names(manifest: ModelManifest) -> tuple[str, ...]:
@@ -86,13 +106,15 @@ def head_output_names(manifest: ModelManifest) -> tuple[str, ...]:
 def summarise(
     manifest: ModelManifest, calibrator: ConformalOODCalibrator, raw: Mapping[str, NDArray[np.floating]]
 ) -> Tensors:
-    """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`)."""
+    """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`; `density`)."""
+    density = np.asarray(raw["density"], dtype=np.float64) if "density" in raw else None
+    extra: Tensors = {} if density is None else {"density_score": density}
     if manifest.task == "classification":
         log_p = np.asarray(raw["log_probs"], dtype=np.float64)  # (batch, heads, classes)
         u = classification_uncertainty(log_p)
-        score = u.score(manifest.ood.score)
+        score = ood_statistic(manifest, u, density)
         labels = np.asarray(manifest.labels, dtype=object)
-        return {
+        return extra | {
             "probabilities": u.mean_probs,
             "label": u.label,
             "label_name": labels[u.label],
@@ -111,8 +133,8 @@ def summarise(
     mu = np.asarray(raw["mean"], dtype=np.float64)  # (batch, heads)
     var = np.asarray(raw["variance"], dtype=np.float64)
     r = regression_uncertainty(mu, var)
-    score = r.score(manifest.ood.score)
-    return {
+    score = ood_statistic(manifest, r, density)
+    return extra | {
         "mean": r.mean,
         "variance": r.epistemic_variance,
         "aleatoric_variance": r.aleatoric_variance,
@@ -144,9 +166,9 @@ def finalise(
         "ood_alpha": np.full(n, alpha, dtype=np.float32),
     }
     if manifest.task == "classification":
-        order: tuple[str, ...] = ("probabilities", *_CLASSIFICATION_SCALARS)
+        order: tuple[str, ...] = ("probabilities", *scalar_outputs(manifest))
     else:
-        order = _REGRESSION_SCALARS
+        order = scalar_outputs(manifest)
         r = RegressionUncertainty(
             mean=np.asarray(summary["mean"], dtype=np.float64),
             aleatoric_variance=np.asarray(summary["aleatoric_variance"], dtype=np.float64),

@@ -10,6 +10,11 @@ Output contract of `model.onnx` (Hydra) and `ensemble.onnx` (the stacked teacher
   regression:     two outputs, per-head means and variances, shape (batch, heads) each,
                   in the original target units (target scaling is baked into the graph)
 Inputs are raw features: feature standardisation is baked into the graph too.
+
+Schema version 2 adds an optional feature-density output (`outputs.density`, shape (batch,): the
+class-conditional Mahalanobis distance of the row's shared-body features, training/density.py) and
+a combined OOD score (`ood.components` + `ood.combination`): the calibration scores are then the
+combined statistic's. Version 1 packages (one score, no density) load and serve as before.
 """
 
 from __future__ import annotations
@@ -21,10 +26,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.uncertainty import CLASSIFICATION_SCORES, REGRESSION_SCORES
+from service.uncertainty import (
+    CLASSIFICATION_SCORES,
+    DENSITY_SCORE,
+    REGRESSION_SCORES,
+    CombinedOODScore,
+    LogScaleNormaliser,
+)
 
 MANIFEST_FILENAME = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[2] = 2
+COMBINED_SCORE = "combined"
 
 Task = Literal["classification", "regression"]
 
@@ -54,12 +66,34 @@ class OutputNames(_Strict):
     log_probs: str | None = Field(default=None, description="(batch, heads, classes) log-probabilities")
     mean: str | None = Field(default=None, description="(batch, heads) Gaussian means")
     variance: str | None = Field(default=None, description="(batch, heads) Gaussian variances")
+    density: str | None = Field(
+        default=None, description="(batch,) feature-density score: Mahalanobis distance² on the body"
+    )
+
+
+class OODComponent(_Strict):
+    """One score inside a combined OOD statistic, with its log-scale normalisation (z = (log s − m) / iqr)."""
+
+    score: str = Field(description="An uncertainty score of the task, or `density`.")
+    log_median: float
+    log_iqr: float = Field(gt=0.0)
+    fitted_on: str = Field(default="", description="Which held-out split the normalisation was fitted on.")
+
+    def normaliser(self) -> LogScaleNormaliser:
+        return LogScaleNormaliser(score=self.score, log_median=self.log_median, log_iqr=self.log_iqr)
 
 
 class OODCalibration(_Strict):
-    """Conformal OOD calibration: scores of held-out in-distribution inputs, sorted ascending."""
+    """Conformal OOD calibration: scores of held-out in-distribution inputs, sorted ascending.
+
+    With `components`, `score` is `combined` and the calibration scores are the combined statistic's
+    (computed on a split other than the one the components were normalised on)."""
 
     score: str = Field(description="Name of the uncertainty score used as OOD score (higher = more OOD).")
+    components: list[OODComponent] = Field(default_factory=list)
+    combination: Literal["max_log_z"] | None = Field(
+        default=None, description="How components combine: max_log_z = the largest normalised log-score."
+    )
     calibration_scores: list[float] = Field(min_length=1)
     default_alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="Flag when p-value <= alpha.")
 
@@ -71,6 +105,29 @@ class OODCalibration(_Strict):
         if any(s != s or s in (float("inf"), float("-inf")) for s in scores):
             raise ValueError("calibration_scores must be finite")
         return scores
+
+    @model_validator(mode="after")
+    def _combined(self) -> OODCalibration:
+        if self.components:
+            if self.score != COMBINED_SCORE or self.combination is None:
+                raise ValueError("ood.components need ood.score 'combined' and an ood.combination")
+            names = [c.score for c in self.components]
+            if len(set(names)) != len(names):
+                raise ValueError(f"ood.components repeat a score: {names}")
+        elif self.score == COMBINED_SCORE or self.combination is not None:
+            raise ValueError("ood.score 'combined' / ood.combination need ood.components")
+        return self
+
+    def combiner(self) -> CombinedOODScore | None:
+        """The combined statistic, or None when the OOD score is one score as in schema version 1."""
+        if not self.components:
+            return None
+        return CombinedOODScore([c.normaliser() for c in self.components])
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        """The scores the OOD statistic reads (one, or the components)."""
+        return tuple(c.score for c in self.components) if self.components else (self.score,)
 
 
 class Provenance(_Strict):
@@ -86,7 +143,7 @@ class Provenance(_Strict):
 
 
 class ModelManifest(_Strict):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: int = Field(ge=1)
     task: Task
@@ -105,18 +162,23 @@ class ModelManifest(_Strict):
     def _consistent(self) -> ModelManifest:
         if self.input.shape[0] != -1:
             raise ValueError("input shape must start with the variable batch dimension -1")
+        if self.schema_version < 2 and (self.outputs.density is not None or self.ood.components):
+            raise ValueError("outputs.density and ood.components need schema_version 2")
         if self.task == "classification":
             if self.outputs.log_probs is None:
                 raise ValueError("classification manifest needs outputs.log_probs")
             if not self.labels or len(self.labels) < 2:
                 raise ValueError("classification manifest needs at least two labels")
-            if self.ood.score not in CLASSIFICATION_SCORES:
-                raise ValueError(f"ood.score {self.ood.score!r} not in {CLASSIFICATION_SCORES}")
+            known: tuple[str, ...] = CLASSIFICATION_SCORES
         else:
             if self.outputs.mean is None or self.outputs.variance is None:
                 raise ValueError("regression manifest needs outputs.mean and outputs.variance")
-            if self.ood.score not in REGRESSION_SCORES:
-                raise ValueError(f"ood.score {self.ood.score!r} not in {REGRESSION_SCORES}")
+            known = REGRESSION_SCORES
+        if self.outputs.density is not None:
+            known = (*known, DENSITY_SCORE)
+        for score in self.ood.score_names:
+            if score not in known:
+                raise ValueError(f"ood score {score!r} not in {known}")
         if self.feature_names is not None:
             n_features = 1
             for d in self.input.shape[1:]:
@@ -126,6 +188,10 @@ class ModelManifest(_Strict):
                     f"{len(self.feature_names)} feature_names for an input of {n_features} features"
                 )
         return self
+
+    @property
+    def has_density(self) -> bool:
+        return self.outputs.density is not None
 
     @property
     def num_classes(self) -> int | None:

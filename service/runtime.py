@@ -68,9 +68,11 @@ class OnnxModelRuntime:
         names = self.manifest.outputs
         if self.manifest.task == "classification":
             assert names.log_probs is not None
-            return [names.log_probs]
-        assert names.mean is not None and names.variance is not None
-        return [names.mean, names.variance]
+            found = [names.log_probs]
+        else:
+            assert names.mean is not None and names.variance is not None
+            found = [names.mean, names.variance]
+        return found + ([names.density] if names.density is not None else [])
 
     def _check_graph(self) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -104,12 +106,10 @@ class OnnxModelRuntime:
             values = binding.copy_outputs_to_cpu()
         else:
             values = self._session.run(self._output_names, {self.manifest.input.name: rows})
-        if self.manifest.task == "classification":
-            return {"log_probs": np.asarray(values[0], dtype=np.float32)}
-        return {
-            "mean": np.asarray(values[0], dtype=np.float32),
-            "variance": np.asarray(values[1], dtype=np.float32),
-        }
+        roles = ["log_probs"] if self.manifest.task == "classification" else ["mean", "variance"]
+        if self.manifest.has_density:
+            roles.append("density")
+        return {role: np.asarray(v, dtype=np.float32) for role, v in zip(roles, values, strict=True)}
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run zero inputs through the graph and check the output shapes against the manifest.
@@ -131,6 +131,8 @@ class OnnxModelRuntime:
                         raise ModelLoadError(
                             f"{key} shape {raw[key].shape} != (batch, heads) = {(n, m.heads)}"
                         )
+            if m.has_density and raw["density"].shape != (n,):
+                raise ModelLoadError(f"density shape {raw['density'].shape} != (batch,) = {(n,)}")
             if any(np.isnan(v).any() for v in raw.values()):
                 raise ModelLoadError("warm-up produced NaN outputs on a zero input")
         # A graph can be finite on zeros and NaN elsewhere (a Log or Sqrt of a feature, a NaN weight

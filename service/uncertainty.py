@@ -81,6 +81,9 @@ CLASSIFICATION_SCORES: tuple[str, ...] = (
     "variance",
 )
 REGRESSION_SCORES: tuple[str, ...] = ("epistemic_variance", "total_variance", "disagreement")
+# Feature-density score: an extra graph output (class-conditional Mahalanobis on the shared body,
+# training/density.py), not a function of the heads' outputs; combinable with either task's scores.
+DENSITY_SCORE = "density"
 
 
 def check_level(level: float) -> None:
@@ -221,3 +224,67 @@ class ConformalOODCalibrator:
 def check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+# Scores are compared on a log scale: MI and squared distances both span orders of magnitude.
+# The floor keeps an exactly-zero score (MI clamped at 0) finite without moving any real score.
+LOG_FLOOR = 1e-30
+
+
+@dataclass(frozen=True)
+class LogScaleNormaliser:
+    """z = (log s − median) / IQR of log s, both fitted on held-out in-distribution scores.
+
+    Continuous past the reference's largest value (unlike an empirical CDF, which ties every row
+    beyond it), and robust to the reference's outliers; each score in its own ID units.
+    """
+
+    score: str
+    log_median: float
+    log_iqr: float
+
+    @classmethod
+    def fit(cls, score: str, reference: NDArray[np.floating]) -> LogScaleNormaliser:
+        logs = np.log(np.maximum(np.asarray(reference, dtype=np.float64).ravel(), LOG_FLOOR))
+        if logs.size == 0 or not np.all(np.isfinite(logs)):
+            raise ValueError(f"reference scores for {score!r} must be finite and non-empty")
+        q25, median, q75 = np.quantile(logs, [0.25, 0.5, 0.75])
+        iqr = float(q75 - q25)
+        if not iqr > 0.0:  # a (near-)constant reference: fall back to the spread, then to 1
+            iqr = float(logs.std()) or 1.0
+        return cls(score=score, log_median=float(median), log_iqr=iqr)
+
+    def __call__(self, scores: NDArray[np.floating]) -> FloatArray:
+        logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), LOG_FLOOR))
+        out: FloatArray = (logs - self.log_median) / self.log_iqr
+        return out
+
+
+class CombinedOODScore:
+    """One OOD statistic from several scores: the largest of their log-scale z-values ("max_log_z").
+
+    Each component is normalised on one held-out ID split; the conformal p-value of the combined
+    statistic is then computed on a *different* split (the calibration split), so the combined flag
+    keeps P(flag | in-distribution) ≤ α exactly — the statistic is a fixed function of the row.
+    The maximum flags a row when *either* score is unusual, so a score that is blind to a shift
+    (MI on rows in the wrong unit) cannot hide what the other sees.
+    """
+
+    RULE = "max_log_z"
+
+    def __init__(self, components: list[LogScaleNormaliser]) -> None:
+        if not components:
+            raise ValueError("a combined OOD score needs at least one component")
+        self.components = components
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.score for c in self.components)
+
+    def __call__(self, scores: dict[str, FloatArray]) -> FloatArray:
+        missing = [n for n in self.names if n not in scores]
+        if missing:
+            raise ValueError(f"combined OOD score needs {missing}; got {sorted(scores)}")
+        z = np.stack([c(scores[c.score]) for c in self.components])
+        out: FloatArray = z.max(axis=0)
+        return out

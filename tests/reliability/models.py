@@ -149,7 +149,7 @@ def write_classifier_package(root: Path, name: str, version: int, model: onnx.Mo
     return directory
 
 
-def write_wrong_schema_manifest(directory: Path, schema_version: int = 2) -> None:
+def write_wrong_schema_manifest(directory: Path, schema_version: int = 99) -> None:
     """Rewrite `directory/manifest.json` claiming a schema version this server does not know."""
     path = directory / "manifest.json"
     document = json.loads(path.read_text())

@@ -73,7 +73,7 @@ def _corrupt_onnx(repo: Path) -> None:
 
 def _wrong_schema(repo: Path) -> None:
     write_model(repo, "clf", 2, "classification", seed=42)
-    write_wrong_schema_manifest(repo / "clf" / "2", schema_version=2)
+    write_wrong_schema_manifest(repo / "clf" / "2", schema_version=99)
 
 
 def _nan_outputs(repo: Path) -> None:
