@@ -21,14 +21,17 @@ from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from service.uncertainty import (
+    DENSITY_SCORE,
     ClassificationUncertainty,
+    CombinedOODScore,
     ConformalOODCalibrator,
+    LogScaleNormaliser,
     RegressionUncertainty,
     classification_uncertainty,
     regression_uncertainty,
 )
 from training.data import TaskData
-from training.export import INPUT_NAME, output_names
+from training.export import DENSITY_OUTPUT, INPUT_NAME, output_names
 
 Summary = ClassificationUncertainty | RegressionUncertainty
 METHODS = ("ensemble", "kd", "hydra")
@@ -39,14 +42,48 @@ ALPHAS = (0.01, 0.05)
 @dataclass
 class Evaluation:
     report: dict[str, Any]
-    calibration_scores: np.ndarray  # Hydra's OOD scores on the calibration split, sorted
+    calibration_scores: np.ndarray  # Hydra's OOD statistic on the calibration split, sorted
     summaries: dict[str, dict[str, Summary]] = field(default_factory=dict)  # method -> set -> summary
     raw: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)  # method -> set -> outputs
+    # the combined statistic's components, normalised on the validation split (empty: no density)
+    components: list[LogScaleNormaliser] = field(default_factory=list)
 
 
 def run_graph(path: Path, x: np.ndarray, task: str) -> list[np.ndarray]:
+    """The graph's contract outputs on `x`, plus `density` last when the graph has one."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in session.run(output_names(task), {INPUT_NAME: x.astype(np.float32)})]
+    present = {o.name for o in session.get_outputs()}
+    names = output_names(task, DENSITY_OUTPUT in present)
+    return [np.asarray(o) for o in session.run(names, {INPUT_NAME: x.astype(np.float32)})]
+
+
+def graph_density(task: str, outputs: list[np.ndarray]) -> np.ndarray | None:
+    """The density output of `run_graph`'s result, or None for a graph without one."""
+    n = len(output_names(task))
+    return np.asarray(outputs[n], dtype=np.float64) if len(outputs) > n else None
+
+
+def fit_combined_score(
+    score: str, reference_scores: np.ndarray, reference_density: np.ndarray
+) -> CombinedOODScore:
+    """The served combined statistic: `score` and the density, each normalised on held-out ID rows."""
+    return CombinedOODScore(
+        [
+            LogScaleNormaliser.fit(score, reference_scores),
+            LogScaleNormaliser.fit(DENSITY_SCORE, reference_density),
+        ]
+    )
+
+
+def ood_statistics(
+    u: Summary, density: np.ndarray | None, score: str, combined: CombinedOODScore | None
+) -> dict[str, np.ndarray]:
+    """Per-row OOD scores of one set: the uncertainty score; with a density also it and the combination."""
+    out = {score: u.score(score)}
+    if density is not None and combined is not None:
+        out[DENSITY_SCORE] = density
+        out["combined"] = combined({score: out[score], DENSITY_SCORE: density})
+    return out
 
 
 def summarise(task: str, outputs: list[np.ndarray]) -> Summary:
@@ -151,7 +188,7 @@ def _uncertainty_means(u: Summary) -> dict[str, float]:
 
 def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_alpha: float) -> Evaluation:
     task = data.task
-    sets = {"test": data.test.x, "cal": data.cal.x} | dict(data.ood.items())
+    sets = {"test": data.test.x, "val": data.val.x, "cal": data.cal.x} | dict(data.ood.items())
     raw: dict[str, dict[str, list[np.ndarray]]] = {}
     summaries: dict[str, dict[str, Summary]] = {}
     methods: dict[str, Any] = {}
@@ -174,7 +211,9 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
             "ood_score": score_name,
             "test": quality,
             "uncertainty": {
-                name: _uncertainty_means(u) for name, u in summaries[method].items() if name != "cal"
+                name: _uncertainty_means(u)
+                for name, u in summaries[method].items()
+                if name not in ("cal", "val")
             },
             "ood": ood,
         }
@@ -202,16 +241,35 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
                 [summaries[k][name].score(methods[k]["ood_score"]) for k in ("ensemble", method)],
             )
 
-    cal_scores = np.sort(summaries["hydra"]["cal"].score(hydra_score))
+    # The served OOD statistic: with a density, the combination normalised on the validation split
+    # and calibrated on the calibration split (two different ID splits: the guarantee stays exact).
+    density = {name: graph_density(task, out) for name, out in raw["hydra"].items()}
+    combined = None
+    if density["val"] is not None:
+        combined = fit_combined_score(
+            hydra_score, summaries["hydra"]["val"].score(hydra_score), density["val"]
+        )
+    statistics = {
+        name: ood_statistics(summaries["hydra"][name], density[name], hydra_score, combined) for name in sets
+    }
+    served = "combined" if combined is not None else hydra_score
+    ood_scores = {
+        name: {
+            k: round(ood_metrics(statistics["test"][k], v)["auroc"], 4) for k, v in statistics[name].items()
+        }
+        for name in data.ood
+    }
+    cal_scores = np.sort(statistics["cal"][served])
     calibrator = ConformalOODCalibrator(cal_scores)
-    test_scores = summaries["hydra"]["test"].score(hydra_score)
+    test_scores = statistics["test"][served]
     conformal = {
-        "score": hydra_score,
+        "score": served,
+        "components": list(combined.names) if combined is not None else [hydra_score],
         "n_calibration": calibrator.n,
+        "n_test": len(test_scores),
         "false_alarm_rate": {str(a): float(calibrator.flags(test_scores, a).mean()) for a in ALPHAS},
         "ood_flag_rate": {
-            name: float(calibrator.flags(summaries["hydra"][name].score(hydra_score), default_alpha).mean())
-            for name in data.ood
+            name: float(calibrator.flags(statistics[name][served], default_alpha).mean()) for name in data.ood
         },
         "default_alpha": default_alpha,
     }
@@ -229,5 +287,12 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
         "methods": methods,
         "fidelity": fidelity,
         "conformal": conformal,
+        "hydra_ood_scores": ood_scores,  # per OOD set: AUROC of the score, the density, the combination
     }
-    return Evaluation(report=report, calibration_scores=cal_scores, summaries=summaries, raw=raw)
+    return Evaluation(
+        report=report,
+        calibration_scores=cal_scores,
+        summaries=summaries,
+        raw=raw,
+        components=combined.components if combined is not None else [],
+    )

@@ -2,7 +2,8 @@
 
 Contract (see service/manifest.py): one float32 input "input" of shape (batch, *row_shape) with a
 dynamic batch axis; outputs "log_probs" (batch, heads, classes) or "mean" and "variance"
-(batch, heads). Export fails loudly if ONNX Runtime's outputs differ from PyTorch's by more than
+(batch, heads); the Hydra graph adds "density" (batch,) when it carries a feature density
+(training/density.py). Export fails loudly if ONNX Runtime's outputs differ from PyTorch's by more than
 `PARITY_TOLERANCE` (absolute for values within ±1, relative beyond: float32 precision).
 """
 
@@ -28,8 +29,12 @@ class ExportParityError(RuntimeError):
     """ONNX Runtime disagrees with PyTorch beyond tolerance: the graph must not ship."""
 
 
-def output_names(task: str) -> list[str]:
-    return ["log_probs"] if task == "classification" else ["mean", "variance"]
+DENSITY_OUTPUT = "density"
+
+
+def output_names(task: str, density: bool = False) -> list[str]:
+    names = ["log_probs"] if task == "classification" else ["mean", "variance"]
+    return [*names, DENSITY_OUTPUT] if density else names
 
 
 def export_onnx(
@@ -41,7 +46,7 @@ def export_onnx(
     (MatMul/Gemm/Conv/Relu/LogSoftmax) with a symbolic batch axis.
     """
     model = model.cpu().eval()
-    names = output_names(model.task)
+    names = output_names(model.task, model.has_density)
     example = torch.from_numpy(np.ascontiguousarray(check_rows[:4], dtype=np.float32))
     dynamic_axes = {INPUT_NAME: {0: "batch"}} | {n: {0: "batch"} for n in names}
     buffer = io.BytesIO()
@@ -83,7 +88,7 @@ def check_parity(
         np.ascontiguousarray(rows[:1], dtype=np.float32),
     ]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = output_names(model.task)
+    names = output_names(model.task, model.has_density)
     worst = dict.fromkeys(names, 0.0)
     for batch in batches:
         got = session.run(names, {INPUT_NAME: batch})
@@ -100,7 +105,8 @@ def check_parity(
             # above: float32 has ~1e-7 relative precision, so a variance in large target units cannot
             # agree to 1e-4 absolutely. A log-softmax is a difference of logits, so its rounding
             # error scales with the row's largest |logit| (huge on far-out rows), not with the
-            # log-prob itself: compare log-probs relative to that, per (row, head).
+            # log-prob itself: compare log-probs relative to that, per (row, head). The density is a
+            # squared distance: relative, like a variance.
             scale = np.abs(logits).max(axis=-1, keepdims=True) if w_np.ndim == 3 else np.abs(w_np)
             denom = np.maximum(1.0, scale)
             err = float(np.max(np.abs(g - w_np) / denom)) if g.size else 0.0

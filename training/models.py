@@ -172,21 +172,48 @@ class PackagedModel(nn.Module):
 
     Classification: log_probs (batch, M, K). Regression: mean, variance (batch, M) in target units.
     `members` are concatenated along the head axis (the ensemble: M single-head teachers).
+    `density` (one member only: the Hydra student): a module of the shared-body features, e.g.
+    `training.density.FeatureDensity`, exported as one more output `density` (batch,).
     """
 
-    def __init__(self, members: list[HydraNet], task: str, y_mean: float = 0.0, y_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        members: list[HydraNet],
+        task: str,
+        y_mean: float = 0.0,
+        y_std: float = 1.0,
+        density: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        if density is not None and len(members) != 1:
+            raise ValueError("a feature density reads one shared body: it needs exactly one member")
         self.members = nn.ModuleList(members)
         self.task = task
         self.y_mean = float(y_mean)
         self.y_std = float(y_std)
+        self.density = density
 
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        raw = torch.cat([m(x) for m in self.members], dim=1) if len(self.members) > 1 else self.members[0](x)
+    @property
+    def has_density(self) -> bool:
+        return self.density is not None
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        density: Tensor | None = None
+        if self.density is not None:
+            member = self.members[0]
+            assert isinstance(member, HydraNet)
+            features = member.body(x)
+            raw, density = member.head_forward(features), self.density(features)
+        elif len(self.members) > 1:
+            raw = torch.cat([m(x) for m in self.members], dim=1)
+        else:
+            raw = self.members[0](x)
         if self.task == "classification":
-            return torch.log_softmax(raw, dim=-1)
+            log_probs = torch.log_softmax(raw, dim=-1)
+            return log_probs if density is None else (log_probs, density)
         mean, variance = regression_outputs(raw)
-        return mean * self.y_std + self.y_mean, variance * (self.y_std**2)
+        out = (mean * self.y_std + self.y_mean, variance * (self.y_std**2))
+        return out if density is None else (*out, density)
 
 
 def input_scaling(x_train: Tensor, kind: str) -> tuple[Tensor, Tensor]:

@@ -24,13 +24,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.manifest import ModelManifest, OODCalibration, OutputNames, Provenance, TensorSpec
+from service.manifest import (
+    COMBINED_SCORE,
+    ModelManifest,
+    OODCalibration,
+    OODComponent,
+    OutputNames,
+    Provenance,
+    TensorSpec,
+)
 from training.config import ArchConfig, DataConfig, DistilConfig, RunConfig, TeacherConfig
 from training.data import TaskData, load_data
+from training.density import fit_feature_density
 from training.distill import distil
 from training.distributed import from_main, gather_members, rank_members, save_on_main, world_size
 from training.evaluate import evaluate
-from training.export import INPUT_NAME, export_onnx, graph_summary, output_names
+from training.export import DENSITY_OUTPUT, INPUT_NAME, export_onnx, graph_summary, output_names
 from training.models import HydraNet, PackagedModel
 from training.report import write_report
 from training.selfcheck import self_check
@@ -218,8 +227,11 @@ def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, Packag
     kd = build_network(cfg, data, heads=1, student=True)
     kd.load_state_dict(ckpt["kd"])
     y_mean, y_std = target_scaling(data)
+    # the feature density on Hydra's shared body, fitted on the training rows (deterministic)
+    labels = data.train.y if data.task == "classification" else None
+    density = fit_feature_density(hydra.eval(), data.train.x, labels)
     return {
-        "model.onnx": PackagedModel([hydra.eval()], data.task, y_mean, y_std),
+        "model.onnx": PackagedModel([hydra], data.task, y_mean, y_std, density=density),
         "ensemble.onnx": PackagedModel(members, data.task, y_mean, y_std),
         "kd.onnx": PackagedModel([kd.eval()], data.task, y_mean, y_std),
     }
@@ -275,12 +287,18 @@ def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
         "hydra_auroc_retention": {k: round(v["retention"], 4) for k, v in methods["hydra"]["ood"].items()},
         "fidelity": report["fidelity"],
         "false_alarm_rate": report["conformal"]["false_alarm_rate"],
+        "ood_statistic": {k: report["conformal"][k] for k in ("score", "components", "n_calibration")},
+        "hydra_ood_scores": report.get("hydra_ood_scores", {}),
         "self_check": {
             k: report["self_check"][k] for k in ("passed", "problems", "score", "spearman", "thresholds")
         }
         | {
             "families": {
-                name: {k: f[k] for k in ("ensemble", "hydra", "kd", "hydra_retention", "well_posed")}
+                name: {
+                    k: f[k]
+                    for k in ("ensemble", "hydra", "kd", "hydra_retention", "well_posed", "hydra_ood")
+                    if k in f
+                }
                 for name, f in report["self_check"]["families"].items()
             }
         },
@@ -293,7 +311,7 @@ def stage_evaluate(
     setup(cfg)
     ev = evaluate(out, data, cfg.ood_score, cfg.default_alpha)
     scores = {m: v["ood_score"] for m, v in ev.report["methods"].items()}
-    ev.report["self_check"] = self_check(out, data, scores, seed=cfg.seed)
+    ev.report["self_check"] = self_check(out, data, scores, seed=cfg.seed, components=ev.components)
     progress("evaluate", 1, 3, "metrics and self-check")
     teachers_ckpt = torch.load(run_dir / "teachers.pt", weights_only=True)
     distil_ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
@@ -304,8 +322,29 @@ def stage_evaluate(
     write_report(ev, data, out)
     progress("evaluate", 2, 3, "report")
 
-    hydra_score = ev.report["methods"]["hydra"]["ood_score"]
     names = output_names(data.task)
+    if ev.components:  # the combined statistic: MI (or epistemic variance) with the feature density
+        ood = OODCalibration(
+            score=COMBINED_SCORE,
+            components=[
+                OODComponent(
+                    score=c.score,
+                    log_median=c.log_median,
+                    log_iqr=c.log_iqr,
+                    fitted_on=f"validation split ({len(data.val)} rows)",
+                )
+                for c in ev.components
+            ],
+            combination="max_log_z",
+            calibration_scores=[float(s) for s in ev.calibration_scores],
+            default_alpha=cfg.default_alpha,
+        )
+    else:
+        ood = OODCalibration(
+            score=ev.report["methods"]["hydra"]["ood_score"],
+            calibration_scores=[float(s) for s in ev.calibration_scores],
+            default_alpha=cfg.default_alpha,
+        )
     manifest = ModelManifest(
         name=cfg.name,
         version=cfg.version,
@@ -318,15 +357,14 @@ def stage_evaluate(
         feature_names=data.feature_names,
         labels=data.labels,
         heads=int(distil_ckpt["heads"]),
-        outputs=OutputNames(log_probs=names[0])
-        if data.task == "classification"
-        else OutputNames(mean=names[0], variance=names[1]),
-        temperature=cfg.distil.temperature,
-        ood=OODCalibration(
-            score=hydra_score,
-            calibration_scores=[float(s) for s in ev.calibration_scores],
-            default_alpha=cfg.default_alpha,
+        outputs=OutputNames(
+            log_probs=names[0] if data.task == "classification" else None,
+            mean=names[0] if data.task == "regression" else None,
+            variance=names[1] if data.task == "regression" else None,
+            density=DENSITY_OUTPUT if ev.components else None,
         ),
+        temperature=cfg.distil.temperature,
+        ood=ood,
         evaluation=evaluation_summary(ev.report),
         provenance=Provenance(
             dataset=data.name,

@@ -21,6 +21,9 @@ seed.
     scaled_x0.1      unit error: a training row with every feature multiplied by 0.1
     scaled_x4        unit error: ... by 4
     scaled_x10       unit error: ... by 10
+    one_feature_x0.1 unit error in one column: one (non-zero) feature of a training row x 0.1
+    one_feature_x4   ... x 4
+    one_feature_x10  ... x 10
 
 The unit-error families are rows in the wrong unit, the most common production error; an
 ensemble's own mutual information often ranks them as *more* familiar than real rows (ReLU
@@ -95,6 +98,19 @@ def _scaled(factor: float) -> Generator:
     return make
 
 
+def _scaled_one(factor: float) -> Generator:
+    def make(flat: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        rows = flat[rng.integers(0, len(flat), n)].copy()
+        for i in range(n):
+            # a zero stays zero in any unit: scale one of the row's non-zero features where it has one
+            candidates = np.flatnonzero(rows[i] != 0.0)
+            col = rng.choice(candidates) if candidates.size else rng.integers(0, rows.shape[1])
+            rows[i, col] *= factor
+        return rows
+
+    return make
+
+
 FAMILIES: dict[str, tuple[Generator, str]] = {
     "independent": (
         _independent,
@@ -110,6 +126,10 @@ FAMILIES: dict[str, tuple[Generator, str]] = {
     "scaled_x0.1": (_scaled(0.1), "unit error: every feature of a training row x 0.1"),
     "scaled_x4": (_scaled(4.0), "unit error: every feature of a training row x 4"),
     "scaled_x10": (_scaled(10.0), "unit error: every feature of a training row x 10"),
+    # appended after the others: a family's stream is seeded by its index, so earlier rows stay put
+    "one_feature_x0.1": (_scaled_one(0.1), "unit error: one non-zero feature of a training row x 0.1"),
+    "one_feature_x4": (_scaled_one(4.0), "unit error: one non-zero feature of a training row x 4"),
+    "one_feature_x10": (_scaled_one(10.0), "unit error: one non-zero feature of a training row x 10"),
 }
 
 

@@ -21,12 +21,15 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from service.uncertainty import CombinedOODScore, LogScaleNormaliser
 from training.data import TaskData
 from training.evaluate import (
     GRAPH_FILES,
     METHODS,
+    graph_density,
     knowledge_score,
     ood_metrics,
+    ood_statistics,
     retention,
     run_graph,
     summarise,
@@ -54,22 +57,41 @@ def find_problems(score: str, spearman: float, families: dict[str, dict[str, Any
 
 
 def self_check(
-    package_dir: Path, data: TaskData, scores: dict[str, str], seed: int, rows: int = PROBE_ROWS
+    package_dir: Path,
+    data: TaskData,
+    scores: dict[str, str],
+    seed: int,
+    rows: int = PROBE_ROWS,
+    components: list[LogScaleNormaliser] | None = None,
 ) -> dict[str, Any]:
     """Probe the exported graphs; the report's `self_check` section. `scores` names each method's
-    OOD score (the evaluation's choice: MI for multi-head graphs, total uncertainty for KD)."""
+    OOD score (the evaluation's choice: MI for multi-head graphs, total uncertainty for KD).
+    `components`: the served combined statistic's (evaluate.py); then each family also reports
+    Hydra's AUROC by its score, by the feature density and by the combination (`hydra_ood`)."""
     task = data.task
     # the dataset's own OOD sets (built-in, or the user's --ood file) are checked like the probes
     probes = probe_sets(data.train.x, rows, seed) | {f"ood:{k}": v for k, v in data.ood.items()}
     sets = {"test": data.test.x} | probes
     bounds = np.cumsum([0, *(len(x) for x in sets.values())])
     summaries = {}
+    density: dict[str, np.ndarray | None] = {}
     for m in METHODS:  # one session run per graph over every set, then split back
         outputs = run_graph(package_dir / GRAPH_FILES[m], np.concatenate(list(sets.values())), task)
         summaries[m] = {
             name: summarise(task, [o[a:b] for o in outputs])
             for name, a, b in zip(sets, bounds[:-1], bounds[1:], strict=True)
         }
+        if m == "hydra":
+            whole = graph_density(task, outputs)
+            density = {
+                name: None if whole is None else whole[a:b]
+                for name, a, b in zip(sets, bounds[:-1], bounds[1:], strict=True)
+            }
+    combined = CombinedOODScore(components) if components else None
+    hydra_stats = {
+        name: ood_statistics(summaries["hydra"][name], density.get(name), scores["hydra"], combined)
+        for name in sets
+    }
     knowledge = knowledge_score(task)
     families: dict[str, Any] = {}
     for name in probes:
@@ -80,6 +102,11 @@ def self_check(
         entry["hydra_retention"] = round(retention(entry["hydra"], entry["ensemble"]), 4)
         entry["kd_retention"] = round(retention(entry["kd"], entry["ensemble"]), 4)
         entry["well_posed"] = entry["ensemble"] >= WELL_POSED_AUROC
+        if combined is not None:
+            entry["hydra_ood"] = {
+                k: round(ood_metrics(hydra_stats["test"][k], v)["auroc"], 4)
+                for k, v in hydra_stats[name].items()
+            }
         families[name] = entry
 
     h = np.concatenate([summaries["hydra"][s].score(knowledge) for s in sets])

@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
+from service import inference
 from service.manifest import ModelManifest
-from service.uncertainty import ConformalOODCalibrator, classification_uncertainty
+from service.uncertainty import ConformalOODCalibrator
 from training.__main__ import app
 from training.config import DataConfig
 from training.data import load_data
@@ -78,23 +79,47 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
     for filename, heads in (("model.onnx", manifest.heads), ("ensemble.onnx", 3), ("kd.onnx", 1)):
         session = ort.InferenceSession(str(out / filename), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == ["input"]
-        assert [o.name for o in session.get_outputs()] == ["log_probs"]
+        # only the student carries the feature density of its shared body
+        want = ["log_probs", "density"] if filename == "model.onnx" else ["log_probs"]
+        assert [o.name for o in session.get_outputs()] == want
         for batch in (1, 7):
-            (log_probs,) = session.run(None, {"input": data.test.x[:batch]})
+            log_probs, *density = session.run(None, {"input": data.test.x[:batch]})
             assert log_probs.shape == (batch, heads, 10) and log_probs.dtype == np.float32
             np.testing.assert_allclose(np.exp(log_probs).sum(-1), 1.0, atol=1e-5)
+            assert all(d.shape == (batch,) and np.all(d >= 0) for d in density)
 
-    # the stored calibration scores are the model's OOD scores on the held-out calibration split
+    # schema 2: the OOD statistic combines MI with the density, normalised on the validation split
+    assert manifest.schema_version == 2 and manifest.outputs.density == "density"
+    assert manifest.ood.score == "combined" and manifest.ood.combination == "max_log_z"
+    assert [c.score for c in manifest.ood.components] == ["mutual_information", "density"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    (cal_log_probs,) = session.run(None, {"input": data.cal.x})
-    scores = classification_uncertainty(cal_log_probs).score(manifest.ood.score)
-    np.testing.assert_allclose(manifest.ood.calibration_scores, np.sort(scores), rtol=1e-6, atol=1e-9)
-    test_scores = classification_uncertainty(session.run(None, {"input": data.test.x})[0]).score(
-        manifest.ood.score
-    )
+
+    def served(x: np.ndarray) -> dict[str, np.ndarray]:
+        """What the server answers for rows `x` (the service's own code on the graph's outputs)."""
+        log_probs, density = session.run(None, {"input": x})
+        calibrator = ConformalOODCalibrator(manifest.ood.calibration_scores)
+        return inference.summarise(manifest, calibrator, {"log_probs": log_probs, "density": density})
+
+    # the stored calibration scores are the served statistic on the held-out calibration split
+    cal = served(data.cal.x)
+    np.testing.assert_allclose(manifest.ood.calibration_scores, np.sort(cal["ood_score"]), rtol=1e-6)
+    # ... a different split from the one the components were normalised on
+    val_density = session.run(None, {"input": data.val.x})[1]
+    median = np.median(np.log(val_density.astype(np.float64)))
+    assert manifest.ood.components[1].log_median == pytest.approx(median, rel=1e-5)
     report = json.loads((out / "report.json").read_text())
-    rate = ConformalOODCalibrator(manifest.ood.calibration_scores).flags(test_scores, 0.05).mean()
-    assert report["conformal"]["false_alarm_rate"]["0.05"] == pytest.approx(rate)
+    test = served(data.test.x)
+    false_alarms = np.mean(test["ood_p_value"] <= 0.05)
+    assert report["conformal"]["false_alarm_rate"]["0.05"] == pytest.approx(false_alarms)
+    assert report["conformal"]["score"] == "combined" and report["conformal"]["n_test"] == len(data.test)
+    # rows in the wrong unit: MI ranks them as familiar, the density does not
+    wrong_unit = served(data.test.x * 4.0)
+    assert np.mean(wrong_unit["ood_p_value"] <= 0.05) >= 0.9
+    assert np.median(wrong_unit["density_score"]) > np.max(test["density_score"])
+    assert set(report["hydra_ood_scores"]["noise"]) == {"mutual_information", "density", "combined"}
+    families = report["self_check"]["families"]
+    assert {"one_feature_x0.1", "one_feature_x4", "one_feature_x10", "scaled_x4"} <= set(families)
+    assert families["scaled_x4"]["hydra_ood"]["combined"] >= 0.95
 
 
 def test_stages_one_by_one_reproduce_the_run(digits_smoke: tuple[Path, Path], tmp_path: Path) -> None:
@@ -152,10 +177,10 @@ def test_bring_your_own_csv_regression_with_ood(tmp_path: Path) -> None:
     )
     manifest = ModelManifest.load(out)
     assert manifest.task == "regression" and manifest.feature_names == ["a", "b", "c"]
-    assert manifest.ood.score == "epistemic_variance"
+    assert [c.score for c in manifest.ood.components] == ["epistemic_variance", "density"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["mean", "variance"]
-    mean, variance = session.run(None, {"input": x[:5].astype(np.float32)})
+    assert [o.name for o in session.get_outputs()] == ["mean", "variance", "density"]
+    mean, variance, _ = session.run(None, {"input": x[:5].astype(np.float32)})
     assert mean.shape == variance.shape == (5, manifest.heads) and (variance > 0).all()
     report = json.loads((out / "report.json").read_text())
     assert "ood" in report["methods"]["hydra"]["ood"]

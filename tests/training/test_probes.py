@@ -36,6 +36,14 @@ def test_each_family_has_its_defining_property() -> None:
     # unit errors: a training row times k
     for name, k in (("scaled_x0.1", 0.1), ("scaled_x4", 4.0), ("scaled_x10", 10.0)):
         assert _rows_of(p[name][:20], train, k), name
+    # one column in the wrong unit: a training row with exactly one (non-zero) feature times k
+    for name, k in (("one_feature_x0.1", 0.1), ("one_feature_x4", 4.0), ("one_feature_x10", 10.0)):
+        for row in p[name][:20]:
+            same = np.isclose(train, row, rtol=1e-5, atol=1e-7)
+            source = train[same.sum(axis=1).argmax()]
+            changed = ~np.isclose(source, row, rtol=1e-5, atol=1e-7)
+            assert changed.sum() == 1, name
+            np.testing.assert_allclose(row[changed], source[changed] * k, rtol=1e-5)
     # box: inside the range widened by one range on each side, and often outside the training range
     assert np.all(p["box"] >= lo - width - 1e-9) and np.all(p["box"] <= hi + width + 1e-9)
     assert ((p["box"] < lo) | (p["box"] > hi)).any(axis=1).mean() > 0.9

@@ -1,0 +1,47 @@
+"""The feature density baked into the Hydra graph: the Mahalanobis distance it claims to be."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+
+from training.config import ArchConfig
+from training.density import body_features, fit_feature_density
+from training.models import HydraNet
+
+
+def _net(features: int = 6, seed: int = 0) -> HydraNet:
+    torch.manual_seed(seed)
+    arch = ArchConfig(kind="mlp", hidden=(16, 16), head_layers=1)
+    return HydraNet(
+        arch, (features,), out_dim=3, heads=4, mean=torch.zeros(features), std=torch.ones(features)
+    ).eval()
+
+
+def test_density_is_the_squared_mahalanobis_distance_to_the_nearest_class() -> None:
+    rng = np.random.default_rng(0)
+    net = _net()
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    density = fit_feature_density(net, x, y)
+    f = body_features(net, x)
+    means = np.stack([f[y == c].mean(axis=0) for c in range(3)])
+    precision = np.linalg.inv(LedoitWolf(assume_centered=True).fit(f - means[y]).covariance_)
+    probe = rng.standard_normal((50, 6)).astype(np.float32) * 3.0
+    fp = body_features(net, probe)
+    want = np.min([np.einsum("nd,de,ne->n", fp - m, precision, fp - m) for m in means], axis=0)
+    with torch.no_grad():
+        got = density(torch.from_numpy(fp).float()).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_regression_density_is_one_gaussian_and_grows_with_scale() -> None:
+    rng = np.random.default_rng(1)
+    net = _net()
+    x = rng.standard_normal((400, 6)).astype(np.float32)
+    density = fit_feature_density(net, x, None)
+    assert density.white_means.shape[0] == 1
+    with torch.no_grad():
+        scores = [float(density(net.body(torch.from_numpy(x * k))).median()) for k in (1.0, 4.0, 10.0)]
+    assert scores[0] < scores[1] < scores[2]
