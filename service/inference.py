@@ -66,6 +66,7 @@ _REGRESSION_SCALARS = (
     "ood_alpha",
 )
 _DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL"}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 CLASSIFICATION_HEAD_OUTPUTS = ("heads",)
 REGRESSION_HEAD_OUTPUTS = ("heads_mean", "heads_variance")
 
@@ -99,6 +100,18 @@ def ood_statistic(
     return combiner({k: v for k, v in scores.items() if v is not None})
 
 
+def _finite_density(density: NDArray[np.floating]) -> FloatArray:
+    """The density output in float64, overflow replaced by the largest float32.
+
+    A finite row far enough out (|x| ~ 1e20) overflows the graph's float32 squared distance to inf (or
+    NaN, inf − inf in the whitening): that row is as far from the data as it gets. Left as is, the
+    density and the combined `ood_score` would be non-finite and JSON would answer them as null."""
+    out: FloatArray = np.nan_to_num(
+        np.asarray(density, dtype=np.float64), nan=_FLOAT32_MAX, posinf=_FLOAT32_MAX
+    )
+    return out
+
+
 def head_output_names(manifest: ModelManifest) -> tuple[str, ...]:
     return CLASSIFICATION_HEAD_OUTPUTS if manifest.task == "classification" else REGRESSION_HEAD_OUTPUTS
 
@@ -107,7 +120,7 @@ def summarise(
     manifest: ModelManifest, calibrator: ConformalOODCalibrator, raw: Mapping[str, NDArray[np.floating]]
 ) -> Tensors:
     """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`; `density`)."""
-    density = np.asarray(raw["density"], dtype=np.float64) if "density" in raw else None
+    density = _finite_density(raw["density"]) if "density" in raw else None
     extra: Tensors = {} if density is None else {"density_score": density}
     if manifest.task == "classification":
         log_p = np.asarray(raw["log_probs"], dtype=np.float64)  # (batch, heads, classes)

@@ -176,6 +176,8 @@ class ModelManifest(_Strict):
             known = REGRESSION_SCORES
         if self.outputs.density is not None:
             known = (*known, DENSITY_SCORE)
+        elif DENSITY_SCORE in self.ood.score_names:
+            raise ValueError("ood score 'density' reads the density graph output: outputs.density is not set")
         for score in self.ood.score_names:
             if score not in known:
                 raise ValueError(f"ood score {score!r} not in {known}")

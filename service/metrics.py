@@ -4,9 +4,10 @@ Label vocabulary (all bounded): `model` and `version` (served models), `route` (
 never a raw path), `method`, `code`, `reason` (fixed short vocabularies), `label` (class names, capped
 at `MAX_CLASS_LABELS`, the rest pooled into "other"), `heads`/`provider` on the info gauge only.
 
-Per-row distributions (OOD p-value, mutual information, disagreement, queue wait) are updated once per
-batch with vectorised bucket counts: prometheus-client's `Histogram` only has a per-value `observe`, so
-`BatchHistogram` keeps numpy bucket counts per label set and exposes them at scrape time.
+Per-row distributions (OOD p-value, mutual information, feature density, disagreement, queue wait)
+are updated once per batch with vectorised bucket counts: prometheus-client's `Histogram` only has a
+per-value `observe`, so `BatchHistogram` keeps numpy bucket counts per label set and exposes them at
+scrape time.
 
 Every known series is exported with zero as soon as its model is known, so `rate()` and ratios have
 data before the first event (an OOD alert must be able to say "0 flagged of N").
@@ -39,6 +40,9 @@ UNMATCHED_ROUTE = "unmatched"
 P_VALUE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Mutual information in nats lies in [0, log K]; log-spaced buckets resolve the small ID values.
 MUTUAL_INFORMATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Feature density = squared Mahalanobis distance of the body features: ~ the body width (64–256) on
+# ID rows, orders of magnitude more far from the data; log-spaced at 1-2-3-5-7 per decade to 1e6.
+DENSITY_BUCKETS = (0.1, 0.2, 0.5, *(float(f"{m}e{e}") for e in range(6) for m in (1, 2, 3, 5, 7)), 1e6)
 # Classification vote disagreement is the fraction of heads disagreeing with the mean: [0, 1].
 VOTE_DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Regression disagreement is the std of head means in target units: scale unknown, so log-spaced wide.
@@ -226,6 +230,13 @@ class ServiceMetrics:
             mv,
             MUTUAL_INFORMATION_BUCKETS,
         )
+        self.density_score = BatchHistogram(
+            f"{p}_density_score",
+            "Feature-density score per row: squared Mahalanobis distance of the body features to the "
+            "nearest class mean (models whose manifest declares a density output).",
+            mv,
+            DENSITY_BUCKETS,
+        )
         self.vote_disagreement = BatchHistogram(
             f"{p}_vote_disagreement_ratio",
             "Fraction of heads whose vote differs from the mean prediction, per row (classification).",
@@ -241,6 +252,7 @@ class ServiceMetrics:
         for collector in (
             self.ood_p_value,
             self.mutual_information,
+            self.density_score,
             self.vote_disagreement,
             self.head_spread,
         ):
@@ -286,12 +298,22 @@ class ServiceMetrics:
             self.rejected.labels(model, reason)
 
     def set_model_info(
-        self, model: str, version: str, heads: int, provider: str, ood_alpha: float | None = None
+        self,
+        model: str,
+        version: str,
+        heads: int,
+        provider: str,
+        ood_alpha: float | None = None,
+        *,
+        has_density: bool = False,
     ) -> None:
-        """Info series of a loaded version; `ood_alpha` exports its default α before any traffic."""
+        """Info series of a loaded version; `ood_alpha` exports its default α before any traffic, and
+        `has_density` the zero density histogram (else rate() misses the first batch after a load)."""
         self._ensure_model(model, version)
         if ood_alpha is not None:
             self.ood_alpha.labels(model, version).set(ood_alpha)
+        if has_density:
+            self.density_score.touch(model, version)
         with self._lock:
             previous = self._info_labels.get((model, version))
             self._info_labels[(model, version)] = (str(heads), provider)
@@ -325,6 +347,7 @@ class ServiceMetrics:
             self.queue_wait,
             self.ood_p_value,
             self.mutual_information,
+            self.density_score,
             self.vote_disagreement,
             self.head_spread,
         ):
@@ -372,7 +395,8 @@ class ServiceMetrics:
         default_alpha: float,
         label_names: list[str] | None,
     ) -> None:
-        """Count one executed batch's rows: predictions, OOD flags, p-values, MI / disagreement, classes."""
+        """Count one executed batch's rows: predictions, OOD flags, p-values, MI / disagreement, classes,
+        and the density score when the model has one (`density_score` in `outputs`)."""
         self._ensure_model(model, version)
         mv = (model, version)
         flags = np.asarray(outputs["ood_flag"], dtype=bool).ravel()
@@ -380,6 +404,8 @@ class ServiceMetrics:
         self.ood_flagged.labels(*mv).inc(int(np.count_nonzero(flags)))
         self.ood_alpha.labels(*mv).set(default_alpha)
         self.ood_p_value.observe_many(mv, outputs["ood_p_value"])
+        if "density_score" in outputs:  # schema-2 models with a density output, either task
+            self.density_score.observe_many(mv, outputs["density_score"])
         if "probabilities" in outputs:  # classification
             self.mutual_information.observe_many(mv, outputs["mutual_information"])
             self.vote_disagreement.observe_many(mv, outputs["disagreement"])

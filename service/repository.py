@@ -180,7 +180,12 @@ class ModelRepository:
             if failed is not None and failed != str(model.version):
                 self._metrics.remove_model(name, failed)
             self._metrics.set_model_info(
-                name, str(model.version), model.manifest.heads, model.provider, model.default_alpha
+                name,
+                str(model.version),
+                model.manifest.heads,
+                model.provider,
+                model.default_alpha,
+                has_density=model.manifest.has_density,
             )
             self._metrics.set_model_ready(name, str(model.version), True)
             logger.info("serving %s version %s on %s", name, model.version, model.provider)

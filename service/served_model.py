@@ -247,6 +247,8 @@ class ServedModel:
             "feature_names": m.feature_names,
             "ood": {
                 "score": m.ood.score,
+                "components": [c.score for c in m.ood.components],
+                "combination": m.ood.combination,
                 "default_alpha": self.default_alpha,
                 "calibration_size": len(m.ood.calibration_scores),
             },

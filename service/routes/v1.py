@@ -50,11 +50,80 @@ class PredictRequest(BaseModel):
     parameters: PredictParameters = Field(default_factory=PredictParameters)
 
 
+class Prediction(BaseModel):
+    """One instance's answer: the fields of the model's task (order: GET /v1/models/{name} `outputs`).
+
+    Documentation only: the handler writes the answer tensors of `service.inference` directly."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # classification
+    probabilities: list[float] | None = Field(
+        default=None, description="Mean class probabilities over heads."
+    )
+    label: int | None = Field(default=None, description="Predicted class id (argmax of probabilities).")
+    label_name: str | None = Field(default=None, description="Predicted class name.")
+    confidence: float | None = Field(default=None, description="Largest mean class probability.")
+    # regression
+    mean: float | None = Field(default=None, description="Mean prediction over heads (target units).")
+    aleatoric_variance: float | None = Field(default=None, description="Mean of the heads' variances.")
+    epistemic_variance: float | None = Field(default=None, description="Variance of the heads' means.")
+    total_variance: float | None = Field(default=None, description="Aleatoric + epistemic variance.")
+    # both
+    variance: float | None = Field(
+        default=None,
+        description="Classification: variance over heads of the predicted class's probability; "
+        "regression: the epistemic variance.",
+    )
+    disagreement: float | None = Field(
+        default=None,
+        description="Classification: share of heads voting against the prediction; regression: "
+        "standard deviation of the head means.",
+    )
+    mutual_information: float | None = Field(
+        default=None, description="Classification: mutual information across heads, nats (epistemic)."
+    )
+    expected_entropy: float | None = Field(default=None, description="Mean entropy of the heads (aleatoric).")
+    total_entropy: float | None = Field(default=None, description="Entropy of the mean probabilities.")
+    epkl: float | None = Field(default=None, description="Expected pairwise KL divergence between heads.")
+    density_score: float | None = Field(
+        default=None,
+        description="Only for models with a density output (manifest schema 2): squared Mahalanobis "
+        "distance of the row's shared-body features to the nearest class mean (higher = less like "
+        "the training data).",
+    )
+    interval_lower: float | None = Field(
+        default=None, description="Regression prediction interval, lower end."
+    )
+    interval_upper: float | None = Field(
+        default=None, description="Regression prediction interval, upper end."
+    )
+    interval_level: float | None = Field(default=None, description="The interval's level.")
+    ood_score: float | None = Field(
+        default=None,
+        description="The manifest's OOD score (higher = more OOD). With a combined score (ood.score "
+        "'combined'): the largest log-scale z-score of its components, e.g. mutual information and "
+        "density_score.",
+    )
+    ood_p_value: float | None = Field(
+        default=None, description="Conformal p-value of ood_score against the held-out calibration scores."
+    )
+    ood_flag: bool | None = Field(default=None, description="ood_p_value <= ood_alpha.")
+    ood_alpha: float | None = Field(default=None, description="The flag level used for this request.")
+    heads: list[list[float]] | None = Field(
+        default=None, description="With parameters.heads: per-head class probabilities (heads × classes)."
+    )
+    heads_mean: list[float] | None = Field(default=None, description="With parameters.heads: head means.")
+    heads_variance: list[float] | None = Field(
+        default=None, description="With parameters.heads: head variances."
+    )
+
+
 class PredictResponse(BaseModel):
     model_name: str
     model_version: str
-    predictions: list[dict[str, Any]] = Field(
-        description="One object per instance with the contract's fields."
+    predictions: list[Prediction] = Field(
+        description="One object per instance with the contract's fields for the model's task."
     )
 
 

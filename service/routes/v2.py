@@ -73,7 +73,20 @@ class ModelParameters(BaseModel):
     labels: list[str] | None
     heads: int
     default_alpha: float = Field(description="OOD flag level used when a request gives no `alpha`.")
-    ood_score: str = Field(description="The uncertainty score used as OOD score (higher = more OOD).")
+    ood_score: str = Field(
+        description="The uncertainty score used as OOD score (higher = more OOD); `combined` when the "
+        "OOD score combines several (`ood_components`)."
+    )
+    ood_components: list[str] = Field(
+        default_factory=list,
+        description="The scores a combined OOD score reads (e.g. mutual_information, density); empty "
+        "when `ood_score` is one score.",
+    )
+    ood_combination: str | None = Field(
+        default=None,
+        description="How the components combine: max_log_z = the largest of their log-scale z-scores "
+        "(each normalised on held-out in-distribution data); null for one score.",
+    )
     calibration_size: int = Field(description="Number of held-out calibration scores behind the p-values.")
     execution_provider: str
     evaluation: dict[str, Any] = Field(description="Summary of the model's evaluation report.")
@@ -204,6 +217,8 @@ def _metadata(request: Request, model: ServedModel) -> ModelMetadata:
             heads=manifest.heads,
             default_alpha=model.default_alpha,
             ood_score=manifest.ood.score,
+            ood_components=[c.score for c in manifest.ood.components],
+            ood_combination=manifest.ood.combination,
             calibration_size=len(manifest.ood.calibration_scores),
             execution_provider=model.provider,
             evaluation=manifest.evaluation,

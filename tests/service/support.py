@@ -4,6 +4,11 @@
 `reg/1` (regression: 5 features, 4 heads), each an MLP body + M heads built with `onnx.helper`, and a
 manifest whose conformal calibration scores come from running the model on calibration inputs.
 
+`build_density_repository(root)` writes `dens_clf/1` and `dens_reg/1`: the same graphs plus a
+`density` output (squared Mahalanobis distance of the body features to the nearest class mean) and a
+schema-2 manifest whose OOD score combines the head score with the density (`ood.components`),
+and a plain `clf/1` beside them. It is its own repository so tests that count models are unaffected.
+
 `running_server(repo_dir, **env)` starts `python -m service` as a uvicorn subprocess on a free
 127.0.0.1 port, waits for `/v2/health/ready`, yields a `Server` (base URL, process, log), and stops
 it with SIGTERM.
@@ -32,7 +37,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service import inference
 from service.manifest import ModelManifest
-from service.uncertainty import ConformalOODCalibrator, classification_uncertainty, regression_uncertainty
+from service.uncertainty import (
+    DENSITY_SCORE,
+    CombinedOODScore,
+    ConformalOODCalibrator,
+    LogScaleNormaliser,
+    classification_uncertainty,
+    regression_uncertainty,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPSET = 17
@@ -136,6 +148,50 @@ def make_regressor(seed: int = 0, heads: int = HEADS) -> onnx.ModelProto:
     return _finish(graph)
 
 
+def with_density(model: onnx.ModelProto, fit_rows: np.ndarray) -> onnx.ModelProto:
+    """`model` plus an output `density` (batch,) = min over class means of ‖(body − μ_c) W‖².
+
+    As training/density.py exports it: μ_c are the body-feature means of `fit_rows` grouped by the
+    predicted class (one group for regression), W W^T the inverse of their pooled within-class
+    covariance (shrunk towards its mean eigenvalue: a ReLU body has dead units). Whitened means are
+    precomputed, so the graph adds MatMul, Unsqueeze, Sub, ReduceSumSquare and ReduceMin.
+    """
+    graph = onnx.ModelProto.FromString(model.SerializeToString()).graph
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer}
+    body = np.maximum(fit_rows.astype(np.float64) @ weights["w1"] + weights["b1"], 0.0)  # (n, HIDDEN)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    if graph.output[0].name == "log_probs":
+        (log_probs,) = session.run(["log_probs"], {"input": fit_rows})
+        groups = classification_uncertainty(log_probs).label
+    else:
+        groups = np.zeros(len(body), dtype=np.int64)
+    present = np.unique(groups)
+    means = np.stack([body[groups == g].mean(axis=0) for g in present])  # (K', HIDDEN)
+    centred = body - means[np.searchsorted(present, groups)]
+    covariance = centred.T @ centred / len(body)
+    covariance = 0.9 * covariance + 0.1 * np.trace(covariance) / HIDDEN * np.eye(HIDDEN)
+    eigenvalues, vectors = np.linalg.eigh(covariance)
+    whitening = vectors / np.sqrt(eigenvalues)  # W W^T = covariance^-1
+    graph.node.extend(
+        [
+            helper.make_node("MatMul", ["body", "density_w"], ["white"]),  # (batch, HIDDEN)
+            helper.make_node("Unsqueeze", ["white", "density_axis"], ["white3"]),  # (batch, 1, HIDDEN)
+            helper.make_node("Sub", ["white3", "density_means"], ["white_diff"]),  # (batch, K, HIDDEN)
+            helper.make_node("ReduceSumSquare", ["white_diff"], ["class_distance"], axes=[-1], keepdims=0),
+            helper.make_node("ReduceMin", ["class_distance"], ["density"], axes=[1], keepdims=0),
+        ]
+    )
+    graph.initializer.extend(
+        [
+            _init("density_w", whitening),
+            _init("density_means", means @ whitening),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "density_axis"),
+        ]
+    )
+    graph.output.append(helper.make_tensor_value_info("density", TensorProto.FLOAT, ["batch"]))
+    return _finish(graph)
+
+
 def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -159,20 +215,27 @@ def write_model(
     seed: int = 0,
     heads: int = HEADS,
     poisoned: bool = False,
+    density: bool = False,
 ) -> Path:
-    """Write `root/name/version/{model.onnx, manifest.json}`; calibration scores from running it."""
+    """Write `root/name/version/{model.onnx, manifest.json}`; calibration scores from running it.
+
+    `density`: the graph also outputs `density` (`with_density`) and the manifest is schema 2 with
+    a combined OOD score: the head score and the density, each normalised on one draw of ID rows
+    (`normaliser_inputs`), calibrated on another (`calibration_inputs`).
+    """
     directory = root / name / str(version)
     directory.mkdir(parents=True, exist_ok=True)
     if task == "classification":
         model = make_classifier(seed, heads, poisoned=poisoned)
     else:
         model = make_regressor(seed, heads)
+    if density:
+        model = with_density(model, calibration_inputs(task, n=400, seed=321))  # the "training" rows
     onnx.save(model, directory / "model.onnx")
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    graph = RawModel(model)
     calib = calibration_inputs(task)
     if task == "classification":
-        (log_probs,) = session.run(["log_probs"], {"input": calib})
-        scores = classification_uncertainty(log_probs).mutual_information
+        scores = classification_uncertainty(graph.raw(calib)["log_probs"]).mutual_information
         features = CLF_FEATURES
         extra: dict[str, Any] = {
             "labels": ["setosa", "versicolor", "virginica"],
@@ -184,8 +247,8 @@ def write_model(
             },
         }
     else:
-        mean, variance = session.run(["mean", "variance"], {"input": calib})
-        scores = regression_uncertainty(mean, variance).epistemic_variance
+        raw = graph.raw(calib)
+        scores = regression_uncertainty(raw["mean"], raw["variance"]).epistemic_variance
         features = REG_FEATURES
         extra = {
             "feature_names": list(REG_FEATURE_NAMES),
@@ -196,8 +259,12 @@ def write_model(
                 "default_alpha": 0.1,
             },
         }
+    if density:
+        extra["outputs"]["density"] = "density"
+        extra["ood"] |= combined_ood(graph, task, extra["ood"]["score"], calib)
     manifest = ModelManifest.model_validate(
         {
+            "schema_version": 2 if density else 1,
             "name": name,
             "version": version,
             "task": task,
@@ -213,12 +280,72 @@ def write_model(
     return directory
 
 
+def normaliser_inputs(task: Literal["classification", "regression"], n: int = 200) -> np.ndarray:
+    """ID rows (the calibration inputs' law, another draw) that the combined score is normalised on."""
+    return calibration_inputs(task, n=n, seed=456)
+
+
+def combined_ood(
+    model: RawModel, task: Literal["classification", "regression"], head_score: str, calib: np.ndarray
+) -> dict[str, Any]:
+    """The `ood` fields of a combined score: components fitted on `normaliser_inputs`, calibration
+    scores = the combined statistic on `calib` (another split), both with service.uncertainty."""
+    reference = component_scores(model.raw(normaliser_inputs(task)), head_score)
+    normalisers = [LogScaleNormaliser.fit(score, values) for score, values in reference.items()]
+    combined = CombinedOODScore(normalisers)(component_scores(model.raw(calib), head_score))
+    return {
+        "score": "combined",
+        "combination": CombinedOODScore.RULE,
+        "components": [
+            {
+                "score": c.score,
+                "log_median": c.log_median,
+                "log_iqr": c.log_iqr,
+                "fitted_on": "test-normaliser",
+            }
+            for c in normalisers
+        ],
+        "calibration_scores": sorted(combined.tolist()),
+    }
+
+
+def component_scores(raw: dict[str, np.ndarray], head_score: str) -> dict[str, np.ndarray]:
+    """{head_score: per-row uncertainty score, "density": the density output}, float64."""
+    if "log_probs" in raw:
+        head = classification_uncertainty(raw["log_probs"]).score(head_score)
+    else:
+        head = regression_uncertainty(raw["mean"], raw["variance"]).score(head_score)
+    return {head_score: head, DENSITY_SCORE: np.asarray(raw["density"], dtype=np.float64)}
+
+
 def build_test_repository(root: Path, *, clf_seed: int = 0, reg_seed: int = 1) -> Path:
     """A model repository with `clf/1` (classification) and `reg/1` (regression)."""
     root.mkdir(parents=True, exist_ok=True)
     write_model(root, "clf", 1, "classification", seed=clf_seed)
     write_model(root, "reg", 1, "regression", seed=reg_seed)
     return root
+
+
+def build_density_repository(root: Path) -> Path:
+    """`dens_clf/1` and `dens_reg/1` (schema 2: density output, combined OOD score) and a v1 `clf/1`."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_model(root, "dens_clf", 1, "classification", seed=0, density=True)
+    write_model(root, "dens_reg", 1, "regression", seed=1, density=True)
+    write_model(root, "clf", 1, "classification", seed=0)
+    return root
+
+
+class RawModel:
+    """A graph run in-process with ORT: its raw outputs keyed by graph output name (= manifest role)."""
+
+    def __init__(self, model: onnx.ModelProto | Path) -> None:
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        self.session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+    def raw(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        values = self.session.run(names, {"input": np.asarray(rows, dtype=np.float32)})
+        return dict(zip(names, values, strict=True))
 
 
 class ReferenceModel:
@@ -229,18 +356,23 @@ class ReferenceModel:
         self.session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
         self.calibrator = ConformalOODCalibrator(self.manifest.ood.calibration_scores)
 
+    def raw(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph outputs the manifest names, by role (`log_probs` | `mean`, `variance`; `density`)."""
+        names = self.manifest.outputs
+        roles = {
+            "log_probs": names.log_probs,
+            "mean": names.mean,
+            "variance": names.variance,
+            "density": names.density,
+        }
+        wanted = {role: name for role, name in roles.items() if name is not None}
+        values = self.session.run(list(wanted.values()), {"input": np.asarray(rows, dtype=np.float32)})
+        return dict(zip(wanted, values, strict=True))
+
     def answer(
         self, rows: np.ndarray, *, alpha: float | None = None, level: float = 0.95, heads: bool = False
     ) -> dict[str, np.ndarray]:
-        rows = np.asarray(rows, dtype=np.float32)
-        names = self.manifest.outputs
-        if self.manifest.task == "classification":
-            (log_probs,) = self.session.run([names.log_probs or ""], {"input": rows})
-            raw = {"log_probs": log_probs}
-        else:
-            mean, var = self.session.run([names.mean or "", names.variance or ""], {"input": rows})
-            raw = {"mean": mean, "variance": var}
-        summary = inference.summarise(self.manifest, self.calibrator, raw)
+        summary = inference.summarise(self.manifest, self.calibrator, self.raw(rows))
         return inference.finalise(
             self.manifest,
             summary,

@@ -21,6 +21,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import (
+    DENSITY_BUCKETS,
     MAX_CLASS_LABELS,
     OTHER_CLASS,
     P_VALUE_BUCKETS,
@@ -123,6 +124,48 @@ def test_regression_outputs_fill_spread_not_classification_metrics() -> None:
     assert value(s, "hydra_ood_alpha", **mv) == pytest.approx(0.1)
     assert not any(name.startswith("hydra_predicted_class_total") for name in names(s))
     assert "hydra_mutual_information_nats_count" not in names(s)
+
+
+def test_density_scores_are_counted_only_for_outputs_that_carry_them() -> None:
+    rng = np.random.default_rng(4)
+    metrics = ServiceMetrics()
+    # squared Mahalanobis distances: ~ the body width on ID rows, far larger off the data
+    density = np.r_[rng.chisquare(64, 200), [0.05, 3e5, 2e6]].astype(np.float32)
+    with_density = classification_outputs(rng, density.size, 3, 0.05) | {"density_score": density}
+    metrics.observe_uncertainty("dens", "1", with_density, 0.05, None)
+    regression = {
+        "mean": np.zeros(2, np.float32),
+        "disagreement": np.ones(2, np.float32),
+        "density_score": np.array([10.0, 700.0], np.float32),
+        "ood_p_value": np.ones(2, np.float32),
+        "ood_flag": np.zeros(2, bool),
+    }
+    metrics.observe_uncertainty("dens_reg", "2", regression, 0.1, None)
+    metrics.observe_uncertainty("clf", "1", classification_outputs(rng, 5, 3, 0.05), 0.05, None)
+    s = scrape(metrics)
+    mv = {"model": "dens", "version": "1"}
+    values = density.astype(np.float64)
+    for bound in DENSITY_BUCKETS:
+        assert value(s, "hydra_density_score_bucket", le=repr(float(bound)), **mv) == int(
+            (values <= bound).sum()
+        )
+    assert value(s, "hydra_density_score_bucket", le="+Inf", **mv) == density.size
+    assert value(s, "hydra_density_score_sum", **mv) == pytest.approx(values.sum(), rel=1e-9)
+    # ID values of a 64-wide body land in the resolved middle of the buckets, not in an end bucket
+    assert value(s, "hydra_density_score_bucket", le="20.0", **mv) < 5
+    assert value(s, "hydra_density_score_bucket", le="200.0", **mv) > 195
+    assert value(s, "hydra_density_score_count", model="dens_reg", version="2") == 2
+    assert value(s, "hydra_density_score_bucket", model="dens_reg", version="2", le="700.0") == 2
+    assert ("hydra_density_score_count", frozenset({"model": "clf", "version": "1"}.items())) not in s
+    metrics.remove_model("dens", "1")
+    assert ("hydra_density_score_count", frozenset(mv.items())) not in scrape(metrics)
+    # a loaded density model exports its histogram at zero before traffic (rate() then sees the
+    # first batch); a model without a density exports none
+    metrics.set_model_info("dens", "3", heads=4, provider="CPUExecutionProvider", has_density=True)
+    metrics.set_model_info("clf", "3", heads=4, provider="CPUExecutionProvider")
+    s = scrape(metrics)
+    assert value(s, "hydra_density_score_count", model="dens", version="3") == 0
+    assert ("hydra_density_score_count", frozenset({"model": "clf", "version": "3"}.items())) not in s
 
 
 def test_class_labels_are_capped_with_other() -> None:

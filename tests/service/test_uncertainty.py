@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from service.uncertainty import (
+    CombinedOODScore,
     ConformalOODCalibrator,
+    LogScaleNormaliser,
     classification_uncertainty,
     log_softmax,
     regression_uncertainty,
@@ -153,3 +155,97 @@ def test_calibrator_rejects_bad_input() -> None:
         ConformalOODCalibrator([0.1, float("nan")])
     with pytest.raises(ValueError):
         ConformalOODCalibrator([0.1]).flags(np.zeros(1), alpha=0.0)
+
+
+# -- the combined OOD statistic (max of log-scale z-scores) ------------------------------------------
+
+COMBINED = settings(max_examples=80, deadline=None, database=None)
+normalisers_strategy = st.lists(
+    st.tuples(st.floats(-20, 20), st.floats(0.01, 10)), min_size=1, max_size=3
+).map(lambda params: [LogScaleNormaliser(f"s{j}", m, iqr) for j, (m, iqr) in enumerate(params)])
+# scores ≥ 0 from a coarse grid (ties and exact zeros are common), up to 1e6 like squared distances
+score_values = st.sampled_from([0.0, 1e-9, 1e-3, 0.01, 0.5, 1.0, 2.0, 64.0, 1e3, 1e6])
+
+
+def test_log_scale_normaliser_hand_computed() -> None:
+    z = LogScaleNormaliser.fit("density", np.exp([0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert (z.log_median, z.log_iqr) == pytest.approx((2.0, 2.0))
+    np.testing.assert_allclose(z(np.exp([2.0, 4.0, 0.0])), [0.0, 1.0, -1.0])
+    assert np.isfinite(z(np.zeros(2))).all()  # MI clamped at 0 stays finite (and very low)
+    assert LogScaleNormaliser.fit("mi", np.full(4, 0.3)).log_iqr == 1.0  # constant reference
+    with pytest.raises(ValueError):
+        LogScaleNormaliser.fit("mi", np.array([]))
+
+
+def test_combined_score_is_the_largest_z_and_needs_every_component() -> None:
+    combiner = CombinedOODScore(
+        [LogScaleNormaliser("mutual_information", -3.0, 1.0), LogScaleNormaliser("density", 4.0, 0.5)]
+    )
+    assert combiner.names == ("mutual_information", "density")
+    scores = {"mutual_information": np.exp([-3.0, 0.0]), "density": np.exp([5.0, 4.0])}
+    np.testing.assert_allclose(combiner(scores), [2.0, 3.0])  # z = (0, 2) and (3, 0)
+    with pytest.raises(ValueError, match="density"):
+        combiner({"mutual_information": np.ones(2)})
+    with pytest.raises(ValueError):
+        CombinedOODScore([])
+
+
+@COMBINED
+@given(normalisers_strategy, st.data())
+def test_combined_score_is_monotone_in_each_component(
+    normalisers: list[LogScaleNormaliser], data: st.DataObject
+) -> None:
+    combiner = CombinedOODScore(normalisers)
+    n = data.draw(st.integers(1, 8))
+    base = {c.score: np.array(data.draw(st.lists(score_values, min_size=n, max_size=n))) for c in normalisers}
+    before = combiner(base)
+    for c in normalisers:
+        # the combined statistic is at least each component's z-score
+        assert (before >= c(base[c.score])).all()
+        grown = data.draw(st.lists(st.floats(0, 1e6), min_size=n, max_size=n))
+        after = combiner(base | {c.score: base[c.score] + np.array(grown)})
+        assert (after >= before).all(), c.score
+
+
+@COMBINED
+@given(normalisers_strategy, st.data(), st.floats(0.01, 0.99))
+def test_conformal_flags_of_the_combined_score_are_super_uniform_on_exchangeable_rows(
+    normalisers: list[LogScaleNormaliser], data: st.DataObject, alpha: float
+) -> None:
+    """The exact counting argument behind P(p ≤ α) ≤ α: for ANY n + 1 rows, leaving each out in turn
+    as the new row (the n others its calibration set) flags at most ⌊α(n+1)⌋ of them, ties included.
+    Exchangeable rows make each one equally likely to be the new one, so the flag rate is ≤ α. This
+    holds because the statistic is a fixed function of the row (normalisers fitted elsewhere)."""
+    combiner = CombinedOODScore(normalisers)
+    n = data.draw(st.integers(1, 40))
+    rows = {
+        c.score: np.array(data.draw(st.lists(score_values, min_size=n + 1, max_size=n + 1)))
+        for c in normalisers
+    }
+    statistic = combiner(rows)
+    flagged = 0
+    for i in range(n + 1):
+        calibrator = ConformalOODCalibrator(np.delete(statistic, i))
+        flagged += int(calibrator.flags(statistic[i : i + 1], alpha)[0])
+    assert flagged <= alpha * (n + 1) + 1e-9, (flagged, n + 1, alpha)
+
+
+def test_combined_flag_rate_on_id_rows_is_at_most_alpha() -> None:
+    """The whole recipe, simulated: components normalised on one ID split, calibration scores of the
+    combined statistic on another, new rows from the same law. Seeded: the same numbers every run."""
+    rng = np.random.default_rng(11)
+    trials, n_fit, n_cal = 3000, 50, 39
+    p = np.empty(trials)
+    for t in range(trials):
+        # correlated MI-like (log-normal) and density-like (chi-square, 64 dof) scores per row
+        latent = rng.standard_normal(n_fit + n_cal + 1)
+        mi = np.exp(-3.0 + 0.8 * latent + 0.6 * rng.standard_normal(latent.size))
+        density = rng.chisquare(64, latent.size) * np.exp(0.2 * latent)
+        fit, cal, new = slice(0, n_fit), slice(n_fit, n_fit + n_cal), slice(n_fit + n_cal, None)
+        combiner = CombinedOODScore(
+            [LogScaleNormaliser.fit("mi", mi[fit]), LogScaleNormaliser.fit("density", density[fit])]
+        )
+        statistic = combiner({"mi": mi, "density": density})
+        p[t] = ConformalOODCalibrator(statistic[cal]).p_values(statistic[new])[0]
+    for alpha in (0.05, 0.1, 0.25):
+        assert (p <= alpha).mean() <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials), alpha
