@@ -1,4 +1,4 @@
-"""`python -m bench quality|suites|cost|server|report|all [--preset reduced]` — see docs/BENCHMARKS.md.
+"""`python -m bench quality|suites|ood|cost|server|report|all [--preset reduced]` — see docs/BENCHMARKS.md.
 
 Each part writes bench/results/<part>.json (with machine, date, load and command) and regenerates
 docs/BENCHMARKS.md and its figures. `--preset smoke` checks everything runs in minutes;
@@ -94,6 +94,29 @@ def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip
         plots.shift_figure(result["shift"], DOCS / "quality_shift.png")
     if "ablation_aggregate" in result:
         plots.ablation_figure(result["ablation_aggregate"], DOCS / "quality_ablations.png")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def ood(
+    preset: PresetOption = "reduced",
+    no_oracle: Annotated[bool, typer.Option(help="skip the supervised separability oracle")] = False,
+) -> None:
+    """Part 1c: MI, feature density and the served combined OOD statistic, per family, on the built-ins
+    and every suite table; the separability oracle; realised false alarms (bench/ood.py).
+
+    Reuses the teacher/distillation checkpoints of `bench quality` and `bench suites` when their
+    config matches (then only export and evaluation run); trains what is missing."""
+    from bench.ood import run_ood, save
+    from bench.workloads import BUILD
+
+    p = _preset(preset)
+    plan = dataclasses.replace(p.ood, oracle=not no_oracle)
+    meta = describe(_command())
+    t0 = time.perf_counter()
+    rows = run_ood(plan, BUILD, log=typer.echo)
+    save(rows, plan, meta | {"preset": p.name}, time.perf_counter() - t0, report.RESULTS / "ood.json")
+    typer.echo(f"wrote {report.RESULTS / 'ood.json'}")
     typer.echo(f"wrote {report.write()}")
 
 
@@ -262,6 +285,7 @@ def all_parts(preset: PresetOption = "reduced") -> None:
     suites(
         preset=preset, only="tuning,confirmation,fresh,fresh2", datasets="", split_seeds="0", output="suites"
     )
+    ood(preset=preset, no_oracle=False)  # after quality and suites: reuses their checkpoints
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.ood import OODPlan
 from bench.quality import QualityPlan
 from bench.suites import SuitePlan
 
@@ -19,6 +20,7 @@ class Preset:
     server_seconds: float  # per load cell (after a 1 s warm-up)
     server: dict[str, Any] = field(default_factory=dict)
     suites: SuitePlan = field(default_factory=SuitePlan)
+    ood: OODPlan = field(default_factory=OODPlan)
 
 
 PRESETS = {
@@ -39,6 +41,13 @@ PRESETS = {
         server_seconds=1.0,
         server={"concurrencies": (1, 8), "extra_one_row": ()},
         suites=SuitePlan(seeds=(0,), members=3, epochs=2),
+        ood=OODPlan(
+            builtins=("toy",),
+            builtin_epochs=(("toy", 2),),
+            suites=("tuning",),
+            members=3,
+            suite_epochs=2,
+        ),
     ),
     "reduced": Preset(
         "reduced",
@@ -52,6 +61,7 @@ PRESETS = {
         cost_seconds=2.0,
         server_seconds=5.0,
         suites=SuitePlan(seeds=(0, 1)),
+        ood=OODPlan(seeds=(0, 1)),
     ),
     "full": Preset(
         "full",

@@ -86,11 +86,16 @@ def _suite_tables(runs: list[dict[str, Any]]) -> list[str]:
         cells = [name, rs[0]["source"], key]
         cells += [_mean([r["test"][m][key] for r in rs], 4) for m in ("ensemble", "kd", "hydra")]
         cells.append(
-            "—" if clf else " / ".join(_mean([r["test"][m]["coverage_95"] for r in rs]) for m in ("ensemble", "hydra"))
+            "—"
+            if clf
+            else " / ".join(_mean([r["test"][m]["coverage_95"] for r in rs]) for m in ("ensemble", "hydra"))
         )
         cells.append(_mean([r["self_check"]["spearman"] for r in rs]))
         kept = [
-            min((f["hydra_retention"] for f in r["self_check"]["families"].values() if f["well_posed"]), default=None)
+            min(
+                (f["hydra_retention"] for f in r["self_check"]["families"].values() if f["well_posed"]),
+                default=None,
+            )
             for r in rs
         ]
         cells.append(_mean([k for k in kept if k is not None], 2))
@@ -102,7 +107,8 @@ def _suite_tables(runs: list[dict[str, Any]]) -> list[str]:
         for fam in families:
             fam_cells.append(
                 " / ".join(
-                    f"{np.mean([r['self_check']['families'][fam][m] for r in rs]):.2f}" for m in ("ensemble", "kd", "hydra")
+                    f"{np.mean([r['self_check']['families'][fam][m] for r in rs]):.2f}"
+                    for m in ("ensemble", "kd", "hydra")
                 )
                 + (" ✓" if all(r["self_check"]["families"][fam]["well_posed"] for r in rs) else "")
             )
@@ -145,7 +151,7 @@ def suites_section(su: dict[str, Any] | None) -> str:
         "and trained with `python -m training run --data FILE --target target --task …` (the `file` preset, the default "
         "recipe, no per-dataset setting). The **tuning** suite is where the recipe's settings were chosen. The "
         "**confirmation** suite was fixed before tuning began; one run of an intermediate recipe on it motivated one "
-        "change (sparse far noise; docs/TRAINING.md, \"How the recipe was chosen\"). The **fresh** suite was added "
+        'change (sparse far noise; docs/TRAINING.md, "How the recipe was chosen"). The **fresh** suite was added '
         "after that run; its miss and the confirmation suite's remaining one chose the `file` preset's wider student "
         "(2× the teachers' widths), and the **fresh2** suite was added with it, before its first run: it is the "
         "untouched evidence for the final recipe. "
@@ -167,6 +173,85 @@ def suites_section(su: dict[str, Any] | None) -> str:
             f"{(' (' + ', '.join(v['accuracy_misses']) + ')') if v['accuracy_misses'] else ''}; "
             f"regression coverage within 2 pts — {_check(not v['coverage_misses'])}"
             f"{(' (' + ', '.join(v['coverage_misses']) + ')') if v['coverage_misses'] else ''}.",
+        ]
+    return "\n".join(out)
+
+
+def _ood_cells(rows: list[dict[str, Any]], families: list[str]) -> list[list[str]]:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["dataset"], []).append(r)
+    table = []
+    for name, rs in by.items():
+        score = rs[0]["score"]
+        cells = [name]
+        for fam in families:
+            present = [r["families"][fam] for r in rs if fam in r["families"]]
+            if not present:
+                cells.append("—")
+                continue
+            mean = {k: float(np.mean([f[k] for f in present])) for k in (score, "density", "combined")}
+            oracle = [f["oracle"] for f in present if "oracle" in f]
+            mark = " ·" if oracle and np.mean(oracle) < 0.95 else ""
+            cells.append(f"{mean[score]:.2f} / {mean['density']:.2f} / **{mean['combined']:.2f}**{mark}")
+        table.append(cells)
+    return table
+
+
+def ood_section(od: dict[str, Any] | None) -> str:
+    """Part 1c: what the ensemble's MI cannot see, what the feature density adds, and the served flag."""
+    title = "## 1c. The OOD flag beyond the ensemble: MI, feature density, combined"
+    if od is None:
+        return f"{title}\n\nNot run yet: `make bench-ood`.\n"
+    from bench.ood import TUNED_ON, is_unit_error
+
+    plan = od["plan"]
+    out = [title, "", _provenance(od["machine"]), ""]
+    out.append(
+        f"Preset `{od['machine'].get('preset', '?')}`: seeds {plan['seeds']} (cells: mean over seeds), the packages of "
+        f"§1 and §1b (their checkpoints reused; export and evaluation re-run); wall time {od['seconds']:.0f} s. "
+        "Cells: Hydra's OOD AUROC by **MI** (epistemic variance for regression) / by the **feature density** "
+        "(class-conditional Mahalanobis on the shared body, `training/density.py`) / by the **combined** statistic the "
+        "server flags on (the larger of the two log-scale z-scores, normalised on the validation split; conformal "
+        "p-value on the calibration split). ID = the test split, 500 rows per probe family (`training/probes.py`). "
+        "· marks a family that even a supervised classifier *shown* its rows separates from ID rows with AUROC "
+        "< 0.95 (3-fold CV, gradient boosting on raw features): not distinguishable, by anything. "
+        f"The statistic (density form, shrinkage, combination rule) was chosen on {', '.join(TUNED_ON)} (**tuning**); "
+        "every other dataset is **confirmation**, never looked at while choosing."
+    )
+    for group in ("tuning", "confirmation"):
+        rows = [r for r in od["rows"] if r["tuned_on"] == (group == "tuning")]
+        if not rows:
+            continue
+        families = list(dict.fromkeys(f for r in rows for f in r["families"]))
+        unit = [f for f in families if is_unit_error(f)]
+        other = [f for f in families if not is_unit_error(f) and not f.startswith("ood:")]
+        own = [f for f in families if f.startswith("ood:")]
+        v = od["verdict"][group]
+        out += [
+            "",
+            f"### {group.capitalize()} datasets",
+            "",
+            "Unit errors (a training row, every feature or one, × k):",
+            "",
+        ]
+        out.append(_table(["dataset", *unit], _ood_cells(rows, unit)))
+        out += ["", "Other probe families, and the datasets' own OOD sets (built-ins):", ""]
+        out.append(_table(["dataset", *other, *own], _ood_cells(rows, other + own)))
+        fa = v["false_alarm_pooled"]
+        out += [
+            "",
+            f"Criteria over every (dataset, seed): combined AUROC ≥ 0.95 on unit-error families where MI ≤ 0.5 — "
+            f"{_check(not v['unit_blind_misses'])}"
+            f"{(' (' + '; '.join(v['unit_blind_misses']) + ')') if v['unit_blind_misses'] else ''}"
+            f"{(' — and on families no classifier separates (· above): ' + '; '.join(v['unit_blind_misses_unseparable'])) if v['unit_blind_misses_unseparable'] else ''}; "
+            f"combined within 0.02 of the better of MI and density on every other family — "
+            f"{_check(not v['best_of_two_misses'])}"
+            f"{(' (' + '; '.join(v['best_of_two_misses']) + ')') if v['best_of_two_misses'] else ''}; "
+            f"realised false-alarm rate at α = 0.05 on unseen ID test rows, pooled: {fa['flagged']}/{fa['rows']} = "
+            f"{100 * fa['rate']:.2f} % — {_check(abs(fa['rate'] - 0.05) <= 0.02)}; per dataset with ≥ 300 test rows "
+            f"within 5 ± 2 % — {_check(not v['false_alarm_off'])}"
+            f"{(' (' + ', '.join(v['false_alarm_off']) + ')') if v['false_alarm_off'] else ''}.",
         ]
     return "\n".join(out)
 
@@ -225,7 +310,9 @@ def quality_section(q: dict[str, Any] | None) -> str:
         return "## 1. Quality: ensemble vs KD vs Hydra\n\nNot run yet: `make bench-quality`.\n"
     out = ["## 1. Quality: ensemble vs KD vs Hydra", "", _provenance(q["machine"]), ""]
     plan = q["plan"]
-    wall = f"{q['seconds']:.0f} s" if "seconds" in q else "— (a partial result: the run is going on or stopped)"
+    wall = (
+        f"{q['seconds']:.0f} s" if "seconds" in q else "— (a partial result: the run is going on or stopped)"
+    )
     out.append(
         f"Preset `{q['preset']}`: datasets {', '.join(plan['datasets'])}; seeds {plan['seeds']} (mean ± std over "
         f"seeds, population std); {plan['members']} teachers; epochs per stage: "
@@ -580,6 +667,7 @@ def write(extra: dict[str, str] | None = None) -> Path:
     parts = [HEADER, headline(q, c, s, su), quality_section(q), suites_section(su)]
     if sp:
         parts.append(splits_section(sp))
+    parts.append(ood_section(load("ood")))
     parts.append(cost_section(c))
     if c1:
         parts.append(
@@ -622,7 +710,10 @@ the card's name. Without a GPU it stops at once with a message saying what is mi
 
 
 def headline(
-    q: dict[str, Any] | None, c: dict[str, Any] | None, s: dict[str, Any] | None, su: dict[str, Any] | None = None
+    q: dict[str, Any] | None,
+    c: dict[str, Any] | None,
+    s: dict[str, Any] | None,
+    su: dict[str, Any] | None = None,
 ) -> str:
     lines = ["## Headline", ""]
     for suite in ("confirmation", "fresh", "fresh2"):
@@ -632,7 +723,11 @@ def headline(
             lines.append(
                 f"- **Distillation on data nobody tuned on ({suite} suite, §1b)**: median MI Spearman "
                 f"{v['median_spearman']:.3f}; "
-                + ("every criterion met." if v["met"] else f"missed in {len(misses)} cell(s): {', '.join(misses)}.")
+                + (
+                    "every criterion met."
+                    if v["met"]
+                    else f"missed in {len(misses)} cell(s): {', '.join(misses)}."
+                )
             )
     if c:
         for name, w in c["workloads"].items():
