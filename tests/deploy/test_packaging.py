@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.support import COMPOSE_PROMETHEUS_CONFIG, DASHBOARDS, DEPLOY, REPO_ROOT
+from service.metrics import ServiceMetrics
+from tests.deploy.support import (
+    COMPOSE_PROMETHEUS_CONFIG,
+    DASHBOARDS,
+    DEPLOY,
+    REPO_ROOT,
+    dashboard_expressions,
+    rule_expressions,
+)
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -166,3 +174,38 @@ def test_dashboard_has_fixed_uid_and_uses_the_provisioned_datasource() -> None:
             assert target["datasource"]["uid"] == uid, panel["title"]
     kinds = {p["type"] for p in panels}
     assert "heatmap" in kinds  # the p-value distribution over time
+
+
+def _served_sample_names() -> set[str]:
+    """Every sample name the service can export (a histogram's _bucket/_sum/_count, a counter's _total)."""
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
+    names = set()
+    for family in ServiceMetrics().registry.collect():
+        names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def test_dashboard_and_alerts_read_only_metrics_the_service_exports() -> None:
+    served = _served_sample_names()
+    expressions = dashboard_expressions(DASHBOARDS / "hydra-serve.json") + rule_expressions()
+    unknown = {
+        f"{e.where}: {name}"
+        for e in expressions
+        for name in re.findall(r"\bhydra_\w+", e.promql)
+        if name not in served
+    }
+    assert not unknown, sorted(unknown)
+    density = [e.promql for e in expressions if "'Feature density'" in e.where]
+    assert len(density) == 2 and all("hydra_density_score_bucket" in q for q in density), density
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    dashboard = json.loads((DASHBOARDS / "hydra-serve.json").read_text())
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]

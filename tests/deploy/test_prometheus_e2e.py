@@ -36,6 +36,7 @@ from tests.service.support import (
     build_test_repository,
     calibration_inputs,
     running_server,
+    write_model,
 )
 
 pytestmark = pytest.mark.timeout(150)
@@ -43,10 +44,12 @@ pytestmark = pytest.mark.timeout(150)
 ROWS_PER_PHASE = 1000
 ROWS_PER_REQUEST = 25
 OOD_SHIFT = 8.0  # features ~ N(8, 1): far outside the N(0, 1) the models were calibrated on
-TASKS = {"clf": "classification", "reg": "regression"}
-ALPHA = {"clf": 0.05, "reg": 0.1}  # the default_alpha of the test manifests
+# dens_clf: a schema-2 package (density output, combined OOD score), so the density panel has data
+TASKS = {"clf": "classification", "reg": "regression", "dens_clf": "classification"}
+ALPHA = {"clf": 0.05, "reg": 0.1, "dens_clf": 0.05}  # the default_alpha of the test manifests
 DASHBOARD = DASHBOARDS / "hydra-serve.json"
 FLAG_RATE_PANEL = "OOD flag rate vs alpha"
+DENSITY_PANEL = "Feature density"
 SCRAPE_INTERVAL_S = 1.0
 API_KEY = "e2e-test-key"  # repository load/unload exist only with a key
 
@@ -80,6 +83,7 @@ def _send(client: httpx.Client, name: str, rows: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phases]:
     repository = build_test_repository(tmp_path_factory.mktemp("models"))
+    write_model(repository, "dens_clf", 1, "classification", density=True)
     rows = _phase_rows(seed=7)
 
     with running_server(repository, api_key=API_KEY) as server:
@@ -204,6 +208,24 @@ def test_flag_rate_is_alpha_on_id_traffic_and_far_above_on_ood(phases: Phases) -
         assert abs(id_rate[name] - expected_alpha) <= 0.03, (name, id_rate[name])
         # (rate() extrapolates the two counters a little differently at the window's left edge)
         assert ood_rate[name] >= max(5 * expected_alpha, 0.5), (name, ood_rate[name])
+
+
+def test_density_panel_rises_by_orders_of_magnitude_on_ood_traffic(phases: Phases) -> None:
+    """The density panel's own p50 query, over each phase: only dens_clf has series, and shifted rows
+    sit far from the body's training features."""
+    promql = _panel_expression(DENSITY_PANEL)
+    reach = SCRAPE_INTERVAL_S * 1.5
+    id_window = _window(phases.id_end - phases.start + reach)
+    ood_window = _window(phases.ood_end - phases.id_end + reach)
+    id_p50 = _by_model(
+        phases.prometheus.query(substitute_grafana_variables(promql, id_window), at=phases.id_end)
+    )
+    ood_p50 = _by_model(
+        phases.prometheus.query(substitute_grafana_variables(promql, ood_window), at=phases.ood_end)
+    )
+    assert set(id_p50) == set(ood_p50) == {"dens_clf"}
+    assert 1.0 < id_p50["dens_clf"] < 100.0  # a 16-wide body: ID distances near its width
+    assert ood_p50["dens_clf"] > 30 * id_p50["dens_clf"], (id_p50, ood_p50)
 
 
 def test_ood_alert_quiet_on_id_traffic_and_triggered_by_ood(phases: Phases) -> None:
