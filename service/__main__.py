@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m service",
         description=__doc__.splitlines()[0],
         epilog="Each --some-flag can also be set as HYDRA_SOME_FLAG in the environment; flags win. "
-        'Pinned versions: HYDRA_MODEL_VERSIONS=\'{"digits": 1}\' or --pin digits=1.',
+        "Pinned versions: HYDRA_MODEL_VERSIONS='{\"digits\": 1}' or --pin digits=1.",
     )
     fields = Settings.model_fields
     for name, field in fields.items():
