@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from service.manifest import ModelManifest
 from service.uncertainty import (
     DENSITY_SCORE,
+    INPUT_DENSITY_SCORE,
     ClassificationUncertainty,
     ConformalOODCalibrator,
     FloatArray,
@@ -44,6 +45,7 @@ _CLASSIFICATION_SCALARS = (
     "total_entropy",
     "epkl",
     "density_score",
+    "input_density_score",
     "ood_score",
     "ood_p_value",
     "ood_flag",
@@ -57,6 +59,7 @@ _REGRESSION_SCALARS = (
     "total_variance",
     "disagreement",
     "density_score",
+    "input_density_score",
     "interval_lower",
     "interval_upper",
     "interval_level",
@@ -67,14 +70,26 @@ _REGRESSION_SCALARS = (
 )
 _DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL"}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+GRAPH_SCORES = (
+    DENSITY_SCORE,
+    INPUT_DENSITY_SCORE,
+)  # scores the graph outputs itself, answered as `<name>_score`
 CLASSIFICATION_HEAD_OUTPUTS = ("heads",)
 REGRESSION_HEAD_OUTPUTS = ("heads_mean", "heads_variance")
 
 
 def scalar_outputs(manifest: ModelManifest) -> tuple[str, ...]:
-    """The per-row answer names of this model, in answer order (`density_score` only with a density)."""
+    """The per-row answer names of this model, in answer order (density scores where the graph has them)."""
     names = _CLASSIFICATION_SCALARS if manifest.task == "classification" else _REGRESSION_SCALARS
-    return names if manifest.has_density else tuple(n for n in names if n != "density_score")
+    absent = {
+        n
+        for n, present in (
+            ("density_score", manifest.has_density),
+            ("input_density_score", manifest.outputs.input_density is not None),
+        )
+        if not present
+    }
+    return tuple(n for n in names if n not in absent)
 
 
 def output_specs(manifest: ModelManifest) -> list[tuple[str, str, list[int]]]:
@@ -88,16 +103,20 @@ def output_specs(manifest: ModelManifest) -> list[tuple[str, str, list[int]]]:
 
 
 def ood_statistic(
-    manifest: ModelManifest, u: ClassificationUncertainty | RegressionUncertainty, density: FloatArray | None
+    manifest: ModelManifest,
+    u: ClassificationUncertainty | RegressionUncertainty,
+    graph_scores: Mapping[str, FloatArray],
 ) -> FloatArray:
-    """The manifest's OOD score for each row: one uncertainty score, or the combined statistic."""
+    """The manifest's OOD score for each row: one uncertainty score, or the combined statistic.
+
+    `graph_scores`: the scores the graph computes itself (`density`, `input_density`)."""
     combiner = manifest.ood.combiner()
     if combiner is None:
         return u.score(manifest.ood.score)
-    scores = {name: density if name == DENSITY_SCORE else u.score(name) for name in combiner.names}
-    if any(v is None for v in scores.values()):
-        raise ValueError("the combined OOD score reads the density output, which this graph lacks")
-    return combiner({k: v for k, v in scores.items() if v is not None})
+    missing = [n for n in combiner.names if n in GRAPH_SCORES and n not in graph_scores]
+    if missing:
+        raise ValueError(f"the combined OOD score reads graph outputs {missing}, which this graph lacks")
+    return combiner({n: graph_scores[n] if n in GRAPH_SCORES else u.score(n) for n in combiner.names})
 
 
 def _finite_density(density: NDArray[np.floating]) -> FloatArray:
@@ -119,13 +138,13 @@ def head_output_names(manifest: ModelManifest) -> tuple[str, ...]:
 def summarise(
     manifest: ModelManifest, calibrator: ConformalOODCalibrator, raw: Mapping[str, NDArray[np.floating]]
 ) -> Tensors:
-    """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`; `density`)."""
-    density = _finite_density(raw["density"]) if "density" in raw else None
-    extra: Tensors = {} if density is None else {"density_score": density}
+    """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`; densities)."""
+    graph_scores = {name: _finite_density(raw[name]) for name in GRAPH_SCORES if name in raw}
+    extra: Tensors = {f"{name}_score": v for name, v in graph_scores.items()}
     if manifest.task == "classification":
         log_p = np.asarray(raw["log_probs"], dtype=np.float64)  # (batch, heads, classes)
         u = classification_uncertainty(log_p)
-        score = ood_statistic(manifest, u, density)
+        score = ood_statistic(manifest, u, graph_scores)
         labels = np.asarray(manifest.labels, dtype=object)
         return extra | {
             "probabilities": u.mean_probs,
@@ -146,7 +165,7 @@ def summarise(
     mu = np.asarray(raw["mean"], dtype=np.float64)  # (batch, heads)
     var = np.asarray(raw["variance"], dtype=np.float64)
     r = regression_uncertainty(mu, var)
-    score = ood_statistic(manifest, r, density)
+    score = ood_statistic(manifest, r, graph_scores)
     return extra | {
         "mean": r.mean,
         "variance": r.epistemic_variance,

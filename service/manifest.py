@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from service.uncertainty import (
     CLASSIFICATION_SCORES,
     DENSITY_SCORE,
+    INPUT_DENSITY_SCORE,
     REGRESSION_SCORES,
     CombinedOODScore,
     LogScaleNormaliser,
@@ -69,18 +70,33 @@ class OutputNames(_Strict):
     density: str | None = Field(
         default=None, description="(batch,) feature-density score: Mahalanobis distance² on the body"
     )
+    input_density: str | None = Field(
+        default=None, description="(batch,) input typicality: Mahalanobis distance² of the standardised row"
+    )
 
 
 class OODComponent(_Strict):
     """One score inside a combined OOD statistic, with its log-scale normalisation (z = (log s − m) / iqr)."""
 
-    score: str = Field(description="An uncertainty score of the task, or `density`.")
+    score: str = Field(description="An uncertainty score of the task, `density` or `input_density`.")
     log_median: float
     log_iqr: float = Field(gt=0.0)
+    tails: Literal["upper", "both"] = Field(
+        default="upper", description="upper: high is unusual; both: unusually high or low (typicality)."
+    )
+    log_lower_scale: float | None = Field(default=None, gt=0.0, description="both: 2 (median − q25) of log s")
+    log_upper_scale: float | None = Field(default=None, gt=0.0, description="both: 2 (q75 − median) of log s")
     fitted_on: str = Field(default="", description="Which held-out split the normalisation was fitted on.")
 
     def normaliser(self) -> LogScaleNormaliser:
-        return LogScaleNormaliser(score=self.score, log_median=self.log_median, log_iqr=self.log_iqr)
+        return LogScaleNormaliser(
+            score=self.score,
+            log_median=self.log_median,
+            log_iqr=self.log_iqr,
+            tails=self.tails,
+            log_lower_scale=self.log_lower_scale,
+            log_upper_scale=self.log_upper_scale,
+        )
 
 
 class OODCalibration(_Strict):
@@ -162,8 +178,11 @@ class ModelManifest(_Strict):
     def _consistent(self) -> ModelManifest:
         if self.input.shape[0] != -1:
             raise ValueError("input shape must start with the variable batch dimension -1")
-        if self.schema_version < 2 and (self.outputs.density is not None or self.ood.components):
-            raise ValueError("outputs.density and ood.components need schema_version 2")
+        has_graph_scores = self.outputs.density is not None or self.outputs.input_density is not None
+        if self.schema_version < 2 and (has_graph_scores or self.ood.components):
+            raise ValueError(
+                "outputs.density, outputs.input_density and ood.components need schema_version 2"
+            )
         if self.task == "classification":
             if self.outputs.log_probs is None:
                 raise ValueError("classification manifest needs outputs.log_probs")
@@ -174,10 +193,17 @@ class ModelManifest(_Strict):
             if self.outputs.mean is None or self.outputs.variance is None:
                 raise ValueError("regression manifest needs outputs.mean and outputs.variance")
             known = REGRESSION_SCORES
-        if self.outputs.density is not None:
-            known = (*known, DENSITY_SCORE)
-        elif DENSITY_SCORE in self.ood.score_names:
-            raise ValueError("ood score 'density' reads the density graph output: outputs.density is not set")
+        for graph_score, output in (
+            (DENSITY_SCORE, self.outputs.density),
+            (INPUT_DENSITY_SCORE, self.outputs.input_density),
+        ):
+            if output is not None:
+                known = (*known, graph_score)
+            elif graph_score in self.ood.score_names:
+                raise ValueError(
+                    f"ood score {graph_score!r} reads the {graph_score} graph output: "
+                    f"outputs.{graph_score} is not set"
+                )
         for score in self.ood.score_names:
             if score not in known:
                 raise ValueError(f"ood score {score!r} not in {known}")

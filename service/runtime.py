@@ -72,7 +72,7 @@ class OnnxModelRuntime:
         else:
             assert names.mean is not None and names.variance is not None
             found = [names.mean, names.variance]
-        return found + ([names.density] if names.density is not None else [])
+        return found + [n for n in (names.density, names.input_density) if n is not None]
 
     def _check_graph(self) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -109,6 +109,8 @@ class OnnxModelRuntime:
         roles = ["log_probs"] if self.manifest.task == "classification" else ["mean", "variance"]
         if self.manifest.has_density:
             roles.append("density")
+        if self.manifest.outputs.input_density is not None:
+            roles.append("input_density")
         return {role: np.asarray(v, dtype=np.float32) for role, v in zip(roles, values, strict=True)}
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
@@ -131,8 +133,9 @@ class OnnxModelRuntime:
                         raise ModelLoadError(
                             f"{key} shape {raw[key].shape} != (batch, heads) = {(n, m.heads)}"
                         )
-            if m.has_density and raw["density"].shape != (n,):
-                raise ModelLoadError(f"density shape {raw['density'].shape} != (batch,) = {(n,)}")
+            for role in ("density", "input_density"):
+                if role in raw and raw[role].shape != (n,):
+                    raise ModelLoadError(f"{role} shape {raw[role].shape} != (batch,) = {(n,)}")
             if any(np.isnan(v).any() for v in raw.values()):
                 raise ModelLoadError("warm-up produced NaN outputs on a zero input")
         # A graph can be finite on zeros and NaN elsewhere (a Log or Sqrt of a feature, a NaN weight

@@ -84,6 +84,11 @@ REGRESSION_SCORES: tuple[str, ...] = ("epistemic_variance", "total_variance", "d
 # Feature-density score: an extra graph output (class-conditional Mahalanobis on the shared body,
 # training/density.py), not a function of the heads' outputs; combinable with either task's scores.
 DENSITY_SCORE = "density"
+# Input typicality: Mahalanobis distance of the standardised raw row to the training rows' mean, a
+# second extra output. Scored two-sided: a row scaled x0.1 towards a centred table's mean is as
+# atypical (too close) as a row scaled x4 is (too far), and no body density sees the former.
+INPUT_DENSITY_SCORE = "input_density"
+Tails = Literal["upper", "both"]
 
 
 def check_level(level: float) -> None:
@@ -233,18 +238,27 @@ LOG_FLOOR = 1e-30
 
 @dataclass(frozen=True)
 class LogScaleNormaliser:
-    """z = (log s − median) / IQR of log s, both fitted on held-out in-distribution scores.
+    """A score on a robust z-scale of its log, fitted on held-out in-distribution scores.
 
-    Continuous past the reference's largest value (unlike an empirical CDF, which ties every row
-    beyond it), and robust to the reference's outliers; each score in its own ID units.
+    `upper` (high = unusual): z = (log s − median) / IQR.
+    `both` (unusual either way): z = max((log s − median) / (2 (q75 − median)),
+                                         (median − log s) / (2 (median − q25))),
+    each side scaled by its own half of the IQR (log-distances are skewed), so a symmetric
+    reference gives the same z as `upper` on the high side.
+
+    Continuous past the reference's extremes (unlike an empirical CDF, which ties every row beyond
+    them) and robust to the reference's outliers; each score in its own ID units.
     """
 
     score: str
     log_median: float
     log_iqr: float
+    tails: Tails = "upper"
+    log_lower_scale: float | None = None  # `both`: 2 (median − q25)
+    log_upper_scale: float | None = None  # `both`: 2 (q75 − median)
 
     @classmethod
-    def fit(cls, score: str, reference: NDArray[np.floating]) -> LogScaleNormaliser:
+    def fit(cls, score: str, reference: NDArray[np.floating], tails: Tails = "upper") -> LogScaleNormaliser:
         logs = np.log(np.maximum(np.asarray(reference, dtype=np.float64).ravel(), LOG_FLOOR))
         if logs.size == 0 or not np.all(np.isfinite(logs)):
             raise ValueError(f"reference scores for {score!r} must be finite and non-empty")
@@ -252,12 +266,27 @@ class LogScaleNormaliser:
         iqr = float(q75 - q25)
         if not iqr > 0.0:  # a (near-)constant reference: fall back to the spread, then to 1
             iqr = float(logs.std()) or 1.0
-        return cls(score=score, log_median=float(median), log_iqr=iqr)
+        if tails == "upper":
+            return cls(score=score, log_median=float(median), log_iqr=iqr)
+        lower, upper = 2.0 * float(median - q25), 2.0 * float(q75 - median)
+        return cls(
+            score=score,
+            log_median=float(median),
+            log_iqr=iqr,
+            tails="both",
+            log_lower_scale=lower if lower > 0.0 else iqr,
+            log_upper_scale=upper if upper > 0.0 else iqr,
+        )
 
     def __call__(self, scores: NDArray[np.floating]) -> FloatArray:
         logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), LOG_FLOOR))
-        out: FloatArray = (logs - self.log_median) / self.log_iqr
-        return out
+        if self.tails == "upper":
+            out: FloatArray = (logs - self.log_median) / self.log_iqr
+            return out
+        upper = self.log_upper_scale or self.log_iqr
+        lower = self.log_lower_scale or self.log_iqr
+        both: FloatArray = np.maximum((logs - self.log_median) / upper, (self.log_median - logs) / lower)
+        return both
 
 
 class CombinedOODScore:

@@ -77,6 +77,10 @@ def _summary(report: dict[str, Any]) -> None:
         f"self-check: {sc['score']} Spearman {sc['spearman']:.3f}; AUROC ensemble/Hydra where the "
         f"ensemble detects: {families or 'none'}"
     )
+    ood = {k: f["hydra_ood"] for k, f in sc["families"].items() if "hydra_ood" in f}
+    if ood:
+        line = ", ".join(f"{k} {v[sc['score']]:.2f}→{v['combined']:.2f}" for k, v in ood.items())
+        console.print(f"OOD flag, Hydra AUROC by {sc['score']} → combined with the feature density: {line}")
     if not sc["passed"]:
         console.print(
             "[bold yellow]WARNING[/]: Hydra does not follow its teachers on the self-check probes: "

@@ -15,6 +15,12 @@ sample covariance, and shrinkage keeps Σ⁻¹ finite without a hand-tuned ridge
 the exported graph as `W` with W Wᵀ = Σ⁻¹, so the service computes ‖(f − μ_c) W‖² in ONNX Runtime
 and stays torch-free. Chosen by measurement over k-NN on normalised features and an unconditional
 Gaussian (docs/TRAINING.md, "Feature density").
+
+`InputDensity` is the second, simpler score: the Mahalanobis distance of the standardised raw row to
+the training mean (Ledoit–Wolf again). A body density is blind to rows scaled ×0.1 on a table whose
+features are centred: they land *near* the class means. In input space such a row is atypical —
+far too close to the mean for d features (‖z‖² ≈ χ²_d concentrates away from 0) — so it is scored
+two-sided (service/uncertainty.py, `LogScaleNormaliser`, tails "both").
 """
 
 from __future__ import annotations
@@ -44,6 +50,37 @@ class FeatureDensity(nn.Module):
         return (diff * diff).sum(dim=-1).min(dim=1).values  # (batch,)
 
 
+class InputDensity(nn.Module):
+    """‖(x − μ) W‖² on the flattened raw row: W folds the per-feature standardisation and Σ^{-1/2}."""
+
+    def __init__(self, mean: Tensor, whitening: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("whitening", whitening.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = (x.flatten(1) - self.mean) @ self.whitening
+        return (z * z).sum(dim=-1)
+
+
+def _whitening(covariance: np.ndarray) -> np.ndarray:
+    """W with W Wᵀ = Σ⁻¹ (Σ = V Λ Vᵀ ⇒ W = V Λ^{-1/2}); Ledoit–Wolf keeps every eigenvalue > 0."""
+    eigenvalues, vectors = np.linalg.eigh(covariance)
+    eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-12)
+    out: np.ndarray = vectors / np.sqrt(eigenvalues)
+    return out
+
+
+def fit_input_density(x_train: np.ndarray) -> InputDensity:
+    """Standardise each raw feature on the training rows, then a Ledoit–Wolf Gaussian over them."""
+    flat = x_train.reshape(len(x_train), -1).astype(np.float64)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    std = np.where(std > 1e-12, std, 1.0)  # a constant feature (an empty pixel) keeps unit scale
+    covariance = LedoitWolf(assume_centered=True).fit((flat - mean) / std).covariance_
+    whitening = _whitening(covariance) / std[:, None]  # (x − μ) diag(1/σ) W
+    return InputDensity(torch.from_numpy(mean), torch.from_numpy(whitening)).eval()
+
+
 @torch.no_grad()
 def body_features(net: HydraNet, x: np.ndarray) -> np.ndarray:
     """Shared-body features (n, width) of raw rows, in float64, evaluated in eval mode."""
@@ -65,8 +102,5 @@ def fit_feature_density(net: HydraNet, x_train: np.ndarray, y_train: np.ndarray 
     means = np.stack([features[groups == g].mean(axis=0) for g in range(int(groups.max()) + 1)])
     centred = features - means[groups]
     covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
-    # Σ = V Λ Vᵀ  ⇒  W = V Λ^{-1/2} gives W Wᵀ = Σ⁻¹; Ledoit–Wolf keeps every eigenvalue > 0
-    eigenvalues, vectors = np.linalg.eigh(covariance)
-    eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-12)
-    whitening = vectors / np.sqrt(eigenvalues)
+    whitening = _whitening(covariance)
     return FeatureDensity(torch.from_numpy(means), torch.from_numpy(whitening)).eval()

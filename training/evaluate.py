@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from service.uncertainty import (
     DENSITY_SCORE,
+    INPUT_DENSITY_SCORE,
     ClassificationUncertainty,
     CombinedOODScore,
     ConformalOODCalibrator,
@@ -31,7 +32,7 @@ from service.uncertainty import (
     regression_uncertainty,
 )
 from training.data import TaskData
-from training.export import DENSITY_OUTPUT, INPUT_NAME, output_names
+from training.export import DENSITY_OUTPUT, INPUT_DENSITY_OUTPUT, INPUT_NAME, output_names
 
 Summary = ClassificationUncertainty | RegressionUncertainty
 METHODS = ("ensemble", "kd", "hydra")
@@ -50,39 +51,42 @@ class Evaluation:
 
 
 def run_graph(path: Path, x: np.ndarray, task: str) -> list[np.ndarray]:
-    """The graph's contract outputs on `x`, plus `density` last when the graph has one."""
+    """The graph's contract outputs on `x`, then `density` and `input_density` where the graph has them."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     present = {o.name for o in session.get_outputs()}
-    names = output_names(task, DENSITY_OUTPUT in present)
+    names = output_names(task, DENSITY_OUTPUT in present, INPUT_DENSITY_OUTPUT in present)
     return [np.asarray(o) for o in session.run(names, {INPUT_NAME: x.astype(np.float32)})]
 
 
-def graph_density(task: str, outputs: list[np.ndarray]) -> np.ndarray | None:
-    """The density output of `run_graph`'s result, or None for a graph without one."""
-    n = len(output_names(task))
-    return np.asarray(outputs[n], dtype=np.float64) if len(outputs) > n else None
+def graph_scores(task: str, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The scores a graph computes itself (`run_graph`'s outputs after the contract's), by name."""
+    extra = outputs[len(output_names(task)) :]
+    return {
+        name: np.asarray(v, dtype=np.float64)
+        for name, v in zip((DENSITY_SCORE, INPUT_DENSITY_SCORE), extra, strict=False)
+    }
 
 
-def fit_combined_score(
-    score: str, reference_scores: np.ndarray, reference_density: np.ndarray
-) -> CombinedOODScore:
-    """The served combined statistic: `score` and the density, each normalised on held-out ID rows."""
+def fit_combined_score(score: str, reference: dict[str, np.ndarray]) -> CombinedOODScore:
+    """The served combined statistic from held-out ID rows' scores (`score` and the graph's densities):
+    the knowledge score and the body density one-sided, input typicality two-sided."""
     return CombinedOODScore(
         [
-            LogScaleNormaliser.fit(score, reference_scores),
-            LogScaleNormaliser.fit(DENSITY_SCORE, reference_density),
+            LogScaleNormaliser.fit(name, values, tails="both" if name == INPUT_DENSITY_SCORE else "upper")
+            for name, values in reference.items()
         ]
     )
 
 
 def ood_statistics(
-    u: Summary, density: np.ndarray | None, score: str, combined: CombinedOODScore | None
+    u: Summary, scores: dict[str, np.ndarray], score: str, combined: CombinedOODScore | None
 ) -> dict[str, np.ndarray]:
-    """Per-row OOD scores of one set: the uncertainty score; with a density also it and the combination."""
+    """Per-row OOD scores of one set: the uncertainty score; with the graph's densities (`scores`)
+    also each of them and the combination."""
     out = {score: u.score(score)}
-    if density is not None and combined is not None:
-        out[DENSITY_SCORE] = density
-        out["combined"] = combined({score: out[score], DENSITY_SCORE: density})
+    if combined is not None:
+        out |= scores
+        out["combined"] = combined(out)
     return out
 
 
@@ -243,12 +247,11 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
 
     # The served OOD statistic: with a density, the combination normalised on the validation split
     # and calibrated on the calibration split (two different ID splits: the guarantee stays exact).
-    density = {name: graph_density(task, out) for name, out in raw["hydra"].items()}
+    density = {name: graph_scores(task, out) for name, out in raw["hydra"].items()}
     combined = None
-    if density["val"] is not None:
-        combined = fit_combined_score(
-            hydra_score, summaries["hydra"]["val"].score(hydra_score), density["val"]
-        )
+    if density["val"]:
+        reference = {hydra_score: summaries["hydra"]["val"].score(hydra_score)} | density["val"]
+        combined = fit_combined_score(hydra_score, reference)
     statistics = {
         name: ood_statistics(summaries["hydra"][name], density[name], hydra_score, combined) for name in sets
     }

@@ -2,9 +2,9 @@
 
 Contract (see service/manifest.py): one float32 input "input" of shape (batch, *row_shape) with a
 dynamic batch axis; outputs "log_probs" (batch, heads, classes) or "mean" and "variance"
-(batch, heads); the Hydra graph adds "density" (batch,) when it carries a feature density
-(training/density.py). Export fails loudly if ONNX Runtime's outputs differ from PyTorch's by more than
-`PARITY_TOLERANCE` (absolute for values within ±1, relative beyond: float32 precision).
+(batch, heads); the Hydra graph adds "density" and "input_density" (batch,) when it carries the
+densities of training/density.py. Export fails loudly if ONNX Runtime's outputs differ from
+PyTorch's by more than `PARITY_TOLERANCE` (absolute for values within ±1, relative beyond: float32 precision).
 """
 
 from __future__ import annotations
@@ -30,11 +30,17 @@ class ExportParityError(RuntimeError):
 
 
 DENSITY_OUTPUT = "density"
+INPUT_DENSITY_OUTPUT = "input_density"
 
 
-def output_names(task: str, density: bool = False) -> list[str]:
+def output_names(task: str, density: bool = False, input_density: bool = False) -> list[str]:
     names = ["log_probs"] if task == "classification" else ["mean", "variance"]
-    return [*names, DENSITY_OUTPUT] if density else names
+    names += [DENSITY_OUTPUT] if density else []
+    return names + ([INPUT_DENSITY_OUTPUT] if input_density else [])
+
+
+def model_output_names(model: PackagedModel) -> list[str]:
+    return output_names(model.task, model.has_density, model.input_density is not None)
 
 
 def export_onnx(
@@ -46,7 +52,7 @@ def export_onnx(
     (MatMul/Gemm/Conv/Relu/LogSoftmax) with a symbolic batch axis.
     """
     model = model.cpu().eval()
-    names = output_names(model.task, model.has_density)
+    names = model_output_names(model)
     example = torch.from_numpy(np.ascontiguousarray(check_rows[:4], dtype=np.float32))
     dynamic_axes = {INPUT_NAME: {0: "batch"}} | {n: {0: "batch"} for n in names}
     buffer = io.BytesIO()
@@ -88,7 +94,7 @@ def check_parity(
         np.ascontiguousarray(rows[:1], dtype=np.float32),
     ]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = output_names(model.task, model.has_density)
+    names = model_output_names(model)
     worst = dict.fromkeys(names, 0.0)
     for batch in batches:
         got = session.run(names, {INPUT_NAME: batch})

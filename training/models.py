@@ -173,7 +173,8 @@ class PackagedModel(nn.Module):
     Classification: log_probs (batch, M, K). Regression: mean, variance (batch, M) in target units.
     `members` are concatenated along the head axis (the ensemble: M single-head teachers).
     `density` (one member only: the Hydra student): a module of the shared-body features, e.g.
-    `training.density.FeatureDensity`, exported as one more output `density` (batch,).
+    `training.density.FeatureDensity`, exported as one more output `density` (batch,);
+    `input_density` (with it): a module of the raw rows, exported last as `input_density` (batch,).
     """
 
     def __init__(
@@ -183,15 +184,19 @@ class PackagedModel(nn.Module):
         y_mean: float = 0.0,
         y_std: float = 1.0,
         density: nn.Module | None = None,
+        input_density: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if density is not None and len(members) != 1:
             raise ValueError("a feature density reads one shared body: it needs exactly one member")
+        if input_density is not None and density is None:
+            raise ValueError("an input density comes with a feature density (the graph's output contract)")
         self.members = nn.ModuleList(members)
         self.task = task
         self.y_mean = float(y_mean)
         self.y_std = float(y_std)
         self.density = density
+        self.input_density = input_density
 
     @property
     def has_density(self) -> bool:
@@ -208,12 +213,14 @@ class PackagedModel(nn.Module):
             raw = torch.cat([m(x) for m in self.members], dim=1)
         else:
             raw = self.members[0](x)
+        extra = () if density is None else (density,)
+        if self.input_density is not None:
+            extra = (*extra, self.input_density(x))
         if self.task == "classification":
             log_probs = torch.log_softmax(raw, dim=-1)
-            return log_probs if density is None else (log_probs, density)
+            return (log_probs, *extra) if extra else log_probs
         mean, variance = regression_outputs(raw)
-        out = (mean * self.y_std + self.y_mean, variance * (self.y_std**2))
-        return out if density is None else (*out, density)
+        return (mean * self.y_std + self.y_mean, variance * (self.y_std**2), *extra)
 
 
 def input_scaling(x_train: Tensor, kind: str) -> tuple[Tensor, Tensor]:

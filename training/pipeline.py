@@ -35,11 +35,18 @@ from service.manifest import (
 )
 from training.config import ArchConfig, DataConfig, DistilConfig, RunConfig, TeacherConfig
 from training.data import TaskData, load_data
-from training.density import fit_feature_density
+from training.density import fit_feature_density, fit_input_density
 from training.distill import distil
 from training.distributed import from_main, gather_members, rank_members, save_on_main, world_size
 from training.evaluate import evaluate
-from training.export import DENSITY_OUTPUT, INPUT_NAME, export_onnx, graph_summary, output_names
+from training.export import (
+    DENSITY_OUTPUT,
+    INPUT_DENSITY_OUTPUT,
+    INPUT_NAME,
+    export_onnx,
+    graph_summary,
+    output_names,
+)
 from training.models import HydraNet, PackagedModel
 from training.report import write_report
 from training.selfcheck import self_check
@@ -230,8 +237,11 @@ def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, Packag
     # the feature density on Hydra's shared body, fitted on the training rows (deterministic)
     labels = data.train.y if data.task == "classification" else None
     density = fit_feature_density(hydra.eval(), data.train.x, labels)
+    typicality = fit_input_density(data.train.x)
     return {
-        "model.onnx": PackagedModel([hydra], data.task, y_mean, y_std, density=density),
+        "model.onnx": PackagedModel(
+            [hydra], data.task, y_mean, y_std, density=density, input_density=typicality
+        ),
         "ensemble.onnx": PackagedModel(members, data.task, y_mean, y_std),
         "kd.onnx": PackagedModel([kd.eval()], data.task, y_mean, y_std),
     }
@@ -331,6 +341,9 @@ def stage_evaluate(
                     score=c.score,
                     log_median=c.log_median,
                     log_iqr=c.log_iqr,
+                    tails=c.tails,
+                    log_lower_scale=c.log_lower_scale,
+                    log_upper_scale=c.log_upper_scale,
                     fitted_on=f"validation split ({len(data.val)} rows)",
                 )
                 for c in ev.components
@@ -362,6 +375,7 @@ def stage_evaluate(
             mean=names[0] if data.task == "regression" else None,
             variance=names[1] if data.task == "regression" else None,
             density=DENSITY_OUTPUT if ev.components else None,
+            input_density=INPUT_DENSITY_OUTPUT if ev.components else None,
         ),
         temperature=cfg.distil.temperature,
         ood=ood,

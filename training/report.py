@@ -63,9 +63,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"(ensemble mean {f['ensemble_mean']:.4g})"
     ]
     lines += self_check_markdown(report["self_check"])
+    lines += ood_statistic_markdown(report)
     c = report["conformal"]
     lines += ["", "## Conformal OOD flag (Hydra, calibration split)", ""]
-    lines += [f"- score {c['score']}, n = {c['n_calibration']} calibration rows"]
+    lines += [
+        f"- score {c['score']} ({' + '.join(c.get('components', [c['score']]))}), "
+        f"n = {c['n_calibration']} calibration rows"
+    ]
     lines += [f"- false-alarm rate on ID test at α = {a}: {r:.4f}" for a, r in c["false_alarm_rate"].items()]
     lines += [
         f"- flag rate at α = {c['default_alpha']} on {k}: {r:.4f}" for k, r in c["ood_flag_rate"].items()
@@ -80,6 +84,24 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Runtime (seconds)", ""]
         lines += [f"- {k}: {v:.1f}" for k, v in report["runtime_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def ood_statistic_markdown(report: dict[str, Any]) -> list[str]:
+    """Hydra's AUROC per set by its uncertainty score, by the feature density and by the combination."""
+    # the dataset's own OOD sets are in the self-check as `ood:<name>`, beside the probe families
+    rows = {k: f["hydra_ood"] for k, f in report["self_check"]["families"].items() if "hydra_ood" in f}
+    if not rows:
+        return []
+    keys = list(next(iter(rows.values())))
+    lines = ["", "## Hydra's OOD statistic: uncertainty score, feature density, combined (AUROC)", ""]
+    lines += ["| set | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{v[k]:.4f}" for k in keys) + " |" for name, v in rows.items()]
+    lines += [
+        "",
+        "The served `ood_score` is `combined`: the larger of the two scores' log-scale z-values, each "
+        "normalised on the validation split; its p-value is conformal on the calibration split.",
+    ]
+    return lines
 
 
 def self_check_markdown(sc: dict[str, Any]) -> list[str]:

@@ -26,7 +26,7 @@ from training.data import TaskData
 from training.evaluate import (
     GRAPH_FILES,
     METHODS,
-    graph_density,
+    graph_scores,
     knowledge_score,
     ood_metrics,
     ood_statistics,
@@ -74,7 +74,7 @@ def self_check(
     sets = {"test": data.test.x} | probes
     bounds = np.cumsum([0, *(len(x) for x in sets.values())])
     summaries = {}
-    density: dict[str, np.ndarray | None] = {}
+    density: dict[str, dict[str, np.ndarray]] = {}
     for m in METHODS:  # one session run per graph over every set, then split back
         outputs = run_graph(package_dir / GRAPH_FILES[m], np.concatenate(list(sets.values())), task)
         summaries[m] = {
@@ -82,14 +82,14 @@ def self_check(
             for name, a, b in zip(sets, bounds[:-1], bounds[1:], strict=True)
         }
         if m == "hydra":
-            whole = graph_density(task, outputs)
+            whole = graph_scores(task, outputs)
             density = {
-                name: None if whole is None else whole[a:b]
+                name: {k: v[a:b] for k, v in whole.items()}
                 for name, a, b in zip(sets, bounds[:-1], bounds[1:], strict=True)
             }
     combined = CombinedOODScore(components) if components else None
     hydra_stats = {
-        name: ood_statistics(summaries["hydra"][name], density.get(name), scores["hydra"], combined)
+        name: ood_statistics(summaries["hydra"][name], density.get(name, {}), scores["hydra"], combined)
         for name in sets
     }
     knowledge = knowledge_score(task)

@@ -7,7 +7,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from training.config import ArchConfig
-from training.density import body_features, fit_feature_density
+from training.density import body_features, fit_feature_density, fit_input_density
 from training.models import HydraNet
 
 
@@ -45,3 +45,19 @@ def test_regression_density_is_one_gaussian_and_grows_with_scale() -> None:
     with torch.no_grad():
         scores = [float(density(net.body(torch.from_numpy(x * k))).median()) for k in (1.0, 4.0, 10.0)]
     assert scores[0] < scores[1] < scores[2]
+
+
+def test_input_density_is_the_mahalanobis_distance_of_the_standardised_row() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 5)) * [1.0, 10.0, 0.1, 3.0, 1.0] + [0.0, 100.0, -5.0, 2.0, 0.0]
+    x[:, 4] = 7.0  # a constant feature keeps unit scale instead of dividing by zero
+    density = fit_input_density(x.astype(np.float32))
+    mean, std = x.mean(axis=0), np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+    z = (x - mean) / std
+    precision = np.linalg.inv(LedoitWolf(assume_centered=True).fit(z).covariance_)
+    probe = x[:40] * 0.1
+    zp = (probe - mean) / std
+    want = np.einsum("nd,de,ne->n", zp, precision, zp)
+    with torch.no_grad():
+        got = density(torch.from_numpy(probe.astype(np.float32))).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3)

@@ -80,7 +80,7 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
         session = ort.InferenceSession(str(out / filename), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == ["input"]
         # only the student carries the feature density of its shared body
-        want = ["log_probs", "density"] if filename == "model.onnx" else ["log_probs"]
+        want = ["log_probs", "density", "input_density"] if filename == "model.onnx" else ["log_probs"]
         assert [o.name for o in session.get_outputs()] == want
         for batch in (1, 7):
             log_probs, *density = session.run(None, {"input": data.test.x[:batch]})
@@ -91,14 +91,16 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
     # schema 2: the OOD statistic combines MI with the density, normalised on the validation split
     assert manifest.schema_version == 2 and manifest.outputs.density == "density"
     assert manifest.ood.score == "combined" and manifest.ood.combination == "max_log_z"
-    assert [c.score for c in manifest.ood.components] == ["mutual_information", "density"]
+    assert [c.score for c in manifest.ood.components] == ["mutual_information", "density", "input_density"]
+    assert [c.tails for c in manifest.ood.components] == ["upper", "upper", "both"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
 
     def served(x: np.ndarray) -> dict[str, np.ndarray]:
         """What the server answers for rows `x` (the service's own code on the graph's outputs)."""
-        log_probs, density = session.run(None, {"input": x})
+        log_probs, density, typicality = session.run(None, {"input": x})
         calibrator = ConformalOODCalibrator(manifest.ood.calibration_scores)
-        return inference.summarise(manifest, calibrator, {"log_probs": log_probs, "density": density})
+        raw = {"log_probs": log_probs, "density": density, "input_density": typicality}
+        return inference.summarise(manifest, calibrator, raw)
 
     # the stored calibration scores are the served statistic on the held-out calibration split
     cal = served(data.cal.x)
@@ -116,7 +118,10 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
     wrong_unit = served(data.test.x * 4.0)
     assert np.mean(wrong_unit["ood_p_value"] <= 0.05) >= 0.9
     assert np.median(wrong_unit["density_score"]) > np.max(test["density_score"])
-    assert set(report["hydra_ood_scores"]["noise"]) == {"mutual_information", "density", "combined"}
+    # ... and rows x0.1: too close to the mean in input space, two-sided typicality flags them
+    assert np.mean(served(data.test.x * 0.1)["ood_p_value"] <= 0.05) >= 0.9
+    want_scores = {"mutual_information", "density", "input_density", "combined"}
+    assert set(report["hydra_ood_scores"]["noise"]) == want_scores
     families = report["self_check"]["families"]
     assert {"one_feature_x0.1", "one_feature_x4", "one_feature_x10", "scaled_x4"} <= set(families)
     assert families["scaled_x4"]["hydra_ood"]["combined"] >= 0.95
@@ -177,10 +182,10 @@ def test_bring_your_own_csv_regression_with_ood(tmp_path: Path) -> None:
     )
     manifest = ModelManifest.load(out)
     assert manifest.task == "regression" and manifest.feature_names == ["a", "b", "c"]
-    assert [c.score for c in manifest.ood.components] == ["epistemic_variance", "density"]
+    assert [c.score for c in manifest.ood.components] == ["epistemic_variance", "density", "input_density"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["mean", "variance", "density"]
-    mean, variance, _ = session.run(None, {"input": x[:5].astype(np.float32)})
+    assert [o.name for o in session.get_outputs()] == ["mean", "variance", "density", "input_density"]
+    mean, variance, _, _ = session.run(None, {"input": x[:5].astype(np.float32)})
     assert mean.shape == variance.shape == (5, manifest.heads) and (variance > 0).all()
     report = json.loads((out / "report.json").read_text())
     assert "ood" in report["methods"]["hydra"]["ood"]
@@ -221,7 +226,8 @@ def test_bad_task_is_rejected(tmp_path: Path) -> None:
 def _dense_widths(path: Path) -> list[int]:
     """Output widths of the body's dense layers (the (out, in) weights of its Gemm nodes)."""
     graph = onnx.load(str(path)).graph
-    return [int(t.dims[0]) for t in graph.initializer if len(t.dims) == 2]
+    gemm_weights = {node.input[1] for node in graph.node if node.op_type == "Gemm"}
+    return [int(t.dims[0]) for t in graph.initializer if t.name in gemm_weights]
 
 
 def test_student_width_widens_the_student_only(tmp_path: Path) -> None:

@@ -1,0 +1,78 @@
+"""bench/ood.py: the issue's criteria as code, the separability oracle, and the rendered section."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bench.ood import group_of, separability, verdict
+from bench.report import ood_section
+
+
+def _row(
+    dataset: str, families: dict[str, dict[str, float]], flagged: int = 15, n: int = 300
+) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "task": "classification",
+        "group": group_of(dataset),
+        "score": "mutual_information",
+        "seed": 0,
+        "families": families,
+        "false_alarm": {"n_test": n, "flagged": flagged, "rate": flagged / n},
+    }
+
+
+def _family(mi: float, density: float, combined: float, oracle: float = 1.0) -> dict[str, float]:
+    return {
+        "mutual_information": mi,
+        "density": density,
+        "input_density": 0.5,
+        "combined": combined,
+        "oracle": oracle,
+    }
+
+
+def test_verdict_applies_each_criterion() -> None:
+    good = _row("wine", {"scaled_x4": _family(0.1, 1.0, 1.0), "box": _family(0.9, 0.99, 0.98)})
+    assert verdict([good])["met"]
+    # MI blind on a unit error and the combination below 0.95: a miss, unless no classifier can separate it
+    blind = _row("wine", {"scaled_x0.1": _family(0.1, 0.2, 0.9)})
+    assert verdict([blind])["unit_blind_misses"] and not verdict([blind])["met"]
+    unseparable = _row("wine", {"one_feature_x0.1": _family(0.45, 0.5, 0.5, oracle=0.6)})
+    v = verdict([unseparable])
+    assert not v["unit_blind_misses"] and v["unit_blind_misses_unseparable"]
+    # elsewhere: within 0.02 of the better of MI and density
+    lossy = _row("wine", {"independent": _family(0.9, 0.8, 0.87)})
+    assert verdict([lossy])["best_of_two_misses"]
+    # false alarms: 30 of 300 at alpha 0.05 is 10 %, outside 5 +- 2
+    noisy = _row("wine", {"box": _family(0.9, 0.99, 0.99)}, flagged=30)
+    assert verdict([noisy])["false_alarm_off"] and not verdict([noisy])["met"]
+
+
+def test_separability_oracle_tells_apart_only_what_differs() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 4))
+    assert separability(a, a[:100] * 10.0) > 0.95
+    assert separability(a[:100], rng.standard_normal((100, 4))) < 0.75
+
+
+def test_groups_and_section_render() -> None:
+    assert (group_of("digits"), group_of("wine"), group_of("moons")) == ("tuning", "seen", "fresh")
+    rows = [
+        _row("digits", {"scaled_x4": _family(0.2, 1.0, 1.0)}),
+        _row("moons", {"scaled_x4": _family(0.2, 1.0, 1.0), "ood:noise": _family(0.9, 1.0, 1.0)}),
+    ]
+    machine = {"date_utc": "2026-01-01", "cpu": "cpu", "cores": 2, "command": "python -m bench ood"}
+    doc = ood_section(
+        {
+            "plan": {"seeds": [0]},
+            "machine": machine | {"preset": "reduced"},
+            "rows": rows,
+            "verdict": {"tuning": verdict(rows[:1]), "fresh": verdict(rows[1:])},
+            "seconds": 1.0,
+        }
+    )
+    assert "### Fresh datasets (untouched)" in doc and "| moons |" in doc and "**1.00**" in doc
+    assert "Seen datasets" not in doc  # no rows in that group
