@@ -85,7 +85,7 @@ def scalar_outputs(manifest: ModelManifest) -> tuple[str, ...]:
         n
         for n, present in (
             ("density_score", manifest.has_density),
-            ("input_density_score", manifest.outputs.input_density is not None),
+            ("input_density_score", manifest.has_input_density),
         )
         if not present
     }

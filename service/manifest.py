@@ -222,6 +222,10 @@ class ModelManifest(_Strict):
         return self.outputs.density is not None
 
     @property
+    def has_input_density(self) -> bool:
+        return self.outputs.input_density is not None
+
+    @property
     def num_classes(self) -> int | None:
         return len(self.labels) if self.labels else None
 

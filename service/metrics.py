@@ -4,7 +4,8 @@ Label vocabulary (all bounded): `model` and `version` (served models), `route` (
 never a raw path), `method`, `code`, `reason` (fixed short vocabularies), `label` (class names, capped
 at `MAX_CLASS_LABELS`, the rest pooled into "other"), `heads`/`provider` on the info gauge only.
 
-Per-row distributions (OOD p-value, mutual information, feature density, disagreement, queue wait)
+Per-row distributions (OOD p-value, mutual information, feature density, input typicality,
+disagreement, queue wait)
 are updated once per batch with vectorised bucket counts: prometheus-client's `Histogram` only has a
 per-value `observe`, so `BatchHistogram` keeps numpy bucket counts per label set and exposes them at
 scrape time.
@@ -43,6 +44,10 @@ MUTUAL_INFORMATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0
 # Feature density = squared Mahalanobis distance of the body features: ~ the body width (64–256) on
 # ID rows, orders of magnitude more far from the data; log-spaced at 1-2-3-5-7 per decade to 1e6.
 DENSITY_BUCKETS = (0.1, 0.2, 0.5, *(float(f"{m}e{e}") for e in range(6) for m in (1, 2, 3, 5, 7)), 1e6)
+# Input typicality = squared Mahalanobis distance of the standardised raw row: ~ χ²_d on ID rows, d the
+# number of features (2 … 784: medians ~1.4 … ~783), far *below* that on rows scaled towards the mean
+# (×0.1: ~d/100) and far above on rows far out; log-spaced 0.01 … 1e6 at 1-2-3-5-7 per decade.
+INPUT_DENSITY_BUCKETS = (*(float(f"{m}e{e}") for e in range(-2, 6) for m in (1, 2, 3, 5, 7)), 1e6)
 # Classification vote disagreement is the fraction of heads disagreeing with the mean: [0, 1].
 VOTE_DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Regression disagreement is the std of head means in target units: scale unknown, so log-spaced wide.
@@ -237,6 +242,14 @@ class ServiceMetrics:
             mv,
             DENSITY_BUCKETS,
         )
+        self.input_density_score = BatchHistogram(
+            f"{p}_input_density_score",
+            "Input typicality per row: squared Mahalanobis distance of the standardised raw row to the "
+            "training mean (models whose manifest declares an input_density output); unusual when "
+            "far above or far below its in-distribution values.",
+            mv,
+            INPUT_DENSITY_BUCKETS,
+        )
         self.vote_disagreement = BatchHistogram(
             f"{p}_vote_disagreement_ratio",
             "Fraction of heads whose vote differs from the mean prediction, per row (classification).",
@@ -253,6 +266,7 @@ class ServiceMetrics:
             self.ood_p_value,
             self.mutual_information,
             self.density_score,
+            self.input_density_score,
             self.vote_disagreement,
             self.head_spread,
         ):
@@ -306,14 +320,18 @@ class ServiceMetrics:
         ood_alpha: float | None = None,
         *,
         has_density: bool = False,
+        has_input_density: bool = False,
     ) -> None:
         """Info series of a loaded version; `ood_alpha` exports its default α before any traffic, and
-        `has_density` the zero density histogram (else rate() misses the first batch after a load)."""
+        `has_density` / `has_input_density` the zero density / input-typicality histograms (else
+        rate() misses the first batch after a load)."""
         self._ensure_model(model, version)
         if ood_alpha is not None:
             self.ood_alpha.labels(model, version).set(ood_alpha)
         if has_density:
             self.density_score.touch(model, version)
+        if has_input_density:
+            self.input_density_score.touch(model, version)
         with self._lock:
             previous = self._info_labels.get((model, version))
             self._info_labels[(model, version)] = (str(heads), provider)
@@ -348,6 +366,7 @@ class ServiceMetrics:
             self.ood_p_value,
             self.mutual_information,
             self.density_score,
+            self.input_density_score,
             self.vote_disagreement,
             self.head_spread,
         ):
@@ -396,7 +415,7 @@ class ServiceMetrics:
         label_names: list[str] | None,
     ) -> None:
         """Count one executed batch's rows: predictions, OOD flags, p-values, MI / disagreement, classes,
-        and the density score when the model has one (`density_score` in `outputs`)."""
+        and the density scores the model has (`density_score`, `input_density_score` in `outputs`)."""
         self._ensure_model(model, version)
         mv = (model, version)
         flags = np.asarray(outputs["ood_flag"], dtype=bool).ravel()
@@ -406,6 +425,8 @@ class ServiceMetrics:
         self.ood_p_value.observe_many(mv, outputs["ood_p_value"])
         if "density_score" in outputs:  # schema-2 models with a density output, either task
             self.density_score.observe_many(mv, outputs["density_score"])
+        if "input_density_score" in outputs:
+            self.input_density_score.observe_many(mv, outputs["input_density_score"])
         if "probabilities" in outputs:  # classification
             self.mutual_information.observe_many(mv, outputs["mutual_information"])
             self.vote_disagreement.observe_many(mv, outputs["disagreement"])

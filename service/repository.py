@@ -186,6 +186,7 @@ class ModelRepository:
                 model.provider,
                 model.default_alpha,
                 has_density=model.manifest.has_density,
+                has_input_density=model.manifest.has_input_density,
             )
             self._metrics.set_model_ready(name, str(model.version), True)
             logger.info("serving %s version %s on %s", name, model.version, model.provider)

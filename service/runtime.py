@@ -109,7 +109,7 @@ class OnnxModelRuntime:
         roles = ["log_probs"] if self.manifest.task == "classification" else ["mean", "variance"]
         if self.manifest.has_density:
             roles.append("density")
-        if self.manifest.outputs.input_density is not None:
+        if self.manifest.has_input_density:
             roles.append("input_density")
         return {role: np.asarray(v, dtype=np.float32) for role, v in zip(roles, values, strict=True)}
 

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import (
     DENSITY_BUCKETS,
+    INPUT_DENSITY_BUCKETS,
     MAX_CLASS_LABELS,
     OTHER_CLASS,
     P_VALUE_BUCKETS,
@@ -166,6 +167,58 @@ def test_density_scores_are_counted_only_for_outputs_that_carry_them() -> None:
     s = scrape(metrics)
     assert value(s, "hydra_density_score_count", model="dens", version="3") == 0
     assert ("hydra_density_score_count", frozenset({"model": "clf", "version": "3"}.items())) not in s
+
+
+def test_input_density_scores_are_counted_only_for_outputs_that_carry_them() -> None:
+    """χ²_d-like values for d = 2 … 784 (and rows shrunk ×0.1 towards the mean: ~d/100) all land
+    inside the buckets, not in an end bucket; loaded models export zeros; unloading drops them."""
+    rng = np.random.default_rng(5)
+    metrics = ServiceMetrics()
+    assert INPUT_DENSITY_BUCKETS[0] == 0.01 and INPUT_DENSITY_BUCKETS[-1] == 1e6
+    assert (np.diff(np.log10(INPUT_DENSITY_BUCKETS)) <= np.log10(2.0) + 1e-9).all()  # ≤ 2× apart
+    for d in (2, 64, 784):
+        for shrink in (1.0, 0.01):  # ‖0.1 z‖² = 0.01 ‖z‖²
+            values = (shrink * rng.chisquare(d, 400)).astype(np.float32)
+            median = float(np.median(values))
+            assert INPUT_DENSITY_BUCKETS[0] < median < INPUT_DENSITY_BUCKETS[-1], (d, shrink)
+    typical = np.r_[rng.chisquare(8, 300), 0.01 * rng.chisquare(8, 100), [0.0, 2e6]].astype(np.float32)
+    outputs = classification_outputs(rng, typical.size, 3, 0.05) | {
+        "density_score": rng.chisquare(16, typical.size).astype(np.float32),
+        "input_density_score": typical,
+    }
+    metrics.observe_uncertainty("dens", "1", outputs, 0.05, None)
+    metrics.observe_uncertainty("clf", "1", classification_outputs(rng, 5, 3, 0.05), 0.05, None)
+    s = scrape(metrics)
+    mv = {"model": "dens", "version": "1"}
+    values = typical.astype(np.float64)
+    for bound in INPUT_DENSITY_BUCKETS:
+        expected = int((values <= np.float32(bound)).sum())
+        assert value(s, "hydra_input_density_score_bucket", le=repr(float(bound)), **mv) == expected
+    assert value(s, "hydra_input_density_score_bucket", le="+Inf", **mv) == typical.size
+    assert value(s, "hydra_input_density_score_sum", **mv) == pytest.approx(values.sum(), rel=1e-9)
+    assert value(s, "hydra_density_score_count", **mv) == typical.size  # both observed, apart
+    assert ("hydra_input_density_score_count", frozenset({"model": "clf", "version": "1"}.items())) not in s
+    metrics.remove_model("dens", "1")
+    assert ("hydra_input_density_score_count", frozenset(mv.items())) not in scrape(metrics)
+    # zero-initialised on load, independently of the body density's histogram
+    metrics.set_model_info(
+        "both", "1", heads=4, provider="CPUExecutionProvider", has_density=True, has_input_density=True
+    )
+    metrics.set_model_info(
+        "input_only", "1", heads=4, provider="CPUExecutionProvider", has_input_density=True
+    )
+    metrics.set_model_info("plain", "1", heads=4, provider="CPUExecutionProvider")
+    s = scrape(metrics)
+    for model, has_density, has_input_density in (
+        ("both", True, True),
+        ("input_only", False, True),
+        ("plain", False, False),
+    ):
+        labels = frozenset({"model": model, "version": "1"}.items())
+        assert (("hydra_density_score_count", labels) in s) is has_density, model
+        assert (("hydra_input_density_score_count", labels) in s) is has_input_density, model
+        if has_input_density:
+            assert s[("hydra_input_density_score_count", labels)] == 0
 
 
 def test_class_labels_are_capped_with_other() -> None:
