@@ -92,6 +92,13 @@ class Prediction(BaseModel):
         "distance of the row's shared-body features to the nearest class mean (higher = less like "
         "the training data).",
     )
+    input_density_score: float | None = Field(
+        default=None,
+        description="Only for models with an input_density output (manifest schema 2): squared "
+        "Mahalanobis distance of the standardised raw row to the training mean. Unusual both ways: far "
+        "above its in-distribution values (far from the data) or far below (a row shrunk towards the "
+        "mean).",
+    )
     interval_lower: float | None = Field(
         default=None, description="Regression prediction interval, lower end."
     )
@@ -102,8 +109,8 @@ class Prediction(BaseModel):
     ood_score: float | None = Field(
         default=None,
         description="The manifest's OOD score (higher = more OOD). With a combined score (ood.score "
-        "'combined'): the largest log-scale z-score of its components, e.g. mutual information and "
-        "density_score.",
+        "'combined'): the largest log-scale z-score of its components, e.g. mutual information, "
+        "density_score and input_density_score (two-sided).",
     )
     ood_p_value: float | None = Field(
         default=None, description="Conformal p-value of ood_score against the held-out calibration scores."

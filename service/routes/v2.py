@@ -79,8 +79,8 @@ class ModelParameters(BaseModel):
     )
     ood_components: list[str] = Field(
         default_factory=list,
-        description="The scores a combined OOD score reads (e.g. mutual_information, density); empty "
-        "when `ood_score` is one score.",
+        description="The scores a combined OOD score reads (e.g. mutual_information, density, "
+        "input_density); empty when `ood_score` is one score.",
     )
     ood_combination: str | None = Field(
         default=None,

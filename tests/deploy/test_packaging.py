@@ -195,8 +195,17 @@ def test_dashboard_and_alerts_read_only_metrics_the_service_exports() -> None:
         if name not in served
     }
     assert not unknown, sorted(unknown)
-    density = [e.promql for e in expressions if "'Feature density'" in e.where]
-    assert len(density) == 2 and all("hydra_density_score_bucket" in q for q in density), density
+    # the density panel: p50 / p95 of the body density (A, B) and of the input typicality (C, D)
+    density = {e.where.rsplit(" ", 1)[1]: e.promql for e in expressions if "'Feature density'" in e.where}
+    assert sorted(density) == ["A", "B", "C", "D"], density
+    for ref, metric, quantile in (
+        ("A", "hydra_density_score_bucket", "0.5"),
+        ("B", "hydra_density_score_bucket", "0.95"),
+        ("C", "hydra_input_density_score_bucket", "0.5"),
+        ("D", "hydra_input_density_score_bucket", "0.95"),
+    ):
+        assert re.findall(r"\bhydra_\w+", density[ref]) == [metric], (ref, density[ref])
+        assert density[ref].startswith(f"histogram_quantile({quantile}, sum by (model, version, le)"), ref
 
 
 def test_dashboard_panels_do_not_overlap() -> None:

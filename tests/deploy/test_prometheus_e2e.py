@@ -44,7 +44,8 @@ pytestmark = pytest.mark.timeout(150)
 ROWS_PER_PHASE = 1000
 ROWS_PER_REQUEST = 25
 OOD_SHIFT = 8.0  # features ~ N(8, 1): far outside the N(0, 1) the models were calibrated on
-# dens_clf: a schema-2 package (density output, combined OOD score), so the density panel has data
+# dens_clf: a schema-2 package (density and input-density outputs, combined OOD score), so the
+# density panel has data
 TASKS = {"clf": "classification", "reg": "regression", "dens_clf": "classification"}
 ALPHA = {"clf": 0.05, "reg": 0.1, "dens_clf": 0.05}  # the default_alpha of the test manifests
 DASHBOARD = DASHBOARDS / "hydra-serve.json"
@@ -210,10 +211,19 @@ def test_flag_rate_is_alpha_on_id_traffic_and_far_above_on_ood(phases: Phases) -
         assert ood_rate[name] >= max(5 * expected_alpha, 0.5), (name, ood_rate[name])
 
 
-def test_density_panel_rises_by_orders_of_magnitude_on_ood_traffic(phases: Phases) -> None:
-    """The density panel's own p50 query, over each phase: only dens_clf has series, and shifted rows
-    sit far from the body's training features."""
-    promql = _panel_expression(DENSITY_PANEL)
+@pytest.mark.parametrize(
+    ("ref_id", "id_range"),
+    [
+        ("A", (1.0, 100.0)),  # body density: a 16-wide body, ID distances near its width
+        ("C", (2.0, 20.0)),  # input typicality: ~ χ²_8 on ID rows, median ≈ 7.3
+    ],
+)
+def test_density_panel_rises_by_orders_of_magnitude_on_ood_traffic(
+    phases: Phases, ref_id: str, id_range: tuple[float, float]
+) -> None:
+    """The density panel's own p50 queries (body density, input typicality), over each phase: only
+    dens_clf has series, and shifted rows sit far from the training rows, in body and input space."""
+    promql = _panel_expression(DENSITY_PANEL, ref_id)
     reach = SCRAPE_INTERVAL_S * 1.5
     id_window = _window(phases.id_end - phases.start + reach)
     ood_window = _window(phases.ood_end - phases.id_end + reach)
@@ -224,7 +234,7 @@ def test_density_panel_rises_by_orders_of_magnitude_on_ood_traffic(phases: Phase
         phases.prometheus.query(substitute_grafana_variables(promql, ood_window), at=phases.ood_end)
     )
     assert set(id_p50) == set(ood_p50) == {"dens_clf"}
-    assert 1.0 < id_p50["dens_clf"] < 100.0  # a 16-wide body: ID distances near its width
+    assert id_range[0] < id_p50["dens_clf"] < id_range[1], id_p50
     assert ood_p50["dens_clf"] > 30 * id_p50["dens_clf"], (id_p50, ood_p50)
 
 

@@ -5,9 +5,11 @@
 manifest whose conformal calibration scores come from running the model on calibration inputs.
 
 `build_density_repository(root)` writes `dens_clf/1` and `dens_reg/1`: the same graphs plus a
-`density` output (squared Mahalanobis distance of the body features to the nearest class mean) and a
-schema-2 manifest whose OOD score combines the head score with the density (`ood.components`),
-and a plain `clf/1` beside them. It is its own repository so tests that count models are unaffected.
+`density` output (squared Mahalanobis distance of the body features to the nearest class mean), an
+`input_density` output (squared Mahalanobis distance of the standardised raw row to the training
+mean, scored two-sided) and a schema-2 manifest whose OOD score combines the head score with both
+(`ood.components`, as a trained package has them), and a plain `clf/1` beside them. It is its own
+repository so tests that count models are unaffected.
 
 `running_server(repo_dir, **env)` starts `python -m service` as a uvicorn subprocess on a free
 127.0.0.1 port, waits for `/v2/health/ready`, yields a `Server` (base URL, process, log), and stops
@@ -34,11 +36,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from sklearn.covariance import LedoitWolf
 
 from service import inference
 from service.manifest import ModelManifest
 from service.uncertainty import (
     DENSITY_SCORE,
+    INPUT_DENSITY_SCORE,
     CombinedOODScore,
     ConformalOODCalibrator,
     LogScaleNormaliser,
@@ -149,12 +153,15 @@ def make_regressor(seed: int = 0, heads: int = HEADS) -> onnx.ModelProto:
 
 
 def with_density(model: onnx.ModelProto, fit_rows: np.ndarray) -> onnx.ModelProto:
-    """`model` plus an output `density` (batch,) = min over class means of ‖(body − μ_c) W‖².
+    """`model` plus two outputs, as training/density.py exports them (both fitted on `fit_rows`):
 
-    As training/density.py exports it: μ_c are the body-feature means of `fit_rows` grouped by the
-    predicted class (one group for regression), W W^T the inverse of their pooled within-class
-    covariance (shrunk towards its mean eigenvalue: a ReLU body has dead units). Whitened means are
-    precomputed, so the graph adds MatMul, Unsqueeze, Sub, ReduceSumSquare and ReduceMin.
+    `density` (batch,) = min over class means of ‖(body − μ_c) W‖²: μ_c are the body-feature means
+    of `fit_rows` grouped by the predicted class (one group for regression), W W^T the inverse of
+    their pooled within-class covariance (shrunk towards its mean eigenvalue: a ReLU body has dead
+    units). Whitened means are precomputed, so the graph adds MatMul, Unsqueeze, Sub,
+    ReduceSumSquare and ReduceMin.
+
+    `input_density` (batch,) = ‖(x − μ) W‖² on the raw row (`input_density_parameters`).
     """
     graph = onnx.ModelProto.FromString(model.SerializeToString()).graph
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer}
@@ -189,7 +196,29 @@ def with_density(model: onnx.ModelProto, fit_rows: np.ndarray) -> onnx.ModelProt
         ]
     )
     graph.output.append(helper.make_tensor_value_info("density", TensorProto.FLOAT, ["batch"]))
+    mean, input_whitening = input_density_parameters(fit_rows)
+    graph.node.extend(
+        [
+            helper.make_node("Sub", ["input", "input_density_mean"], ["input_centred"]),
+            helper.make_node("MatMul", ["input_centred", "input_density_w"], ["input_white"]),
+            helper.make_node("ReduceSumSquare", ["input_white"], ["input_density"], axes=[-1], keepdims=0),
+        ]
+    )
+    graph.initializer.extend([_init("input_density_mean", mean), _init("input_density_w", input_whitening)])
+    graph.output.append(helper.make_tensor_value_info("input_density", TensorProto.FLOAT, ["batch"]))
     return _finish(graph)
+
+
+def input_density_parameters(fit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """μ and W of the input typicality ‖(x − μ) W‖², float64, as training/density.py fits them:
+    standardise each feature on `fit_rows`, a Ledoit–Wolf covariance Σ of the standardised rows, and
+    W = diag(1/σ) V Λ^{-1/2} (Σ = V Λ V^T), so ‖(x − μ) W‖² = z^T Σ^{-1} z with z the standardised row."""
+    rows = np.asarray(fit_rows, dtype=np.float64)
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    covariance = LedoitWolf(assume_centered=True).fit((rows - mean) / std).covariance_
+    eigenvalues, vectors = np.linalg.eigh(covariance)
+    whitening: np.ndarray = vectors / np.sqrt(eigenvalues) / std[:, None]
+    return mean, whitening
 
 
 def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
@@ -219,9 +248,10 @@ def write_model(
 ) -> Path:
     """Write `root/name/version/{model.onnx, manifest.json}`; calibration scores from running it.
 
-    `density`: the graph also outputs `density` (`with_density`) and the manifest is schema 2 with
-    a combined OOD score: the head score and the density, each normalised on one draw of ID rows
-    (`normaliser_inputs`), calibrated on another (`calibration_inputs`).
+    `density`: the graph also outputs `density` and `input_density` (`with_density`, fitted on a
+    draw of centred N(0, 1) "training" rows) and the manifest is schema 2 with a combined OOD score:
+    the head score, the density and the input typicality (two-sided), each normalised on one draw
+    of ID rows (`normaliser_inputs`), calibrated on another (`calibration_inputs`).
     """
     directory = root / name / str(version)
     directory.mkdir(parents=True, exist_ok=True)
@@ -260,7 +290,7 @@ def write_model(
             },
         }
     if density:
-        extra["outputs"]["density"] = "density"
+        extra["outputs"] |= {"density": "density", "input_density": "input_density"}
         extra["ood"] |= combined_ood(graph, task, extra["ood"]["score"], calib)
     manifest = ModelManifest.model_validate(
         {
@@ -291,7 +321,10 @@ def combined_ood(
     """The `ood` fields of a combined score: components fitted on `normaliser_inputs`, calibration
     scores = the combined statistic on `calib` (another split), both with service.uncertainty."""
     reference = component_scores(model.raw(normaliser_inputs(task)), head_score)
-    normalisers = [LogScaleNormaliser.fit(score, values) for score, values in reference.items()]
+    normalisers = [
+        LogScaleNormaliser.fit(score, values, tails=COMPONENT_TAILS.get(score, "upper"))
+        for score, values in reference.items()
+    ]
     combined = CombinedOODScore(normalisers)(component_scores(model.raw(calib), head_score))
     return {
         "score": "combined",
@@ -301,6 +334,12 @@ def combined_ood(
                 "score": c.score,
                 "log_median": c.log_median,
                 "log_iqr": c.log_iqr,
+                "tails": c.tails,
+                **(
+                    {"log_lower_scale": c.log_lower_scale, "log_upper_scale": c.log_upper_scale}
+                    if c.tails == "both"
+                    else {}
+                ),
                 "fitted_on": "test-normaliser",
             }
             for c in normalisers
@@ -309,13 +348,21 @@ def combined_ood(
     }
 
 
+# Input typicality is unusual both ways (too far from the training mean, or too close to it).
+COMPONENT_TAILS: dict[str, Literal["upper", "both"]] = {INPUT_DENSITY_SCORE: "both"}
+
+
 def component_scores(raw: dict[str, np.ndarray], head_score: str) -> dict[str, np.ndarray]:
-    """{head_score: per-row uncertainty score, "density": the density output}, float64."""
+    """{head_score: per-row uncertainty score, "density", "input_density": the graph's own scores
+    (those it has)}, float64, in the manifest's component order."""
     if "log_probs" in raw:
         head = classification_uncertainty(raw["log_probs"]).score(head_score)
     else:
         head = regression_uncertainty(raw["mean"], raw["variance"]).score(head_score)
-    return {head_score: head, DENSITY_SCORE: np.asarray(raw["density"], dtype=np.float64)}
+    graph = {
+        n: np.asarray(raw[n], dtype=np.float64) for n in (DENSITY_SCORE, INPUT_DENSITY_SCORE) if n in raw
+    }
+    return {head_score: head} | graph
 
 
 def build_test_repository(root: Path, *, clf_seed: int = 0, reg_seed: int = 1) -> Path:
@@ -327,7 +374,8 @@ def build_test_repository(root: Path, *, clf_seed: int = 0, reg_seed: int = 1) -
 
 
 def build_density_repository(root: Path) -> Path:
-    """`dens_clf/1` and `dens_reg/1` (schema 2: density output, combined OOD score) and a v1 `clf/1`."""
+    """`dens_clf/1` and `dens_reg/1` (schema 2: density and input-density outputs, combined OOD
+    score of three components) and a v1 `clf/1`."""
     root.mkdir(parents=True, exist_ok=True)
     write_model(root, "dens_clf", 1, "classification", seed=0, density=True)
     write_model(root, "dens_reg", 1, "regression", seed=1, density=True)
@@ -357,13 +405,15 @@ class ReferenceModel:
         self.calibrator = ConformalOODCalibrator(self.manifest.ood.calibration_scores)
 
     def raw(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph outputs the manifest names, by role (`log_probs` | `mean`, `variance`; `density`)."""
+        """The graph outputs the manifest names, by role (`log_probs` | `mean`, `variance`; `density`,
+        `input_density`)."""
         names = self.manifest.outputs
         roles = {
             "log_probs": names.log_probs,
             "mean": names.mean,
             "variance": names.variance,
             "density": names.density,
+            "input_density": names.input_density,
         }
         wanted = {role: name for role, name in roles.items() if name is not None}
         values = self.session.run(list(wanted.values()), {"input": np.asarray(rows, dtype=np.float32)})

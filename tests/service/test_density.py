@@ -1,7 +1,9 @@
-"""Schema-2 packages with a density output, against a real server: `density_score` in every protocol's
-answers (and only for such models), the combined OOD statistic and its p-values equal an offline
-computation with service.uncertainty on the raw graph outputs, the density catches rows in the wrong
-unit that mutual information alone lets through, metrics, metadata, and bad manifests refused.
+"""Schema-2 packages with density outputs, against a real server: `density_score` and
+`input_density_score` in every protocol's answers (and only for such models), the combined OOD
+statistic of three components and its p-values equal an offline computation with
+service.uncertainty on the raw graph outputs, the body density catches rows in the wrong unit that
+mutual information alone lets through, the two-sided input typicality catches rows shrunk towards
+the training mean that both let through, metrics, metadata, and bad manifests refused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import DENSITY_BUCKETS
+from service.metrics import DENSITY_BUCKETS, INPUT_DENSITY_BUCKETS
 from service.uncertainty import CombinedOODScore, ConformalOODCalibrator, LogScaleNormaliser
 from tests.service.support import (
     CLF_FEATURES,
@@ -38,14 +40,15 @@ FEATURES = {"dens_clf": CLF_FEATURES, "dens_reg": REG_FEATURES, "clf": CLF_FEATU
 HEAD_SCORE = {"dens_clf": "mutual_information", "dens_reg": "epistemic_variance"}
 DENSITY_CLASSIFICATION_FIELDS = [
     "probabilities", "label", "label_name", "confidence", "variance", "disagreement", "mutual_information",
-    "expected_entropy", "total_entropy", "epkl", "density_score", "ood_score", "ood_p_value", "ood_flag",
-    "ood_alpha",
+    "expected_entropy", "total_entropy", "epkl", "density_score", "input_density_score", "ood_score",
+    "ood_p_value", "ood_flag", "ood_alpha",
 ]  # fmt: skip
 DENSITY_REGRESSION_FIELDS = [
     "mean", "variance", "aleatoric_variance", "epistemic_variance", "total_variance", "disagreement",
-    "density_score", "interval_lower", "interval_upper", "interval_level", "ood_score", "ood_p_value",
-    "ood_flag", "ood_alpha",
+    "density_score", "input_density_score", "interval_lower", "interval_upper", "interval_level",
+    "ood_score", "ood_p_value", "ood_flag", "ood_alpha",
 ]  # fmt: skip
+GRAPH_SCORE_FIELDS = ("density_score", "input_density_score")
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +80,31 @@ def offline_ood(directory: Path, rows: np.ndarray, alpha: float) -> dict[str, np
     normalisers and calibration scores (read from the JSON) through service.uncertainty."""
     ood = json.loads((directory / "manifest.json").read_text())["ood"]
     assert ood["score"] == "combined" and ood["combination"] == CombinedOODScore.RULE
-    combiner = CombinedOODScore(
-        [LogScaleNormaliser(c["score"], c["log_median"], c["log_iqr"]) for c in ood["components"]]
-    )
+    combiner = CombinedOODScore([json_normaliser(c) for c in ood["components"]])
     raw = RawModel(directory / "model.onnx").raw(rows)
     scores = component_scores(raw, ood["components"][0]["score"])
+    assert list(scores) == [c["score"] for c in ood["components"]]
     statistic = combiner(scores)
     p_value = ConformalOODCalibrator(ood["calibration_scores"]).p_values(statistic)
     return {
         "density": scores["density"],
+        "input_density": scores["input_density"],
         "ood_score": statistic,
         "ood_p_value": p_value,
         "ood_flag": p_value <= alpha,
     }
+
+
+def json_normaliser(component: dict[str, Any]) -> LogScaleNormaliser:
+    """A manifest component (its JSON) as a normaliser, tails and per-side scales included."""
+    return LogScaleNormaliser(
+        component["score"],
+        component["log_median"],
+        component["log_iqr"],
+        tails=component.get("tails", "upper"),
+        log_lower_scale=component.get("log_lower_scale"),
+        log_upper_scale=component.get("log_upper_scale"),
+    )
 
 
 # ------------------------------------------------------------------------------------------ answers
@@ -108,20 +123,22 @@ def test_v1_answers_carry_density_score_for_density_models_only(
         assert list(predictions[0]) == fields, model
         assert_matches(predictions, references[model].answer(rows))
     plain = predict(url, "clf", rows_for("clf", 3, seed=1))
-    assert "density_score" not in plain[0] and "ood_score" in plain[0]
+    assert not set(GRAPH_SCORE_FIELDS) & set(plain[0]) and "ood_score" in plain[0]
 
 
 @pytest.mark.parametrize("model", ["dens_clf", "dens_reg"])
 def test_combined_ood_equals_the_offline_computation(
     model: str, density_server: Server, density_repository: Path
 ) -> None:
-    # in-distribution rows, rows in a wider spread, rows in the wrong unit: p-values across (0, 1]
-    rows = np.concatenate([rows_for(model, 40, seed=2, scale=s) for s in (1.0, 2.0, 10.0)])
+    # in-distribution rows, rows in a wider spread, in the wrong unit, shrunk towards the training
+    # mean (the input typicality's lower tail): p-values across (0, 1]
+    rows = np.concatenate([rows_for(model, 40, seed=2, scale=s) for s in (1.0, 2.0, 10.0, 0.3, 0.01)])
     alpha = 0.1
     predictions = predict(density_server.url, model, rows, alpha=alpha)
     expected = offline_ood(density_repository / model / "1", rows, alpha)
-    got = {name: np.asarray([p[name] for p in predictions]) for name in ("density_score", "ood_score")}
+    got = {name: np.asarray([p[name] for p in predictions]) for name in (*GRAPH_SCORE_FIELDS, "ood_score")}
     np.testing.assert_allclose(got["density_score"], expected["density"], rtol=1e-5)
+    np.testing.assert_allclose(got["input_density_score"], expected["input_density"], rtol=1e-5)
     np.testing.assert_allclose(got["ood_score"], expected["ood_score"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose([p["ood_p_value"] for p in predictions], expected["ood_p_value"], rtol=1e-6)
     assert [p["ood_flag"] for p in predictions] == expected["ood_flag"].tolist()
@@ -155,6 +172,32 @@ def test_rows_in_the_wrong_unit_are_flagged_by_density_where_mutual_information_
     assert np.mean(id_flags) <= 0.1
 
 
+def test_rows_shrunk_towards_the_training_mean_are_flagged_by_input_typicality(
+    density_server: Server, references: dict[str, ReferenceModel]
+) -> None:
+    """The test models' "training" rows are centred N(0, 1), so rows ×0.01 sit almost on the training
+    mean: a ReLU body maps them next to its bias, as ordinary as any ID row to the heads and to the
+    body density, and MI-only `clf/1` lets them through. For 8 features ‖z‖² ≈ χ²_8 concentrates
+    around 7, far from 0: the two-sided input typicality sees rows that are atypically *close*."""
+    rows = rows_for("clf", 200, seed=8, scale=0.01)
+    combined = predict(density_server.url, "dens_clf", rows)
+    mi_only = predict(density_server.url, "clf", rows)
+    assert all(p["ood_flag"] for p in combined)
+    assert np.mean([p["ood_flag"] for p in mi_only]) <= 0.1
+    components = {c.score: c.normaliser() for c in references["dens_clf"].manifest.ood.components}
+    z = {score: norm(np.array([p[f"{score}_score" if "density" in score else score] for p in combined]))
+         for score, norm in components.items()}  # fmt: skip
+    # the low side did it: input typicality far below its ID median, its z the largest of the three
+    assert components["input_density"].tails == "both"
+    input_density = np.array([p["input_density_score"] for p in combined])
+    assert (np.log(input_density) < components["input_density"].log_median).all()
+    assert (z["input_density"] > np.maximum(z["mutual_information"], z["density"])).all()
+    assert (z["density"] < 2.0).all()  # the body density sees nothing unusual
+    # the regression package: the same lower tail on its own 5 features
+    regression = predict(density_server.url, "dens_reg", rows_for("dens_reg", 100, seed=8, scale=0.01))
+    assert all(p["ood_flag"] for p in regression)
+
+
 def test_a_density_that_overflows_float32_is_the_largest_float32_not_null(density_server: Server) -> None:
     """Finite rows far enough out overflow the graph's float32 squared distance: the answer is still
     a number (JSON has no inf: it would be null), the combined score finite, the row flagged."""
@@ -172,7 +215,7 @@ def test_a_density_that_overflows_float32_is_the_largest_float32_not_null(densit
     assert None not in outputs["density_score"] + outputs["ood_score"], outputs
 
 
-def test_v2_infer_json_and_binary_carry_density_score(
+def test_v2_infer_json_and_binary_carry_the_density_scores(
     density_server: Server, references: dict[str, ReferenceModel]
 ) -> None:
     client = triton.InferenceServerClient(density_server.url.removeprefix("http://"), network_timeout=30.0)
@@ -193,38 +236,53 @@ def test_v2_infer_json_and_binary_carry_density_score(
                 everything = client.infer(model, [tensor])  # no `outputs`: every output
                 names = [o["name"] for o in everything.get_response()["outputs"]]
                 if model == "clf":
-                    assert "density_score" not in names
+                    assert not set(GRAPH_SCORE_FIELDS) & set(names)
                     continue
-                assert names.index("density_score") < names.index("ood_score")
-                density = everything.as_numpy("density_score")
-                assert density.dtype == np.float32 and density.shape == (5,)
-                np.testing.assert_allclose(density, expected["density_score"], rtol=1e-6)
+                assert names.index("density_score") < names.index("input_density_score")
+                assert names.index("input_density_score") < names.index("ood_score")
+                for name in GRAPH_SCORE_FIELDS:
+                    value = everything.as_numpy(name)
+                    assert value.dtype == np.float32 and value.shape == (5,), name
+                    np.testing.assert_allclose(value, expected[name], rtol=1e-6)
+                # asked for by name, alone
+                only = client.infer(
+                    model,
+                    [tensor],
+                    outputs=[triton.InferRequestedOutput("input_density_score", binary_data=binary)],
+                )
+                assert [o["name"] for o in only.get_response()["outputs"]] == ["input_density_score"]
+                np.testing.assert_allclose(
+                    only.as_numpy("input_density_score"), expected["input_density_score"], rtol=1e-6
+                )
     finally:
         client.close()
     # asking a v1 model for a density is asking for an output it does not have
-    body = {
-        "inputs": [{"name": "input", "shape": [1, CLF_FEATURES], "datatype": "FP32", "data": [0.0] * 8}],
-        "outputs": [{"name": "density_score"}],
-    }
-    refused = httpx.post(f"{density_server.url}/v2/models/clf/infer", json=body, timeout=10)
-    assert refused.status_code == 400 and "density_score" in refused.json()["error"]
+    for name in GRAPH_SCORE_FIELDS:
+        body = {
+            "inputs": [{"name": "input", "shape": [1, CLF_FEATURES], "datatype": "FP32", "data": [0.0] * 8}],
+            "outputs": [{"name": name}],
+        }
+        refused = httpx.post(f"{density_server.url}/v2/models/clf/infer", json=body, timeout=10)
+        assert refused.status_code == 400 and name in refused.json()["error"], name
 
 
-def test_metadata_lists_density_score_and_the_ood_components(density_server: Server) -> None:
+def test_metadata_lists_the_density_scores_and_the_ood_components(density_server: Server) -> None:
     url = density_server.url
     for model, head_score in HEAD_SCORE.items():
         v2 = httpx.get(f"{url}/v2/models/{model}", timeout=10).json()
         outputs = {o["name"]: o for o in v2["outputs"]}
-        assert outputs["density_score"] == {"name": "density_score", "datatype": "FP32", "shape": [-1]}
+        for name in GRAPH_SCORE_FIELDS:
+            assert outputs[name] == {"name": name, "datatype": "FP32", "shape": [-1]}
         parameters = v2["parameters"]
         assert parameters["ood_score"] == "combined"
-        assert parameters["ood_components"] == [head_score, "density"]
-        assert parameters["ood_combination"] == "max_log_z"
+        assert parameters["ood_components"] == [head_score, "density", "input_density"]
+        assert parameters["ood_combination"] == CombinedOODScore.RULE  # the rule the manifest names
         v1 = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()
-        assert v1["ood"]["score"] == "combined" and v1["ood"]["components"] == [head_score, "density"]
-        assert "density_score" in {o["name"] for o in v1["outputs"]}
+        assert v1["ood"]["score"] == "combined"
+        assert v1["ood"]["components"] == [head_score, "density", "input_density"]
+        assert set(GRAPH_SCORE_FIELDS) <= {o["name"] for o in v1["outputs"]}
     plain = httpx.get(f"{url}/v2/models/clf", timeout=10).json()
-    assert "density_score" not in {o["name"] for o in plain["outputs"]}
+    assert not set(GRAPH_SCORE_FIELDS) & {o["name"] for o in plain["outputs"]}
     assert plain["parameters"]["ood_score"] == "mutual_information"
     assert plain["parameters"]["ood_components"] == [] and plain["parameters"]["ood_combination"] is None
 
@@ -234,19 +292,20 @@ def test_openapi_documents_the_prediction_fields(density_server: Server) -> None
     schemas = spec["components"]["schemas"]
     predictions = schemas["PredictResponse"]["properties"]["predictions"]
     prediction = schemas[predictions["items"]["$ref"].rsplit("/", 1)[1]]
-    for name in ("density_score", "ood_score", "ood_p_value", "ood_flag", "mutual_information"):
+    for name in (*GRAPH_SCORE_FIELDS, "ood_score", "ood_p_value", "ood_flag", "mutual_information"):
         assert prediction["properties"][name]["description"], name
-    assert "Mahalanobis" in prediction["properties"]["density_score"]["description"]
+    for name in GRAPH_SCORE_FIELDS:
+        assert "Mahalanobis" in prediction["properties"][name]["description"], name
 
 
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def _density_histogram(url: str, model: str) -> dict[str, float]:
-    """`hydra_density_score` samples of one model version: {"le=<bound>": count, "count": n, "sum": s}."""
+def _density_histogram(url: str, model: str, family_name: str = "hydra_density_score") -> dict[str, float]:
+    """One histogram's samples of one model version: {"le=<bound>": count, "count": n, "sum": s}."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        if family.name != "hydra_density_score":
+        if family.name != family_name:
             continue
         for s in family.samples:
             if s.labels.get("model") == model and s.labels.get("version") == "1":
@@ -261,18 +320,26 @@ def test_density_histogram_counts_every_row_of_density_models_only(
     url = density_server.url
     # dens_reg: no other test here sends it a float32-overflowing row, whose value would swamp _sum
     rows = np.concatenate([rows_for("dens_reg", 30, seed=6, scale=s) for s in (0.1, 1.0, 30.0)])
-    density = references["dens_reg"].raw(rows)["density"].astype(np.float64)
-    before = _density_histogram(url, "dens_reg")
+    raw = references["dens_reg"].raw(rows)
+    families = {
+        "hydra_density_score": (raw["density"].astype(np.float64), DENSITY_BUCKETS),
+        "hydra_input_density_score": (raw["input_density"].astype(np.float64), INPUT_DENSITY_BUCKETS),
+    }
+    before = {f: _density_histogram(url, "dens_reg", f) for f in families}
     predict(url, "dens_reg", rows)
     predict(url, "clf", rows_for("clf", 10, seed=6))
-    after = _density_histogram(url, "dens_reg")
-    assert after["count"] - before.get("count", 0.0) == len(rows)
-    assert after["sum"] - before.get("sum", 0.0) == pytest.approx(density.sum(), rel=1e-5)
-    for bound in DENSITY_BUCKETS:
-        added = after[f"le={bound!r}"] - before.get(f"le={bound!r}", 0.0)
-        assert added == int((density <= bound).sum()), bound  # float32 ties: none this near a bound
-    assert np.ptp(np.log10(density)) > 3  # the rows spread over several decades of the buckets
-    assert not _density_histogram(url, "clf")  # a v1 model has no density series at all
+    after = {f: _density_histogram(url, "dens_reg", f) for f in families}
+    for family, (values, buckets) in families.items():
+        was, now = before[family], after[family]
+        assert was, family  # exported at zero from the load on, like the density histogram
+        assert now["count"] - was["count"] == len(rows), family
+        assert now["sum"] - was["sum"] == pytest.approx(values.sum(), rel=1e-5), family
+        for bound in buckets:
+            added = now[f"le={bound!r}"] - was[f"le={bound!r}"]
+            # float32 ties: none this near a bound
+            assert added == int((values <= bound).sum()), (family, bound)
+        assert np.ptp(np.log10(values)) > 3, family  # the rows spread over several decades of buckets
+        assert not _density_histogram(url, "clf", family)  # a v1 model has no density series at all
 
 
 # ------------------------------------------------------------------------------------ bad manifests
@@ -296,6 +363,10 @@ def _rewrite_manifest(directory: Path, change: dict[str, Any]) -> None:
 BAD_MANIFESTS: dict[str, tuple[dict[str, Any], str]] = {
     # name: (change to a good dens_clf manifest, words the load error must contain)
     "components_without_density_output": ({"outputs.density": None}, "outputs.density is not set"),
+    "input_density_component_without_its_output": (
+        {"outputs.input_density": None},
+        "ood score 'input_density' reads the input_density graph output: outputs.input_density is not set",
+    ),
     "components_in_schema_1": ({"schema_version": 1}, "need schema_version 2"),
     "components_without_combined_score": ({"ood.score": "mutual_information"}, "ood.score 'combined'"),
     "unknown_component": (
@@ -325,8 +396,45 @@ def test_bad_schema_2_manifests_are_refused_with_a_clear_load_error(tmp_path: Pa
         refused = httpx.post(
             f"{server.url}/v2/repository/models/no_density_graph/load", headers={"X-API-Key": KEY}, timeout=30
         )
-        assert refused.status_code == 400 and "graph lacks outputs ['density']" in refused.json()["error"]
+        refusal = refused.json()["error"]
+        assert refused.status_code == 400 and "graph lacks outputs ['density', 'input_density']" in refusal
         # the good model keeps serving
         body = {"instances": rows_for("clf", 2, seed=7).tolist()}
         served = httpx.post(f"{server.url}/v1/models/clf:predict", json=body, headers={"X-API-Key": KEY})
         assert served.status_code == 200, served.text
+
+
+def test_a_two_sided_component_without_its_side_scales_falls_back_to_the_log_iqr(tmp_path: Path) -> None:
+    """`log_lower_scale` / `log_upper_scale` are optional: without them a `both` component scores
+    |log s − median| / log_iqr on either side, and the package loads and serves."""
+    repo = tmp_path / "models"
+    directory = write_model(repo, "no_scales", 1, "classification", density=True)
+    path = directory / "manifest.json"
+    document = json.loads(path.read_text())
+    (component,) = [c for c in document["ood"]["components"] if c["tails"] == "both"]
+    assert component["score"] == "input_density" and component["log_lower_scale"] > 0
+    scaled = json_normaliser(component)  # as fitted, before the scales go
+    for key in ("log_lower_scale", "log_upper_scale"):
+        del component[key]
+    path.write_text(json.dumps(document))
+    rows = np.concatenate([rows_for("clf", 20, seed=9, scale=s) for s in (1.0, 0.01, 0.3, 10.0)])
+    with running_server(repo) as server:
+        for family in ("hydra_density_score", "hydra_input_density_score"):  # at zero before traffic
+            assert _density_histogram(server.url, "no_scales", family)["count"] == 0, family
+        predictions = predict(server.url, "no_scales", rows)
+    raw = RawModel(directory / "model.onnx").raw(rows)
+    scores = component_scores(raw, "mutual_information")
+    log_input, median, iqr = np.log(scores["input_density"]), component["log_median"], component["log_iqr"]
+    fallback = LogScaleNormaliser(
+        "input_density", median, iqr, tails="both", log_lower_scale=iqr, log_upper_scale=iqr
+    )
+    np.testing.assert_allclose(fallback(scores["input_density"]), np.abs(log_input - median) / iqr)
+    head_and_body = [json_normaliser(c) for c in document["ood"]["components"][:2]]
+    expected = CombinedOODScore([*head_and_body, fallback])(scores)
+    np.testing.assert_allclose([p["ood_score"] for p in predictions], expected, rtol=1e-5, atol=1e-5)
+    low = log_input < median
+    assert low.sum() >= 20 and (~low).sum() >= 20  # both sides of the median are exercised
+    # the side scales it lost would have answered otherwise: the fallback is what served
+    assert np.abs(CombinedOODScore([*head_and_body, scaled])(scores) - expected).max() > 0.1
+    p_values = ConformalOODCalibrator(document["ood"]["calibration_scores"]).p_values(expected)
+    np.testing.assert_allclose([p["ood_p_value"] for p in predictions], p_values, rtol=1e-6)

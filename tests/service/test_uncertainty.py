@@ -177,6 +177,71 @@ def test_log_scale_normaliser_hand_computed() -> None:
         LogScaleNormaliser.fit("mi", np.array([]))
 
 
+def test_two_sided_normaliser_hand_computed() -> None:
+    # a skewed reference: log s = (0, 1, 2, 2.5, 3) → q25 = 1, median = 2, q75 = 2.5
+    z = LogScaleNormaliser.fit("input_density", np.exp([0.0, 1.0, 2.0, 2.5, 3.0]), tails="both")
+    assert (z.tails, z.log_median, z.log_iqr) == ("both", pytest.approx(2.0), pytest.approx(1.5))
+    assert (z.log_lower_scale, z.log_upper_scale) == (pytest.approx(2.0), pytest.approx(1.0))
+    # each side in its own units: one upper half-IQR above is as unusual as one lower half-IQR below
+    np.testing.assert_allclose(z(np.exp([2.0, 3.0, 0.0, 4.0, -2.0])), [0.0, 1.0, 1.0, 2.0, 2.0])
+    assert z(np.zeros(1))[0] > 30  # exactly at the mean: as atypical as it gets, and finite
+    # without per-side scales (optional in a manifest) both sides fall back to the IQR
+    bare = LogScaleNormaliser("input_density", 2.0, 1.5, tails="both")
+    np.testing.assert_allclose(bare(np.exp([0.5, 2.0, 3.5])), [1.0, 0.0, 1.0])
+    # a one-sided half-spread of zero (half the reference tied at the median) falls back to the IQR
+    tied = LogScaleNormaliser.fit("input_density", np.exp([1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 5.0]), tails="both")
+    assert tied.log_lower_scale == pytest.approx(tied.log_iqr) and tied.log_upper_scale > 0
+    # the default stays one-sided, with no side scales
+    assert LogScaleNormaliser.fit("density", np.exp([0.0, 1.0, 2.0])).log_lower_scale is None
+
+
+TWO_SIDED = settings(max_examples=60, deadline=None, database=None)
+# logs of reference scores on a 0.01 grid: a spread an exp/log round trip (an ulp) cannot rival
+log_references = st.lists(
+    st.integers(-1500, 1500).map(lambda k: k / 100), min_size=2, max_size=30, unique=True
+)
+log_probes = st.lists(st.floats(-40, 40), min_size=1, max_size=20)
+
+
+@TWO_SIDED
+@given(st.floats(-10, 10), st.lists(st.floats(0.01, 10), min_size=1, max_size=15), log_probes)
+def test_two_sided_on_a_symmetric_reference_equals_upper_on_the_high_side(
+    centre: float, offsets: list[float], probes: list[float]
+) -> None:
+    """Mirrored about its median, a reference has equal halves: `both` then scores the high side
+    exactly as `upper` does, and the low side as `upper` scores its mirror image."""
+    logs = np.r_[centre - np.array(offsets), centre, centre + np.array(offsets)]
+    upper = LogScaleNormaliser.fit("s", np.exp(logs))
+    both = LogScaleNormaliser.fit("s", np.exp(logs), tails="both")
+    assert both.log_median == pytest.approx(upper.log_median)
+    assert both.log_lower_scale == pytest.approx(upper.log_iqr)
+    assert both.log_upper_scale == pytest.approx(upper.log_iqr)
+    x = np.asarray(probes)
+    high, low = x[x >= centre], x[x < centre]
+    np.testing.assert_allclose(both(np.exp(high)), upper(np.exp(high)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(both(np.exp(low)), upper(np.exp(2 * centre - low)), rtol=1e-9, atol=1e-9)
+
+
+@TWO_SIDED
+@given(log_references, log_probes)
+def test_two_sided_scores_low_values_positive_and_grow_with_the_distance_on_each_side(
+    reference: list[float], probes: list[float]
+) -> None:
+    z = LogScaleNormaliser.fit("s", np.exp(reference), tails="both")
+    scores = np.exp(probes)
+    got = z(scores)
+    assert np.isfinite(got).all() and (got >= 0.0).all()
+    x = np.log(scores)  # the logs the normaliser sees (exp then log may move a probe by an ulp)
+    distance = x - z.log_median
+    assert (got[distance < 0] > 0.0).all() and (got[distance > 0] > 0.0).all()  # unusual either way
+    # upper scores values below the median negative: the low side is what `both` adds
+    assert (LogScaleNormaliser.fit("s", np.exp(reference))(np.exp(x[distance < 0])) < 0.0).all()
+    for side in (distance < 0, distance >= 0):  # monotone in |log s − median| within each side
+        order = np.argsort(np.abs(distance[side]), kind="stable")
+        assert (np.diff(got[side][order]) >= -1e-12).all()
+    assert z(np.exp([z.log_median]))[0] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_combined_score_is_the_largest_z_and_needs_every_component() -> None:
     combiner = CombinedOODScore(
         [LogScaleNormaliser("mutual_information", -3.0, 1.0), LogScaleNormaliser("density", 4.0, 0.5)]
@@ -207,8 +272,23 @@ def test_combined_score_is_monotone_in_each_component(
         assert (after >= before).all(), c.score
 
 
+# the same with a two-sided component (the combined score is no longer monotone in it)
+mixed_normalisers_strategy = st.lists(
+    st.tuples(st.floats(-20, 20), st.floats(0.01, 10), st.floats(0.01, 10), st.booleans()),
+    min_size=1,
+    max_size=3,
+).map(
+    lambda params: [
+        LogScaleNormaliser(f"s{j}", m, iqr, tails="both", log_lower_scale=lo, log_upper_scale=iqr)
+        if two_sided
+        else LogScaleNormaliser(f"s{j}", m, iqr)
+        for j, (m, iqr, lo, two_sided) in enumerate(params)
+    ]
+)
+
+
 @COMBINED
-@given(normalisers_strategy, st.data(), st.floats(0.01, 0.99))
+@given(mixed_normalisers_strategy, st.data(), st.floats(0.01, 0.99))
 def test_conformal_flags_of_the_combined_score_are_super_uniform_on_exchangeable_rows(
     normalisers: list[LogScaleNormaliser], data: st.DataObject, alpha: float
 ) -> None:
