@@ -107,8 +107,10 @@ class OODCalibration(_Strict):
 
     score: str = Field(description="Name of the uncertainty score used as OOD score (higher = more OOD).")
     components: list[OODComponent] = Field(default_factory=list)
-    combination: Literal["max_log_z"] | None = Field(
-        default=None, description="How components combine: max_log_z = the largest normalised log-score."
+    combination: Literal["sum_pos_log_z", "max_log_z"] | None = Field(
+        default=None,
+        description="How components combine: sum_pos_log_z = Σ max(z, 0) of the normalised log-scores; "
+        "max_log_z = the largest of them.",
     )
     calibration_scores: list[float] = Field(min_length=1)
     default_alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="Flag when p-value <= alpha.")
@@ -138,7 +140,8 @@ class OODCalibration(_Strict):
         """The combined statistic, or None when the OOD score is one score as in schema version 1."""
         if not self.components:
             return None
-        return CombinedOODScore([c.normaliser() for c in self.components])
+        rule = self.combination or CombinedOODScore.RULE
+        return CombinedOODScore([c.normaliser() for c in self.components], rule=rule)
 
     @property
     def score_names(self) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ class Evaluation:
     raw: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)  # method -> set -> outputs
     # the combined statistic's components, normalised on the validation split (empty: no density)
     components: list[LogScaleNormaliser] = field(default_factory=list)
+    combination: str = CombinedOODScore.RULE
 
 
 def run_graph(path: Path, x: np.ndarray, task: str) -> list[np.ndarray]:

@@ -93,13 +93,14 @@ def ood_statistic_markdown(report: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     keys = list(next(iter(rows.values())))
-    lines = ["", "## Hydra's OOD statistic: uncertainty score, feature density, combined (AUROC)", ""]
+    lines = ["", "## Hydra's OOD statistic: uncertainty score, feature densities, combined (AUROC)", ""]
     lines += ["| set | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{v[k]:.4f}" for k in keys) + " |" for name, v in rows.items()]
     lines += [
         "",
-        "The served `ood_score` is `combined`: the larger of the two scores' log-scale z-values, each "
-        "normalised on the validation split; its p-value is conformal on the calibration split.",
+        "The served `ood_score` is `combined`: the largest of the components' log-scale z-values (input "
+        "typicality two-sided), each normalised on the validation split; its p-value is conformal on the "
+        "calibration split.",
     ]
     return lines
 

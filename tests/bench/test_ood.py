@@ -76,3 +76,15 @@ def test_groups_and_section_render() -> None:
     )
     assert "### Fresh datasets (untouched)" in doc and "| moons |" in doc and "**1.00**" in doc
     assert "Seen datasets" not in doc  # no rows in that group
+
+
+def test_resampled_false_alarm_is_at_most_alpha_for_exchangeable_rows() -> None:
+    from bench.ood import resampled_false_alarm
+
+    rng = np.random.default_rng(3)
+    cal, test = rng.standard_normal(299), rng.standard_normal(300)
+    out = resampled_false_alarm(cal, test, alpha=0.05, draws=300)
+    # E[rate] = floor(0.05 * 300) / 300 = 0.05 exactly for continuous exchangeable scores
+    assert 0.045 <= out["mean"] <= 0.055 and out["p05"] < out["mean"] < out["p95"]
+    # one split's realised rate scatters by about sqrt(0.05 * 0.95 / 300) ~ 1.3 pts per side
+    assert 0.01 < out["p95"] - out["p05"] < 0.06

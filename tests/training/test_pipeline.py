@@ -90,7 +90,7 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
 
     # schema 2: the OOD statistic combines MI with the density, normalised on the validation split
     assert manifest.schema_version == 2 and manifest.outputs.density == "density"
-    assert manifest.ood.score == "combined" and manifest.ood.combination == "max_log_z"
+    assert manifest.ood.score == "combined" and manifest.ood.combination == "sum_pos_log_z"
     assert [c.score for c in manifest.ood.components] == ["mutual_information", "density", "input_density"]
     assert [c.tails for c in manifest.ood.components] == ["upper", "upper", "both"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
