@@ -22,10 +22,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from training.config import DataConfig, RunConfig, Task
-from training.data import BUILTIN_DATASETS, load_data
+from training.config import DataConfig, ExternalTeachersConfig, RunConfig, Task
+from training.data import BUILTIN_DATASETS
 from training.distributed import from_main, is_main, process_group
-from training.pipeline import make_config, run_all, stage_distil, stage_evaluate, stage_export, stage_teachers
+from training.pipeline import (
+    load_task_data,
+    make_config,
+    run_all,
+    stage_distil,
+    stage_evaluate,
+    stage_export,
+    stage_teachers,
+)
 from training.report import results_table
 
 StrictOption = Annotated[
@@ -80,7 +88,7 @@ def _summary(report: dict[str, Any]) -> None:
     ood = {k: f["hydra_ood"] for k, f in sc["families"].items() if "hydra_ood" in f}
     if ood:
         line = ", ".join(f"{k} {v[sc['score']]:.2f}→{v['combined']:.2f}" for k, v in ood.items())
-        console.print(f"OOD flag, Hydra AUROC by {sc['score']} → combined with the feature density: {line}")
+        console.print(f"OOD flag, Hydra AUROC by {sc['score']} → combined with the feature densities: {line}")
     if not sc["passed"]:
         console.print(
             "[bold yellow]WARNING[/]: Hydra does not follow its teachers on the self-check probes: "
@@ -125,11 +133,30 @@ def run(
         float | None,
         typer.Option(min=0.25, help="Student dense widths = the teachers' x this (default: the preset's)"),
     ] = None,
+    teachers: Annotated[
+        list[Path] | None,
+        typer.Option(help="Your own ONNX teachers: .onnx files or folders (repeat the option); with --data"),
+    ] = None,
+    teacher_output: Annotated[
+        str | None, typer.Option(help="logits | probs (classification teachers; default: detected)")
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Student body with --teachers: mlp (default) | cnn1d | cnn2d")
+    ] = None,
 ) -> None:
-    """Teachers -> Hydra distillation -> ONNX export -> evaluation on the exported graphs."""
+    """Teachers -> Hydra distillation -> ONNX export -> evaluation on the exported graphs.
+
+    With --teachers, the ONNX files are the ensemble (from any framework); --data gives the rows to
+    distil on, --target is optional (without it the report measures fidelity to the teachers)."""
+    if teachers and data is None:
+        raise typer.BadParameter("--teachers needs --data (the rows to distil on)", param_hint="--data")
     if data is not None:
         if task not in ("classification", "regression"):
             raise typer.BadParameter("--task must be classification or regression", param_hint="--task")
+        if target is None and not teachers:
+            raise typer.BadParameter(
+                "--data needs --target (optional only with --teachers)", param_hint="--target"
+            )
         task_value: Task = "classification" if task == "classification" else "regression"
         data_cfg = DataConfig(
             dataset="file", path=str(data), target=target, task=task_value, ood_path=str(ood) if ood else None
@@ -149,6 +176,8 @@ def run(
         epochs=epochs,
         smoke=smoke,
         student_width=student_width,
+        external=ExternalTeachersConfig(paths=tuple(str(p) for p in teachers or ()), output=teacher_output),
+        arch_kind=arch,
     )
     run_dir = run_dir or Path("runs") / f"{cfg.name}-s{seed}{'-smoke' if smoke else ''}"
     if config_only:
@@ -159,6 +188,11 @@ def run(
         )
         return
     start = time.perf_counter()
+    try:  # the data and the user's teachers are checked before anything runs: one line per problem
+        load_task_data(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[bold red]error[/]: {exc}", soft_wrap=True)  # one line, whatever the width
+        raise typer.Exit(2) from exc
     with process_group(cfg.device), bars() as progress:
         report = run_all(cfg, run_dir, out, progress)
     _summary(report)
@@ -181,7 +215,7 @@ def teachers(run_dir: Annotated[Path, typer.Option()]) -> None:
     """Stage 1: train the ensemble members."""
     cfg = _load(run_dir)
     with process_group(cfg.device), bars() as progress:
-        info = stage_teachers(cfg, load_data(cfg.data), run_dir, progress)
+        info = stage_teachers(cfg, load_task_data(cfg), run_dir, progress)
     console.print(f"teachers: {info['seconds']:.1f}s")
 
 
@@ -190,7 +224,7 @@ def distil(run_dir: Annotated[Path, typer.Option()]) -> None:
     """Stage 2: Hydra distillation (and the KD baseline)."""
     cfg = _load(run_dir)
     with process_group(cfg.device), bars() as progress:
-        info = stage_distil(cfg, load_data(cfg.data), run_dir, progress)
+        info = stage_distil(cfg, load_task_data(cfg), run_dir, progress)
     console.print(f"distil: {info['seconds']:.1f}s, transfer set {info['transfer_size']} rows")
 
 
@@ -199,7 +233,7 @@ def export(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.
     """Stage 3: export model.onnx, ensemble.onnx, kd.onnx (parity-checked)."""
     cfg = _load(run_dir)
     with process_group(cfg.device), bars() as progress:
-        from_main(lambda: stage_export(cfg, load_data(cfg.data), run_dir, out, progress))
+        from_main(lambda: stage_export(cfg, load_task_data(cfg), run_dir, out, progress))
 
 
 @app.command()
@@ -212,7 +246,7 @@ def evaluate(
     manifest.json."""
     cfg = _load(run_dir)
     with process_group(cfg.device), bars() as progress:
-        report = from_main(lambda: stage_evaluate(cfg, load_data(cfg.data), run_dir, out, progress))
+        report = from_main(lambda: stage_evaluate(cfg, load_task_data(cfg), run_dir, out, progress))
     _summary(report)
     _verdict(report, strict)
 

@@ -90,6 +90,18 @@ class DistilConfig:
 
 
 @dataclass(frozen=True)
+class ExternalTeachersConfig:
+    """The user's own ONNX teachers (`--teachers`): distilled instead of training ours."""
+
+    paths: tuple[str, ...] = ()  # .onnx files and/or folders of them
+    output: str | None = None  # classification: "logits" | "probs"; None = detected per teacher
+
+    @property
+    def used(self) -> bool:
+        return bool(self.paths)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "digits"
     version: int = 1
@@ -100,6 +112,7 @@ class RunConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distil: DistilConfig = field(default_factory=DistilConfig)
+    external: ExternalTeachersConfig = field(default_factory=ExternalTeachersConfig)
     ood_score: str | None = None  # default: mutual_information / epistemic_variance
     default_alpha: float = 0.05
 
@@ -120,13 +133,14 @@ class RunConfig:
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
             return kind(**kwargs)
 
-        top = {k: v for k, v in raw.items() if k not in ("data", "arch", "teacher", "distil")}
+        top = {k: v for k, v in raw.items() if k not in ("data", "arch", "teacher", "distil", "external")}
         return replace(
             build(cls, top),
             data=build(DataConfig, raw.get("data", {})),
             arch=build(ArchConfig, raw.get("arch", {})),
             teacher=build(TeacherConfig, raw.get("teacher", {})),
             distil=build(DistilConfig, raw.get("distil", {})),
+            external=build(ExternalTeachersConfig, raw.get("external", {})),
         )
 
     @classmethod

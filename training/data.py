@@ -21,6 +21,7 @@ Built-in OOD sets (see also docs/TRAINING.md):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class TaskData:
     feature_names: list[str] | None = None
     image_hw: tuple[int, int] | None = None
     sha256: str = ""
+    # False: the file had no target column and `y` holds the teachers' own predictions (--teachers
+    # without --target): quality metrics then measure agreement with the teachers, not accuracy
+    labelled: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -297,17 +301,26 @@ def _features(columns: dict[str, np.ndarray], target: str | None) -> tuple[np.nd
     return x.astype(np.float32), names
 
 
-def _from_file(cfg: DataConfig) -> TaskData:
-    if cfg.path is None or cfg.target is None or cfg.task is None:
+LabelFn = Callable[[np.ndarray], np.ndarray]  # raw rows -> class ids or regression targets
+
+
+def _from_file(cfg: DataConfig, label_fn: LabelFn | None = None) -> TaskData:
+    """A CSV / Parquet / NPZ table. Without a target column, `label_fn` (the user's teachers) labels
+    the rows; class names are then the teachers' class indices."""
+    if cfg.path is None or cfg.task is None or (cfg.target is None and label_fn is None):
         raise ValueError("--data needs --target and --task")
     path = Path(cfg.path)
     columns = _read_table(path)
-    if cfg.target not in columns:
+    if cfg.target is not None and cfg.target not in columns:
         raise ValueError(f"target column {cfg.target!r} not in {sorted(columns)}")
     x, names = _features(columns, cfg.target)
-    target = columns[cfg.target]
+    target = columns[cfg.target] if cfg.target is not None else np.asarray(label_fn(x))  # type: ignore[misc]
     labels: list[str] | None = None
-    if cfg.task == "classification":
+    if cfg.task == "classification" and cfg.target is None:
+        # the teachers' class indices: keep them as they are (a class they never predict keeps its id)
+        y = np.asarray(target, dtype=np.int64)
+        labels = [str(i) for i in range(int(y.max()) + 1)]
+    elif cfg.task == "classification":
         classes, y = np.unique(target, return_inverse=True)
         labels = [str(c) for c in classes]
         if len(labels) < 2:
@@ -338,16 +351,18 @@ def _from_file(cfg: DataConfig) -> TaskData:
         labels=labels,
         feature_names=names,
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        labelled=cfg.target is not None,
     )
 
 
-def load_data(cfg: DataConfig) -> TaskData:
+def load_data(cfg: DataConfig, label_fn: LabelFn | None = None) -> TaskData:
+    """The dataset of `cfg`; `label_fn` labels a target-less `--data` file (the user's teachers)."""
     builders = {
         "digits": _digits,
         "mnist1d": _mnist1d,
         "toy": _toy,
         "diabetes": _diabetes,
-        "file": _from_file,
+        "file": lambda c: _from_file(c, label_fn),
     }
     if cfg.dataset not in builders:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; built-in: {BUILTIN_DATASETS}, or --data FILE")

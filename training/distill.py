@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -39,14 +40,39 @@ class DistilResult:
     transfer_size: int
 
 
-@torch.no_grad()
+class TeacherLabeller(Protocol):
+    """What distillation needs of an ensemble: M, and raw outputs (n, M, out) in the training space
+    (classification logits; regression (mean, inverse-softplus variance) in standardised units)."""
+
+    @property
+    def heads(self) -> int: ...
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+class MemberTeachers:
+    """Our own teachers (HydraNet members), run in torch."""
+
+    def __init__(self, members: list[HydraNet], batch: int = 1024) -> None:
+        self.members = members
+        self.batch = batch
+
+    @property
+    def heads(self) -> int:
+        return len(self.members)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        outs = []
+        for start in range(0, len(x), self.batch):
+            chunk = x[start : start + self.batch]
+            outs.append(torch.cat([m(chunk) for m in self.members], dim=1))
+        return torch.cat(outs)
+
+
 def teacher_outputs(members: list[HydraNet], x: Tensor, batch: int = 1024) -> Tensor:
     """Raw outputs of every teacher, stacked on the head axis: (n, M, out)."""
-    outs = []
-    for start in range(0, len(x), batch):
-        chunk = x[start : start + batch]
-        outs.append(torch.cat([m(chunk) for m in members], dim=1))
-    return torch.cat(outs)
+    return MemberTeachers([m.eval() for m in members], batch)(x)
 
 
 def _radial_mean(kl: Tensor, row_scale: Tensor | None) -> Tensor:
@@ -126,16 +152,19 @@ def _fit(
 def distil(
     cfg: RunConfig,
     data: TaskData,
-    members: list[HydraNet],
+    members: list[HydraNet] | TeacherLabeller,
     device: torch.device,
     progress: Progress | None = None,
 ) -> DistilResult:
+    """`members`: our teachers, or any `TeacherLabeller` (the user's ONNX teachers)."""
     dc = cfg.distil
     torch.manual_seed(cfg.seed + 999)
     generator = torch.Generator().manual_seed(cfg.seed + 999)
     x = torch.from_numpy(transfer_inputs(dc, data, cfg.seed)).to(device)
-    members = [m.to(device).eval() for m in members]
-    targets = teacher_outputs(members, x)  # (n, M, out), labelled once
+    teachers = (
+        MemberTeachers([m.to(device).eval() for m in members]) if isinstance(members, list) else members
+    )
+    targets = teachers(x).to(device)  # (n, M, out), labelled once
     task, T = data.task, dc.temperature
     # per-row factor, 1 near the data and distance / data radius far out: it divides the temperature
     # (classification) or the Gaussian KL (regression), so far rows neither saturate nor dominate
@@ -163,7 +192,7 @@ def distil(
     kd = copy.deepcopy(student).cpu().eval()
 
     # Phase 2: M heads initialised from the phase-1 head, head m fits teacher m.
-    student.expand_heads(len(members))
+    student.expand_heads(teachers.heads)
     student.to(device)
     body_lr = dc.lr * dc.phase2_body_lr_scale
     for p in student.body_parameters():

@@ -6,6 +6,11 @@
     evaluate  -> <out>/{manifest.json, report.json, report.md, *.png}   (on the exported ONNX)
 
 `<run>/config.json` holds the `RunConfig`, so every stage can be re-run alone.
+
+With the user's own ONNX teachers (`cfg.external`, `--teachers`) the teachers stage inspects the
+files instead of training (`<run>/teachers.json`: paths, hashes, detected outputs), distillation
+labels the transfer set with them through onnxruntime, and `ensemble.onnx` is their graphs stacked
+into one with our output contract (training/onnx_teachers.py); everything downstream is the same.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from service.manifest import (
     Provenance,
     TensorSpec,
 )
-from training.config import ArchConfig, DataConfig, DistilConfig, RunConfig, TeacherConfig
+from training.config import (
+    ArchConfig,
+    DataConfig,
+    DistilConfig,
+    ExternalTeachersConfig,
+    RunConfig,
+    TeacherConfig,
+)
 from training.data import TaskData, load_data
 from training.density import fit_feature_density, fit_input_density
 from training.distill import distil
@@ -87,6 +99,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Student bodies for `--arch` (external teachers bring no architecture of ours): the tabular MLP of
+# the `file` preset, and the conv stacks of the MNIST-1D and digits presets.
+STUDENT_BODIES = {
+    "mlp": ArchConfig(kind="mlp", hidden=(128, 128), head_layers=1),
+    "cnn1d": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
+    "cnn2d": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
+}
+
+
 def make_config(
     data: DataConfig,
     *,
@@ -99,8 +120,15 @@ def make_config(
     epochs: int | None = None,
     smoke: bool = False,
     student_width: float | None = None,
+    external: ExternalTeachersConfig | None = None,
+    arch_kind: str | None = None,
 ) -> RunConfig:
     preset = PRESETS[data.dataset]
+    arch: ArchConfig = preset["arch"]
+    if arch_kind is not None:
+        if arch_kind not in STUDENT_BODIES:
+            raise ValueError(f"--arch must be one of {sorted(STUDENT_BODIES)}, got {arch_kind!r}")
+        arch = STUDENT_BODIES[arch_kind]
     teacher = replace(preset["teacher"], members=members)
     dc: DistilConfig = preset["distil"]
     if student_width is not None:
@@ -123,9 +151,10 @@ def make_config(
         device=device,
         threads=threads,
         data=data,
-        arch=preset["arch"],
+        arch=arch,
         teacher=teacher,
         distil=dc,
+        external=external or ExternalTeachersConfig(),
     )
 
 
@@ -149,9 +178,67 @@ def _noop(stage: str, done: int, total: int, note: str) -> None:
     return None
 
 
+def load_task_data(cfg: RunConfig) -> TaskData:
+    """The run's data; with external teachers, checked against them (features, classes), shaped
+    like their input, and labelled by them when the file has no target column."""
+    if not cfg.external.used:
+        return load_data(cfg.data)
+    from training.external import label_function, teacher_specs
+
+    specs = teacher_specs(cfg)
+    label_fn = label_function(specs, cfg.data.task or "") if cfg.data.target is None else None
+    data = load_data(cfg.data, label_fn)
+    return fit_to_teachers(data, specs)
+
+
+def fit_to_teachers(data: TaskData, specs: list[Any]) -> TaskData:
+    """Reshape the (flat) rows to the teachers' input shape; check feature and class counts."""
+    shape = tuple(specs[0].row_shape)
+    size = int(np.prod(shape))
+    if int(np.prod(data.row_shape)) != size:
+        raise ValueError(
+            f"the teachers take {size} input values per row {list(shape)}, "
+            f"--data has {int(np.prod(data.row_shape))} feature columns"
+        )
+    if data.task == "classification":
+        classes = int(specs[0].classes)
+        if not data.labelled:
+            data = replace(data, labels=[str(i) for i in range(classes)])
+        elif len(data.labels or []) != classes:
+            raise ValueError(
+                f"the teachers predict {classes} classes, the target column has {len(data.labels or [])}"
+            )
+    if shape == data.row_shape:
+        return data
+
+    def reshaped(split: Any) -> Any:
+        return replace(split, x=split.x.reshape(len(split.x), *shape))
+
+    return replace(
+        data,
+        row_shape=shape,
+        kind="image" if len(shape) == 2 else data.kind,
+        image_hw=(shape[0], shape[1]) if len(shape) == 2 else None,
+        train=reshaped(data.train),
+        val=reshaped(data.val),
+        cal=reshaped(data.cal),
+        test=reshaped(data.test),
+        ood={k: v.reshape(len(v), *shape) for k, v in data.ood.items()},
+        feature_names=None,
+    )
+
+
 def stage_teachers(
     cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progress = _noop
 ) -> dict[str, Any]:
+    if cfg.external.used:  # the user's ONNX teachers: inspect and record them, train nothing
+        from training.external import save_specs, teacher_specs
+
+        start = time.perf_counter()
+        specs = teacher_specs(cfg)
+        progress("teachers", len(specs), len(specs), f"{len(specs)} ONNX teachers checked")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return save_specs(specs, run_dir, time.perf_counter() - start)
     device = setup(cfg)
     start = time.perf_counter()
     results = []
@@ -192,11 +279,22 @@ def _load_teachers(cfg: RunConfig, data: TaskData, run_dir: Path) -> tuple[list[
     return load_members(cfg, data, ckpt["states"]), ckpt
 
 
-def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
-    device = setup(cfg)
+def _teachers_for_distillation(cfg: RunConfig, data: TaskData, run_dir: Path) -> Any:
+    if cfg.external.used:
+        from training.external import OnnxLabeller, check_unchanged, teacher_specs
+        from training.onnx_teachers import OnnxTeachers
+
+        specs = teacher_specs(cfg)
+        check_unchanged(specs, run_dir)
+        return OnnxLabeller(OnnxTeachers(specs), data.task, *target_scaling(data))
     # rank 0 reads the checkpoint it wrote and hands the states to the others (no shared disk needed)
     states = from_main(lambda: torch.load(run_dir / "teachers.pt", weights_only=True)["states"])
-    members = load_members(cfg, data, states)
+    return load_members(cfg, data, states)
+
+
+def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
+    device = setup(cfg)
+    members = _teachers_for_distillation(cfg, data, run_dir)
     start = time.perf_counter()
     dc = cfg.distil
     total = dc.phase1_epochs + dc.phase2_epochs
@@ -227,7 +325,8 @@ def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progre
 
 
 def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, PackagedModel]:
-    members, _ = _load_teachers(cfg, data, run_dir)
+    """The graphs to export from torch (all three; external teachers: not the ensemble)."""
+    members = [] if cfg.external.used else _load_teachers(cfg, data, run_dir)[0]
     ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
     hydra = build_network(cfg, data, heads=int(ckpt["heads"]), student=True)
     hydra.load_state_dict(ckpt["hydra"])
@@ -242,9 +341,8 @@ def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, Packag
         "model.onnx": PackagedModel(
             [hydra], data.task, y_mean, y_std, density=density, input_density=typicality
         ),
-        "ensemble.onnx": PackagedModel(members, data.task, y_mean, y_std),
         "kd.onnx": PackagedModel([kd.eval()], data.task, y_mean, y_std),
-    }
+    } | ({"ensemble.onnx": PackagedModel(members, data.task, y_mean, y_std)} if members else {})
 
 
 def stage_export(
@@ -255,10 +353,23 @@ def stage_export(
     check_rows = np.concatenate([data.test.x[:64], *[x[:16] for x in data.ood.values()]])
     info = {}
     models = _packaged(cfg, data, run_dir)
+    total = len(models) + (1 if cfg.external.used else 0)
     for i, (filename, model) in enumerate(models.items()):
         parity = export_onnx(model, data.row_shape, out / filename, check_rows)
         info[filename] = {"max_abs_diff": parity} | graph_summary(out / filename)
-        progress("export", i + 1, len(models), filename)
+        progress("export", i + 1, total, filename)
+    if cfg.external.used:  # the user's graphs stacked into one, checked against each file run alone
+        from training.external import check_unchanged, teacher_specs
+        from training.onnx_teachers import stack_teachers
+
+        specs = teacher_specs(cfg)
+        check_unchanged(specs, run_dir)
+        stack_teachers(specs, out / "ensemble.onnx", input_name=INPUT_NAME)
+        info["ensemble.onnx"] = {
+            "max_abs_diff": {},
+            "stacked_from": [s.path.name for s in specs],
+        } | graph_summary(out / "ensemble.onnx")
+        progress("export", total, total, "ensemble.onnx (stacked)")
     (run_dir / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -323,9 +434,13 @@ def stage_evaluate(
     scores = {m: v["ood_score"] for m, v in ev.report["methods"].items()}
     ev.report["self_check"] = self_check(out, data, scores, seed=cfg.seed, components=ev.components)
     progress("evaluate", 1, 3, "metrics and self-check")
-    teachers_ckpt = torch.load(run_dir / "teachers.pt", weights_only=True)
+    if cfg.external.used:
+        teachers_info = json.loads((run_dir / "teachers.json").read_text())
+    else:
+        teachers_info = torch.load(run_dir / "teachers.pt", weights_only=True)
     distil_ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
-    seconds = {"teachers": float(teachers_ckpt["seconds"]), "distil": float(distil_ckpt["seconds"])}
+    seconds = {"teachers": float(teachers_info["seconds"]), "distil": float(distil_ckpt["seconds"])}
+    ev.report["labelled"] = data.labelled
     ev.report["runtime_seconds"] = seconds
     ev.report["transfer_size"] = int(distil_ckpt["transfer_size"])
     ev.report["config"] = cfg.to_json()
@@ -348,7 +463,7 @@ def stage_evaluate(
                 )
                 for c in ev.components
             ],
-            combination="max_log_z",
+            combination=ev.combination,
             calibration_scores=[float(s) for s in ev.calibration_scores],
             default_alpha=cfg.default_alpha,
         )
@@ -363,8 +478,13 @@ def stage_evaluate(
         version=cfg.version,
         task=data.task,
         description=(
-            f"Hydra student ({distil_ckpt['heads']} heads) distilled from a {cfg.teacher.members}-member "
-            f"{cfg.arch.kind} ensemble on {data.name}"
+            f"Hydra student ({distil_ckpt['heads']} heads) distilled from "
+            + (
+                f"{distil_ckpt['heads']} user ONNX teachers"
+                if cfg.external.used
+                else f"a {cfg.teacher.members}-member {cfg.arch.kind} ensemble"
+            )
+            + f" on {data.name}"
         ),
         input=TensorSpec(name=INPUT_NAME, shape=[-1, *data.row_shape], dtype="float32"),
         feature_names=data.feature_names,
@@ -388,8 +508,16 @@ def stage_evaluate(
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             training_seconds=round(sum(seconds.values()), 2),
             packages=_packages(),
-            teacher_members=cfg.teacher.members,
+            teacher_members=int(distil_ckpt["heads"]),
             architecture=cfg.arch.kind,
+            **(
+                {
+                    "teachers": teachers_info["teachers"],
+                    "labels": "target column" if data.labelled else "teachers",
+                }
+                if cfg.external.used
+                else {}
+            ),
         ),
     )
     # validate the round trip exactly as the server will read it
@@ -402,7 +530,7 @@ def stage_evaluate(
 def run_all(cfg: RunConfig, run_dir: Path, out: Path, progress: Progress = _noop) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     from_main(lambda: cfg.save(run_dir / "config.json"))  # one writer
-    data = load_data(cfg.data)
+    data = load_task_data(cfg)
     stage_teachers(cfg, data, run_dir, progress)
     stage_distil(cfg, data, run_dir, progress)
 
