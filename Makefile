@@ -71,11 +71,12 @@ clean:
 # ---- Benchmarks (bench/, written to docs/BENCHMARKS.md) -----------------------------------------
 # make bench [BENCH_PRESET=reduced|full|smoke]; each part alone: bench-quality (built-in datasets, then the
 # tuning and confirmation suites), bench-suites (the suites alone), bench-ood (MI, density and the combined
-# OOD flag on all of them; reuses their checkpoints), bench-cost, bench-server.
+# OOD flag on all of them; reuses their checkpoints), bench-external (the user's own ONNX teachers),
+# bench-cost, bench-server.
 # Part 4 (GPU) is bench/gpu.sh, on a machine with an NVIDIA GPU.
 BENCH_PRESET ?= reduced
 TRITON_VENV ?= .venv-triton
-.PHONY: bench-deps bench-triton-venv bench-quality bench-suites bench-ood bench-cost bench-server bench-report bench-gpu
+.PHONY: bench-deps bench-triton-venv bench-quality bench-suites bench-ood bench-external bench-cost bench-server bench-report bench-gpu
 
 # wrk (Debian) drives the load; py-spy profiles the server where a target is missed.
 bench-deps: $(VENV)/.dev-installed
@@ -106,6 +107,9 @@ bench-suites: install
 
 bench-ood: install
 	$(PY) -m bench ood --preset $(BENCH_PRESET)
+
+bench-external: install
+	$(PY) -m bench external --preset $(BENCH_PRESET)
 
 bench-cost: install
 	$(PY) -m bench cost --preset $(BENCH_PRESET)

@@ -1,4 +1,4 @@
-"""`python -m bench quality|suites|ood|cost|server|report|all [--preset reduced]` — see docs/BENCHMARKS.md.
+"""`python -m bench quality|suites|ood|external|cost|server|report|all [--preset reduced]`: BENCHMARKS.md.
 
 Each part writes bench/results/<part>.json (with machine, date, load and command) and regenerates
 docs/BENCHMARKS.md and its figures. `--preset smoke` checks everything runs in minutes;
@@ -117,6 +117,29 @@ def ood(
     rows = run_ood(plan, BUILD, log=typer.echo)
     save(rows, plan, meta | {"preset": p.name}, time.perf_counter() - t0, report.RESULTS / "ood.json")
     typer.echo(f"wrote {report.RESULTS / 'ood.json'}")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def external(preset: PresetOption = "reduced") -> None:
+    """Part 1d: the user's own ONNX teachers (scikit-learn MLPs, and MLPs + boosted trees, exported with
+    skl2onnx) distilled with `python -m training run --teachers` (bench/external.py)."""
+    from bench.external import run_external, verdict
+    from bench.workloads import BUILD
+
+    p = _preset(preset)
+    meta = describe(_command())
+    t0 = time.perf_counter()
+    runs = run_external(p.external, BUILD / "external", log=typer.echo)
+    result = {
+        "preset": p.name,
+        "plan": dataclasses.asdict(p.external),
+        "machine": meta,
+        "runs": runs,
+        "verdict": verdict(runs),
+        "seconds": time.perf_counter() - t0,
+    }
+    _save("external", result)
     typer.echo(f"wrote {report.write()}")
 
 
@@ -286,6 +309,7 @@ def all_parts(preset: PresetOption = "reduced") -> None:
         preset=preset, only="tuning,confirmation,fresh,fresh2", datasets="", split_seeds="0", output="suites"
     )
     ood(preset=preset, no_oracle=False)  # after quality and suites: reuses their checkpoints
+    external(preset=preset)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.external import ExternalPlan
 from bench.ood import OODPlan
 from bench.quality import QualityPlan
 from bench.suites import SuitePlan
@@ -21,6 +22,7 @@ class Preset:
     server: dict[str, Any] = field(default_factory=dict)
     suites: SuitePlan = field(default_factory=SuitePlan)
     ood: OODPlan = field(default_factory=OODPlan)
+    external: ExternalPlan = field(default_factory=ExternalPlan)
 
 
 PRESETS = {
@@ -48,6 +50,7 @@ PRESETS = {
             members=3,
             suite_epochs=2,
         ),
+        external=ExternalPlan(datasets=("wine",), ensembles=("mixed",), epochs=2),
     ),
     "reduced": Preset(
         "reduced",

@@ -293,6 +293,52 @@ def ood_section(od: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
+def external_section(ex: dict[str, Any] | None) -> str:
+    """Part 1d: the user's own ONNX teachers distilled with `--teachers`."""
+    title = "## 1d. The user's own ONNX teachers (`training run --teachers`)"
+    if ex is None:
+        return f"{title}\n\nNot run yet: `make bench-external`.\n"
+    from bench.external import verdict
+
+    out = [title, "", _provenance(ex["machine"]), ""]
+    out.append(
+        f"Preset `{ex['preset']}`, wall time {ex['seconds']:.0f} s. Each ensemble is made as a user would make it, "
+        "outside our code: scikit-learn pipelines (StandardScaler + model) fitted on the table's training split and "
+        "exported with skl2onnx — **mlp5**: five `MLPClassifier`s (widths 32, 64, 128, 64×64, 32×32); **mixed**: three "
+        "of them and two `GradientBoostingClassifier`s. Then `python -m training run --data FILE --target target "
+        "--task classification --teachers FOLDER` (the `file` preset, no per-dataset setting). MI Spearman: Hydra vs "
+        "the teachers run one by one in onnxruntime (`OnnxTeachers`), over test ∪ probe rows. Retention: on every "
+        "probe family the teachers detect (AUROC ≥ 0.7)."
+    )
+    rows = []
+    for r in ex["runs"]:
+        acc = r["accuracy"]
+        worst = min(r["families"].items(), key=lambda kv: kv[1]["hydra_retention"], default=None)
+        rows.append(
+            [
+                r["dataset"],
+                r["ensemble"],
+                " / ".join(f"{acc[m]:.4f}" for m in ("ensemble", "kd", "hydra")),
+                f"{r['spearman_vs_teachers']:.3f}",
+                str(len(r["families"])),
+                "—" if worst is None else f"{worst[1]['hydra_retention']:.2f} ({worst[0]})",
+                f"{r['seconds']:.0f}",
+            ]
+        )
+    header = ["dataset", "ensemble", "accuracy ens / KD / Hydra", "MI Spearman vs teachers", "families counted",
+              "min retention (family)", "run s"]  # fmt: skip
+    out += ["", _table(header, rows)]
+    v = verdict(ex["runs"])
+    out += [
+        "",
+        "Criteria (accuracy within 2 pts, MI Spearman ≥ 0.9, retention ≥ 0.9 on every family the teachers detect): "
+        + _check(v["met"])
+        + (f" — misses: {'; '.join(v['misses'])}" if v["misses"] else "")
+        + ".",
+    ]
+    return "\n".join(out)
+
+
 def splits_section(sp: dict[str, Any] | None) -> str:
     """How much one table's result moves when other rows fall into training and test."""
     if sp is None:
@@ -705,6 +751,7 @@ def write(extra: dict[str, str] | None = None) -> Path:
     if sp:
         parts.append(splits_section(sp))
     parts.append(ood_section(load("ood")))
+    parts.append(external_section(load("external")))
     parts.append(cost_section(c))
     if c1:
         parts.append(

@@ -18,7 +18,7 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def density_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`dens_clf/1`, `dens_reg/1` (schema 2: density output, combined OOD score) and a v1 `clf/1`, of
+    """`dens_clf/1`, `dens_reg/1` (schema 2: density outputs, combined OOD score) and a v1 `clf/1`, of
     tests/service/support.py, written once per session. Never modify it."""
     return build_density_repository(tmp_path_factory.mktemp("density_models"))
 

@@ -187,8 +187,13 @@ def load_task_data(cfg: RunConfig) -> TaskData:
 
     specs = teacher_specs(cfg)
     label_fn = label_function(specs, cfg.data.task or "") if cfg.data.target is None else None
-    data = load_data(cfg.data, label_fn)
-    return fit_to_teachers(data, specs)
+    data = fit_to_teachers(load_data(cfg.data, label_fn), specs)
+    if cfg.arch.kind == "cnn2d" and len(data.row_shape) != 2:
+        raise ValueError(
+            "--arch cnn2d needs teachers with a [batch, height, width] input; "
+            f"theirs is [batch, {', '.join(map(str, data.row_shape))}]"
+        )
+    return data
 
 
 def fit_to_teachers(data: TaskData, specs: list[Any]) -> TaskData:

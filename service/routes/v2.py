@@ -84,7 +84,8 @@ class ModelParameters(BaseModel):
     )
     ood_combination: str | None = Field(
         default=None,
-        description="How the components combine: max_log_z = the largest of their log-scale z-scores "
+        description="How the components combine: sum_pos_log_z = Σ max(z, 0) of their log-scale z-scores, "
+        "max_log_z = the largest of them "
         "(each normalised on held-out in-distribution data); null for one score.",
     )
     calibration_size: int = Field(description="Number of held-out calibration scores behind the p-values.")

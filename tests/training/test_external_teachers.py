@@ -188,3 +188,50 @@ def test_regression_teachers_distil_with_their_variances(tmp_path: Path) -> None
     np.testing.assert_allclose(variance, want_var, rtol=1e-4, atol=1e-4)
     report = json.loads((out / "report.json").read_text())
     assert "coverage_95" in report["methods"]["hydra"]["test"]
+
+
+class _Image(nn.Module):
+    """A teacher whose input is a 4 x 4 image, [batch, 4, 4]."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.net = _mlp(hidden, CLASSES, features=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+def test_image_shaped_teachers_get_a_conv_student(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 16)).astype(np.float32)
+    y = (x[:, :4].sum(axis=1) > 0).astype(np.int64) + (x[:, 4] > 1.0)
+    folder = tmp_path / "teachers"
+    folder.mkdir()
+    for seed, hidden in enumerate((8, 16)):
+        torch.manual_seed(seed)
+        net = _fit_classifier(_Image(hidden), x.reshape(-1, 4, 4), y, seed)
+        _export(net, folder / f"img{hidden}.onnx", row_shape=(4, 4))
+    csv = tmp_path / "rows.csv"
+    header = ",".join(f"p{i}" for i in range(16)) + ",label"
+    body = "\n".join(",".join(f"{v:.5f}" for v in r) + f",{t}" for r, t in zip(x, y, strict=True))
+    csv.write_text(header + "\n" + body + "\n")
+    out = tmp_path / "pkg" / "1"
+    _invoke(
+        "run", "--data", str(csv), "--target", "label", "--task", "classification", "--teachers", str(folder),
+        "--arch", "cnn2d", "--smoke", "--out", str(out), "--run-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    manifest = ModelManifest.load(out)
+    assert manifest.input.shape == [-1, 4, 4] and manifest.provenance.model_dump()["architecture"] == "cnn2d"
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": x[:3].reshape(3, 4, 4)})[0].shape == (3, 2, 3)
+    # a flat-input ensemble cannot take a 2-D conv student: said before anything runs
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for hidden in (8, 16):
+        _export(_mlp(hidden, CLASSES, features=16), flat / f"m{hidden}.onnx", row_shape=(16,))
+    result = CliRunner().invoke(
+        app,
+        ["run", "--data", str(csv), "--target", "label", "--task", "classification", "--teachers", str(flat),
+         "--arch", "cnn2d", "--smoke", "--out", str(tmp_path / "o" / "1"), "--run-dir", str(tmp_path / "r2")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--arch cnn2d" in result.output
