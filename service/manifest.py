@@ -88,6 +88,18 @@ class OODComponent(_Strict):
     log_upper_scale: float | None = Field(default=None, gt=0.0, description="both: 2 (q75 − median) of log s")
     fitted_on: str = Field(default="", description="Which held-out split the normalisation was fitted on.")
 
+    @classmethod
+    def from_normaliser(cls, n: LogScaleNormaliser, fitted_on: str = "") -> OODComponent:
+        return cls(
+            score=n.score,
+            log_median=n.log_median,
+            log_iqr=n.log_iqr,
+            tails=n.tails,
+            log_lower_scale=n.log_lower_scale,
+            log_upper_scale=n.log_upper_scale,
+            fitted_on=fitted_on,
+        )
+
     def normaliser(self) -> LogScaleNormaliser:
         return LogScaleNormaliser(
             score=self.score,

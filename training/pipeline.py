@@ -457,15 +457,7 @@ def stage_evaluate(
         ood = OODCalibration(
             score=COMBINED_SCORE,
             components=[
-                OODComponent(
-                    score=c.score,
-                    log_median=c.log_median,
-                    log_iqr=c.log_iqr,
-                    tails=c.tails,
-                    log_lower_scale=c.log_lower_scale,
-                    log_upper_scale=c.log_upper_scale,
-                    fitted_on=f"validation split ({len(data.val)} rows)",
-                )
+                OODComponent.from_normaliser(c, fitted_on=f"validation split ({len(data.val)} rows)")
                 for c in ev.components
             ],
             combination=ev.combination,
