@@ -22,8 +22,8 @@ from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.protocol.v2 import HEADER_LENGTH
 from service.repository import ModelRepository, NoLoadableModel
 from service.responses import OrjsonResponse
+from service.routes import docs, v1, v2
 from service.routes import repository as repository_routes
-from service.routes import v1, v2
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -67,6 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
+        # FastAPI's own pages load their assets from a CDN; install_docs serves them locally instead
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(repository_routes.router)
     app.include_router(v2.router)
+    docs.install_docs(app)
     metrics_app = metrics.asgi_app()
     app.mount("/metrics", metrics_app)
     # A mount alone answers the bare path with a 307 to "/metrics/"; scrapers ask for "/metrics".

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -143,6 +143,10 @@ class ModelList(BaseModel):
     models: list[str]
 
 
+class ServerLiveness(BaseModel):
+    status: Literal["alive"]
+
+
 def _reject_constant(constant: str) -> float:
     raise BadRequest(f"non-finite number {constant} is not allowed in the request (inputs must be finite)")
 
@@ -163,6 +167,13 @@ def _rows_to_predictions(answers: dict[str, NDArray[np.generic]]) -> list[dict[s
     # numpy scalars/rows go to orjson as they are: float32 then prints as 0.1, not 0.10000000149011612
     n = next(iter(answers.values())).shape[0]
     return [{name: column[i] for name, column in answers.items()} for i in range(n)]
+
+
+@router.get("/", response_model=ServerLiveness, summary="Liveness (KServe V1)")
+async def server_live() -> OrjsonResponse:
+    """`{"status": "alive"}` while the process runs, as KServe's model server answers (and its SDK's
+    V1 `is_server_live` expects). No model is consulted: readiness is `/v2/health/ready`."""
+    return OrjsonResponse({"status": "alive"})
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -94,6 +94,13 @@ def test_api_key_required_on_prediction_when_set_and_always_on_load(
         assert off.status_code == 403 and is_error_body(off.content)
 
 
+def test_health_and_docs_need_no_key_when_one_is_set(keyed: Server) -> None:
+    # probes (kubelet, KServe's SDK) and a browser opening the docs carry no key
+    assert httpx.get(f"{keyed.url}/").json() == {"status": "alive"}
+    for path in ("/v2/health/live", "/v2/health/ready", "/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(keyed.url + path).status_code == 200, path
+
+
 def test_api_key_is_never_logged_or_exposed(keyed: Server) -> None:
     url = keyed.url
     attempts = [KEY, KEY[:-1] + "X", KEY + "extra", "wrong"]

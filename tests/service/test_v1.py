@@ -182,3 +182,15 @@ def test_openapi_documents_the_predict_body(base_url: str) -> None:
     spec = httpx.get(f"{base_url}/openapi.json").json()
     operation = spec["paths"]["/v1/models/{model_name}:predict"]["post"]
     assert "instances" in operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def test_root_is_kserve_v1_liveness(base_url: str) -> None:
+    # KServe's model server answers GET / so, and its SDK's V1 `is_server_live` reads "status"
+    response = httpx.get(f"{base_url}/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"status": "alive"}
+    assert httpx.head(f"{base_url}/").status_code in (200, 405)  # never a 404 or 5xx
+    assert httpx.post(f"{base_url}/").status_code == 405
+    spec = httpx.get(f"{base_url}/openapi.json").json()
+    assert "get" in spec["paths"]["/"]
