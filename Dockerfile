@@ -13,7 +13,10 @@
 # exercised without a Docker engine by tests/deploy/test_image_install.py; hadolint lints this file.
 
 ARG PYTHON_VERSION=3.11
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# The CUDA major of this base must be the one the pinned onnxruntime-gpu (pyproject.toml, `gpu` extra)
+# is built for (table in service/gpu.py; tests/deploy/test_gpu_image.py checks): with another one the
+# wheel cannot load its CUDA provider and sessions come up on CPU. CUDA 13 needs host driver >= 580.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # ---- build: the wheel, and the requirement list of the GPU variant ----------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build

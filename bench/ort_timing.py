@@ -14,19 +14,40 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.gpu import cuda_unavailable_reason
+from service.runtime import CPU, CUDA, cuda_provider_options
+from service.settings import Settings
+
 
 def make_session(
     path: Path, provider: str = "CPUExecutionProvider", threads: int = 0
 ) -> ort.InferenceSession:
     """An InferenceSession with the serving runtime's options (service/runtime.py): default thread
-    count, no spin-waiting between runs."""
+    count, no spin-waiting between runs, the server's default CUDA provider options.
+
+    Stops (SystemExit) when `provider` was asked for and the session came up on another one:
+    onnxruntime-gpu without its CUDA libraries runs on CPU, and CPU numbers must not be published
+    under the GPU's name."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    providers: list[str | tuple[str, dict[str, str]]] = [provider]
+    if provider == CUDA:
+        providers = [(CUDA, cuda_provider_options(Settings())), CPU]
+    elif provider != CPU:
+        providers.append(CPU)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    require_provider(provider, session.get_providers()[0])
+    return session
+
+
+def require_provider(asked: str, got: str) -> None:
+    """SystemExit with the reason when `asked` was not what the session (or server) runs on."""
+    if got != asked:
+        why = f": {cuda_unavailable_reason()}" if asked == CUDA else ""
+        raise SystemExit(f"bench: {asked} was requested but the session came up on {got}{why}")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from bench import profiling
 from bench.loadgen import run_wrk, v2_body, warm_wrk
-from bench.ort_timing import Runner, make_session, sample_rows, time_interleaved
+from bench.ort_timing import Runner, make_session, require_provider, sample_rows, time_interleaved
 from bench.servers import (
     TritonUnavailable,
     hydra_batch_stats,
@@ -147,6 +147,9 @@ def run_server(
                 stats = hydra_batch_stats
             try:
                 with server as (url, pid):
+                    if config != "triton":  # the server says which provider its session really runs on
+                        serving_on = httpx.get(f"{url}/v1/models/{w.name}", timeout=10).json()["provider"]
+                        require_provider(provider, serving_on)
                     endpoint = f"{url}/v2/models/{w.name}/infer"
                     for n_rows, conc in cells:
                         prof_path = work / "profiles" / f"{w.name}-{config}-{n_rows}x{conc}.txt"

@@ -8,6 +8,7 @@
     ├── RequestTimeout (408)        the client took longer than request_read_timeout_s to send its body
     ├── PayloadTooLarge (413)       body over the byte limit (checked before parsing)
     ├── ModelLoadError (400)        a model package failed to load (corrupt ONNX, invalid manifest)
+    │   └── ProviderUnavailable     execution_providers=cuda, and the session came up on CPU
     ├── ModelUnavailable (503)      model exists but is not serving (unloading, not yet warm)
     ├── QueueFull (503)             batch queue full; carries `Retry-After`
     ├── DeadlineExceeded (504)      the request waited past its deadline and was never run
@@ -73,6 +74,10 @@ class PayloadTooLarge(ServiceError):
 class ModelLoadError(ServiceError):
     # Triton answers a failed repository load with 400; we follow it.
     status_code = 400
+
+
+class ProviderUnavailable(ModelLoadError):
+    """The required execution provider did not come up (counted as load failure reason `provider`)."""
 
 
 class ModelUnavailable(ServiceError):

@@ -15,7 +15,7 @@ import logging
 import re
 from typing import Any
 
-from service.errors import ModelLoadError, ModelNotFound
+from service.errors import ModelLoadError, ModelNotFound, ProviderUnavailable
 from service.metrics import ServiceMetrics
 from service.served_model import ServedModel
 from service.settings import MODEL_NAME_PATTERN, Settings
@@ -40,6 +40,8 @@ def check_model_name(name: str) -> str:
 
 
 def _load_failure_reason(exc: ModelLoadError) -> str:
+    if isinstance(exc, ProviderUnavailable):  # execution_providers=cuda and the session is on CPU
+        return "provider"
     text = exc.message
     if "manifest" in text:
         return "manifest"

@@ -13,7 +13,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.errors import ModelLoadError
+from service.errors import ModelLoadError, ProviderUnavailable
+from service.gpu import cuda_unavailable_reason
 from service.manifest import ModelManifest
 from service.settings import Settings
 
@@ -23,9 +24,24 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def choose_providers(preference: str) -> list[str]:
-    """ORT providers in priority order for `auto|cuda|cpu` (cuda needs onnxruntime-gpu)."""
-    available = ort.get_available_providers()
+ProviderSpec = str | tuple[str, dict[str, str]]
+
+# The batcher forms any batch up to max_batch_size; warm-up covers the powers of two up to it (and
+# the full batch) so kernel selection and arena growth happen before traffic, bounded in rows.
+WARMUP_MAX_ROWS = 1024
+
+
+def choose_providers(
+    preference: str,
+    available: list[str] | None = None,
+    cuda_options: dict[str, str] | None = None,
+) -> list[ProviderSpec]:
+    """ORT providers in priority order for `auto|cuda|cpu` (cuda needs onnxruntime-gpu).
+
+    `available` defaults to `ort.get_available_providers()`; CUDA gets `cuda_options` when given.
+    """
+    available = ort.get_available_providers() if available is None else available
+    cuda: ProviderSpec = (CUDA, cuda_options) if cuda_options else CUDA
     if preference == "cpu":
         return [CPU]
     if preference == "cuda":
@@ -33,8 +49,55 @@ def choose_providers(preference: str) -> list[str]:
             raise ModelLoadError(
                 f"execution_providers=cuda but ONNX Runtime offers only {available} (install onnxruntime-gpu)"
             )
-        return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available else [CPU]
+        return [cuda, CPU]
+    return [cuda, CPU] if CUDA in available else [CPU]
+
+
+def check_provider(preference: str, requested: list[ProviderSpec], session_providers: list[str]) -> str:
+    """The provider a session really runs on; refuse it when CUDA was required and did not come up.
+
+    onnxruntime-gpu lists CUDA as available even when its CUDA/cuDNN libraries are missing, and then
+    builds the session on CPU: only the session's own provider list tells.
+    """
+    got = session_providers[0]
+    wanted = [p if isinstance(p, str) else p[0] for p in requested]
+    if got == wanted[0]:
+        return got
+    if preference == "cuda":
+        raise ProviderUnavailable(
+            f"session came up on {got} although CUDA was requested "
+            f"(execution_providers=cuda): {cuda_unavailable_reason()}"
+        )
+    logger.warning(
+        "execution_providers=%s: CUDA did not come up, serving on %s (%s)",
+        preference,
+        got,
+        cuda_unavailable_reason(),
+    )
+    return got
+
+
+def cuda_provider_options(settings: Settings) -> dict[str, str]:
+    """CUDA provider options from the settings (ORT takes them as strings).
+
+    HEURISTIC conv search: ORT's default (EXHAUSTIVE) benchmarks every cuDNN algorithm at each new
+    input shape, a latency spike at every batch size the batcher forms for the first time. TF32 off
+    by default: it changes float32 matmuls by about 1e-3 relative.
+    """
+    return {
+        "device_id": str(settings.cuda_device_id),
+        "cudnn_conv_algo_search": settings.cuda_conv_algo_search,
+        "use_tf32": "1" if settings.cuda_use_tf32 else "0",
+    }
+
+
+def warmup_batch_sizes(max_batch_size: int, max_rows: int = WARMUP_MAX_ROWS) -> tuple[int, ...]:
+    """1, 2, 4, … up to min(max_batch_size, max_rows), plus that bound itself."""
+    top = max(1, min(max_batch_size, max_rows))
+    sizes = [1 << k for k in range(top.bit_length()) if 1 << k <= top]
+    if sizes[-1] != top:
+        sizes.append(top)
+    return tuple(sizes)
 
 
 class OnnxModelRuntime:
@@ -50,17 +113,15 @@ class OnnxModelRuntime:
         # the CPU the event loop and the HTTP parsing need (the batch runs are short).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        preference = settings.execution_providers
+        requested = choose_providers(preference, cuda_options=cuda_provider_options(settings))
         try:
-            self._session = ort.InferenceSession(
-                str(model_path),
-                sess_options=options,
-                providers=choose_providers(settings.execution_providers),
-            )
+            self._session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
         except ModelLoadError:
             raise
         except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
             raise ModelLoadError(f"ONNX Runtime cannot load {model_path.name}: {exc}") from exc
-        self.provider: str = self._session.get_providers()[0]
+        self.provider: str = check_provider(preference, requested, self._session.get_providers())
         self._output_names = self._expected_outputs()
         self._check_graph()
 
@@ -112,6 +173,12 @@ class OnnxModelRuntime:
         if self.manifest.has_input_density:
             roles.append("input_density")
         return {role: np.asarray(v, dtype=np.float32) for role, v in zip(roles, values, strict=True)}
+
+    @property
+    def provider_options(self) -> dict[str, dict[str, str]]:
+        """ORT's view of the options of each provider the session runs on."""
+        options: dict[str, dict[str, str]] = self._session.get_provider_options()
+        return options
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run zero inputs through the graph and check the output shapes against the manifest.

@@ -21,7 +21,7 @@ from service.batcher import BatcherStats, BatchReport, DynamicBatcher, Outputs
 from service.errors import BadRequest, ModelLoadError
 from service.manifest import MANIFEST_FILENAME, ModelManifest
 from service.metrics import ServiceMetrics
-from service.runtime import OnnxModelRuntime
+from service.runtime import OnnxModelRuntime, warmup_batch_sizes
 from service.settings import Settings
 from service.uncertainty import ConformalOODCalibrator
 
@@ -93,10 +93,11 @@ class ServedModel:
             raise ModelLoadError(f"model {name!r} version {version}: {MODEL_FILENAME} is missing")
         try:
             runtime = OnnxModelRuntime(model_path, manifest, settings)
-            # one row, and a full batch: ORT sizes its arena for the largest batch before traffic does
-            runtime.warm_up(batch_sizes=(1, min(settings.max_batch_size, 1024)))
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"model {name!r} version {version}: {exc.message}") from exc
+            # every power-of-two batch up to a full one: kernels are picked and ORT's arena sized for
+            # the largest batch before traffic does it
+            runtime.warm_up(batch_sizes=warmup_batch_sizes(settings.max_batch_size))
+        except ModelLoadError as exc:  # the same type: the repository counts failures by it
+            raise type(exc)(f"model {name!r} version {version}: {exc.message}") from exc
         except Exception as exc:
             raise ModelLoadError(f"model {name!r} version {version}: warm-up run failed: {exc}") from exc
         return cls(directory, manifest, runtime, settings, metrics)

@@ -55,7 +55,25 @@ class Settings(BaseSettings):
         description="OOD flag level α for every model (overrides each manifest's default_alpha when set).",
     )
     execution_providers: Literal["auto", "cuda", "cpu"] = Field(
-        default="auto", description="ONNX Runtime provider: auto = CUDA when available, else CPU."
+        default="auto",
+        description=(
+            "ONNX Runtime provider: cuda = serve a model only if its session runs on CUDA (else it is "
+            "not loaded); auto = CUDA when it comes up, else CPU with a warning; cpu."
+        ),
+    )
+    cuda_device_id: int = Field(
+        default=0, ge=0, description="GPU the CUDA provider runs on (CUDA device ordinal)."
+    )
+    cuda_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
+        default="HEURISTIC",
+        description=(
+            "cuDNN convolution algorithm search of the CUDA provider; EXHAUSTIVE (ORT's default) "
+            "benchmarks algorithms at every new batch shape, a latency spike each time."
+        ),
+    )
+    cuda_use_tf32: bool = Field(
+        default=False,
+        description="Allow TF32 matmuls/convolutions on CUDA (faster; ~1e-3 relative error in float32).",
     )
     intra_op_threads: int = Field(
         default=0, ge=0, description="ORT intra-op threads per session (0 = ONNX Runtime's default)."

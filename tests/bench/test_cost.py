@@ -35,3 +35,21 @@ def test_member_graph_is_cut_once_and_reused() -> None:
     path = w.ensure_member()
     mtime = path.stat().st_mtime
     assert Workload(w.name, w.repository).ensure_member().stat().st_mtime == mtime
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_cuda_asked_and_cpu_came_up_stops_the_benchmark() -> None:
+    import onnxruntime as ort
+
+    from bench.ort_timing import make_session
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime offers CUDA")
+    # the CPU wheel, asked for CUDA, builds the session on CPU as onnxruntime-gpu does without its
+    # CUDA libraries: publishing those numbers as GPU numbers is what must not happen
+    with pytest.raises(
+        SystemExit, match="CUDAExecutionProvider was requested but the session came up on CPU"
+    ):
+        make_session(digits().graphs["hydra"], "CUDAExecutionProvider")
+    with pytest.raises(SystemExit, match="came up on CPU"):
+        run_cost([digits()], batches=(1,), seconds=0.01, provider="CUDAExecutionProvider", io_binding=True)

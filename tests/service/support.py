@@ -458,6 +458,9 @@ def start_server(repo_dir: Path, *args: str, **env: str) -> Server:
     """Start `python -m service` on a free port (not waiting for readiness)."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
+    # CPU unless a test asks otherwise: tests compare with a CPU reference at tight tolerances and
+    # assert the CPU provider, and `auto` would pick a working GPU.
+    env.setdefault("execution_providers", "cpu")
     environment.update({f"HYDRA_{k.upper()}": str(v) for k, v in env.items()})
     environment["PYTHONUNBUFFERED"] = "1"
     log = Path(tempfile.mkstemp(prefix="hydra-serve-", suffix=".log")[1])
