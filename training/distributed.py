@@ -53,6 +53,24 @@ def backend_for(device: str) -> str:
     return "nccl" if cuda else "gloo"
 
 
+def local_cuda_device(local_rank: int, device_count: int, local_world_size: int | None = None) -> int:
+    """The GPU of this local rank (one GPU per process); refuses more processes than GPUs on a host.
+
+    Checked against the host's process count (torchrun's LOCAL_WORLD_SIZE) when known, so every rank
+    stops with the same message rather than only those beyond the last GPU.
+    """
+    processes = local_world_size if local_world_size is not None else local_rank + 1
+    if device_count < 1:
+        raise RuntimeError("NCCL/CUDA training needs a GPU, and this host has none: use --device cpu (gloo)")
+    if processes > device_count or local_rank >= device_count:
+        raise RuntimeError(
+            f"torchrun started {max(processes, local_rank + 1)} processes on this host but it has "
+            f"{device_count} GPU(s): one process per GPU, so use --nproc-per-node {device_count} "
+            "(or --device cpu to train on CPU with gloo)"
+        )
+    return local_rank
+
+
 @contextmanager
 def process_group(device: str) -> Iterator[int]:
     """Join torchrun's process group for the duration of a command; yields this process's rank.
@@ -66,7 +84,13 @@ def process_group(device: str) -> Iterator[int]:
     backend = backend_for(device)
     if backend == "nccl":
         # before any CUDA work: "cuda" below means this local rank's GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(
+            local_cuda_device(
+                int(os.environ.get("LOCAL_RANK", "0")),
+                torch.cuda.device_count(),
+                int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None,
+            )
+        )
     timeout = dt.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     try:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -166,12 +167,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# cuBLAS is deterministic only with a fixed workspace configuration, read when its first handle is
+# created; without it `use_deterministic_algorithms` cannot make CUDA matmuls reproducible.
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def deterministic_cuda_env(device: torch.device, environ: MutableMapping[str, str]) -> bool:
+    """Set CUBLAS_WORKSPACE_CONFIG for a CUDA run unless the user chose one; True when set here."""
+    key, value = CUBLAS_WORKSPACE
+    if device.type != "cuda" or key in environ:
+        return False
+    environ[key] = value
+    return True
+
+
 def setup(cfg: RunConfig) -> torch.device:
-    """Determinism for a seed: fixed threads, seeded RNGs, deterministic kernels."""
+    """Determinism for a seed: fixed threads, seeded RNGs, deterministic kernels (cuBLAS included)."""
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    deterministic_cuda_env(device, os.environ)  # before the first CUDA matmul creates a handle
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return resolve_device(cfg.device)
+    return device
 
 
 def _noop(stage: str, done: int, total: int, note: str) -> None:
