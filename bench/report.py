@@ -758,13 +758,12 @@ def write(extra: dict[str, str] | None = None) -> Path:
             cost_section(c1, "### 2b. Serving cost with one ORT thread per session", "cost_1thread.png")
         )
     parts.append(server_section(s))
-    if gpu_cost or gpu_server:
+    parts.append(gpu_section(RESULTS / "gpu"))
+    if gpu_cost or gpu_server:  # bench/gpu.sh on a connected GPU machine (project venv, wrk)
         parts += [
-            cost_section(gpu_cost, "## 4a. GPU: serving cost", "gpu_cost.png"),
-            server_section(gpu_server, "## 4b. GPU: server", "gpu_server.png"),
+            cost_section(gpu_cost, "### 4a. GPU (bench/gpu.sh): serving cost", "gpu_cost.png"),
+            server_section(gpu_server, "### 4b. GPU (bench/gpu.sh): server", "gpu_server.png"),
         ]
-    else:
-        parts.append(GPU_PENDING)
     if ANALYSIS.exists():
         parts.append(ANALYSIS.read_text())
     for title, text in (extra or {}).items():
@@ -784,13 +783,95 @@ its section — no number in them is typed in by hand; only the closing "Reading
 not across sections. Tests of the bench code itself: `pytest tests/bench` (FLOP counter on hand-built graphs,
 member extraction, targets, report)."""
 
-GPU_PENDING = """## 4. GPU
+GPU_NOT_RUN = "Not run yet: no GPU lent to this session (2026-12-01)."
 
-**Pending.** No GPU was available to this work. `bench/gpu.sh` is the prepared run: on a machine with an NVIDIA
-GPU, `nvidia-smi` and `onnxruntime-gpu`, it runs parts 2 and 3 with the CUDA execution provider (the server with
-`HYDRA_EXECUTION_PROVIDERS=cuda`, which uses IO binding; part 2 with IO binding too) at batch 1, 64, 256 and 1024,
-and writes `bench/results/gpu_cost.json` and `gpu_server.json`, which this file then shows as sections 4a/4b with
-the card's name. Without a GPU it stops at once with a message saying what is missing."""
+GPU_METHOD = """On an air-gapped GPU host (python3.12, nothing of ours): `python -m bench.offline_prep --out build/offline-gpu`
+on a connected machine (cp312 wheelhouse, onnxruntime-gpu in ≤ 58 MiB parts with SHA-256); carry the repository
+and that folder; on the host `python3 -m bench.gpu_run --wheelhouse build/offline-gpu --target /tmp/hydra-site
+--out gpu-out` (reassembles and checks the parts, installs into the private target, stops with exit 2 unless a
+CUDA session really runs on CUDA, then cost and server within `--budget-s`, default 420 s; ≤ 4 files); copy
+`gpu-out/*.json` into `bench/results/gpu/` and run `python -m bench report`. On a connected GPU machine with
+the project venv and wrk, `bench/gpu.sh` runs parts 2 and 3 as sections 4a/4b instead."""
+
+
+def _load_folder(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def gpu_section(folder: Path) -> str:
+    """§4 from bench.gpu_run's files (gpu_env.json, gpu_cost.json, gpu_server.json) in `folder`."""
+    env, cost, server = (_load_folder(folder, n) for n in ("gpu_env", "gpu_cost", "gpu_server"))
+    out = ["## 4. GPU", ""]
+    if env is None:
+        return "\n".join([*out, GPU_NOT_RUN, "", GPU_METHOD, ""])
+    smi = env.get("nvidia_smi") or {}
+    gpus = ", ".join(f"{g['name']} (driver {g.get('driver', '?')}, {g.get('memory', '?')})" for g in smi.get("gpus", []))
+    label = env.get("label") or ("CUDA" if env.get("cuda") else "CPU")
+    out += [
+        f"*Run {env['date_utc']} by `bench.gpu_run` on {gpus or 'no GPU seen by nvidia-smi'}; {env.get('cpu')} "
+        f"({env.get('cores')} cores), Python {env.get('python')}, ONNX Runtime {env.get('onnxruntime')} "
+        f"(providers available: {', '.join(env.get('available_providers', []))}), commit `{env.get('git_commit')}`, "
+        f"{env.get('elapsed_s')} s of a {env.get('budget_s')} s budget. Command: `{env.get('command')}`.*",
+        "",
+        f"Provider: **{label}** (a session asked for CUDA came up on {', '.join(env.get('session_providers', []))}).",
+        "",
+    ]
+    if not env.get("cuda"):
+        out += [f"{env.get('reason', 'CUDA was not in use.')}", ""]
+    if cost is None:
+        out += ["No cost results (the run stopped before them).", ""]
+    else:
+        out += [
+            f"### Serving cost: Hydra vs the ensemble (`{cost['package']}`, {label})",
+            "",
+            f"{cost['timing']}; seeded rows shaped {cost['row_shape']}; the two graphs interleaved in "
+            f"{cost['slices']} slices, ≈ {cost['seconds_per_cell']:.2f} s per graph and batch; median over runs.",
+            "",
+        ]
+        rows = [
+            [
+                str(c["batch"]),
+                f"{c['timings']['hydra']['median_ms']:.3f}",
+                f"{c['timings']['ensemble']['median_ms']:.3f}",
+                f"{c['timings']['hydra']['rows_per_s']:,.0f}",
+                f"{c['timings']['ensemble']['rows_per_s']:,.0f}",
+                f"{c['speedup_vs_ensemble']:.2f}×",
+            ]
+            for c in cost["cells"]
+        ]
+        header = ["batch", "Hydra ms", "ensemble ms", "Hydra rows/s", "ensemble rows/s", "speedup"]
+        out += [_table(header, rows), ""]
+    if server is None:
+        out += ["No server results (the run stopped before them).", ""]
+        return "\n".join(out)
+    out += [f"### The server: CUDA vs CPU ({label})", ""]
+    if "skipped" in server:
+        return "\n".join([*out, f"**Not measured**: {server['skipped']}", ""])
+    ceiling = {c["concurrency"]: c for c in server.get("ceiling", {}).get("cells", [])}
+    out += [
+        f"`python -m service` on 127.0.0.1 (max batch {server['max_batch_size']}), {server['rows_per_request']}-row V2 "
+        f"JSON requests from the {server['client']}; {server['seconds_per_cell']} s per cell. The client's own ceiling "
+        "is measured against a trivial stdlib HTTP server in the same run (`client ceiling`).",
+        "",
+    ]
+    rows = []
+    for name, cfg in server["configs"].items():
+        if "cells" not in cfg:
+            rows.append([name, "—", "—", "—", "—", "—", cfg.get("skipped") or cfg.get("failed", "")])
+            continue
+        for c in cfg["cells"]:
+            top = ceiling.get(c["concurrency"])
+            share = f"{100 * c['requests_per_s'] / top['requests_per_s']:.0f}%" if top and top["requests_per_s"] else "—"
+            rows.append([name, str(c["concurrency"]), f"{c['requests_per_s']:,.0f}", _ms(c["p50_ms"]), _ms(c["p99_ms"]), str(c["errors"]), f"{cfg.get('provider_reported')}; {share} of client ceiling"])
+    for c in ceiling.values():
+        rows.append(["client ceiling", str(c["concurrency"]), f"{c['requests_per_s']:,.0f}", _ms(c["p50_ms"]), _ms(c["p99_ms"]), str(c["errors"]), "trivial stdlib server"])
+    out += [_table(["server", "clients", "req/s", "p50 ms", "p99 ms", "errors", "provider / note"], rows), ""]
+    return "\n".join(out)
 
 
 def headline(
