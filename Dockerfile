@@ -13,13 +13,17 @@
 # exercised without a Docker engine by tests/deploy/test_image_install.py; hadolint lints this file.
 
 ARG PYTHON_VERSION=3.11
+# The base of the build and CPU stages. Where no registry can be reached, `make image`
+# (deploy/image/build.sh) sets it to a stand-in made from Debian's packages by
+# deploy/image/debian-base.sh (bookworm, python3.11, a venv at /opt/venv first on PATH).
+ARG PYTHON_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 # The CUDA major of this base must be the one the pinned onnxruntime-gpu (pyproject.toml, `gpu` extra)
 # is built for (table in service/gpu.py; tests/deploy/test_gpu_image.py checks): with another one the
 # wheel cannot load its CUDA provider and sessions come up on CPU. CUDA 13 needs host driver >= 580.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # ---- build: the wheel, and the requirement list of the GPU variant ----------------------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ service/
@@ -32,7 +36,7 @@ deps = [d for d in p['dependencies'] if not d.startswith('onnxruntime')] + p['op
 open('/wheels/requirements-gpu.txt', 'w').write('\n'.join(deps) + '\n')"
 
 # ---- runtime-cpu: slim image, base dependencies only --------------------------------------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime-cpu
+FROM ${PYTHON_IMAGE} AS runtime-cpu
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

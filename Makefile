@@ -9,7 +9,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 MODELS ?= models
 
-.PHONY: install install-serve system-deps serve test test-fast test-long lint typecheck model bench clean
+.PHONY: install install-serve system-deps serve image image-deps test test-fast test-long lint typecheck model bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,26 @@ system-deps:
 	    || { echo "make system-deps: could not install Debian's 'prometheus' package, which tests/deploy need" >&2; exit 1; }; \
 	else \
 	  echo "make system-deps: prometheus/promtool missing; install Debian's 'prometheus' package (apt-get install prometheus, as root)" >&2; \
+	  exit 1; \
+	fi
+
+# The CPU image with podman (deploy/image/build.sh): python:3.11-slim-bookworm when it can be pulled,
+# else a stand-in base from Debian's packages (deploy/image/debian-base.sh; built once, its root file
+# system cached in /var/cache/hydra-serve). make image IMAGE_TARGET=bundled for models/ inside.
+IMAGE_TARGET ?= cpu
+IMAGE_TAG ?=
+image: image-deps
+	deploy/image/build.sh $(IMAGE_TARGET) $(IMAGE_TAG)
+
+image-deps:
+	@if command -v podman >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's podman and debootstrap packages (make image)"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman debootstrap; } \
+	    || { echo "make image-deps: could not install Debian's 'podman' and 'debootstrap'" >&2; exit 1; }; \
+	else \
+	  echo "make image-deps: install Debian's 'podman' and 'debootstrap' (apt-get install podman debootstrap, as root)" >&2; \
 	  exit 1; \
 	fi
 
