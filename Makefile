@@ -9,7 +9,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 MODELS ?= models
 
-.PHONY: install install-serve system-deps serve image image-deps test test-fast test-long lint typecheck model bench clean
+.PHONY: install install-serve system-deps serve image image-deps kserve-venv test test-fast test-long lint typecheck model bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,7 +67,19 @@ image-deps:
 	  exit 1; \
 	fi
 
-test: install system-deps
+# KServe's Python SDK for tests/reliability/test_kserve_sdk.py, in its own venv: it pins numpy and others,
+# so it never goes into .venv. About 30 s from PyPI here, so `make test` builds it.
+KSERVE_VENV ?= .venv-kserve
+PYTHON311 ?= python3.11
+$(KSERVE_VENV)/.installed:
+	rm -rf $(KSERVE_VENV)
+	$(PYTHON311) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q "kserve==0.21.*"
+	touch $@
+
+kserve-venv: $(KSERVE_VENV)/.installed
+
+test: install system-deps kserve-venv
 	$(PY) -m ruff check service training tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow"
