@@ -110,7 +110,7 @@ def ood_statistic(
     """The manifest's OOD score for each row: one uncertainty score, or the combined statistic.
 
     `graph_scores`: the scores the graph computes itself (`density`, `input_density`)."""
-    combiner = manifest.ood.combiner()
+    combiner = manifest.ood.combiner
     if combiner is None:
         return u.score(manifest.ood.score)
     missing = [n for n in combiner.names if n in GRAPH_SCORES and n not in graph_scores]

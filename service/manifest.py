@@ -20,6 +20,7 @@ combined statistic's. Version 1 packages (one score, no density) load and serve 
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -148,8 +149,11 @@ class OODCalibration(_Strict):
             raise ValueError("ood.score 'combined' / ood.combination need ood.components")
         return self
 
+    @cached_property
     def combiner(self) -> CombinedOODScore | None:
-        """The combined statistic, or None when the OOD score is one score as in schema version 1."""
+        """The combined statistic, or None when the OOD score is one score as in schema version 1.
+
+        Built once per loaded manifest: `inference.summarise` reads it for every executed batch."""
         if not self.components:
             return None
         rule = self.combination or CombinedOODScore.RULE
