@@ -88,3 +88,35 @@ def test_resampled_false_alarm_is_at_most_alpha_for_exchangeable_rows() -> None:
     assert 0.045 <= out["mean"] <= 0.055 and out["p05"] < out["mean"] < out["p95"]
     # one split's realised rate scatters by about sqrt(0.05 * 0.95 / 300) ~ 1.3 pts per side
     assert 0.01 < out["p95"] - out["p05"] < 0.06
+
+
+def test_symmetric_rule_bound_is_below_the_single_score_where_it_is_moderate() -> None:
+    """The best symmetric rule pays for not knowing which score moves: > 0.02 at AUROC 0.8, more with
+    more scores, nothing at chance, little when the informative score is near perfect."""
+    from bench.ood import symmetric_rule_auroc
+
+    assert symmetric_rule_auroc(0.5, 2) == 0.5
+    two, three = symmetric_rule_auroc(0.8, 2), symmetric_rule_auroc(0.8, 3)
+    assert 0.70 < three < two < 0.8 - 0.02
+    assert symmetric_rule_auroc(0.999, 2) > 0.99
+    # the sum of two unit scores is symmetric, so it cannot beat the bound (Φ(μ/2) with Φ(μ/√2) = 0.8)
+    from scipy.stats import norm
+
+    mu = np.sqrt(2) * norm.ppf(0.8)
+    assert norm.cdf(mu / 2) <= two + 0.005
+
+
+def test_verdict_lists_misses_beyond_the_symmetric_bound_apart() -> None:
+    from bench.ood import verdict
+
+    def row(combined: float) -> dict:
+        fam = {"mutual_information": 0.80, "density": 0.5, "combined": combined, "oracle": 1.0}
+        return {
+            "dataset": "t", "seed": 0, "score": "mutual_information", "families": {"independent": fam},
+            "false_alarm": {"flagged": 5, "n_test": 100, "rate": 0.05},
+        }
+
+    near = verdict([row(0.76)])  # a miss, but the best symmetric rule of 2 scores reaches only ≈ 0.745
+    assert near["best_of_two_misses"] and not near["best_of_two_misses_beyond_symmetric_bound"]
+    far = verdict([row(0.65)])
+    assert far["best_of_two_misses_beyond_symmetric_bound"]
