@@ -253,7 +253,7 @@ def ood_section(od: dict[str, Any] | None) -> str:
             [[str(k), *[f"{symmetric_rule_auroc(a, k):.3f}" for a in grid]] for k in (2, 3)],
         ),
         "",
-        "So \"within 0.02 of the better of MI and density on every family\" is out of reach of any row-wise rule "
+        'So "within 0.02 of the better of MI and density on every family" is out of reach of any row-wise rule '
         "wherever one score is moderately informative (≈ 0.57–0.97) and the other is not; a rule that favours one "
         "score meets it on that score's families and loses more on the other's. Misses that lose more than this "
         "bound (+0.02) are listed apart below: those a better rule could still recover.",
@@ -843,7 +843,9 @@ def gpu_section(folder: Path) -> str:
     if env is None:
         return "\n".join([*out, GPU_NOT_RUN, "", GPU_METHOD, ""])
     smi = env.get("nvidia_smi") or {}
-    gpus = ", ".join(f"{g['name']} (driver {g.get('driver', '?')}, {g.get('memory', '?')})" for g in smi.get("gpus", []))
+    gpus = ", ".join(
+        f"{g['name']} (driver {g.get('driver', '?')}, {g.get('memory', '?')})" for g in smi.get("gpus", [])
+    )
     label = env.get("label") or ("CUDA" if env.get("cuda") else "CPU")
     out += [
         f"*Run {env['date_utc']} by `bench.gpu_run` on {gpus or 'no GPU seen by nvidia-smi'}; {env.get('cpu')} "
@@ -899,10 +901,34 @@ def gpu_section(folder: Path) -> str:
             continue
         for c in cfg["cells"]:
             top = ceiling.get(c["concurrency"])
-            share = f"{100 * c['requests_per_s'] / top['requests_per_s']:.0f}%" if top and top["requests_per_s"] else "—"
-            rows.append([name, str(c["concurrency"]), f"{c['requests_per_s']:,.0f}", _ms(c["p50_ms"]), _ms(c["p99_ms"]), str(c["errors"]), f"{cfg.get('provider_reported')}; {share} of client ceiling"])
+            share = (
+                f"{100 * c['requests_per_s'] / top['requests_per_s']:.0f}%"
+                if top and top["requests_per_s"]
+                else "—"
+            )
+            rows.append(
+                [
+                    name,
+                    str(c["concurrency"]),
+                    f"{c['requests_per_s']:,.0f}",
+                    _ms(c["p50_ms"]),
+                    _ms(c["p99_ms"]),
+                    str(c["errors"]),
+                    f"{cfg.get('provider_reported')}; {share} of client ceiling",
+                ]
+            )
     for c in ceiling.values():
-        rows.append(["client ceiling", str(c["concurrency"]), f"{c['requests_per_s']:,.0f}", _ms(c["p50_ms"]), _ms(c["p99_ms"]), str(c["errors"]), "trivial stdlib server"])
+        rows.append(
+            [
+                "client ceiling",
+                str(c["concurrency"]),
+                f"{c['requests_per_s']:,.0f}",
+                _ms(c["p50_ms"]),
+                _ms(c["p99_ms"]),
+                str(c["errors"]),
+                "trivial stdlib server",
+            ]
+        )
     out += [_table(["server", "clients", "req/s", "p50 ms", "p99 ms", "errors", "provider / note"], rows), ""]
     return "\n".join(out)
 

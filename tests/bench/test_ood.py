@@ -112,7 +112,10 @@ def test_verdict_lists_misses_beyond_the_symmetric_bound_apart() -> None:
     def row(combined: float) -> dict:
         fam = {"mutual_information": 0.80, "density": 0.5, "combined": combined, "oracle": 1.0}
         return {
-            "dataset": "t", "seed": 0, "score": "mutual_information", "families": {"independent": fam},
+            "dataset": "t",
+            "seed": 0,
+            "score": "mutual_information",
+            "families": {"independent": fam},
             "false_alarm": {"flagged": 5, "n_test": 100, "rate": 0.05},
         }
 
