@@ -277,12 +277,70 @@ FRESH_OOD = (
     SuiteDataset("star98", "regression", _star98, "statsmodels star98 (share above median), 303 x 20"),
 )
 
+# Issue 10's remaining weakness, wide make_classification tables (confirmation clf_30d_5c, fresh2
+# clf_40d_6c, and clf_20d_4c with external teachers): the student's shape is chosen on these two
+# new wide tables only...
+TUNING_WIDE = (
+    SuiteDataset(
+        "clf_36d_5c",
+        "classification",
+        _classification(seed=61, n=3000, d=36, k=5, informative=12, sep=1.3),
+        "sklearn make_classification: 3000 x 36, 5 classes, 12 informative",
+    ),
+    SuiteDataset(
+        "clf_48d_4c",
+        "classification",
+        _classification(seed=67, n=3000, d=48, k=4, informative=16, sep=1.2),
+        "sklearn make_classification: 3000 x 48, 4 classes, 16 informative",
+    ),
+)
+
+
+def _digits_table() -> pd.DataFrame:
+    from sklearn.datasets import load_digits
+
+    b = load_digits()
+    return _frame(b.data, b.target, [f"px{i}" for i in range(b.data.shape[1])])
+
+
+def _friedman1_wide() -> pd.DataFrame:
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=2000, n_features=30, noise=1.0, random_state=79)
+    return _frame(x, y)
+
+
+# ...and confirmed on these, defined (and committed) before any run of the changed recipe: the
+# untouched evidence for it, wide and narrow, with the digits pixels as a 64-column table.
+FRESH3 = (
+    SuiteDataset(
+        "clf_32d_6c",
+        "classification",
+        _classification(seed=71, n=3000, d=32, k=6, informative=14, sep=1.4),
+        "sklearn make_classification: 3000 x 32, 6 classes, 14 informative",
+    ),
+    SuiteDataset(
+        "clf_44d_3c",
+        "classification",
+        _classification(seed=73, n=3000, d=44, k=3, informative=10, sep=1.0),
+        "sklearn make_classification: 3000 x 44, 3 classes, 10 informative",
+    ),
+    SuiteDataset(
+        "digits_table", "classification", _digits_table, "sklearn load_digits as a table, 1797 x 64"
+    ),
+    SuiteDataset(
+        "friedman1_30d", "regression", _friedman1_wide, "sklearn make_friedman1, 2000 x 30 (25 noise columns)"
+    ),
+)
+
 SUITES = {
     "tuning": TUNING,
     "confirmation": CONFIRMATION,
     "fresh": FRESH,
     "fresh2": FRESH2,
     "fresh_ood": FRESH_OOD,
+    "tuning_wide": TUNING_WIDE,
+    "fresh3": FRESH3,
 }
 
 

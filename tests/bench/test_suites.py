@@ -118,4 +118,6 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
     assert "### Tuning suite" in doc and "| penguins |" in doc and "scaled_x4" in doc
     stability = splits_section({"machine": machine, "runs": runs})
     assert "| penguins | 0, 1 |" in stability and "of 2" in stability
-    assert list(SUITES) == ["tuning", "confirmation", "fresh", "fresh2", "fresh_ood"]
+    assert list(SUITES) == ["tuning", "confirmation", "fresh", "fresh2", "fresh_ood", "tuning_wide", "fresh3"]
+    names = [d.name for suite in SUITES.values() for d in suite]
+    assert len(names) == len(set(names)), "a table in two suites would blur which data chose what"
