@@ -222,8 +222,8 @@ def server(
     max_batch_size: int = 64,
     max_queue_delay_ms: float = 2.0,
     configs: Annotated[
-        str, typer.Option(help="comma-separated: hydra,hydra-b1,triton")
-    ] = "hydra,hydra-b1,triton",
+        str, typer.Option(help="comma-separated: hydra,hydra-b1,hydra-delay,triton")
+    ] = "hydra,hydra-b1,hydra-delay,triton",
     output: Annotated[str, typer.Option(help="results name (gpu_server on GPU)")] = "server",
     provider: Annotated[str, typer.Option(help="ORT execution provider")] = "CPUExecutionProvider",
 ) -> None:
@@ -300,7 +300,7 @@ def all_parts(preset: PresetOption = "reduced") -> None:
         workloads="digits,mnist1d_wide",
         max_batch_size=64,
         max_queue_delay_ms=2.0,
-        configs="hydra,hydra-b1,triton",
+        configs="hydra,hydra-b1,hydra-delay,triton",
         output="server",
         provider="CPUExecutionProvider",
     )

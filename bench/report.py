@@ -697,7 +697,9 @@ def server_section(
         f"from `wrk` (Debian's package, `bench/wrk_post.lua`) in its own process on loopback: {s['seconds_per_cell']} s "
         f"per cell after a 1 s warm-up. (a) `hydra`: our server, max batch {s['max_batch_size']} rows, queue delay "
         f"{s['max_queue_delay_ms']} ms; (b) `hydra-b1`: our server with max batch size 1 (every row its own model "
-        "run; a 32-row request is split into 32 runs); (c) `triton`: Triton through PyTriton 0.7.0 (Debian "
+        "run; a 32-row request is split into 32 runs); (a') `hydra-delay`: (a) with `run_when_idle=false`, "
+        "Triton's rule — a partial batch waits out the delay even when the model is idle; (a) runs what is "
+        "queued as soon as the model is free; (c) `triton`: Triton through PyTriton 0.7.0 (Debian "
         f"python3.11 venv), dynamic batcher with the same max batch and delay, its Python backend running the same "
         "ONNX graph in ONNX Runtime and the same `service.inference` answer code; (d) in-process ORT on `model.onnx` "
         "at the batch the cell could form, min(rows × clients, max batch). Latencies are wrk's, per request. "
@@ -773,7 +775,12 @@ def server_section(
     return "\n".join(out)
 
 
-LABELS = {"hydra": "(a) ours, batching", "hydra-b1": "(b) ours, batch 1", "triton": "(c) Triton"}
+LABELS = {
+    "hydra": "(a) ours, batching",
+    "hydra-b1": "(b) ours, batch 1",
+    "hydra-delay": "(a') ours, Triton's delay rule",
+    "triton": "(c) Triton",
+}
 
 
 def write(extra: dict[str, str] | None = None) -> Path:

@@ -2,6 +2,7 @@
 
   (a) hydra      our server, dynamic batching (max batch B rows, queue delay d)
   (b) hydra-b1   our server, batching off (max batch size 1: every row is its own model run)
+  (a') hydra-delay our server, batching with Triton's rule: wait up to the delay even on an idle model
   (c) triton     Triton + PyTriton, dynamic batcher (same B and d), Python backend calling ORT
   (d) ceiling    in-process ONNX Runtime on model.onnx at the batch the cell could form
 
@@ -38,7 +39,7 @@ from bench.servers import (
 )
 from bench.workloads import BUILD, Workload
 
-CONFIGS = ("hydra", "hydra-b1", "triton")
+CONFIGS = ("hydra", "hydra-b1", "hydra-delay", "triton")
 CUDA = "CUDAExecutionProvider"
 
 
@@ -143,6 +144,7 @@ def run_server(
                     max_queue_delay_ms=max_queue_delay_ms,
                     log=log_file,
                     cuda=provider == CUDA,
+                    run_when_idle=config != "hydra-delay",
                 )
                 stats = hydra_batch_stats
             try:

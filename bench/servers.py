@@ -88,6 +88,7 @@ def hydra_server(
     max_queue_delay_ms: float,
     log: Path,
     cuda: bool = False,
+    run_when_idle: bool = True,
 ) -> contextlib.AbstractContextManager[tuple[str, int]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
@@ -109,6 +110,8 @@ def hydra_server(
         "warning",
         "--max-queue-size",
         "4096",
+        "--run-when-idle",
+        str(run_when_idle).lower(),
         "--execution-providers",
         "cuda" if cuda else "cpu",
     ]

@@ -5,6 +5,11 @@ future; one loop task forms batches and runs them in a worker thread. Invariants
 
 - a batch runs when it holds `max_batch_size` rows, or when the oldest queued request has waited
   `max_delay_s` (deadline = its arrival time + max delay), or at once while stopping;
+- with `run_when_idle` (the service's default) a request that arrives while no batch is running
+  runs at once, with whatever else is queued: a lone request never waits for company on an idle
+  model. The delay applies only to requests that arrived while a batch was running — traffic
+  dense enough that waiting fills the next batch. `run_when_idle=False` is Triton's rule: every
+  partial batch waits out the delay;
 - a request larger than the room left in a batch is split; its parts are re-joined in order;
 - the model must return exactly one result per input row (checked; otherwise the batch fails);
 - a request still queued at its deadline is dropped before it runs (DeadlineExceeded) and a
@@ -60,10 +65,24 @@ class BatcherStats:
 
 
 class _Request:
-    __slots__ = ("cursor", "done_rows", "enqueued_at", "future", "n", "parts", "queued", "rows", "timer")
+    __slots__ = (
+        "arrived_busy",
+        "cursor",
+        "done_rows",
+        "enqueued_at",
+        "future",
+        "n",
+        "parts",
+        "queued",
+        "rows",
+        "timer",
+    )
 
-    def __init__(self, rows: NDArray[np.float32], future: asyncio.Future[Outputs], now: float) -> None:
+    def __init__(
+        self, rows: NDArray[np.float32], future: asyncio.Future[Outputs], now: float, arrived_busy: bool
+    ) -> None:
         self.rows = rows
+        self.arrived_busy = arrived_busy  # a batch was running when it arrived
         self.n = int(rows.shape[0])
         self.future = future
         self.enqueued_at = now
@@ -103,6 +122,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue_size: int,
+        run_when_idle: bool = False,
         on_batch: Callable[[BatchReport], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_state: Callable[[int, int], None] | None = None,
@@ -112,6 +132,7 @@ class DynamicBatcher:
         self._max_batch = max_batch_size
         self._max_delay = max_delay_s
         self._max_queue = max_queue_size
+        self._run_when_idle = run_when_idle
         self._on_batch = on_batch
         self._on_reject = on_reject
         self._on_state = on_state  # (queued rows, requests in flight)
@@ -119,6 +140,7 @@ class DynamicBatcher:
         self._queued_requests = 0
         self._queued_rows = 0
         self._in_flight = 0
+        self._running = False  # a batch is in the model now
         self._batches = 0
         self._rows_run = 0
         self._max_batch_rows = 0
@@ -177,7 +199,7 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
-        request = _Request(rows, future, loop.time())
+        request = _Request(rows, future, loop.time(), self._running)
         if timeout_s is not None:
             request.timer = loop.call_later(timeout_s, self._expire, request, timeout_s)
         future.add_done_callback(functools.partial(self._settled, request))
@@ -235,7 +257,14 @@ class DynamicBatcher:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                flush_at = self._queue[0].enqueued_at + self._max_delay
+                head = self._queue[0]
+                if self._run_when_idle and not head.arrived_busy:
+                    # it found the model idle: waiting could only add latency. One pass of the event
+                    # loop first lets requests whose bytes are already read join the batch.
+                    await asyncio.sleep(0)
+                    flush_at = loop.time()
+                else:
+                    flush_at = head.enqueued_at + self._max_delay
                 while self._queued_rows < self._max_batch and not self._stopping:
                     remaining = flush_at - loop.time()
                     if remaining <= 0:
@@ -245,7 +274,11 @@ class DynamicBatcher:
                         await asyncio.wait_for(self._wake.wait(), remaining)
                 batch = self._take_batch()
                 if batch:
-                    await self._execute(batch)
+                    self._running = True
+                    try:
+                        await self._execute(batch)
+                    finally:
+                        self._running = False
         except BaseException:
             logger.exception("batch loop of model %s stopped unexpectedly", self.name)
             raise

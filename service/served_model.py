@@ -78,6 +78,7 @@ class ServedModel:
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,
+            run_when_idle=settings.run_when_idle,
             on_batch=self._observe_batch,
             on_reject=lambda reason: metrics.inc_rejected(self.name, reason),
             on_state=self._observe_state,
@@ -258,6 +259,7 @@ class ServedModel:
             "batching": {
                 "max_batch_size": self._settings.max_batch_size,
                 "max_queue_delay_ms": self._settings.max_queue_delay_ms,
+                "run_when_idle": self._settings.run_when_idle,
                 "batches": stats.batches,
                 "rows": stats.rows,
                 "max_batch_rows": stats.max_batch_rows,

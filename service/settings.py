@@ -36,7 +36,18 @@ class Settings(BaseSettings):
         default=2.0,
         ge=0.0,
         le=10_000.0,
-        description="Longest time the oldest queued request waits for a batch to fill before it runs.",
+        description=(
+            "Longest time the oldest queued request waits for a batch to fill before it runs "
+            "(with run_when_idle, only requests that arrived while a batch was running wait)."
+        ),
+    )
+    run_when_idle: bool = Field(
+        default=True,
+        description=(
+            "A request that finds the model idle runs at once (no wait for company); only "
+            "requests arriving while a batch runs wait up to max_queue_delay_ms for the next "
+            "batch to fill. false: every partial batch waits out the delay (Triton's rule)."
+        ),
     )
     max_queue_size: int = Field(
         default=1024,

@@ -166,7 +166,7 @@ def fragile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S
     root = tmp_path_factory.mktemp("fragile")
     write_classifier_package(root, "fragile", 1, make_fragile_classifier(seed=0))
     # batches of at most 4 rows that wait 300 ms to fill: one burst becomes several queued batches
-    with running_server(root, max_batch_size="4", max_queue_delay_ms="300") as server:
+    with running_server(root, max_batch_size="4", max_queue_delay_ms="300", run_when_idle="false") as server:
         yield server, root / "fragile" / "1"
 
 

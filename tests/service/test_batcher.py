@@ -167,3 +167,38 @@ async def test_stop_drains_queued_requests_then_refuses_new_ones() -> None:
     assert all(f.done() and not f.cancelled() and f.exception() is None for f in futures)
     with pytest.raises(ModelUnavailable):
         batcher.submit(rows(0, 1))
+
+
+async def test_run_when_idle_never_waits_out_the_delay_on_an_idle_model() -> None:
+    batcher = DynamicBatcher(
+        "m", RecordingModel(), max_batch_size=8, max_delay_s=5.0, max_queue_size=10, run_when_idle=True
+    )
+    await batcher.start()
+    t0 = time.perf_counter()
+    out = await batcher.submit(rows(0, 1))
+    waited = time.perf_counter() - t0
+    await batcher.stop()
+    assert waited < 1.0  # the 5 s delay would apply under Triton's rule
+    np.testing.assert_array_equal(out["rows"], rows(0, 1))
+
+
+async def test_run_when_idle_delays_only_requests_that_arrive_during_a_run() -> None:
+    model = RecordingModel(delay_s=0.2)
+    batcher = DynamicBatcher(
+        "m", model, max_batch_size=8, max_delay_s=2.0, max_queue_size=100, run_when_idle=True
+    )
+    await batcher.start()
+    first = batcher.submit(rows(0, 1))
+    await asyncio.sleep(0.05)  # the first row is running alone now
+    late = [batcher.submit(rows(i, 1)) for i in range(1, 20)]
+    # 19 rows queue behind the run: two full batches go at once, the last 3 rows arrived while the
+    # model was busy, so they wait out the delay for company (none comes) and then run
+    outs = await asyncio.gather(first, *late)
+    assert model.batches == [1, 8, 8, 3]
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["rows"], rows(i, 1))
+    # the model is idle again: a lone request runs at once, not after the 2 s delay
+    t0 = time.perf_counter()
+    await batcher.submit(rows(20, 1))
+    assert time.perf_counter() - t0 < 1.5
+    await batcher.stop()

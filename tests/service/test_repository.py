@@ -173,7 +173,9 @@ def test_load_of_invalid_or_unknown_names_is_404(shared_keyed_server: Server) ->
 
 
 def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="1500", max_batch_size="256") as server:
+    with running_server(
+        repo, api_key=KEY, max_queue_delay_ms="1500", max_batch_size="256", run_when_idle="false"
+    ) as server:
 
         async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as client:
