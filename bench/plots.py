@@ -13,7 +13,13 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 METHOD_COLORS = {"ensemble": "#1f77b4", "kd": "#ff7f0e", "hydra": "#2ca02c"}
-CONFIG_COLORS = {"hydra": "#2ca02c", "hydra-b1": "#9467bd", "hydra-delay": "#1f77b4", "triton": "#d62728", "ceiling": "#7f7f7f"}
+CONFIG_COLORS = {
+    "hydra": "#2ca02c",
+    "hydra-b1": "#9467bd",
+    "hydra-delay": "#1f77b4",
+    "triton": "#d62728",
+    "ceiling": "#7f7f7f",
+}
 LINESTYLES = ["-", "--", ":", "-."]
 
 

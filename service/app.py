@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.admission import AdmissionMiddleware
 from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -90,6 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         read_timeout_s=settings.request_read_timeout_s,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    # outside those: an overloaded model's requests are refused from their headers alone, as cheaply
+    # as the process can (it records its own refusals in the request metrics)
+    app.add_middleware(AdmissionMiddleware, repository=repository, settings=settings, metrics=metrics)
     if settings.cors_origins:  # off unless configured: browsers then refuse cross-origin calls
         app.add_middleware(
             CORSMiddleware,

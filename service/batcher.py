@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -141,6 +142,7 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._in_flight = 0
         self._running = False  # a batch is in the model now
+        self._drain_rows_per_s = 0.0  # rows per second the model clears while running (EWMA)
         self._batches = 0
         self._rows_run = 0
         self._max_batch_rows = 0
@@ -172,6 +174,24 @@ class DynamicBatcher:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def full(self) -> bool:
+        """The queue holds `max_queue_size` requests: `submit` would refuse."""
+        return self._queued_requests >= self._max_queue
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until what is queued now has run at the recent drain rate (1 … 60)."""
+        rate = self._drain_rows_per_s
+        if rate <= 0.0:
+            return 1
+        return int(min(60, max(1, math.ceil(self._queued_rows / rate))))
+
+    def queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"queue of model {self.name!r} is full ({self._max_queue} requests waiting); retry later",
+            retry_after_s=self.retry_after_s(),
+        )
+
     def stats(self) -> BatcherStats:
         return BatcherStats(
             batches=self._batches,
@@ -190,13 +210,10 @@ class DynamicBatcher:
         """
         if not self._accepting:
             raise ModelUnavailable(f"model {self.name!r} is not accepting requests (stopping or reloading)")
-        if self._queued_requests >= self._max_queue:
+        if self.full:
             if self._on_reject:
                 self._on_reject("queue_full")
-            raise QueueFull(
-                f"queue of model {self.name!r} is full ({self._max_queue} requests waiting); retry later",
-                retry_after_s=1,
-            )
+            raise self.queue_full()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         request = _Request(rows, future, loop.time(), self._running)
@@ -351,6 +368,8 @@ class DynamicBatcher:
                 request.fail(ModelUnavailable(f"model {self.name!r} stopped while this request ran"))
             raise
         compute_s = time.perf_counter() - t0
+        rate = n / max(loop.time() - started, 1e-6)
+        self._drain_rows_per_s = rate if not self._batches else 0.8 * self._drain_rows_per_s + 0.2 * rate
         self._batches += 1
         self._rows_run += n
         self._max_batch_rows = max(self._max_batch_rows, n)

@@ -119,6 +119,18 @@ class ServedModel:
     def batch_stats(self) -> BatcherStats:
         return self._batcher.stats()
 
+    def count_refusal(self, reason: str) -> None:
+        self._metrics.inc_rejected(self.name, reason)
+
+    def retry_after_s(self) -> int:
+        return self._batcher.retry_after_s()
+
+    def refuse_if_full(self) -> None:
+        """Raise QueueFull (counted) when `submit` would: lets the edge refuse before reading a body."""
+        if self._batcher.full:
+            self._metrics.inc_rejected(self.name, "queue_full")
+            raise self._batcher.queue_full()
+
     # ---- contract ----------------------------------------------------------------------------------
     def output_specs(self) -> list[tuple[str, str, list[int]]]:
         return inference.output_specs(self.manifest)

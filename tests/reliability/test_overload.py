@@ -125,7 +125,8 @@ def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float
     assert len(refused) > len(accepted), "10x capacity must be mostly refused"
     assert not mismatched, mismatched[:5]
     for o in refused:
-        assert o.headers.get("retry-after") == "1" and is_error_body(o.body), (o.headers, o.body)
+        retry = o.headers.get("retry-after", "")  # from the queue's drain rate: 1 ... 60 s
+        assert retry.isdigit() and 1 <= int(retry) <= 60 and is_error_body(o.body), (o.headers, o.body)
     # refusals are cheap: far faster than an accepted answer, which waits for the queue
     assert figures["refusal_latency_p99_ms"] < 500
     assert figures["refusal_latency_p50_ms"] < 0.5 * 1000 * percentile([o.latency_s for o in accepted], 50)

@@ -202,3 +202,20 @@ async def test_run_when_idle_delays_only_requests_that_arrive_during_a_run() -> 
     await batcher.submit(rows(20, 1))
     assert time.perf_counter() - t0 < 1.5
     await batcher.stop()
+
+
+async def test_retry_after_follows_the_drain_rate() -> None:
+    model = RecordingModel(delay_s=0.1)  # 64 rows per 0.1 s run: at most 640 rows/s
+    batcher, _ = make(model, max_batch_size=64, max_delay_s=5.0, max_queue_size=10)
+    assert batcher.retry_after_s() == 1  # nothing measured yet
+    await batcher.start()
+    await asyncio.wait_for(batcher.submit(rows(0, 64)), 10)  # a full batch runs at once
+    pending = [batcher.submit(rows(64 * i, 320)) for i in range(4)]  # 1,280 rows wait out the delay
+    assert 2 <= batcher.retry_after_s() <= 6  # 1,280 rows / ≤ 640 rows/s, plus overheads
+    for _ in range(6):
+        pending.append(batcher.submit(rows(0, 1)))
+    assert batcher.full
+    error = batcher.queue_full()
+    assert int(error.headers["Retry-After"]) == batcher.retry_after_s()
+    await batcher.stop()
+    await asyncio.gather(*pending)
