@@ -97,20 +97,23 @@ def _roc(evals: dict[str, Any], path: Path) -> Path:
 
 def _reliability(evals: dict[str, Any], path: Path, bins: int = 15) -> Path:
     fig, axes = plt.subplots(1, len(evals), figsize=(4.2 * len(evals), 4.0), squeeze=False)
-    edges = np.linspace(0, 1, bins + 1)
+    from training.evaluate import ReliabilityBins
+
     for ax, (dataset, (data, ev)) in zip(axes[0], evals.items(), strict=True):
         y = data.test.y
         for method, color in METHOD_COLORS.items():
             u = ev.summaries[method]["test"]
-            which = np.clip(np.digitize(u.confidence, edges[1:-1], right=True), 0, bins - 1)
-            conf, acc = [], []
-            for b in range(bins):
-                mask = which == b
-                if mask.sum() >= 5:
-                    conf.append(u.confidence[mask].mean())
-                    acc.append((u.label[mask] == y[mask]).mean())
+            b = ReliabilityBins.of(u.confidence, u.label == y, bins)
+            shown = b.count >= 5  # a bin of a handful of rows is noise in a figure
             ece = ev.report["methods"][method]["test"]["ece"]
-            ax.plot(conf, acc, marker="o", ms=3, color=color, label=f"{method} ECE {ece:.3f}")
+            ax.plot(
+                b.confidence[shown],
+                b.accuracy[shown],
+                marker="o",
+                ms=3,
+                color=color,
+                label=f"{method} ECE {ece:.3f}",
+            )
         ax.plot([0, 1], [0, 1], color="k", lw=0.5)
         ax.set_title(f"{dataset}: reliability (test)")
         ax.set_xlabel("confidence")

@@ -115,22 +115,44 @@ def default_score(task: str, heads: int, configured: str | None) -> str:
     return configured or knowledge_score(task)
 
 
-def classification_metrics(u: ClassificationUncertainty, y: np.ndarray, bins: int = 15) -> dict[str, float]:
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Equal-width bins of top-label confidence; only bins holding rows. The one binning behind
+    ECE and every reliability plot (training/report.py, bench/plots.py)."""
+
+    confidence: np.ndarray  # mean confidence per bin
+    accuracy: np.ndarray  # share of correct top labels per bin
+    count: np.ndarray  # rows per bin
+
+    @classmethod
+    def of(cls, confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> ReliabilityBins:
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+        count = np.bincount(which, minlength=bins)
+        held = count > 0
+        conf = np.bincount(which, weights=confidence, minlength=bins)[held] / count[held]
+        acc = np.bincount(which, weights=correct.astype(np.float64), minlength=bins)[held] / count[held]
+        return cls(conf, acc, count[held])
+
+    @property
+    def ece(self) -> float:
+        return float((self.count / self.count.sum() * np.abs(self.accuracy - self.confidence)).sum())
+
+
+def classification_metrics(
+    u: ClassificationUncertainty, y: np.ndarray, bins: int = ECE_BINS
+) -> dict[str, float]:
     n = len(y)
     p_true = np.clip(u.mean_probs[np.arange(n), y], 1e-12, 1.0)
     onehot = np.eye(u.mean_probs.shape[1])[y]
     correct = (u.label == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(u.confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - u.confidence[mask].mean())
     return {
         "accuracy": float(correct.mean()),
         "nll": float(-np.log(p_true).mean()),
-        "ece": float(ece),
+        "ece": ReliabilityBins.of(u.confidence, correct, bins).ece,
         "brier": float(((onehot - u.mean_probs) ** 2).sum(axis=1).mean()),
     }
 

@@ -45,7 +45,6 @@ from training.config import (
     DistilConfig,
     ExternalTeachersConfig,
     RunConfig,
-    TeacherConfig,
 )
 from training.data import TaskData, load_data
 from training.density import fit_feature_density, fit_input_density
@@ -61,52 +60,12 @@ from training.export import (
     output_names,
 )
 from training.models import HydraNet, PackagedModel
+from training.presets import PRESETS, STUDENT_BODIES
 from training.report import write_report
 from training.selfcheck import self_check
 from training.teachers import build_network, load_members, target_scaling, train_member
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, note)
-
-# Per-dataset architecture and schedules (measured; docs/TRAINING.md). Distillation uses the
-# one default recipe (DistilConfig's defaults) everywhere but the two regression toys' schedules.
-PRESETS: dict[str, dict[str, Any]] = {
-    "digits": {
-        "arch": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
-        "teacher": TeacherConfig(epochs=40, patience=8, lr=2e-3),
-        "distil": DistilConfig(),
-    },
-    "mnist1d": {
-        "arch": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
-        "teacher": TeacherConfig(epochs=60, patience=10, lr=2e-3),
-        "distil": DistilConfig(),
-    },
-    "toy": {
-        "arch": ArchConfig(kind="mlp", hidden=(64, 64), head_layers=1),
-        "teacher": TeacherConfig(epochs=300, patience=40, lr=3e-3, batch_size=64),
-        "distil": DistilConfig(phase1_epochs=100, phase2_epochs=100, temperature=1.0),
-    },
-    "diabetes": {
-        "arch": ArchConfig(kind="mlp", hidden=(64, 64), head_layers=1, dropout=0.0),
-        "teacher": TeacherConfig(epochs=300, patience=30, lr=2e-3, batch_size=32, weight_decay=1e-3),
-        "distil": DistilConfig(phase1_epochs=100, phase2_epochs=100, temperature=1.0),
-    },
-    "file": {
-        "arch": ArchConfig(kind="mlp", hidden=(128, 128), head_layers=1),
-        "teacher": TeacherConfig(epochs=100, patience=15),
-        # a shared body twice a teacher's width: on wide tables one 128-unit body could not carry
-        # eight teachers' extrapolations (docs/TRAINING.md); ~2x a tiny MLP's microseconds
-        "distil": DistilConfig(student_width=2.0),
-    },
-}
-
-
-# Student bodies for `--arch` (external teachers bring no architecture of ours): the tabular MLP of
-# the `file` preset, and the conv stacks of the MNIST-1D and digits presets.
-STUDENT_BODIES = {
-    "mlp": ArchConfig(kind="mlp", hidden=(128, 128), head_layers=1),
-    "cnn1d": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
-    "cnn2d": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
-}
 
 
 def make_config(
@@ -296,9 +255,14 @@ def stage_teachers(
     return {"seconds": seconds, "members": summary}
 
 
-def _load_teachers(cfg: RunConfig, data: TaskData, run_dir: Path) -> tuple[list[HydraNet], dict[str, Any]]:
-    ckpt = torch.load(run_dir / "teachers.pt", weights_only=True)
-    return load_members(cfg, data, ckpt["states"]), ckpt
+def _checkpoint(run_dir: Path, name: str) -> dict[str, Any]:
+    """`teachers.pt` or `distil.pt` of a run: tensors and plain values only (weights_only)."""
+    ckpt: dict[str, Any] = torch.load(run_dir / name, weights_only=True)
+    return ckpt
+
+
+def _load_teachers(cfg: RunConfig, data: TaskData, run_dir: Path) -> list[HydraNet]:
+    return load_members(cfg, data, _checkpoint(run_dir, "teachers.pt")["states"])
 
 
 def _teachers_for_distillation(cfg: RunConfig, data: TaskData, run_dir: Path) -> Any:
@@ -310,7 +274,7 @@ def _teachers_for_distillation(cfg: RunConfig, data: TaskData, run_dir: Path) ->
         check_unchanged(specs, run_dir)
         return OnnxLabeller(OnnxTeachers(specs), data.task, *target_scaling(data))
     # rank 0 reads the checkpoint it wrote and hands the states to the others (no shared disk needed)
-    states = from_main(lambda: torch.load(run_dir / "teachers.pt", weights_only=True)["states"])
+    states = from_main(lambda: _checkpoint(run_dir, "teachers.pt")["states"])
     return load_members(cfg, data, states)
 
 
@@ -348,8 +312,8 @@ def stage_distil(cfg: RunConfig, data: TaskData, run_dir: Path, progress: Progre
 
 def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, PackagedModel]:
     """The graphs to export from torch (all three; external teachers: not the ensemble)."""
-    members = [] if cfg.external.used else _load_teachers(cfg, data, run_dir)[0]
-    ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
+    members = [] if cfg.external.used else _load_teachers(cfg, data, run_dir)
+    ckpt = _checkpoint(run_dir, "distil.pt")
     hydra = build_network(cfg, data, heads=int(ckpt["heads"]), student=True)
     hydra.load_state_dict(ckpt["hydra"])
     kd = build_network(cfg, data, heads=1, student=True)
@@ -459,8 +423,8 @@ def stage_evaluate(
     if cfg.external.used:
         teachers_info = json.loads((run_dir / "teachers.json").read_text())
     else:
-        teachers_info = torch.load(run_dir / "teachers.pt", weights_only=True)
-    distil_ckpt = torch.load(run_dir / "distil.pt", weights_only=True)
+        teachers_info = _checkpoint(run_dir, "teachers.pt")
+    distil_ckpt = _checkpoint(run_dir, "distil.pt")
     seconds = {"teachers": float(teachers_info["seconds"]), "distil": float(distil_ckpt["seconds"])}
     ev.report["labelled"] = data.labelled
     ev.report["runtime_seconds"] = seconds

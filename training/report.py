@@ -14,7 +14,7 @@ import numpy as np
 
 from service.uncertainty import ClassificationUncertainty, RegressionUncertainty
 from training.data import TaskData
-from training.evaluate import METHODS, Evaluation
+from training.evaluate import METHODS, Evaluation, ReliabilityBins
 
 COLORS = {"ensemble": "tab:blue", "kd": "tab:gray", "hydra": "tab:orange"}
 
@@ -129,16 +129,16 @@ def self_check_markdown(sc: dict[str, Any]) -> list[str]:
 
 def _reliability(ev: Evaluation, data: TaskData, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
-    edges = np.linspace(0, 1, 16)
     for m in METHODS:
         u = ev.summaries[m]["test"]
         assert isinstance(u, ClassificationUncertainty)
-        correct = u.label == data.test.y
-        which = np.clip(np.digitize(u.confidence, edges[1:-1], right=True), 0, 14)
-        xs = [u.confidence[which == b].mean() for b in range(15) if (which == b).any()]
-        ys = [correct[which == b].mean() for b in range(15) if (which == b).any()]
+        bins = ReliabilityBins.of(u.confidence, u.label == data.test.y)
         ax.plot(
-            xs, ys, "o-", color=COLORS[m], label=f"{m} (ECE {ev.report['methods'][m]['test']['ece']:.3f})"
+            bins.confidence,
+            bins.accuracy,
+            "o-",
+            color=COLORS[m],
+            label=f"{m} (ECE {ev.report['methods'][m]['test']['ece']:.3f})",
         )
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlabel="confidence (max p̄)", ylabel="accuracy", title=f"Reliability — {data.name} test")

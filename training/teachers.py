@@ -2,8 +2,8 @@
 
 `train_member` trains ONE member from (config, data, member index, seed) and returns its weights:
 members are independent, so a launcher can spread them over processes or torchrun ranks
-(member m on rank m % world_size) and gather the state dicts; `train_ensemble` is the
-single-process loop over members.
+(member m on rank m % world_size) and gather the state dicts; `pipeline.stage_teachers` is the
+loop over members (this rank's share of them under torchrun).
 """
 
 from __future__ import annotations
