@@ -163,17 +163,45 @@ def suites_section(su: dict[str, Any] | None) -> str:
         v = su["verdict"][suite]
         out += ["", f"### {suite.capitalize()} suite ({', '.join(d.name for d in SUITES[suite])})", ""]
         out += _suite_tables(runs)
-        out += [
-            "",
-            f"Criteria over every (dataset, seed): median MI Spearman {v['median_spearman']:.3f} ≥ 0.9 — "
-            f"{_check(v['spearman_met'])}; retention ≥ 0.9 on every family the ensemble detects — "
-            f"{_check(not v['low_retention'])}{(' (' + ', '.join(v['low_retention']) + ')') if v['low_retention'] else ''}; "
-            f"no family inverted — {_check(not v['inverted'])}{(' (' + ', '.join(v['inverted']) + ')') if v['inverted'] else ''}; "
-            f"accuracy within 1 pt of the ensemble — {_check(not v['accuracy_misses'])}"
-            f"{(' (' + ', '.join(v['accuracy_misses']) + ')') if v['accuracy_misses'] else ''}; "
-            f"regression coverage within 2 pts — {_check(not v['coverage_misses'])}"
-            f"{(' (' + ', '.join(v['coverage_misses']) + ')') if v['coverage_misses'] else ''}.",
-        ]
+        out += ["", _suite_criteria(v)]
+    return "\n".join(out)
+
+
+def _suite_criteria(v: dict[str, Any]) -> str:
+    return (
+        f"Criteria over every (dataset, seed): median MI Spearman {v['median_spearman']:.3f} ≥ 0.9 — "
+        f"{_check(v['spearman_met'])}; retention ≥ 0.9 on every family the ensemble detects — "
+        f"{_check(not v['low_retention'])}{(' (' + ', '.join(v['low_retention']) + ')') if v['low_retention'] else ''}; "
+        f"no family inverted — {_check(not v['inverted'])}{(' (' + ', '.join(v['inverted']) + ')') if v['inverted'] else ''}; "
+        f"accuracy within 1 pt of the ensemble — {_check(not v['accuracy_misses'])}"
+        f"{(' (' + ', '.join(v['accuracy_misses']) + ')') if v['accuracy_misses'] else ''}; "
+        f"regression coverage within 2 pts — {_check(not v['coverage_misses'])}"
+        f"{(' (' + ', '.join(v['coverage_misses']) + ')') if v['coverage_misses'] else ''}."
+    )
+
+
+def fresh3_section(f3: dict[str, Any] | None) -> str:
+    """The fresh3 suite: untouched evidence for the recipe as it stands (run after it was fixed)."""
+    if f3 is None:
+        return ""
+    from bench.suites import SUITES
+
+    plan = f3["plan"]
+    out = [
+        "### Fresh3 suite: the current recipe on tables defined before it was run "
+        f"({', '.join(d.name for d in SUITES['fresh3'])})",
+        "",
+        _provenance(f3["machine"]),
+        "",
+        f"Preset `{f3['preset']}`, seeds {plan['seeds']}, {plan['members']} teachers; wall time {f3['seconds']:.0f} s "
+        "(`python -m bench suites --only fresh3 --output suites_fresh3`). Defined and committed (bench/suites.py) "
+        "before any run on them, together with `tuning_wide`, on which student shapes were then measured and none "
+        'adopted (docs/TRAINING.md, "Wide tables, a second look"): so this is the recipe above, on data no setting '
+        "was chosen on.",
+        "",
+    ]
+    out += _suite_tables([r for r in f3["runs"] if r["suite"] == "fresh3"])
+    out += ["", _suite_criteria(f3["verdict"]["fresh3"])]
     return "\n".join(out)
 
 
@@ -433,7 +461,7 @@ def quality_section(q: dict[str, Any] | None) -> str:
         f"Preset `{q['preset']}`: datasets {', '.join(plan['datasets'])}; seeds {plan['seeds']} (mean ± std over "
         f"seeds, population std); {plan['members']} teachers; epochs per stage: "
         + ", ".join(f"{d} {plan['epochs'].get(d) or 'preset'}" for d in plan["datasets"])
-        + f' ("preset" = training/pipeline.py PRESETS; the full RunConfig of every run is in bench/results/quality.json). Wall time {wall}. Every number is '
+        + f' ("preset" = training/presets.py PRESETS; the full RunConfig of every run is in bench/results/quality.json). Wall time {wall}. Every number is '
         "from `training.pipeline.run_all` (evaluation on the exported ONNX graphs). OOD: positive class, "
         "each method's own score (ensemble/Hydra: mutual information or variance of means; KD, one head: "
         "total entropy / total variance). Retention = (AUROC_Hydra − 0.5) / (AUROC_ensemble − 0.5)."
@@ -788,6 +816,8 @@ def write(extra: dict[str, str] | None = None) -> Path:
     gpu_cost, gpu_server = load("gpu_cost"), load("gpu_server")
     c1, su, sp = load("cost_1thread"), load("suites"), load("suites_splits")
     parts = [HEADER, headline(q, c, s, su), quality_section(q), suites_section(su)]
+    if load("suites_fresh3"):
+        parts.append(fresh3_section(load("suites_fresh3")))
     if sp:
         parts.append(splits_section(sp))
     parts.append(ood_section(load("ood")))

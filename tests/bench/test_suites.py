@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.report import splits_section, suites_section
+from bench.report import fresh3_section, splits_section, suites_section
 from bench.suites import (
     CONFIRMATION,
     FRESH,
@@ -118,6 +118,19 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
     assert "### Tuning suite" in doc and "| penguins |" in doc and "scaled_x4" in doc
     stability = splits_section({"machine": machine, "runs": runs})
     assert "| penguins | 0, 1 |" in stability and "of 2" in stability
+    fresh3_runs = [dict(r, suite="fresh3") for r in runs]
+    f3 = fresh3_section(
+        {
+            "preset": "test",
+            "plan": {**plan.__dict__, "suites": ["fresh3"]},
+            "machine": machine,
+            "runs": fresh3_runs,
+            "verdict": {"fresh3": verdict(fresh3_runs)},
+            "seconds": 1.0,
+        }
+    )
+    assert "### Fresh3 suite" in f3 and "| penguins |" in f3 and "Criteria over every" in f3
+    assert fresh3_section(None) == ""
     assert list(SUITES) == ["tuning", "confirmation", "fresh", "fresh2", "fresh_ood", "tuning_wide", "fresh3"]
     names = [d.name for suite in SUITES.values() for d in suite]
     assert len(names) == len(set(names)), "a table in two suites would blur which data chose what"
