@@ -16,7 +16,16 @@ from tests.service.support import CLF_FEATURES, start_server, wait_ready, write_
 
 
 def test_sigterm_under_load_answers_every_accepted_request_then_exits_0(model_repository: Path) -> None:
-    server = start_server(model_repository, "--max-queue-delay-ms", "1500", "--max-batch-size", "256")
+    # Triton's rule (--run-when-idle false), so a partial batch waits out the 1.5 s delay
+    server = start_server(
+        model_repository,
+        "--max-queue-delay-ms",
+        "1500",
+        "--max-batch-size",
+        "256",
+        "--run-when-idle",
+        "false",
+    )
     wait_ready(server)
 
     async def scenario() -> list[httpx.Response]:
