@@ -94,6 +94,7 @@ def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_") and k != "PYTHONPATH"}
     # the image's configuration: HYDRA_* variables and the `hydra-serve` entrypoint, run elsewhere
     env.update(HYDRA_HOST="127.0.0.1", HYDRA_PORT=str(port), HYDRA_MODEL_REPOSITORY=str(repository))
+    env["HYDRA_GRPC_PORT"] = str(free_port())  # not the default 8081: concurrent test runs share it
     log = tmp_path / "server.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
