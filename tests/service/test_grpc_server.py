@@ -8,6 +8,7 @@ tritonclient.http) and with a direct ONNX Runtime + `service.inference` computat
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.service.support import (
     running_server,
     start_server,
     wait_ready,
+    write_model,
 )
 from tests.service.test_v2_server import FEATURES, assert_matches_reference, rows_for, specs
 
@@ -449,3 +451,52 @@ def test_grpc_port_zero_turns_grpc_off_and_port_in_use_fails_start(model_reposit
         second = start_server(model_repository, grpc_port=str(first.grpc_port))
         assert second.process.wait(timeout=60) != 0
         assert "cannot listen for gRPC" in second.log()
+
+
+def test_hot_reload_under_grpc_load_fails_no_call(tmp_path: Path, model_repository: Path) -> None:
+    """A version swap (repository load over HTTP) while gRPC calls stream in: every call is answered
+    (by the old or the new version), and gRPC then serves and describes the new version."""
+    repo = tmp_path / "models"
+    shutil.copytree(model_repository, repo)
+    key = {"x-api-key": "reload-key"}
+    with running_server(repo, api_key="reload-key") as server:
+
+        async def scenario() -> tuple[list[tga.InferResult], httpx.Response]:
+            stop = asyncio.Event()
+            answers: list[tga.InferResult] = []
+
+            async with tga.InferenceServerClient(server.grpc_target) as client:
+
+                async def hammer(worker: int) -> None:
+                    rng = np.random.default_rng(worker)
+                    while not stop.is_set():
+                        rows = rng.normal(0, 2, (int(rng.integers(1, 4)), CLF_FEATURES)).astype(np.float32)
+                        answers.append(await client.infer("clf", [grpc_input(rows)], headers=key))
+
+                async def answered(at_least: int) -> None:
+                    for _ in range(3000):
+                        if len(answers) >= at_least:
+                            return
+                        await asyncio.sleep(0.01)
+
+                workers = [asyncio.create_task(hammer(i)) for i in range(8)]
+                await answered(24)
+                write_model(repo, "clf", 2, "classification", seed=42)
+                async with httpx.AsyncClient(base_url=server.url, headers=key, timeout=30) as http:
+                    reloaded = await http.post("/v2/repository/models/clf/load")
+                await answered(len(answers) + 24)
+                stop.set()
+                await asyncio.gather(*workers)
+            return answers, reloaded
+
+        answers, reloaded = asyncio.run(scenario())
+        assert reloaded.status_code == 200 and reloaded.json()["version"] == "2", reloaded.text
+        versions = [a.get_response().model_version for a in answers]
+        assert set(versions) == {"1", "2"} and versions[-1] == "2"
+        client = tg.InferenceServerClient(server.grpc_target)
+        try:
+            http_versions = httpx.get(f"{server.url}/v2/models/clf").json()["versions"]
+            assert client.get_model_metadata("clf", as_json=True)["versions"] == http_versions == ["2"]
+            assert client.is_model_ready("clf", "2")
+        finally:
+            client.close()
