@@ -27,8 +27,7 @@ from typing import Any
 import grpc
 import orjson
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import v2_core
 from service.auth import key_matches
@@ -217,7 +216,7 @@ def inference_handler(service: InferenceService, metrics: ServiceMetrics) -> Any
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-class ReadinessHealth(HealthServicer):  # type: ignore[misc]
+class ReadinessHealth(health.aio.HealthServicer):  # type: ignore[misc]
     """grpc.health.v1 with live answers to Check: "" and the inference service are SERVING when the
     server is ready (every model it is meant to serve is), a model's name when that model is;
     NOT_SERVING once shutdown begins. Watch follows what `set` publishes (start, shutdown)."""
