@@ -2,7 +2,7 @@
 #
 # Targets:
 #   cpu      (default, the last stage) slim CPU image without models; mount a model repository
-#            read-only at /models:  docker run -v "$PWD/models:/models:ro" -p 8000:8000 hydra-serve:0.1.0
+#            read-only at /models:  docker run -v "$PWD/models:/models:ro" -p 8000:8000 -p 8081:8081 hydra-serve:0.1.0
 #   bundled  cpu + this repository's models/ copied to /models (what docker-compose.yml runs)
 #   gpu      CUDA runtime base with onnxruntime-gpu instead of onnxruntime (run with --gpus all)
 #
@@ -42,6 +42,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HYDRA_HOST=0.0.0.0 \
     HYDRA_PORT=8000 \
+    HYDRA_GRPC_PORT=8081 \
     HYDRA_MODEL_REPOSITORY=/models
 RUN groupadd --system --gid 10001 hydra \
  && useradd --system --uid 10001 --gid hydra --home-dir /home/hydra --create-home --shell /usr/sbin/nologin hydra \
@@ -53,7 +54,8 @@ RUN pip install --no-cache-dir /wheels/hydra_serve-*.whl \
  && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 USER 10001:10001
 WORKDIR /home/hydra
-EXPOSE 8000
+# 8000 HTTP (KServe V1, Open Inference V2, /metrics); 8081 Open Inference Protocol over gRPC
+EXPOSE 8000 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HYDRA_PORT', '8000') + '/v2/health/ready', timeout=2)"]
 ENTRYPOINT ["hydra-serve"]
@@ -70,6 +72,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     HYDRA_HOST=0.0.0.0 \
     HYDRA_PORT=8000 \
+    HYDRA_GRPC_PORT=8081 \
     HYDRA_MODEL_REPOSITORY=/models \
     HYDRA_EXECUTION_PROVIDERS=cuda
 # Ubuntu's python3 (3.12 on 24.04) in a venv: the system interpreter is externally managed (PEP 668).
@@ -88,7 +91,8 @@ RUN pip install --no-cache-dir -r /wheels/requirements-gpu.txt \
  && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 USER 10001:10001
 WORKDIR /home/hydra
-EXPOSE 8000
+# 8000 HTTP (KServe V1, Open Inference V2, /metrics); 8081 Open Inference Protocol over gRPC
+EXPOSE 8000 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HYDRA_PORT', '8000') + '/v2/health/ready', timeout=2)"]
 ENTRYPOINT ["hydra-serve"]

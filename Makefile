@@ -104,11 +104,11 @@ clean:
 # make bench [BENCH_PRESET=reduced|full|smoke]; each part alone: bench-quality (built-in datasets, then the
 # tuning and confirmation suites), bench-suites (the suites alone), bench-ood (MI, density and the combined
 # OOD flag on all of them; reuses their checkpoints), bench-external (the user's own ONNX teachers),
-# bench-cost, bench-server.
+# bench-cost, bench-server, bench-grpc (§3c: gRPC vs V2 JSON vs V2 binary).
 # Part 4 (GPU) is bench/gpu.sh, on a machine with an NVIDIA GPU.
 BENCH_PRESET ?= reduced
 TRITON_VENV ?= .venv-triton
-.PHONY: bench-deps bench-triton-venv bench-quality bench-suites bench-ood bench-external bench-cost bench-server bench-report bench-gpu
+.PHONY: bench-deps bench-grpc-deps bench-triton-venv bench-quality bench-suites bench-ood bench-external bench-cost bench-server bench-grpc bench-report bench-gpu
 
 # wrk (Debian) drives the load; py-spy profiles the server where a target is missed.
 bench-deps: $(VENV)/.dev-installed
@@ -116,6 +116,12 @@ bench-deps: $(VENV)/.dev-installed
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }; } || \
 	  { echo "make bench-deps: install Debian's 'wrk' package (apt-get install wrk, as root)" >&2; exit 1; }
 	@$(VENV)/bin/py-spy --version >/dev/null 2>&1 || $(PY) -m pip install -q py-spy
+
+# h2load (Debian's nghttp2-client) drives the gRPC load of `bench grpc`.
+bench-grpc-deps: bench-deps
+	@command -v h2load >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nghttp2-client; }; } || \
+	  { echo "make bench-grpc-deps: install Debian's 'nghttp2-client' package (h2load)" >&2; exit 1; }
 
 # Triton through PyTriton needs Debian's python3.11 (the pyenv Python lacks the libpython it loads).
 $(TRITON_VENV)/bin/python:
@@ -149,6 +155,10 @@ bench-cost: install
 
 bench-server: install bench-deps bench-triton-venv
 	$(PY) -m bench server --preset $(BENCH_PRESET)
+
+# §3c: gRPC vs V2 JSON vs V2 binary in one run, with the transports' ceilings and a py-spy profile.
+bench-grpc: install bench-grpc-deps
+	$(PY) -m bench grpc
 
 bench-report: install
 	$(PY) -m bench report

@@ -1,4 +1,4 @@
-"""`python -m bench quality|suites|ood|external|cost|server|report|all [--preset reduced]`: BENCHMARKS.md.
+"""`python -m bench quality|suites|ood|external|cost|server|grpc|report|all [--preset ...]`: BENCHMARKS.md.
 
 Each part writes bench/results/<part>.json (with machine, date, load and command) and regenerates
 docs/BENCHMARKS.md and its figures. `--preset smoke` checks everything runs in minutes;
@@ -249,6 +249,21 @@ def server(
     result["preset"] = p.name
     _save(output, result)
     plots.server_figure(result, DOCS / f"{output}.png")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command("grpc")
+def grpc_part(
+    seconds: Annotated[float, typer.Option(help="seconds per load cell (after a 1 s warm-up)")] = 5.0,
+    rounds: Annotated[int, typer.Option(help="rounds of each cell, interleaved; the median is reported")] = 3,
+) -> None:
+    """Part 3c: gRPC vs V2 JSON vs V2 binary (one-row and 32-row requests), client ceiling, profile."""
+    from bench.grpc_load import run_grpc
+
+    meta = describe(_command())
+    result = run_grpc(seconds=seconds, rounds=rounds, log=typer.echo)
+    result["machine"] = meta
+    _save("grpc", result)
     typer.echo(f"wrote {report.write()}")
 
 

@@ -447,6 +447,7 @@ def run_server(np: Any, cuda: bool, deadline: float, log: Log) -> dict[str, Any]
             continue
         port = free_port()
         env = dict(os.environ, HYDRA_EXECUTION_PROVIDERS=config, HYDRA_LOG_LEVEL="warning")
+        env["HYDRA_GRPC_PORT"] = "0"  # HTTP only: the GPU run measures the model, not gRPC
         cmd = [
             sys.executable,
             "-m",

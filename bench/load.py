@@ -57,7 +57,7 @@ def serve(repository: Path, max_batch_size: int, delay_ms: float) -> Iterator[st
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
     env |= {"HYDRA_MAX_BATCH_SIZE": str(max_batch_size), "HYDRA_MAX_QUEUE_DELAY_MS": str(delay_ms),
-            "HYDRA_LOG_LEVEL": "warning"}  # fmt: skip
+            "HYDRA_LOG_LEVEL": "warning", "HYDRA_GRPC_PORT": "0"}  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
          "--model-repository", str(repository)],

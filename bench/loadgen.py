@@ -62,7 +62,9 @@ def v2_body(rows: np.ndarray, input_name: str = "input") -> bytes:
     return json.dumps(request).encode()
 
 
-def warm_wrk(url: str, body_file: Path, concurrency: int, seconds: float = 1.0) -> None:
+def warm_wrk(
+    url: str, body_file: Path, concurrency: int, seconds: float = 1.0, header_length: int | None = None
+) -> None:
     """Open the connections and warm the server's first batches, untimed."""
     threads = max(1, min(2, concurrency))
     cmd = [
@@ -77,19 +79,28 @@ def warm_wrk(url: str, body_file: Path, concurrency: int, seconds: float = 1.0) 
         url,
         "--",
         str(body_file),
+        *([] if header_length is None else [str(header_length)]),
     ]
     subprocess.run(cmd, capture_output=True, check=True, timeout=seconds + 30)
 
 
 def run_wrk(
-    url: str, body_file: Path, concurrency: int, seconds: float, rows_per_request: int, warmup_s: float = 1.0
+    url: str,
+    body_file: Path,
+    concurrency: int,
+    seconds: float,
+    rows_per_request: int,
+    warmup_s: float = 1.0,
+    header_length: int | None = None,
 ) -> CellResult:
+    """`header_length`: the body is a V2 binary-extension request whose JSON header has this length."""
     threads = max(1, min(2, concurrency))
     base = [wrk_binary(), f"-t{threads}", f"-c{concurrency}", "--timeout", "10s", "-s", str(LUA)]
     if warmup_s > 0:
-        warm_wrk(url, body_file, concurrency, warmup_s)
+        warm_wrk(url, body_file, concurrency, warmup_s, header_length)
+    extra = [] if header_length is None else [str(header_length)]
     proc = subprocess.run(
-        [*base, f"-d{max(1, round(seconds))}s", "--latency", url, "--", str(body_file)],
+        [*base, f"-d{max(1, round(seconds))}s", "--latency", url, "--", str(body_file), *extra],
         capture_output=True,
         text=True,
         check=True,

@@ -803,6 +803,86 @@ def server_section(
     return "\n".join(out)
 
 
+GRPC_LABELS = {"v2_json": "V2 JSON (wrk)", "v2_binary": "V2 binary (wrk)", "grpc": "gRPC (h2load)"}
+
+
+def grpc_section(g: dict[str, Any] | None) -> str:
+    """§3c from bench/results/grpc.json (`python -m bench grpc`)."""
+    title = "## 3c. Open Inference Protocol over gRPC vs V2 JSON vs V2 binary"
+    if g is None:
+        return f"{title}\n\nNot run yet: `python -m bench grpc`.\n"
+    out = [
+        title,
+        "",
+        _provenance(g["machine"]),
+        "",
+        f"One server process ({g['model']}, max batch {g['max_batch_size']}, delay {g['max_queue_delay_ms']} ms) "
+        f"answering all three protocols; every default answer tensor; {g['in_flight']} requests in flight: wrk "
+        f"with {g['in_flight']} keep-alive connections for V2 JSON and V2 binary (tritonclient.http's default "
+        f"encoding), h2load (nghttp2) with {g['h2load_connections']} connections × "
+        f"{g['in_flight'] // g['h2load_connections']} streams for gRPC, sending the `ModelInferRequest` "
+        "tritonclient.grpc builds (raw_input_contents). "
+        f"{g['seconds_per_cell']} s per cell after a 1 s warm-up, {g['rounds']} interleaved rounds, median shown "
+        "(all rounds in bench/results/grpc.json). Client and server CPU are per request (server: warm-up "
+        "included, so an upper bound). gRPC errors are counted by the server (`hydra_requests_total`), not "
+        "counting the streams h2load resets (CANCELLED) when its timed warm-up and run end.",
+        "",
+    ]
+    header = ["rows/request", "protocol", "rows/s", "req/s", "p50 ms", "p99 ms", "errors", "client CPU µs/req",
+              "server CPU µs/req"]
+    rows = []
+    for n, cells in g["cells"].items():
+        for protocol in ("v2_json", "v2_binary", "grpc"):
+            c = cells[protocol]
+            errors = c.get("grpc_non_ok", c.get("errors", 0) + c.get("non_2xx", 0) + c.get("http_failed", 0))
+            rows.append([n, GRPC_LABELS[protocol], f"{c['rows_per_s']:,.0f}", f"{c['requests_per_s']:,.0f}",
+                         f"{c['p50_ms']:.1f}", f"{c['p99_ms']:.1f}", f"{errors:.0f}",
+                         f"{c['client_cpu_us_per_request']:.0f}", f"{c['server_cpu_us_per_request']:.0f}"])
+    out += [_table(header, rows), ""]
+    ratio_rows = [
+        [n, f"{c['ratios']['grpc_over_v2_json']:.2f}×", f"{c['ratios']['grpc_over_v2_binary']:.2f}×",
+         f"{c['ratios']['v2_binary_over_v2_json']:.2f}×"]
+        for n, c in g["cells"].items()
+    ]
+    out += [_table(["rows/request", "gRPC ÷ V2 JSON", "gRPC ÷ V2 binary", "V2 binary ÷ V2 JSON"], ratio_rows), ""]
+    ceiling_rows = []
+    for n, c in g["ceiling"].items():
+        h = g.get("http_ceiling", {}).get(n)
+        ceiling_rows.append(
+            [n, f"{c['requests_per_s']:,.0f}", f"{c['client_cpu_us_per_request']:.0f}",
+             f"{g['cells'][n]['grpc']['requests_per_s'] / c['requests_per_s']:.0%}",
+             f"{h['requests_per_s']:,.0f}" if h else "-", f"{h['client_cpu_us_per_request']:.0f}" if h else "-",
+             f"{g['cells'][n]['v2_json']['requests_per_s'] / h['requests_per_s']:.0%}" if h else "-"]
+        )
+    out += [
+        "Ceilings, same run: the same requests against servers that answer the captured answer bytes and do "
+        "nothing else (`bench.grpc_echo`): gRPC = a grpc.aio server on uvloop, as ours, driven by h2load; "
+        "HTTP = uvicorn + a FastAPI route, as ours, driven by wrk. They bound what each transport and its "
+        "load generator can carry on this machine, and show the load generator is not the bottleneck:",
+        "",
+        _table(["rows/request", "gRPC echo req/s", "h2load CPU µs/req", "ours gRPC ÷ echo",
+                "HTTP echo req/s", "wrk CPU µs/req", "ours V2 JSON ÷ echo"], ceiling_rows),
+        "",
+    ]
+    one = g["cells"].get("1")
+    if one is not None:
+        met = one["ratios"]["grpc_over_v2_json"] >= 1.5
+        out += [
+            f"Issue 14's target, gRPC one-row ≥ 1.5 × V2 JSON: {_check(met)} "
+            f"({one['ratios']['grpc_over_v2_json']:.2f}×).",
+            "",
+        ]
+    for cell, prof in g.get("profiles", {}).items():
+        leaf = ", ".join(f"{k} {v}%" for k, v in prof["leaf_percent"][:8])
+        incl = ", ".join(f"{k} {v}%" for k, v in prof["inclusive_percent"][:14])
+        out += [
+            f"py-spy of the server, {cell.replace('_', ' ')} ({prof['samples']} samples, all threads): by leaf "
+            f"{leaf}; inclusive {incl}.",
+            "",
+        ]
+    return "\n".join(out)
+
+
 LABELS = {
     "hydra": "(a) ours, batching",
     "hydra-b1": "(b) ours, batch 1",
@@ -828,6 +908,7 @@ def write(extra: dict[str, str] | None = None) -> Path:
             cost_section(c1, "### 2b. Serving cost with one ORT thread per session", "cost_1thread.png")
         )
     parts.append(server_section(s))
+    parts.append(grpc_section(load("grpc")))
     parts.append(gpu_section(RESULTS / "gpu"))
     if gpu_cost or gpu_server:  # bench/gpu.sh on a connected GPU machine (project venv, wrk)
         parts += [

@@ -114,6 +114,8 @@ def hydra_server(
         str(run_when_idle).lower(),
         "--execution-providers",
         "cuda" if cuda else "cpu",
+        "--grpc-port",
+        "0",  # HTTP only here; `python -m bench grpc` (bench/grpc.py) runs the gRPC comparison
     ]
     return _running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
 

@@ -1,5 +1,6 @@
 -- wrk script: POST one fixed JSON body (a file named by the first script argument) and print a
 -- one-line JSON summary at the end.  wrk -t2 -c32 -d5s --latency -s bench/wrk_post.lua URL -- body.json
+-- A second argument (the JSON header length) sends the body as a V2 binary-extension request.
 local body_path = nil
 
 function init(args)
@@ -9,6 +10,10 @@ function init(args)
   f:close()
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
+  if args[2] then  -- V2 binary tensor extension: the JSON header's length; raw tensors follow it
+    wrk.headers["Content-Type"] = "application/octet-stream"
+    wrk.headers["Inference-Header-Content-Length"] = args[2]
+  end
 end
 
 function done(summary, latency, requests)

@@ -1,7 +1,8 @@
 """`python -m service [--flags]`: serve a model repository with uvicorn.
 
 Flags override `HYDRA_*` environment variables (see `service.settings.Settings`). SIGTERM/SIGINT:
-uvicorn stops accepting, finishes in-flight requests, the lifespan drains the batchers, exit 0.
+uvicorn and the gRPC server stop accepting, finish in-flight requests and calls, the lifespan
+drains the batchers, exit 0.
 A start with no loadable model exits non-zero with the reason.
 """
 
@@ -81,6 +82,10 @@ class DrainingServer(uvicorn.Server):
     then shut down as uvicorn does: those requests are answered, and no new connection gets in."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # gRPC stops taking calls now too, and drains in parallel with HTTP (the lifespan awaits it)
+        grpc_server = getattr(getattr(self.config.app, "state", None), "grpc_server", None)
+        if grpc_server is not None:
+            grpc_server.begin_stop()
         for server in self.servers:
             server.close()
         await asyncio.sleep(SHUTDOWN_READ_GRACE_S)

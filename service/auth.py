@@ -8,6 +8,7 @@ The key comes as `X-API-Key: <key>` or `Authorization: Bearer <key>`; compared i
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from fastapi import Request
 
@@ -15,19 +16,24 @@ from service.errors import Forbidden, Unauthorized
 from service.settings import Settings
 
 
-def _presented_key(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key in `x-api-key` or `authorization: Bearer` (HTTP headers or gRPC call metadata)."""
+    key = headers.get("x-api-key")
     if key:
         return key
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
 
 
-def _matches(request: Request, expected: str) -> bool:
-    presented = _presented_key(request)
+def key_matches(headers: Mapping[str, str], expected: str) -> bool:
+    presented = presented_key(headers)
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+
+
+def _matches(request: Request, expected: str) -> bool:
+    return key_matches(request.headers, expected)
 
 
 async def require_api_key(request: Request) -> None:

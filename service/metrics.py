@@ -151,14 +151,15 @@ class ServiceMetrics:
         # -- HTTP
         self.requests = Counter(
             f"{p}_requests",
-            "HTTP requests by route template, method and status code.",
-            ("route", "method", "code"),
+            "Requests by protocol (http, grpc), route template (gRPC: the full method), method and "
+            "status code (gRPC: the HTTP status its code maps to, e.g. UNAVAILABLE → 503).",
+            ("protocol", "route", "method", "code"),
             registry=r,
         )
         self.request_duration = Histogram(
             f"{p}_request_duration_seconds",
-            "HTTP request latency (first byte in to last byte out).",
-            ("route", "method"),
+            "Request latency (first byte in to last byte out) by protocol, route template and method.",
+            ("protocol", "route", "method"),
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -289,9 +290,11 @@ class ServiceMetrics:
         return app
 
     # -- HTTP -----------------------------------------------------------------------------------------
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_duration.labels(route, method).observe(seconds)
+    def observe_request(
+        self, route: str, method: str, status: int, seconds: float, protocol: str = "http"
+    ) -> None:
+        self.requests.labels(protocol, route, method, str(status)).inc()
+        self.request_duration.labels(protocol, route, method).observe(seconds)
 
     # -- model lifecycle -----------------------------------------------------------------------------
     def _ensure_model(self, model: str, version: str) -> None:

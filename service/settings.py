@@ -21,6 +21,15 @@ class Settings(BaseSettings):
 
     host: str = Field(default="0.0.0.0", description="Interface to bind (0.0.0.0: every interface).")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    grpc_port: int = Field(
+        default=8081,
+        ge=0,
+        le=65535,
+        description=(
+            "TCP port of the Open Inference Protocol over gRPC, on the same host (MLServer's default "
+            "port); 0 turns gRPC off."
+        ),
+    )
     model_repository: Path = Field(
         default=Path("models"),
         description="Directory holding models/<name>/<version>/{model.onnx,manifest.json}.",

@@ -178,6 +178,29 @@ def parse_infer_request(
     )
 
 
+def parse_input_tensor(
+    raw: dict[str, Any], position: int, binary: bytes | None, accepted_datatypes: Collection[str]
+) -> InputTensor:
+    """One input tensor from its decoded fields (the JSON request's form): `binary`, when given, is
+    all of its raw bytes (declared by `parameters.binary_data_size`). The gRPC transport decodes its
+    protobuf inputs through this, so both protocols apply the same checks with the same messages."""
+    view = memoryview(binary) if binary is not None else None
+    tensor, offset = _parse_input(raw, position, view, 0, accepted_datatypes)
+    if view is not None and offset != len(view):
+        raise V2ProtocolError(f"input {tensor.name!r}: {len(view) - offset} bytes left after the tensor")
+    return tensor
+
+
+def parse_parameters(raw: object, where: str) -> dict[str, Any]:
+    """A `parameters` object as a dict (or V2ProtocolError naming `where`)."""
+    return _parameters(raw, where)
+
+
+def parse_requested_outputs(raw: object) -> list[RequestedOutput] | None:
+    """The request's `outputs` list (names, binary flags), checked as for JSON."""
+    return _parse_outputs(raw)
+
+
 def _parameters(raw: object, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -384,6 +407,16 @@ def _tensor_bytes(tensor: OutputTensor) -> bytes:
         return serialize_bytes_tensor(tensor.data)
     dtype = NUMPY_DTYPES[tensor.datatype]
     return np.ascontiguousarray(tensor.data, dtype=dtype).tobytes()
+
+
+def bytes_elements(array: NDArray[Any]) -> list[bytes]:
+    """A BYTES tensor's elements as `bytes` (strings UTF-8 encoded), row-major."""
+    return _as_bytes_elements(array)
+
+
+def tensor_bytes(tensor: OutputTensor) -> bytes:
+    """An output tensor's raw little-endian bytes (BYTES: length-prefixed elements)."""
+    return _tensor_bytes(tensor)
 
 
 def _json_data(tensor: OutputTensor) -> object:

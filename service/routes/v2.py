@@ -4,12 +4,8 @@ Every quantity the model answers with is its own named output tensor (see `outpu
 request's `outputs` selects among them. Request bodies may be JSON or use the binary tensor extension
 (what stock `tritonclient.http` sends by default); see `service.protocol.v2` for the codec.
 
-Request `parameters` we read (others, e.g. tritonclient's `priority`, are ignored):
-  alpha           OOD flag level α in (0, 1); default: the manifest's `ood.default_alpha`
-  interval_level  regression prediction-interval level in (0, 1); default 0.95
-  heads           true → also return the per-head outputs (`heads`, or `heads_mean`/`heads_variance`)
-  timeout         Triton's per-request timeout in microseconds (a deadline for the queued request)
-  binary_data_output  true → every output as binary tensor data (tritonclient's default)
+Request `parameters` (alpha, interval_level, heads, timeout, binary_data_output) and the infer
+logic are shared with gRPC: see `service.v2_core`.
 
 A request body may be gzip- or deflate-compressed (`Content-Encoding`, tritonclient's
 `request_compression_algorithm`); answers are not compressed.
@@ -18,37 +14,29 @@ A request body may be gzip- or deflate-compressed (`Content-Encoding`, tritoncli
 from __future__ import annotations
 
 import zlib
-from importlib import metadata
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request
-from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from service import v2_core
 from service.auth import require_api_key
-from service.errors import BadRequest, ModelNotFound, ModelUnavailable, PayloadTooLarge
-from service.inference import head_output_names
+from service.errors import BadRequest, PayloadTooLarge
 from service.protocol.v2 import (
     HEADER_LENGTH,
     NUMERIC_DATATYPES,
-    InferRequest,
-    OutputTensor,
     V2ProtocolError,
     encode_infer_response,
     parse_infer_request,
-    select_outputs,
 )
 from service.repository import ServedModel
 from service.responses import OrjsonResponse
 from service.routes import get_repository, inline_schema, until_disconnected
 from service.settings import Settings
+from service.v2_core import PLATFORM, SERVER_NAME
 
-SERVER_NAME = "hydra-serve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
-PLATFORM = "onnxruntime_onnx"
-DEFAULT_INTERVAL_LEVEL = 0.95
 
 router = APIRouter(tags=["v2"], default_response_class=OrjsonResponse)
 
@@ -174,56 +162,22 @@ _INFER_OPENAPI: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _version_number(model_name: str, model_version: str | None) -> int | None:
-    if model_version is None:
-        return None
-    if not model_version.isascii() or not model_version.isdigit() or int(model_version) < 1:
-        raise ModelNotFound(f"model {model_name!r} has no version {model_version!r}")
-    return int(model_version)
-
-
 def _served(request: Request, model_name: str, model_version: str | None) -> ServedModel:
-    return get_repository(request).get(model_name, _version_number(model_name, model_version))
-
-
-def _server_version() -> str:
-    try:
-        return metadata.version(SERVER_NAME)
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    return v2_core.served(get_repository(request), model_name, model_version)
 
 
 def _metadata(request: Request, model: ServedModel) -> ModelMetadata:
     manifest = model.manifest
-    versions = sorted(
-        {
-            int(entry["version"])
-            for entry in get_repository(request).index()
-            if entry.get("name") == model.name and str(entry.get("version", "")).isdigit()
-        }
-        | {model.version}
-    )
     return ModelMetadata(
         name=model.name,
-        versions=[str(v) for v in versions],
+        versions=v2_core.model_versions(get_repository(request), model),
         platform=PLATFORM,
         inputs=[TensorMetadata(name=manifest.input.name, datatype="FP32", shape=list(manifest.input.shape))],
         outputs=[
             TensorMetadata(name=name, datatype=datatype, shape=list(shape))
             for name, datatype, shape in model.output_specs()
         ],
-        parameters=ModelParameters(
-            task=manifest.task,
-            labels=manifest.labels,
-            heads=manifest.heads,
-            default_alpha=model.default_alpha,
-            ood_score=manifest.ood.score,
-            ood_components=[c.score for c in manifest.ood.components],
-            ood_combination=manifest.ood.combination,
-            calibration_size=len(manifest.ood.calibration_scores),
-            execution_provider=model.provider,
-            evaluation=manifest.evaluation,
-        ),
+        parameters=ModelParameters(**v2_core.model_parameters(model)),
     )
 
 
@@ -250,47 +204,12 @@ def _inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     return inflated
 
 
-def _unit_interval(parameters: dict[str, Any], key: str) -> float | None:
-    value = parameters.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
-        raise BadRequest(f"parameter {key!r} must be a number in (0, 1), got {value!r}")
-    return float(value)
-
-
-def _timeout_s(parameters: dict[str, Any]) -> float | None:
-    value = parameters.get("timeout")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadRequest(f"parameter 'timeout' must be a positive integer (microseconds), got {value!r}")
-    return value / 1e6
-
-
-def _rows(parsed: InferRequest, model: ServedModel) -> NDArray[np.float32]:
-    """The model input as float32 rows `(n, *row_shape)`; any numeric datatype is accepted."""
-    spec = model.manifest.input
-    unknown = [name for name in parsed.inputs if name != spec.name]
-    if unknown:
-        raise BadRequest(f"unknown input {unknown[0]!r}; model {model.name!r} takes one input {spec.name!r}")
-    tensor = parsed.inputs.get(spec.name)
-    if tensor is None:
-        raise BadRequest(f"missing input {spec.name!r}")
-    row_shape = tuple(model.manifest.row_shape)
-    if len(tensor.shape) != 1 + len(row_shape) or tensor.shape[1:] != row_shape:
-        expected = [-1, *row_shape]
-        raise BadRequest(f"input {spec.name!r} has shape {list(tensor.shape)}, model expects {expected}")
-    with np.errstate(over="ignore"):  # FP64 beyond float32 range → inf; infer() refuses non-finite rows
-        return np.ascontiguousarray(tensor.data, dtype=np.float32)
-
-
 # ----------------------------------------------------------------------------------------- routes
 
 
 @router.get("/v2", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS)
+    return ServerMetadata(name=SERVER_NAME, version=v2_core.server_version(), extensions=EXTENSIONS)
 
 
 @router.get("/v2/health/live", response_model=Liveness, summary="Liveness")
@@ -305,14 +224,7 @@ async def health_live() -> Liveness:
     responses={503: {"description": "Some model is not ready (or none is loaded)."}},
 )
 async def health_ready(request: Request) -> Response:
-    # "Every model" = every model the repository is meant to serve: a model unloaded on purpose
-    # does not make the server unready, one that failed to load does (Triton's strict readiness).
-    states = {
-        str(entry["name"]): entry["state"] == "READY"
-        for entry in get_repository(request).index()
-        if entry["state"] == "READY" or entry.get("reason") != "unloaded"
-    }
-    ready = bool(states) and all(states.values())
+    ready, states = v2_core.server_readiness(get_repository(request))
     body = ServerReadiness(ready=ready, models=states).model_dump()
     if not ready:
         not_ready = sorted(k for k, v in states.items() if not v) or ["no model is loaded"]
@@ -363,48 +275,25 @@ async def model_ready(request: Request, model_name: str, model_version: str | No
     dependencies=[Depends(require_api_key)],
 )
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    model = _served(request, model_name, model_version)
-    if not model.ready:
-        raise ModelUnavailable(f"model {model.name!r} version {model.version} is not ready")
+    model = v2_core.ready_to_infer(get_repository(request), model_name, model_version)
     settings: Settings = request.app.state.settings
     body = _inflate(await request.body(), request.headers.get("content-encoding"), settings.max_request_bytes)
-    specs = {name: datatype for name, datatype, _ in model.output_specs()}
     try:
         parsed = parse_infer_request(
             body, request.headers.get(HEADER_LENGTH), accepted_datatypes=NUMERIC_DATATYPES
         )
-        selected = select_outputs(parsed, specs)
     except V2ProtocolError as exc:
         raise BadRequest(str(exc)) from None
-
-    parameters = parsed.parameters
-    alpha = _unit_interval(parameters, "alpha")
-    level = _unit_interval(parameters, "interval_level")
-    heads_flag = parameters.get("heads", False)
-    if not isinstance(heads_flag, bool):
-        raise BadRequest(f"parameter 'heads' must be true or false, got {heads_flag!r}")
-    # The per-head tensors are computed only when asked for: `heads: true`, or naming one in `outputs`.
-    head_outputs = set(head_output_names(model.manifest))
-    asked_for_heads = parsed.outputs is not None and any(name in head_outputs for name, _ in selected)
-    rows = _rows(parsed, model)
-
-    results = await until_disconnected(
-        request,
-        model.infer(
-            rows,
-            alpha=alpha,
-            level=DEFAULT_INTERVAL_LEVEL if level is None else level,
-            include_heads=heads_flag or asked_for_heads,
-            timeout_s=_timeout_s(parameters),
-        ),
-    )
-    if parsed.outputs is None:  # "every output" = every one computed (heads only when asked)
-        selected = [(name, binary) for name, binary in selected if name in results]
-    outputs = [OutputTensor(name, specs[name], results[name], binary) for name, binary in selected]
+    prepared = v2_core.prepare_infer(model, parsed)
+    results = await until_disconnected(request, _answer(prepared))
     encoded = encode_infer_response(
         model_name=model.name,
         model_version=str(model.version),
         request_id=parsed.id,
-        outputs=outputs,
+        outputs=prepared.outputs(results),
     )
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
+async def _answer(prepared: v2_core.PreparedInfer) -> v2_core.Answer:
+    return await prepared.submit()

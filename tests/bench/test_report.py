@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import cost_section, headline, server_section
+from bench.report import cost_section, grpc_section, headline, server_section
 
 MACHINE = {
     "date_utc": "2026-01-01T00:00:00+00:00",
@@ -96,3 +96,49 @@ def test_server_section_shows_every_cell_and_target() -> None:
     text = server_section(result)
     assert "| 32 | (a) ours, batching | 500 | 3.0 | 9.0 | 0 | 12.5 | 1,500 | 2,000 (b=32) | 25.0% |" in text
     assert "| t | v | **missed** |" in text
+
+
+def _grpc_cell(rows_per_s: float, rows: int, **extra: float) -> dict[str, float]:
+    return {
+        "rows_per_s": rows_per_s,
+        "requests_per_s": rows_per_s / rows,
+        "p50_ms": 10.0,
+        "p99_ms": 30.0,
+        "client_cpu_us_per_request": 20.0,
+        "server_cpu_us_per_request": 400.0,
+        **extra,
+    }
+
+
+def test_grpc_section_shows_ratios_ceilings_and_the_target() -> None:
+    def cells(json: float, binary: float, grpc: float, rows: int) -> dict[str, object]:
+        return {
+            "v2_json": _grpc_cell(json, rows, errors=0, non_2xx=0),
+            "v2_binary": _grpc_cell(binary, rows, errors=0, non_2xx=0),
+            "grpc": _grpc_cell(grpc, rows, grpc_non_ok=2),
+            "ratios": {
+                "grpc_over_v2_json": grpc / json,
+                "grpc_over_v2_binary": grpc / binary,
+                "v2_binary_over_v2_json": binary / json,
+            },
+        }
+
+    result = {
+        "machine": MACHINE,
+        "model": "models/digits/1",
+        "max_batch_size": 64,
+        "max_queue_delay_ms": 2.0,
+        "in_flight": 32,
+        "h2load_connections": 4,
+        "seconds_per_cell": 5,
+        "rounds": 3,
+        "cells": {"1": cells(2000.0, 2200.0, 2100.0, 1), "32": cells(16000.0, 20000.0, 24000.0, 32)},
+        "ceiling": {"1": _grpc_cell(6000.0, 1), "32": _grpc_cell(192000.0, 32)},
+        "http_ceiling": {"1": _grpc_cell(10000.0, 1), "32": _grpc_cell(320000.0, 32)},
+        "profiles": {},
+    }
+    text = grpc_section(result)
+    assert "| 1 | gRPC (h2load) | 2,100 | 2,100 | 10.0 | 30.0 | 2 | 20 | 400 |" in text
+    assert "| 1 | 1.05× | 0.95× | 1.10× |" in text and "| 32 | 1.50× | 1.20× | 1.25× |" in text
+    assert "| 1 | 6,000 | 20 | 35% | 10,000 | 20 | 20% |" in text
+    assert "gRPC one-row ≥ 1.5 × V2 JSON: **missed** (1.05×)" in text

@@ -113,6 +113,7 @@ def test_started_image_answers_health_v1_and_v2_as_10001(mounted: Mounted, tmp_p
     shutil.copytree(REPO_ROOT / "models", models, dirs_exist_ok=True)  # root-owned, as `bundled` does
     port = free_port()
     env = _image_env(mounted.config) | {"HYDRA_HOST": "127.0.0.1", "HYDRA_PORT": str(port)}
+    env["HYDRA_GRPC_PORT"] = str(free_port())  # not the default 8081: concurrent test runs share it
     log = tmp_path / "server.log"
     with log.open("wb") as sink:
         process = _start_in_chroot(mounted, mounted.config["Entrypoint"], env, sink)

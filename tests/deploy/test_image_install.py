@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc
 
 from tests.deploy.support import REPO_ROOT
 from tests.deploy.test_packaging import DOCKERFILE, stages
@@ -94,6 +95,7 @@ def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_") and k != "PYTHONPATH"}
     # the image's configuration: HYDRA_* variables and the `hydra-serve` entrypoint, run elsewhere
     env.update(HYDRA_HOST="127.0.0.1", HYDRA_PORT=str(port), HYDRA_MODEL_REPOSITORY=str(repository))
+    env["HYDRA_GRPC_PORT"] = str(free_port())  # not the default 8081: concurrent test runs share it
     log = tmp_path / "server.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -133,6 +135,15 @@ def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) 
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
         metrics = httpx.get(f"{url}/metrics", timeout=5, follow_redirects=True).text
         assert 'hydra_predictions_total{model="clf",version="1"} 3.0' in metrics
+        # gRPC from the installed wheel (its checked-in protobuf module and grpcio deps), stock client
+        grpc_client = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{env['HYDRA_GRPC_PORT']}")
+        try:
+            tensor = tritonclient.grpc.InferInput("input", list(rows.shape), "FP32")
+            tensor.set_data_from_numpy(rows.astype(np.float32))
+            answer = grpc_client.infer("clf", [tensor]).as_numpy("probabilities")
+            np.testing.assert_allclose(answer, probabilities, rtol=1e-5, atol=1e-6)
+        finally:
+            grpc_client.close()
         # the image's HEALTHCHECK command, run as Docker would (exec form, the image's environment)
         assert _healthcheck(installed, env).returncode == 0
     finally:

@@ -33,12 +33,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import all_versions
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,6 +50,7 @@ from tests.service.support import Server, build_test_repository, running_server
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 ISVC_FILE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+GRPC_ISVC_FILE = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
 ADAPTER_CONFIG = K8S / "prometheus-adapter" / "config.yaml"
 ADAPTER_HELM_VALUES = K8S / "prometheus-adapter" / "helm-values.yaml"
 VARIANTS = ("cpu", "gpu")
@@ -91,8 +94,8 @@ def server_container(pod_spec: dict[str, Any], name: str = SERVER_CONTAINER) -> 
     return matches[0]
 
 
-def isvc() -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load(ISVC_FILE.read_text())
+def isvc(path: Path = ISVC_FILE) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
     return doc
 
 
@@ -336,6 +339,35 @@ def test_inference_service_is_a_v2_custom_predictor_with_model_free_image() -> N
     assert float(env["HYDRA_REQUEST_TIMEOUT_S"]) < predictor["timeout"]
 
 
+def test_grpc_inference_service_serves_h2c_on_the_grpc_port_with_grpc_probes() -> None:
+    validate_isvc(isvc(GRPC_ISVC_FILE))
+    http, grpc = isvc()["spec"]["predictor"], isvc(GRPC_ISVC_FILE)["spec"]["predictor"]
+    container = server_container(grpc, "kserve-container")
+    env = resolved_env(container)
+    assert container["ports"] == [
+        {"name": "h2c", "containerPort": int(env["HYDRA_GRPC_PORT"]), "protocol": "TCP"}
+    ]
+    assert container["readinessProbe"]["grpc"]["port"] == int(env["HYDRA_GRPC_PORT"])
+    assert container["livenessProbe"]["tcpSocket"]["port"] == int(env["HYDRA_GRPC_PORT"])
+    # the same server with the same settings as the HTTP InferenceService; only port and probes differ
+    assert env == resolved_env(server_container(http, "kserve-container"))
+    differs = {"containers"}
+    assert {k: v for k, v in grpc.items() if k not in differs} == {
+        k: v for k, v in http.items() if k not in differs
+    }
+    assert isvc(GRPC_ISVC_FILE)["metadata"]["name"] != isvc()["metadata"]["name"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_service_routes_grpc_to_the_grpc_port(variant: str) -> None:
+    docs = render(variant)
+    container = server_container(one(docs, "Deployment")["spec"]["template"]["spec"])
+    grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")
+    assert grpc_port["containerPort"] == int(resolved_env(container)["HYDRA_GRPC_PORT"])
+    service_port = next(p for p in one(docs, "Service")["spec"]["ports"] if p["name"] == "grpc")
+    assert service_port["targetPort"] == "grpc" and service_port["appProtocol"] == "kubernetes.io/h2c"
+
+
 def test_inference_service_uses_the_same_probes_and_sizing_as_the_deployment() -> None:
     deployment = one(render("cpu"), "Deployment")
     deployed = server_container(deployment["spec"]["template"]["spec"])
@@ -362,6 +394,8 @@ def server_pods() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
         yield variant, pod, server_container(pod)
     predictor = isvc()["spec"]["predictor"]
     yield "kserve", predictor, server_container(predictor, "kserve-container")
+    predictor = isvc(GRPC_ISVC_FILE)["spec"]["predictor"]
+    yield "kserve-grpc", predictor, server_container(predictor, "kserve-container")
 
 
 def test_every_hydra_variable_is_a_server_setting_that_parses(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -371,10 +405,14 @@ def test_every_hydra_variable_is_a_server_setting_that_parses(monkeypatch: pytes
         names = set(env) | {v["name"] for v in container["env"]}
         hydra = {n for n in names if n.startswith("HYDRA_")}
         assert hydra <= fields, f"{where}: not settings: {sorted(hydra - fields)}"
-        allowed = NON_SETTINGS_ENV | (KSERVE_ENV if where == "kserve" else set())
+        allowed = NON_SETTINGS_ENV | (KSERVE_ENV if where.startswith("kserve") else set())
         assert names - hydra <= allowed, f"{where}: unexpected variables {sorted(names - hydra - allowed)}"
         settings = settings_from_env(env, monkeypatch)
-        assert [p["containerPort"] for p in container["ports"]] == [settings.port], where
+        # Deployments expose HTTP and gRPC; a Knative container one port (HTTP or gRPC, by name)
+        ports = {"kserve": [settings.port], "kserve-grpc": [settings.grpc_port]}
+        expected = ports.get(where, [settings.port, settings.grpc_port])
+        assert [p["containerPort"] for p in container["ports"]] == expected, where
+        assert settings.grpc_port != 0, f"{where}: gRPC must be on"
         assert settings.host == "0.0.0.0", f"{where}: must listen on the pod IP"
         assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
 
@@ -532,7 +570,8 @@ def deployed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
     settings_env = {
         name.removeprefix("HYDRA_").lower(): value
         for name, value in env.items()
-        if name.startswith("HYDRA_") and name not in {"HYDRA_HOST", "HYDRA_PORT", "HYDRA_MODEL_REPOSITORY"}
+        if name.startswith("HYDRA_")
+        and name not in {"HYDRA_HOST", "HYDRA_PORT", "HYDRA_GRPC_PORT", "HYDRA_MODEL_REPOSITORY"}
     }
     repository = build_test_repository(tmp_path_factory.mktemp("k8s-models"))
     with running_server(repository, **settings_env) as server:
@@ -543,7 +582,7 @@ def probe_paths() -> set[str]:
     paths = set()
     for _, _, container in server_pods():
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            if probe in container:
+            if probe in container and "httpGet" in container[probe]:  # kserve-grpc: gRPC/TCP probes
                 paths.add(container[probe]["httpGet"]["path"])
     return paths
 
@@ -557,6 +596,13 @@ def scrape_paths() -> set[str]:
 def scrape(server: Server, path: str) -> httpx.Response:
     """GET the scrape path as Prometheus would; it must answer itself (no redirect to follow)."""
     return httpx.get(f"{server.url}{path}", timeout=5)
+
+
+def test_grpc_readiness_probe_sees_serving(deployed_server: Server) -> None:
+    """What kserve-grpc's `grpc` readinessProbe asks (grpc.health.v1 Check, service ""), without a key."""
+    with grpc.insecure_channel(deployed_server.grpc_target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_the_api_key_from_the_secret_is_enforced(deployed_server: Server) -> None:

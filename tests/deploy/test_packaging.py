@@ -87,6 +87,7 @@ def test_dockerfile_targets() -> None:
         assert re.search(r"^USER\s+10001", stage, re.MULTILINE), f"{name} must run as non-root 10001"
         assert "HEALTHCHECK" in stage and "/v2/health/ready" in stage, name
         assert 'ENTRYPOINT ["hydra-serve"]' in stage, name
+        assert re.search(r"^EXPOSE 8000 8081$", stage, re.MULTILINE) and "HYDRA_GRPC_PORT=8081" in stage, name
     # no torch anywhere, and a build-time guard that fails if it sneaks in
     assert not re.search(r"pip install[^\n]*torch", text)
     assert "find_spec('torch') is not None" in found["runtime-cpu"]
@@ -149,6 +150,7 @@ def test_compose_mounts_only_deploy_and_wires_services_together() -> None:
     ]
     assert "hydra-serve:8000" in targets
     assert "8000:8000" in services["hydra-serve"]["ports"]
+    assert "8081:8081" in services["hydra-serve"]["ports"]  # gRPC
     # Grafana: provisioning and dashboards mounted where the provisioning files say
     assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
     providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "hydra-serve.yaml").read_text())

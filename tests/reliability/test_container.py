@@ -79,7 +79,8 @@ def test_server_as_uid_10001_serves_from_a_read_only_repository(model_repository
     with log.open("wb") as sink:
         process = subprocess.Popen(
             ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", sys.executable, "-m", "service",
-             "--host", "127.0.0.1", "--port", str(port), "--model-repository", str(repo)],
+             "--host", "127.0.0.1", "--port", str(port), "--model-repository", str(repo),
+             "--grpc-port", str(free_port())],
             cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", process, log)

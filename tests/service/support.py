@@ -443,6 +443,12 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    grpc_port: int = 0  # 0: gRPC off
+
+    @property
+    def grpc_target(self) -> str:
+        """host:port of the Open Inference Protocol over gRPC (tritonclient.grpc's `url`)."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -461,6 +467,8 @@ def start_server(repo_dir: Path, *args: str, **env: str) -> Server:
     # CPU unless a test asks otherwise: tests compare with a CPU reference at tight tolerances and
     # assert the CPU provider, and `auto` would pick a working GPU.
     env.setdefault("execution_providers", "cpu")
+    # gRPC on a free port of its own (the default 8081 would collide between concurrent servers)
+    env.setdefault("grpc_port", str(free_port()))
     environment.update({f"HYDRA_{k.upper()}": str(v) for k, v in env.items()})
     environment["PYTHONUNBUFFERED"] = "1"
     log = Path(tempfile.mkstemp(prefix="hydra-serve-", suffix=".log")[1])
@@ -483,7 +491,7 @@ def start_server(repo_dir: Path, *args: str, **env: str) -> Server:
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    return Server(f"http://127.0.0.1:{port}", process, log)
+    return Server(f"http://127.0.0.1:{port}", process, log, int(env["grpc_port"]))
 
 
 def wait_ready(server: Server, timeout: float = 30.0) -> None:

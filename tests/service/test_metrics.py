@@ -416,11 +416,12 @@ def test_middleware_labels_requests_with_route_templates(served_app: tuple[str, 
     # the /metrics request itself is recorded after its body went out: scrape again
     s = scrape(metrics)
     route = "/v2/models/{model_name}/ready"
-    assert value(s, "hydra_requests_total", route=route, method="GET", code="200") == 3
-    assert value(s, "hydra_request_duration_seconds_count", route=route, method="GET") == 3
-    assert value(s, "hydra_requests_total", route=UNMATCHED_ROUTE, method="GET", code="404") == 1
-    assert value(s, "hydra_requests_total", route="/fail", method="POST", code="500") == 1
-    assert value(s, "hydra_requests_total", route="/metrics", method="GET", code="200") == 1
+    assert value(s, "hydra_requests_total", protocol="http", route=route, method="GET", code="200") == 3
+    assert value(s, "hydra_request_duration_seconds_count", protocol="http", route=route, method="GET") == 3
+    unmatched = {"protocol": "http", "route": UNMATCHED_ROUTE, "method": "GET", "code": "404"}
+    assert value(s, "hydra_requests_total", **unmatched) == 1
+    assert value(s, "hydra_requests_total", protocol="http", route="/fail", method="POST", code="500") == 1
+    assert value(s, "hydra_requests_total", protocol="http", route="/metrics", method="GET", code="200") == 1
     routes = {dict(lbls)["route"] for (name, lbls) in s if name == "hydra_requests_total"}
     assert routes == {route, UNMATCHED_ROUTE, "/fail", "/metrics"}  # never a raw path
     # the served exposition is this registry's
