@@ -180,7 +180,7 @@ class ModelMonitor:
 
     def _drift_update(self, scores: np.ndarray[Any, Any]) -> None:
         try:
-            raised = self.drift.observe(scores)
+            raised = len(self.drift.observe(scores))
             labels = (self.name, self.version)
             if raised:
                 self._metrics.alarms.labels(*labels).inc(raised)
