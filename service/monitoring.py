@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +38,7 @@ from service.settings import Settings
 from service.shadow import ENSEMBLE_FILENAME, MEASURES, EnsembleRunner, ShadowTeacher
 
 logger = logging.getLogger(__name__)
+ALARM_LOG_INTERVAL_S = 60.0
 
 
 class MonitoringMetrics:
@@ -154,6 +156,7 @@ class ModelMonitor:
             on_fidelity=self._set_fidelity,
         )
         self._executor: ThreadPoolExecutor | None = None
+        self._last_log = -ALARM_LOG_INTERVAL_S
         # every series exported from the load on (zeros), so rate() and alerts have data at once
         self._metrics.martingale.labels(*labels).set(0.0)
         self._metrics.threshold.labels(*labels).set(self.drift.state().log10_threshold)
@@ -185,15 +188,19 @@ class ModelMonitor:
             if raised:
                 self._metrics.alarms.labels(*labels).inc(raised)
                 state = self.drift.state()
-                logger.warning(
-                    "drift alarm on %s version %s at row %s (%d alarms so far): the martingale reached "
-                    "1/delta = %g; restarted",
-                    self.name,
-                    self.version,
-                    state.last_alarm_row,
-                    state.alarms,
-                    1.0 / state.delta,
-                )
+                now = time.monotonic()
+                # while a shift lasts, alarms come every few rows: one log line a minute at most
+                if now - self._last_log >= ALARM_LOG_INTERVAL_S:
+                    self._last_log = now
+                    logger.warning(
+                        "drift alarm on %s version %s at row %s (%d alarms so far): the martingale "
+                        "reached 1/delta = %g; restarted",
+                        self.name,
+                        self.version,
+                        state.last_alarm_row,
+                        state.alarms,
+                        1.0 / state.delta,
+                    )
             self._metrics.martingale.labels(*labels).set(self.drift.state().log10_martingale)
         except Exception:  # monitoring must never break serving
             logger.exception("drift update failed for %s version %s", self.name, self.version)

@@ -40,7 +40,10 @@ def _naive_log_capital(m: ConformalTestMartingale, p: np.ndarray) -> np.ndarray:
     for t in range(p.size):
         jump = 1.0 / (t + m.jump_offset)
         total = sum(capital)
-        capital = [((1 - jump) * c + jump * total / k) * math.exp(lf) for c, lf in zip(capital, log_f[t], strict=True)]
+        capital = [
+            ((1 - jump) * c + jump * total / k) * math.exp(lf)
+            for c, lf in zip(capital, log_f[t], strict=True)
+        ]
         out.append(math.log(sum(capital)))
     return np.asarray(out)
 

@@ -195,3 +195,25 @@ def test_spearman_matches_scipy_with_ties() -> None:
     b = a + np.round(rng.normal(size=300), 1)
     assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, rel=1e-12)
     assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_monitoring_settings_read_the_environment_and_refuse_bad_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.setenv("HYDRA_SHADOW_FRACTION", "0.25")
+    monkeypatch.setenv("HYDRA_DRIFT_DELTA", "0.001")
+    settings = Settings()
+    assert (settings.shadow_fraction, settings.drift_delta) == (0.25, 0.001)
+    assert Settings.model_fields["shadow_fraction"].default == 0.01
+    for bad in (
+        {"shadow_fraction": 1.5},
+        {"shadow_fraction": -0.1},
+        {"drift_delta": 0.0},
+        {"drift_delta": 1.0},
+    ):
+        with pytest.raises(ValidationError):
+            Settings(**bad)  # type: ignore[arg-type]
