@@ -104,11 +104,11 @@ clean:
 # make bench [BENCH_PRESET=reduced|full|smoke]; each part alone: bench-quality (built-in datasets, then the
 # tuning and confirmation suites), bench-suites (the suites alone), bench-ood (MI, density and the combined
 # OOD flag on all of them; reuses their checkpoints), bench-external (the user's own ONNX teachers),
-# bench-cost, bench-server.
+# bench-cost, bench-server, bench-drift (part 5, alibi-detect in .venv-alibi), bench-shadow (part 6).
 # Part 4 (GPU) is bench/gpu.sh, on a machine with an NVIDIA GPU.
 BENCH_PRESET ?= reduced
 TRITON_VENV ?= .venv-triton
-.PHONY: bench-deps bench-triton-venv alibi-venv bench-drift bench-quality bench-suites bench-ood bench-external bench-cost bench-server bench-report bench-gpu
+.PHONY: bench-deps bench-triton-venv alibi-venv bench-drift bench-shadow bench-quality bench-suites bench-ood bench-external bench-cost bench-server bench-report bench-gpu
 
 # wrk (Debian) drives the load; py-spy profiles the server where a target is missed.
 bench-deps: $(VENV)/.dev-installed
@@ -139,6 +139,9 @@ alibi-venv: $(ALIBI_VENV)/.installed
 
 bench-drift: install alibi-venv
 	$(PY) -m bench drift --preset $(BENCH_PRESET)
+
+bench-shadow: install bench-deps
+	$(PY) -m bench shadow --preset $(BENCH_PRESET)
 
 bench: install bench-deps bench-triton-venv
 	$(PY) -m bench all --preset $(BENCH_PRESET)

@@ -48,7 +48,9 @@ class DriftPlan:
     alibi_calibration_streams: int = 100
     delay_streams: int = 30
     prefix: int = 1000
-    max_after: int = 5000
+    max_after: int = 20_000
+    long_streams: int = 50
+    long_rows: int = 100_000
     delta: float = 0.01
     windows: tuple[int, ...] = (20, 100)
     mnist1d_id_pool: int = 100_000
@@ -64,6 +66,8 @@ PLANS = {
         alibi_calibration_streams=4,
         delay_streams=3,
         max_after=1000,
+        long_streams=2,
+        long_rows=5000,
         mnist1d_id_pool=5000,
         shift_pool=2000,
     ),
@@ -239,6 +243,12 @@ def run_dataset(dataset: str, plan: DriftPlan, out_dir: Path, log: Callable[[str
         for i, s in enumerate(pool["id"][cal_idx])
     ]
     served_p_alarms = [run_on_served_p(p, plan.delta) for p in pool["id_served_p"][id_idx]]
+    # long clean streams: ours (exact) against the martingale on the served p-values (fixed calibration)
+    long_ours, long_served = [], []
+    for i in range(plan.long_streams):
+        idx = rng.integers(0, n_id, plan.long_rows)
+        long_ours.append(run_monitor(pool["calibration"], pool["id"][idx], plan.delta, seed=30_000 + i))
+        long_served.append(run_on_served_p(pool["id_served_p"][idx], plan.delta))
     ours_seconds = time.perf_counter() - t0
     fa = [a is not None for a in id_alarms + cal_alarms]
     log(f"[drift] {dataset}: ours {sum(fa)} false alarms in {len(fa)} clean streams ({ours_seconds:.0f} s)")
@@ -266,6 +276,13 @@ def run_dataset(dataset: str, plan: DriftPlan, out_dir: Path, log: Callable[[str
             "streams": len(served_p_alarms),
             "alarms": int(sum(a is not None for a in served_p_alarms)),
             "frequency": float(np.mean([a is not None for a in served_p_alarms])),
+        },
+        "long_streams": {
+            "streams": plan.long_streams,
+            "rows_per_stream": plan.long_rows,
+            "ours_alarms": int(sum(a is not None for a in long_ours)),
+            "served_p_alarms": int(sum(a is not None for a in long_served)),
+            "served_p_alarm_rows": [a for a in long_served if a is not None],
         },
         "severities": severities,
     }
@@ -337,13 +354,19 @@ def targets(datasets: list[dict[str, Any]], plan: DriftPlan) -> dict[str, Any]:
     clear = digits["severities"][-1]["ours"]["median_delay"]
     return {
         "false_alarms_le_delta": all(d["ours_false_alarms"]["frequency"] <= plan.delta for d in datasets),
+        # a severity that neither detects within max_after decides nothing (reported as such)
         "median_delay_le_alibi_every_severity": all(
             le(s["ours"]["median_delay"], s["alibi"]["median_delay"])
             for d in datasets
             for s in d["severities"]
+            if s["ours"]["median_delay"] is not None or s["alibi"]["median_delay"] is not None
         ),
         "digits_clear_shift_alarm_within_1500_rows": clear is not None and clear <= 1500,
     }
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
 
 
 def section(result: dict[str, Any] | None) -> str:
@@ -357,30 +380,49 @@ def section(result: dict[str, Any] | None) -> str:
         title,
         "",
         f"`{meta.get('command', 'python -m bench drift')}` on {meta.get('cpu', 'this machine')}, "
-        f"{meta.get('date', '')}. δ = {plan['delta']} (alarm at martingale 100). The martingale is "
-        "`service.drift.DriftMonitor` itself, fed the OOD scores the served code computes "
-        "(`OnnxModelRuntime` + `inference.summarise`) in batches of 64 rows. alibi-detect 0.13 "
+        f"{meta.get('date_utc', '')}, {result.get('seconds', '?')} s. δ = {plan['delta']} (alarm at "
+        "martingale 100). The martingale is `service.drift.DriftMonitor` itself, fed the OOD scores the "
+        "served code computes (`OnnxModelRuntime` + `inference.summarise`) in batches of 64 rows. "
+        "alibi-detect 0.13 "
         f"`CVMDriftOnline` (windows {plan['windows']}, the calibration scores as reference) runs in its own "
-        "venv on the same score streams; its threshold is set so that δ of separate clean calibration "
-        f"streams of {plan['id_rows']:,} rows alarm (the same false-alarm rate per stream).",
+        "venv (`make alibi-venv`) on the same score streams; its threshold is set so that δ of "
+        f"{plan['alibi_calibration_streams']} separate clean streams of {plan['id_rows']:,} rows alarm: the "
+        "same false-alarm rate per stream as δ (an ERT of ~10^6 rows, which its own bootstrap "
+        "configuration cannot reach: it needs ≥ 10 × ERT simulations). Method: bench/drift.py.",
         "",
-        "False alarms on clean streams:",
+        "False alarms on clean streams (resampled with replacement from the clean pool):",
         "",
-        "| dataset | clean pool | streams × rows | ours: alarms (freq.) | martingale on the *served* p-values "
-        "(fixed calibration) | alibi CVM: alarms (freq.) on held-out clean streams |",
+        "| dataset | clean pool | streams × rows | ours | on the *served* p-values "
+        "| alibi CVM (held-out streams) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for d in result["datasets"]:
         o, s, a = d["ours_false_alarms"], d["served_p_false_alarms"], d["alibi"]
-        lines.append(
-            f"| {d['dataset']} | {d['id_pool']} | {o['streams']} × {o['rows_per_stream']:,} | "
-            f"{o['alarms']} ({o['frequency']:.3f}) | {s['alarms']} of {s['streams']} ({s['frequency']:.3f}) | "
-            f"{a['eval_false_alarms']} of {a['eval_streams']} ({a['eval_false_alarm_frequency']:.3f}) |"
-        )
+        cells = [
+            d["dataset"],
+            d["id_pool"],
+            f"{o['streams']} × {o['rows_per_stream']:,}",
+            f"{o['alarms']} ({o['frequency']:.3f})",
+            f"{s['alarms']} of {s['streams']} ({s['frequency']:.3f})",
+            f"{a['eval_false_alarms']} of {a['eval_streams']} ({a['eval_false_alarm_frequency']:.3f})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if all("long_streams" in d for d in result["datasets"]):
+        lines += ["", "Long clean streams (false alarms):", ""]
+        lines += [
+            "| dataset | streams × rows | ours | on the *served* p-values |",
+            "| --- | --- | --- | --- |",
+        ]
+        for d in result["datasets"]:
+            g = d["long_streams"]
+            lines.append(
+                f"| {d['dataset']} | {g['streams']} × {g['rows_per_stream']:,} | {g['ours_alarms']} | "
+                f"{g['served_p_alarms']} |"
+            )
     lines += [
         "",
         f"Detection delay (shifted rows up to and including the alarm, after {plan['prefix']:,} clean rows; "
-        f"median [q25, q75] over {plan['delay_streams']} streams; '>' = missed within {plan['max_after']:,}):",
+        f"median [q25, q75] over {plan['delay_streams']} streams; '>' = not within {plan['max_after']:,}):",
         "",
         "| dataset | severity | shift | ours | alibi CVM | ours ≤ alibi |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -388,20 +430,22 @@ def section(result: dict[str, Any] | None) -> str:
     for d in result["datasets"]:
         for s in d["severities"]:
             o, a = s["ours"], s["alibi"]
-            ok = o["median_delay"] is not None and (
-                a["median_delay"] is None or o["median_delay"] <= a["median_delay"]
-            )
+            if o["median_delay"] is None and a["median_delay"] is None:
+                verdict = f"neither within {plan['max_after']:,}"
+            else:
+                ours, theirs = o["median_delay"], a["median_delay"]
+                verdict = "yes" if ours is not None and (theirs is None or ours <= theirs) else "**no**"
             lines.append(
                 f"| {d['dataset']} | {s['severity']} | {s['shift']} | {_fmt_delay(o, plan)} | "
-                f"{_fmt_delay(a, plan)} | {'yes' if ok else '**no**'} |"
+                f"{_fmt_delay(a, plan)} | {verdict} |"
             )
     t = result["targets"]
     lines += [
         "",
-        "Targets: false-alarm frequency ≤ δ on every dataset: "
-        f"{'met' if t['false_alarms_le_delta'] else '**missed**'}; median delay ≤ alibi's on every severity: "
-        f"{'met' if t['median_delay_le_alibi_every_severity'] else '**missed**'}; clearly shifted digits "
-        f"(λ = 0.5) alarmed within 1,500 rows: {'met' if t['digits_clear_shift_alarm_within_1500_rows'] else '**missed**'}.",
+        f"Targets: false-alarm frequency ≤ δ on every dataset: {_met(t['false_alarms_le_delta'])}; median "
+        "delay ≤ alibi's on every severity that either detects: "
+        f"{_met(t['median_delay_le_alibi_every_severity'])}; clearly shifted digits (λ = 0.5) alarmed within "
+        f"1,500 rows: {_met(t['digits_clear_shift_alarm_within_1500_rows'])}.",
     ]
     return "\n".join(lines)
 

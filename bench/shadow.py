@@ -26,7 +26,7 @@ from bench.workloads import REPO_ROOT
 
 DIGITS = REPO_ROOT / "models"
 PLANS = {
-    "reduced": {"rounds": 4, "seconds": 12.0},
+    "reduced": {"rounds": 6, "seconds": 12.0},
     "smoke": {"rounds": 1, "seconds": 3.0},
     "full": {"rounds": 8, "seconds": 20.0},
 }
@@ -101,6 +101,8 @@ def throughput(
             )
     off = float(np.median([c["rows_per_s"] for c in cells["off"]]))
     on = float(np.median([c["rows_per_s"] for c in cells["on"]]))
+    # each round's on and off cells run back to back: their ratio cancels slow changes of machine load
+    pair_ratios = [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(cells["on"], cells["off"], strict=True)]
     return {
         "fraction": FRACTION,
         "concurrency": CONCURRENCY,
@@ -110,7 +112,9 @@ def throughput(
         "cells": cells,
         "median_rows_per_s_off": off,
         "median_rows_per_s_on": on,
-        "drop": 1.0 - on / off,
+        "drop_of_medians": 1.0 - on / off,
+        "round_ratios_on_over_off": pair_ratios,
+        "drop": 1.0 - float(np.median(pair_ratios)),
         "median_p99_ms_off": float(np.median([c["p99_ms"] for c in cells["off"]])),
         "median_p99_ms_on": float(np.median([c["p99_ms"] for c in cells["on"]])),
     }
@@ -150,7 +154,8 @@ def section(result: dict[str, Any] | None) -> str:
         "",
         f"`{meta.get('command', 'python -m bench shadow')}` on {meta.get('cpu', 'this machine')} "
         f"({meta.get('cores', '?')} cores), {meta.get('date_utc', '')}. The real server on "
-        "models/digits/1; the shadow runs the package's `ensemble.onnx` (8 teachers) in its own thread after the answers went "
+        "models/digits/1; the shadow runs the package's `ensemble.onnx` (8 teachers) in its own thread "
+        "after the answers went "
         "out, and compares on the same rows (service/shadow.py).",
         "",
         "| traffic | rows compared | mi_spearman | label_agreement | mi_ratio |",
@@ -178,7 +183,10 @@ def section(result: dict[str, Any] | None) -> str:
         + ", ".join(f"{c['rows_per_s']:.0f}" for c in t["cells"]["on"])
         + " |",
         "",
-        f"Throughput drop at {t['fraction']}: {100 * t['drop']:.1f} % (target ≤ 5 %: "
+        f"Throughput drop at {t['fraction']}: {100 * t['drop']:.1f} % (1 − the median over rounds of on/off, "
+        "the two cells of a round back to back; of the medians: "
+        f"{100 * t.get('drop_of_medians', t['drop']):.1f} %; "
+        "target ≤ 5 %: "
         f"{_met(result['targets']['throughput_drop_le_5pct_at_0.01'])}); rows compared per "
         "on-cell: "
         + ", ".join(str(c["shadow_rows"]) for c in t["cells"]["on"])
