@@ -104,11 +104,12 @@ clean:
 # make bench [BENCH_PRESET=reduced|full|smoke]; each part alone: bench-quality (built-in datasets, then the
 # tuning and confirmation suites), bench-suites (the suites alone), bench-ood (MI, density and the combined
 # OOD flag on all of them; reuses their checkpoints), bench-external (the user's own ONNX teachers),
-# bench-cost, bench-server, bench-grpc (§3c: gRPC vs V2 JSON vs V2 binary).
+# bench-cost, bench-server, bench-grpc (§3c: gRPC vs V2 JSON vs V2 binary), bench-drift (part 5,
+# alibi-detect in .venv-alibi), bench-shadow (part 6).
 # Part 4 (GPU) is bench/gpu.sh, on a machine with an NVIDIA GPU.
 BENCH_PRESET ?= reduced
 TRITON_VENV ?= .venv-triton
-.PHONY: bench-deps bench-grpc-deps bench-triton-venv bench-quality bench-suites bench-ood bench-external bench-cost bench-server bench-grpc bench-report bench-gpu
+.PHONY: bench-deps bench-grpc-deps bench-triton-venv alibi-venv bench-drift bench-shadow bench-quality bench-suites bench-ood bench-external bench-cost bench-server bench-grpc bench-report bench-gpu
 
 # wrk (Debian) drives the load; py-spy profiles the server where a target is missed.
 bench-deps: $(VENV)/.dev-installed
@@ -131,6 +132,23 @@ $(TRITON_VENV)/bin/python:
 	$(TRITON_VENV)/bin/pip install -q nvidia-pytriton==0.7.0 onnxruntime numpy pydantic
 
 bench-triton-venv: $(TRITON_VENV)/bin/python
+
+# alibi-detect (the drift bench's anchor, CVMDriftOnline) pins numpy 1.x: its own venv, never .venv.
+# bench/drift.py runs it as a subprocess on score streams saved as .npy files.
+ALIBI_VENV ?= .venv-alibi
+$(ALIBI_VENV)/.installed:
+	rm -rf $(ALIBI_VENV)
+	$(PYTHON311) -m venv $(ALIBI_VENV)
+	$(ALIBI_VENV)/bin/pip install -q "alibi-detect==0.13.*"
+	touch $@
+
+alibi-venv: $(ALIBI_VENV)/.installed
+
+bench-drift: install alibi-venv
+	$(PY) -m bench drift --preset $(BENCH_PRESET)
+
+bench-shadow: install bench-deps
+	$(PY) -m bench shadow --preset $(BENCH_PRESET)
 
 bench: install bench-deps bench-triton-venv
 	$(PY) -m bench all --preset $(BENCH_PRESET)

@@ -1,4 +1,6 @@
-"""`python -m bench quality|suites|ood|external|cost|server|grpc|report|all [--preset ...]`: BENCHMARKS.md.
+"""`python -m bench quality|suites|ood|external|cost|server|grpc|drift|shadow|report|all [--preset ...]`.
+
+All write docs/BENCHMARKS.md.
 
 Each part writes bench/results/<part>.json (with machine, date, load and command) and regenerates
 docs/BENCHMARKS.md and its figures. `--preset smoke` checks everything runs in minutes;
@@ -264,6 +266,42 @@ def grpc_part(
     result = run_grpc(seconds=seconds, rounds=rounds, log=typer.echo)
     result["machine"] = meta
     _save("grpc", result)
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def drift(preset: PresetOption = "reduced") -> None:
+    """Part 5: drift alarm false alarms and detection delay vs alibi-detect CVMDriftOnline."""
+    from bench.drift import PLANS, run
+
+    if preset not in PLANS:
+        known = ", ".join(PLANS)
+        raise typer.BadParameter(f"unknown preset {preset!r}; one of {known}", param_hint="--preset")
+    meta = describe(_command())
+    t0 = time.perf_counter()
+    result = run(preset, log=typer.echo)
+    result["machine"] = meta
+    result["preset"] = preset
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    _save("drift", result)
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def shadow(preset: PresetOption = "reduced") -> None:
+    """Part 6: shadow teacher fidelity on held-out digits traffic and its throughput cost (wrk)."""
+    from bench.loadgen import wrk_binary
+    from bench.shadow import PLANS, run
+
+    if preset not in PLANS:
+        known = ", ".join(PLANS)
+        raise typer.BadParameter(f"unknown preset {preset!r}; one of {known}", param_hint="--preset")
+    wrk_binary()
+    meta = describe(_command())
+    result = run(preset, log=typer.echo)
+    result["machine"] = meta
+    result["preset"] = preset
+    _save("shadow", result)
     typer.echo(f"wrote {report.write()}")
 
 

@@ -915,6 +915,11 @@ def write(extra: dict[str, str] | None = None) -> Path:
             cost_section(gpu_cost, "### 4a. GPU (bench/gpu.sh): serving cost", "gpu_cost.png"),
             server_section(gpu_server, "### 4b. GPU (bench/gpu.sh): server", "gpu_server.png"),
         ]
+    from bench.drift import section as drift_section
+    from bench.shadow import section as shadow_section
+
+    parts.append(drift_section(load("drift")))
+    parts.append(shadow_section(load("shadow")))
     if ANALYSIS.exists():
         parts.append(ANALYSIS.read_text())
     for title, text in (extra or {}).items():

@@ -89,9 +89,12 @@ def hydra_server(
     log: Path,
     cuda: bool = False,
     run_when_idle: bool = True,
+    settings: dict[str, str] | None = None,
 ) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    """`settings`: extra HYDRA_<NAME> variables, e.g. {"shadow_fraction": "0.01"}."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
+    env |= {f"HYDRA_{k.upper()}": v for k, v in (settings or {}).items()}
     cmd = [
         sys.executable,
         "-m",

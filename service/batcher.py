@@ -52,6 +52,7 @@ class BatchReport:
     compute_seconds: float
     queue_wait_seconds: NDArray[np.float64]  # one per request part in the batch
     outputs: Mapping[str, NDArray[np.generic]]
+    inputs: NDArray[np.float32] | None = None  # the batch's rows (the shadow teacher samples them)
 
 
 @dataclass(frozen=True)
@@ -379,6 +380,6 @@ class DynamicBatcher:
             offset += b - a
         if self._on_batch:
             try:
-                self._on_batch(BatchReport(n, len(batch), compute_s, waits, outputs))
+                self._on_batch(BatchReport(n, len(batch), compute_s, waits, outputs, inputs))
             except Exception:  # metrics must never break serving
                 logger.exception("on_batch hook failed for model %s", self.name)

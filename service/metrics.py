@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -145,6 +145,8 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # families declared elsewhere (service.monitoring) drop their series of a removed version here
+        self.on_remove: list[Callable[[str, str], None]] = []
         r = self.registry
         p = PREFIX
         mv = ("model", "version")
@@ -376,6 +378,8 @@ class ServiceMetrics:
             hist.remove(model, version)
         for label in class_labels:
             _remove(self.predicted_class, model, version, label)
+        for hook in self.on_remove:
+            hook(model, version)
         if last_version:
             _remove(self.queue_depth, model)
             _remove(self.in_flight, model)

@@ -21,6 +21,7 @@ from service.batcher import BatcherStats, BatchReport, DynamicBatcher, Outputs
 from service.errors import BadRequest, ModelLoadError
 from service.manifest import MANIFEST_FILENAME, ModelManifest
 from service.metrics import ServiceMetrics
+from service.monitoring import ModelMonitor
 from service.runtime import OnnxModelRuntime, warmup_batch_sizes
 from service.settings import Settings
 from service.uncertainty import ConformalOODCalibrator
@@ -61,6 +62,7 @@ class ServedModel:
         runtime: OnnxModelRuntime,
         settings: Settings,
         metrics: ServiceMetrics,
+        monitor: ModelMonitor | None = None,
     ) -> None:
         self.name: str = manifest.name
         self.version: int = manifest.version
@@ -72,6 +74,10 @@ class ServedModel:
         self._settings = settings
         self._metrics = metrics
         self._calibrator = ConformalOODCalibrator(manifest.ood.calibration_scores)
+        # drift alarm + shadow teacher: a new one per load, so a reload starts a new martingale
+        if monitor is None:
+            monitor = ModelMonitor(manifest, directory, settings, metrics)
+        self.monitor = monitor
         self._batcher = DynamicBatcher(
             manifest.name,
             self._run_batch,
@@ -101,15 +107,18 @@ class ServedModel:
             raise type(exc)(f"model {name!r} version {version}: {exc.message}") from exc
         except Exception as exc:
             raise ModelLoadError(f"model {name!r} version {version}: warm-up run failed: {exc}") from exc
-        return cls(directory, manifest, runtime, settings, metrics)
+        monitor = ModelMonitor(manifest, directory, settings, metrics)  # may open ensemble.onnx
+        return cls(directory, manifest, runtime, settings, metrics, monitor)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        self.monitor.start()
         await self._batcher.start()
 
     async def stop(self) -> None:
         """Stop taking requests and finish every queued one (drain)."""
         await self._batcher.stop()
+        await asyncio.to_thread(self.monitor.stop)
 
     @property
     def ready(self) -> bool:
@@ -277,6 +286,7 @@ class ServedModel:
                 "max_batch_rows": stats.max_batch_rows,
                 "queued_requests": stats.queued_requests,
             },
+            **self.monitor.metadata(),
         }
 
     # ---- batcher hooks -------------------------------------------------------------------------------
@@ -293,6 +303,7 @@ class ServedModel:
         self._metrics.observe_uncertainty(
             self.name, version, answers, self.default_alpha, self.manifest.labels
         )
+        self.monitor.observe(report)  # hands off only: drift worker thread, shadow bounded queue
 
     def _observe_state(self, queued_rows: int, in_flight: int) -> None:
         self._metrics.set_queue_depth(self.name, queued_rows)

@@ -137,6 +137,26 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Log level of the server and uvicorn."
     )
+    # Live monitoring (service/monitoring.py, docs/MONITORING.md "Drift alarm", "Shadow teacher")
+    drift_delta: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Drift alarm at martingale 1/delta: P(false alarm) <= delta per run-to-alarm.",
+    )
+    shadow_fraction: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of served rows also run through the package's ensemble.onnx, off the "
+        "answer path (0 = off).",
+    )
+    shadow_window: int = Field(
+        default=1000, ge=10, description="Rows in the shadow teacher's rolling fidelity window."
+    )
+    shadow_queue_size: int = Field(
+        default=16, ge=1, description="Sampled batches the shadow queue holds; beyond it rows are dropped."
+    )
 
     @field_validator("model_versions")
     @classmethod

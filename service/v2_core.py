@@ -98,6 +98,7 @@ def model_parameters(model: ServedModel) -> dict[str, Any]:
         "calibration_size": len(manifest.ood.calibration_scores),
         "execution_provider": model.provider,
         "evaluation": manifest.evaluation,
+        **model.monitor.metadata(),  # drift martingale and shadow teacher state
     }
 
 

@@ -79,6 +79,16 @@ class ModelParameters(BaseModel):
     calibration_size: int = Field(description="Number of held-out calibration scores behind the p-values.")
     execution_provider: str
     evaluation: dict[str, Any] = Field(description="Summary of the model's evaluation report.")
+    drift: dict[str, Any] | None = Field(
+        default=None,
+        description="Drift alarm: the current run's martingale_log10, alarm_threshold_log10, alarms and "
+        "last_alarm_at (docs/MONITORING.md).",
+    )
+    shadow: dict[str, Any] | None = Field(
+        default=None,
+        description="Shadow teacher: fraction, ensemble availability, rows, dropped_rows and the window's "
+        "fidelity (docs/MONITORING.md).",
+    )
 
 
 class ModelMetadata(BaseModel):

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from service.metrics import ServiceMetrics
+from service.monitoring import MonitoringMetrics
 from tests.deploy.support import (
     COMPOSE_PROMETHEUS_CONFIG,
     DASHBOARDS,
@@ -182,7 +183,9 @@ def _served_sample_names() -> set[str]:
     """Every sample name the service can export (a histogram's _bucket/_sum/_count, a counter's _total)."""
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
     names = set()
-    for family in ServiceMetrics().registry.collect():
+    metrics = ServiceMetrics()
+    MonitoringMetrics.of(metrics)  # the drift and shadow families (service/monitoring.py)
+    for family in metrics.registry.collect():
         names |= {family.name + suffix for suffix in suffixes[family.type]}
     return names
 

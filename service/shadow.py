@@ -1,0 +1,316 @@
+"""Shadow teacher: a sampled fraction of served rows also runs through the package's `ensemble.onnx`.
+
+After a batch's answers have gone out, each of its rows is picked with probability `shadow_fraction`
+and the picked rows (a copy) go to a bounded queue; one worker thread runs them through the ensemble
+(its own ONNX Runtime session, one intra-op thread) and compares, on the same rows, Hydra's served
+summaries with the ensemble's — computed with `service.uncertainty`, the same functions the answers
+use. Nothing on the answer path waits on it: the queue never blocks (a full queue drops the rows and
+counts them), and the worker is a separate thread.
+
+Fidelity over a rolling window of the last `shadow_window` compared rows:
+- `mi_spearman`: Spearman rank correlation of Hydra's and the ensemble's epistemic score (mutual
+  information; for regression the epistemic variance);
+- `label_agreement`: the share of rows where Hydra's top label is the ensemble's (regression: where
+  |Hydra mean − ensemble mean| ≤ the ensemble's predictive sd, √ total variance);
+- `mi_ratio`: mean Hydra epistemic score / mean ensemble epistemic score (1 = same scale).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from service.errors import ModelLoadError
+from service.manifest import ModelManifest
+from service.uncertainty import classification_uncertainty, regression_uncertainty
+
+logger = logging.getLogger(__name__)
+
+ENSEMBLE_FILENAME = "ensemble.onnx"
+MEASURES = ("mi_spearman", "label_agreement", "mi_ratio")
+# Fewer compared rows than this: the window's measures are not exported (a rank correlation of a
+# handful of rows is noise, and an alert on it would be too).
+MIN_ROWS = 50
+
+FloatArray = NDArray[np.float64]
+
+
+def spearman(a: NDArray[np.floating], b: NDArray[np.floating]) -> float:
+    """Spearman's rank correlation with average ranks for ties (NaN when either side is constant)."""
+    ra, rb = _average_ranks(np.asarray(a, np.float64)), _average_ranks(np.asarray(b, np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0.0 else float("nan")
+
+
+def _average_ranks(x: FloatArray) -> FloatArray:
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # ties: every run of equal values gets the mean of its positions
+    starts = np.flatnonzero(np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]]))
+    ends = np.concatenate([starts[1:], [x.size]])
+    mean_rank = (starts + ends - 1) / 2.0
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Rows picked from one executed batch and Hydra's served summaries for them."""
+
+    rows: NDArray[np.float32]
+    epistemic: FloatArray  # Hydra's MI (classification) or epistemic variance (regression)
+    label: NDArray[np.int64] | None  # classification: Hydra's top label
+    mean: FloatArray | None  # regression: Hydra's mean
+
+
+def pick(
+    rng: np.random.Generator,
+    fraction: float,
+    inputs: NDArray[np.float32],
+    summary: Mapping[str, NDArray[np.generic]],
+    task: str,
+) -> Sample | None:
+    """Each row of the batch with probability `fraction`; None when none is picked."""
+    n = int(inputs.shape[0])
+    chosen = np.arange(n) if fraction >= 1.0 else np.flatnonzero(rng.random(n) < fraction)
+    if chosen.size == 0:
+        return None
+    if task == "classification":
+        return Sample(
+            rows=np.ascontiguousarray(inputs[chosen]),
+            epistemic=np.asarray(summary["mutual_information"], np.float64)[chosen],
+            label=np.asarray(summary["label"], np.int64)[chosen],
+            mean=None,
+        )
+    return Sample(
+        rows=np.ascontiguousarray(inputs[chosen]),
+        epistemic=np.asarray(summary["epistemic_variance"], np.float64)[chosen],
+        label=None,
+        mean=np.asarray(summary["mean"], np.float64)[chosen],
+    )
+
+
+class EnsembleRunner:
+    """The package's `ensemble.onnx` on CPU, one intra-op thread: the ensemble's own summaries."""
+
+    def __init__(self, path: Path, manifest: ModelManifest) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+        self.task = manifest.task
+        names = manifest.outputs
+        wanted = [names.log_probs] if manifest.task == "classification" else [names.mean, names.variance]
+        present = {o.name for o in self._session.get_outputs()}
+        missing = [n for n in wanted if n not in present]
+        if missing or any(n is None for n in wanted):
+            raise ModelLoadError(f"{path.name} lacks outputs {missing} of the manifest's contract")
+        self._outputs = [str(n) for n in wanted]
+        self._input = manifest.input.name
+
+    def __call__(self, rows: NDArray[np.float32]) -> tuple[FloatArray, FloatArray, FloatArray | None]:
+        """The ensemble's epistemic score, top label (classification) or mean (regression), and for
+        regression its predictive sd (√ total variance), for `rows`."""
+        raw = self._session.run(self._outputs, {self._input: rows})
+        if self.task == "classification":
+            u = classification_uncertainty(np.asarray(raw[0]))
+            return u.mutual_information, u.label.astype(np.float64), None
+        r = regression_uncertainty(np.asarray(raw[0]), np.asarray(raw[1]))
+        return r.epistemic_variance, r.mean, np.sqrt(r.total_variance)
+
+
+@dataclass(frozen=True)
+class ShadowState:
+    enabled: bool
+    available: bool
+    reason: str | None
+    fraction: float
+    window: int
+    rows: int
+    dropped: int
+    window_rows: int
+    fidelity: dict[str, float] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "ensemble_available": self.available,
+            "reason": self.reason,
+            "fraction": self.fraction,
+            "window": self.window,
+            "rows": self.rows,
+            "dropped_rows": self.dropped,
+            "window_rows": self.window_rows,
+            "fidelity": self.fidelity,
+        }
+
+
+class ShadowTeacher:
+    """The bounded queue, the worker thread and the rolling window of one model version.
+
+    `offer(inputs, summary)` is called on the event loop after a batch's answers went out: it only
+    samples, copies the picked rows and `put_nowait`s them (dropped and counted when the queue is
+    full). `on_rows(n)`, `on_dropped(n)` and `on_fidelity(measures)` report to the metrics.
+    """
+
+    def __init__(
+        self,
+        runner: EnsembleRunner | None,
+        *,
+        task: str,
+        fraction: float,
+        window: int,
+        queue_size: int,
+        reason: str | None = None,
+        seed: int | None = None,
+        on_rows: Callable[[int], None] = lambda n: None,
+        on_dropped: Callable[[int], None] = lambda n: None,
+        on_fidelity: Callable[[dict[str, float]], None] = lambda m: None,
+    ) -> None:
+        self._runner = runner
+        self.task = task
+        self.fraction = fraction if runner is not None else 0.0
+        self.requested_fraction = fraction
+        self.window = window
+        self.reason = reason
+        self._rng = np.random.default_rng(seed)
+        self._queue: queue.Queue[Sample | None] = queue.Queue(maxsize=queue_size)
+        self._on_rows, self._on_dropped, self._on_fidelity = on_rows, on_dropped, on_fidelity
+        self._lock = threading.Lock()
+        self._hydra: deque[float] = deque(maxlen=window)
+        self._teacher: deque[float] = deque(maxlen=window)
+        self._agree: deque[bool] = deque(maxlen=window)
+        self._rows = 0
+        self._dropped = 0
+        self._fidelity: dict[str, float] | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0.0
+
+    def start(self, name: str) -> None:
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=f"shadow-{name}", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the worker: what is queued is dropped (counted), the row in progress finishes."""
+        if self._thread is None:
+            return
+        while True:  # make room for the sentinel without blocking
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            if item is not None:
+                self._count_dropped(int(item.rows.shape[0]))
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    def offer(self, inputs: NDArray[np.float32], summary: Mapping[str, NDArray[np.generic]]) -> None:
+        if not self.enabled:
+            return
+        sample = pick(self._rng, self.fraction, inputs, summary, self.task)
+        if sample is None:
+            return
+        try:
+            self._queue.put_nowait(sample)
+        except queue.Full:
+            self._count_dropped(int(sample.rows.shape[0]))
+
+    def _count_dropped(self, n: int) -> None:
+        with self._lock:
+            self._dropped += n
+        self._on_dropped(n)
+
+    def _work(self) -> None:
+        assert self._runner is not None
+        while True:
+            sample = self._queue.get()
+            try:
+                if sample is None:
+                    return
+                self.compare(sample)
+            except Exception:  # the shadow must never take the server down
+                logger.exception("shadow teacher failed on %d rows", sample.rows.shape[0] if sample else 0)
+            finally:
+                self._queue.task_done()
+
+    def compare(self, sample: Sample) -> None:
+        """Run the ensemble on the sample's rows and fold the comparison into the window."""
+        assert self._runner is not None
+        teacher_epistemic, teacher_point, teacher_sd = self._runner(sample.rows)
+        if self.task == "classification":
+            assert sample.label is not None
+            agree = sample.label == teacher_point.astype(np.int64)
+        else:
+            assert sample.mean is not None and teacher_sd is not None
+            agree = np.abs(sample.mean - teacher_point) <= teacher_sd
+        n = int(sample.rows.shape[0])
+        with self._lock:
+            self._hydra.extend(sample.epistemic.tolist())
+            self._teacher.extend(teacher_epistemic.tolist())
+            self._agree.extend(agree.tolist())
+            self._rows += n
+            measures = self._measures() if len(self._hydra) >= min(MIN_ROWS, self.window) else None
+            if measures is not None:
+                self._fidelity = measures
+        self._on_rows(n)
+        if measures is not None:
+            self._on_fidelity(measures)
+
+    def _measures(self) -> dict[str, float]:
+        hydra = np.fromiter(self._hydra, np.float64, len(self._hydra))
+        teacher = np.fromiter(self._teacher, np.float64, len(self._teacher))
+        teacher_mean = float(teacher.mean())
+        return {
+            "mi_spearman": spearman(hydra, teacher),
+            "label_agreement": float(np.mean(np.fromiter(self._agree, bool, len(self._agree)))),
+            "mi_ratio": float(hydra.mean() / teacher_mean) if teacher_mean > 0.0 else float("nan"),
+        }
+
+    def state(self) -> ShadowState:
+        with self._lock:
+            return ShadowState(
+                enabled=self.enabled,
+                available=self._runner is not None,
+                reason=self.reason,
+                fraction=self.fraction,
+                window=self.window,
+                rows=self._rows,
+                dropped=self._dropped,
+                window_rows=len(self._hydra),
+                fidelity=dict(self._fidelity) if self._fidelity is not None else None,
+            )
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued sample has been compared (tests, benches); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True

@@ -1,0 +1,219 @@
+"""Drift alarm and shadow teacher against a real server: metrics, V1/V2 metadata, reload, no ensemble.
+
+The packages are tests/service/support.py's; `ensemble.onnx` is written beside `model.onnx` here: for
+`clf` another random classifier (a teacher the student does not follow: low fidelity), for `reg` the
+student's own graph (fidelity 1)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+from service.shadow import MIN_ROWS, Sample, ShadowTeacher, spearman
+from tests.service.support import calibration_inputs, make_classifier, running_server
+
+KEY = "monitoring-test-key"
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _send(client: httpx.Client, name: str, rows: np.ndarray, per_request: int = 25) -> None:
+    for start in range(0, len(rows), per_request):
+        r = client.post(
+            f"/v1/models/{name}:predict", json={"instances": rows[start : start + per_request].tolist()}
+        )
+        assert r.status_code == 200, r.text
+
+
+def _wait(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.fixture
+def shadow_repo(tmp_path: Path, model_repository: Path) -> Path:
+    repo = tmp_path / "models"
+    shutil.copytree(model_repository, repo)
+    onnx.save(make_classifier(seed=5), repo / "clf" / "1" / "ensemble.onnx")
+    shutil.copy(repo / "reg" / "1" / "model.onnx", repo / "reg" / "1" / "ensemble.onnx")
+    return repo
+
+
+def test_shadow_fidelity_and_drift_in_metrics_and_metadata(shadow_repo: Path) -> None:
+    with (
+        running_server(shadow_repo, shadow_fraction="1.0", api_key=KEY) as server,
+        httpx.Client(base_url=server.url, timeout=10, headers={"X-API-Key": KEY}) as client,
+    ):
+        _send(client, "clf", calibration_inputs("classification", 400, seed=11))
+        _send(client, "reg", calibration_inputs("regression", 400, seed=12))
+
+        def fidelity(name: str) -> dict[str, float] | None:
+            shadow = client.get(f"/v1/models/{name}").json()["shadow"]
+            return shadow["fidelity"] if shadow["rows"] == 400 else None
+
+        clf, reg = _wait(lambda: fidelity("clf")), _wait(lambda: fidelity("reg"))
+        assert clf is not None and reg is not None
+        # the student's own graph as teacher: identical summaries
+        assert reg == {
+            "mi_spearman": pytest.approx(1.0),
+            "label_agreement": 1.0,
+            "mi_ratio": pytest.approx(1.0),
+        }
+        # an unrelated classifier as teacher: its MI ranks rows differently, labels disagree often
+        assert clf["mi_spearman"] < 0.8 and clf["label_agreement"] < 0.9
+        v1 = client.get("/v1/models/clf").json()
+        assert v1["shadow"] | {"fidelity": None} == {
+            "enabled": True, "ensemble_available": True, "ensemble_in_package": True, "reason": None,
+            "fraction": 1.0, "window": 1000, "rows": 400, "dropped_rows": 0, "window_rows": 400,
+            "fidelity": None,
+        }  # fmt: skip
+        v2 = client.get("/v2/models/clf").json()["parameters"]
+        assert v2["shadow"]["fidelity"] == clf and v2["drift"]["alarm_threshold_log10"] == 2.0
+        metrics = client.get("/metrics").text
+        for measure, value in clf.items():
+            assert _metric(metrics, "hydra_shadow_fidelity", model="clf", measure=measure) == pytest.approx(
+                value
+            )
+        assert _metric(metrics, "hydra_shadow_rows_total", model="clf", version="1") == 400
+        assert _metric(metrics, "hydra_shadow_dropped_total", model="clf", version="1") == 0
+        assert _metric(metrics, "hydra_shadow_fraction", model="reg", version="1") == 1.0
+
+        # clean traffic (same law as the calibration rows): no alarm, the run counts every row
+        drift = client.get("/v1/models/clf").json()["drift"]
+        assert drift["alarms"] == 0 and drift["last_alarm_at"] is None and drift["rows_in_run"] == 400
+        assert _metric(metrics, "hydra_drift_alarms_total", model="clf", version="1") == 0
+        assert _metric(metrics, "hydra_drift_alarm_threshold_log10", model="clf", version="1") == 2.0
+        # shifted traffic: alarms, the time of the last one, the run restarted
+        _send(client, "clf", calibration_inputs("classification", 200, seed=13) + np.float32(8.0))
+        drift = _wait(lambda: (d := client.get("/v1/models/clf").json()["drift"])["rows_total"] == 600 and d)
+        assert drift["alarms"] >= 1 and drift["last_alarm_at"] is not None
+        assert drift["rows_in_run"] < 200 and 400 < drift["last_alarm_row"] <= 600
+        assert client.get("/v2/models/clf").json()["parameters"]["drift"]["alarms"] == drift["alarms"]
+        metrics = client.get("/metrics").text
+        assert _metric(metrics, "hydra_drift_alarms_total", model="clf", version="1") == drift["alarms"]
+        gauge = _metric(metrics, "hydra_drift_martingale_log10", model="clf", version="1")
+        assert gauge is not None and gauge < 2.0
+
+        # a reload starts a new martingale (and a new shadow window) for the version it loads
+        assert client.post("/v2/repository/models/clf/load").status_code == 200
+        reloaded = client.get("/v1/models/clf").json()
+        assert reloaded["drift"]["alarms"] == 0 and reloaded["drift"]["rows_total"] == 0
+        assert reloaded["shadow"]["rows"] == 0
+        metrics = client.get("/metrics").text
+        # the counter of a version reloaded as itself keeps counting (a counter never goes back)
+        assert _metric(metrics, "hydra_drift_alarms_total", model="clf", version="1") == drift["alarms"]
+        assert _metric(metrics, "hydra_drift_martingale_log10", model="clf", version="1") == 0.0
+
+
+def test_package_without_ensemble_serves_as_before_and_says_so(model_repository: Path) -> None:
+    with running_server(model_repository, shadow_fraction="0.5") as server:
+        rows = calibration_inputs("classification", 50, seed=3)
+        r = httpx.post(f"{server.url}/v1/models/clf:predict", json={"instances": rows.tolist()}, timeout=10)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 50
+        shadow = httpx.get(f"{server.url}/v1/models/clf", timeout=10).json()["shadow"]
+        assert shadow["enabled"] is False and shadow["ensemble_available"] is False
+        assert (
+            shadow["ensemble_in_package"] is False and shadow["reason"] == "no ensemble.onnx in the package"
+        )
+        assert shadow["rows"] == 0 and shadow["fidelity"] is None
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert _metric(metrics, "hydra_shadow_fraction", model="clf", version="1") == 0.0
+        assert _metric(metrics, "hydra_shadow_fidelity", model="clf") is None
+
+
+def _sample(n: int) -> Sample:
+    return Sample(
+        rows=np.zeros((n, 8), np.float32), epistemic=np.zeros(n), label=np.zeros(n, np.int64), mean=None
+    )
+
+
+def test_full_shadow_queue_drops_and_counts_without_blocking(shadow_repo: Path) -> None:
+    """The worker is not started: the queue (size 2) fills, every further sample is dropped at once."""
+    from service.manifest import ModelManifest
+    from service.shadow import EnsembleRunner
+
+    package = shadow_repo / "clf" / "1"
+    runner = EnsembleRunner(package / "ensemble.onnx", ModelManifest.load(package / "manifest.json"))
+    dropped: list[int] = []
+    teacher = ShadowTeacher(
+        runner, task="classification", fraction=1.0, window=100, queue_size=2, on_dropped=dropped.append
+    )
+    rows = calibration_inputs("classification", 10, seed=1)
+    summary = {"mutual_information": np.zeros(10), "label": np.zeros(10, np.int64)}
+    t0 = time.perf_counter()
+    for _ in range(5):
+        teacher.offer(rows, summary)
+    assert time.perf_counter() - t0 < 0.5
+    assert dropped == [10, 10, 10] and teacher.state().dropped == 30
+    teacher.start("clf")  # now the two queued samples are compared
+    assert teacher.drain(10.0)
+    state = teacher.state()
+    assert state.rows == 20 and state.window_rows == 20 and state.fidelity is None  # < MIN_ROWS
+    teacher.compare(_sample(MIN_ROWS))
+    assert teacher.state().fidelity is not None
+    teacher.stop()
+
+
+def test_sampling_takes_about_the_fraction() -> None:
+    teacher = ShadowTeacher(None, task="classification", fraction=0.3, window=10, queue_size=1)
+    assert not teacher.enabled  # no ensemble: nothing is sampled, whatever the setting
+    from service.shadow import pick
+
+    rng = np.random.default_rng(0)
+    rows = np.zeros((10_000, 2), np.float32)
+    summary = {"mutual_information": np.arange(10_000.0), "label": np.zeros(10_000, np.int64)}
+    sample = pick(rng, 0.3, rows, summary, "classification")
+    assert sample is not None and abs(sample.rows.shape[0] - 3000) < 4 * np.sqrt(10_000 * 0.21)
+    assert np.all(np.diff(sample.epistemic) > 0)  # Hydra's summaries stay aligned with their rows
+
+
+def test_spearman_matches_scipy_with_ties() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a = np.round(rng.normal(size=300), 1)
+    b = a + np.round(rng.normal(size=300), 1)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, rel=1e-12)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_monitoring_settings_read_the_environment_and_refuse_bad_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.setenv("HYDRA_SHADOW_FRACTION", "0.25")
+    monkeypatch.setenv("HYDRA_DRIFT_DELTA", "0.001")
+    settings = Settings()
+    assert (settings.shadow_fraction, settings.drift_delta) == (0.25, 0.001)
+    assert Settings.model_fields["shadow_fraction"].default == 0.01
+    for bad in (
+        {"shadow_fraction": 1.5},
+        {"shadow_fraction": -0.1},
+        {"drift_delta": 0.0},
+        {"drift_delta": 1.0},
+    ):
+        with pytest.raises(ValidationError):
+            Settings(**bad)  # type: ignore[arg-type]
