@@ -72,12 +72,22 @@ class PayloadTooLarge(ServiceError):
 
 
 class ModelLoadError(ServiceError):
+    """`reason`: the label of `hydra_model_load_failures_total` — manifest, missing_file, onnx,
+    provider or warmup (the default: the graph loaded but failed its contract or warm-up run)."""
+
     # Triton answers a failed repository load with 400; we follow it.
     status_code = 400
+
+    def __init__(self, message: str, *, reason: str = "warmup") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ProviderUnavailable(ModelLoadError):
     """The required execution provider did not come up (counted as load failure reason `provider`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="provider")
 
 
 class ModelUnavailable(ServiceError):

@@ -1,4 +1,4 @@
-"""From raw head outputs to the named answer tensors of the serving contract (notes/contracts.md).
+"""From raw head outputs to the named answer tensors of the serving contract (docs/SERVING.md).
 
 Two steps, both vectorised over the batch:
 - `summarise` (once per executed batch, in the worker thread): everything that does not depend on

@@ -115,10 +115,6 @@ class BatchHistogram(Collector):
         with self._lock:
             self._series.pop(tuple(labelvalues), None)
 
-    def series_keys(self) -> list[tuple[str, ...]]:
-        with self._lock:
-            return list(self._series)
-
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:

@@ -15,7 +15,7 @@ import logging
 import re
 from typing import Any
 
-from service.errors import ModelLoadError, ModelNotFound, ProviderUnavailable
+from service.errors import ModelLoadError, ModelNotFound
 from service.metrics import ServiceMetrics
 from service.served_model import ServedModel
 from service.settings import MODEL_NAME_PATTERN, Settings
@@ -37,19 +37,6 @@ def check_model_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise ModelNotFound(f"invalid model name {name!r}")
     return name
-
-
-def _load_failure_reason(exc: ModelLoadError) -> str:
-    if isinstance(exc, ProviderUnavailable):  # execution_providers=cuda and the session is on CPU
-        return "provider"
-    text = exc.message
-    if "manifest" in text:
-        return "manifest"
-    if "missing" in text:
-        return "missing_file"
-    if "ONNX Runtime cannot load" in text:
-        return "onnx"
-    return "warmup"
 
 
 class ModelRepository:
@@ -169,7 +156,7 @@ class ModelRepository:
                 model = await asyncio.to_thread(ServedModel.load, directory, self._settings, self._metrics)
             except ModelLoadError as exc:
                 self._errors[name] = exc.message
-                self._metrics.inc_load_failure(name, _load_failure_reason(exc))
+                self._metrics.inc_load_failure(name, exc.reason)
                 if name not in self._models:  # an old version still serving keeps the name ready
                     self._mark_unready(name, str(version))
                 raise

@@ -47,7 +47,9 @@ def choose_providers(
     if preference == "cuda":
         if CUDA not in available:
             raise ModelLoadError(
-                f"execution_providers=cuda but ONNX Runtime offers only {available} (install onnxruntime-gpu)"
+                f"execution_providers=cuda but ONNX Runtime offers only {available} "
+                "(install onnxruntime-gpu)",
+                reason="provider",
             )
         return [cuda, CPU]
     return [cuda, CPU] if CUDA in available else [CPU]
@@ -120,7 +122,7 @@ class OnnxModelRuntime:
         except ModelLoadError:
             raise
         except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
-            raise ModelLoadError(f"ONNX Runtime cannot load {model_path.name}: {exc}") from exc
+            raise ModelLoadError(f"ONNX Runtime cannot load {model_path.name}: {exc}", reason="onnx") from exc
         self.provider: str = check_provider(preference, requested, self._session.get_providers())
         self._output_names = self._expected_outputs()
         self._check_graph()
@@ -143,16 +145,21 @@ class OnnxModelRuntime:
             raise ModelLoadError(f"graph has no input {spec.name!r} (inputs: {sorted(inputs)})")
         graph_shape = inputs[spec.name].shape
         if len(graph_shape) != len(spec.shape):
-            raise ModelLoadError(f"graph input rank {len(graph_shape)} != manifest shape {spec.shape}")
+            raise ModelLoadError(
+                f"graph input rank {len(graph_shape)} != manifest shape {spec.shape}", reason="manifest"
+            )
         for dim_graph, dim_manifest in zip(graph_shape[1:], spec.shape[1:], strict=True):
             if isinstance(dim_graph, int) and dim_graph != dim_manifest:
-                raise ModelLoadError(f"graph input shape {graph_shape} != manifest shape {spec.shape}")
+                raise ModelLoadError(
+                    f"graph input shape {graph_shape} != manifest shape {spec.shape}", reason="manifest"
+                )
         if inputs[spec.name].type != "tensor(float)":
             raise ModelLoadError(f"graph input must be float32, got {inputs[spec.name].type}")
         missing = [n for n in self._output_names if n not in outputs]
         if missing:
             raise ModelLoadError(
-                f"graph lacks outputs {missing} named by the manifest (outputs: {sorted(outputs)})"
+                f"graph lacks outputs {missing} named by the manifest (outputs: {sorted(outputs)})",
+                reason="manifest",
             )
 
     def run(self, rows: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:

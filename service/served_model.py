@@ -1,7 +1,8 @@
 """`ServedModel`: one loaded model version — manifest, warmed ORT session, dynamic batcher, answers.
 
-Routes call `await model.infer(rows, alpha=..., level=..., include_heads=...)` and get the named
-answer tensors of the serving contract for exactly those rows.
+The routes (V1, and V2 over HTTP and gRPC through `service.v2_core`) call
+`model.submit(rows, alpha=..., level=..., include_heads=...)`, which queues the rows at once, and
+await the future: the named answer tensors of the serving contract for exactly those rows.
 """
 
 from __future__ import annotations
@@ -35,19 +36,26 @@ def read_manifest(directory: Path, name: str, version: int) -> ModelManifest:
     """The validated manifest of `directory`, which must agree with where it lives."""
     path = directory / MANIFEST_FILENAME
     if not path.is_file():
-        raise ModelLoadError(f"model {name!r} version {version}: {MANIFEST_FILENAME} is missing")
+        raise ModelLoadError(
+            f"model {name!r} version {version}: {MANIFEST_FILENAME} is missing", reason="manifest"
+        )
     try:
         manifest = ModelManifest.load(path)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()[:5]
         )
-        raise ModelLoadError(f"model {name!r} version {version}: invalid manifest: {problems}") from exc
+        raise ModelLoadError(
+            f"model {name!r} version {version}: invalid manifest: {problems}", reason="manifest"
+        ) from exc
     except ValueError as exc:  # JSON syntax
-        raise ModelLoadError(f"model {name!r} version {version}: manifest is not valid JSON: {exc}") from exc
+        raise ModelLoadError(
+            f"model {name!r} version {version}: manifest is not valid JSON: {exc}", reason="manifest"
+        ) from exc
     if manifest.name != name or manifest.version != version:
         raise ModelLoadError(
-            f"manifest in {name}/{version} describes {manifest.name!r} version {manifest.version}"
+            f"manifest in {name}/{version} describes {manifest.name!r} version {manifest.version}",
+            reason="manifest",
         )
     return manifest
 
@@ -97,14 +105,17 @@ class ServedModel:
         manifest = read_manifest(directory, name, version)
         model_path = directory / MODEL_FILENAME
         if not model_path.is_file():
-            raise ModelLoadError(f"model {name!r} version {version}: {MODEL_FILENAME} is missing")
+            raise ModelLoadError(
+                f"model {name!r} version {version}: {MODEL_FILENAME} is missing", reason="missing_file"
+            )
         try:
             runtime = OnnxModelRuntime(model_path, manifest, settings)
             # every power-of-two batch up to a full one: kernels are picked and ORT's arena sized for
             # the largest batch before traffic does it
             runtime.warm_up(batch_sizes=warmup_batch_sizes(settings.max_batch_size))
-        except ModelLoadError as exc:  # the same type: the repository counts failures by it
-            raise type(exc)(f"model {name!r} version {version}: {exc.message}") from exc
+        except ModelLoadError as exc:  # the same reason: the repository counts failures by it
+            message = f"model {name!r} version {version}: {exc.message}"
+            raise ModelLoadError(message, reason=exc.reason) from exc
         except Exception as exc:
             raise ModelLoadError(f"model {name!r} version {version}: warm-up run failed: {exc}") from exc
         monitor = ModelMonitor(manifest, directory, settings, metrics)  # may open ensemble.onnx
@@ -183,20 +194,6 @@ class ServedModel:
                 "or a value beyond float32 range"
             )
         return array32
-
-    async def infer(
-        self,
-        rows: Any,
-        *,
-        alpha: float | None = None,
-        level: float = 0.95,
-        include_heads: bool = False,
-        timeout_s: float | None = None,
-    ) -> dict[str, NDArray[np.generic]]:
-        """Named answer tensors for `rows`, through this model's dynamic batcher."""
-        return await self.submit(
-            rows, alpha=alpha, level=level, include_heads=include_heads, timeout_s=timeout_s
-        )
 
     def submit(
         self,

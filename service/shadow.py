@@ -117,14 +117,16 @@ class EnsembleRunner:
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
-            raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+            raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {exc}", reason="onnx") from exc
         self.task = manifest.task
         names = manifest.outputs
         wanted = [names.log_probs] if manifest.task == "classification" else [names.mean, names.variance]
         present = {o.name for o in self._session.get_outputs()}
         missing = [n for n in wanted if n not in present]
         if missing or any(n is None for n in wanted):
-            raise ModelLoadError(f"{path.name} lacks outputs {missing} of the manifest's contract")
+            raise ModelLoadError(
+                f"{path.name} lacks outputs {missing} of the manifest's contract", reason="manifest"
+            )
         self._outputs = [str(n) for n in wanted]
         self._input = manifest.input.name
 

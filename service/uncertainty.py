@@ -19,10 +19,6 @@ from numpy.typing import NDArray
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 
-# Names of the scores a manifest may pick as its OOD score (higher = more out-of-distribution).
-ClassificationScore = Literal["mutual_information", "epkl", "total_entropy", "disagreement", "variance"]
-RegressionScore = Literal["epistemic_variance", "total_variance", "disagreement"]
-OODScoreName = ClassificationScore | RegressionScore
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,7 @@ class ClassificationUncertainty:
     variance: FloatArray  # Var_m[p_m,k] at k = argmax p̄ (population variance over heads)
 
     def score(self, name: str) -> FloatArray:
-        """The OOD score called `name` (see `ClassificationScore`)."""
+        """The score called `name`: mutual_information, epkl, total_entropy, disagreement or variance."""
         if name not in CLASSIFICATION_SCORES:
             raise ValueError(
                 f"unknown classification OOD score {name!r}; choose from {CLASSIFICATION_SCORES}"

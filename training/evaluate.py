@@ -45,7 +45,6 @@ class Evaluation:
     report: dict[str, Any]
     calibration_scores: np.ndarray  # Hydra's OOD statistic on the calibration split, sorted
     summaries: dict[str, dict[str, Summary]] = field(default_factory=dict)  # method -> set -> summary
-    raw: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)  # method -> set -> outputs
     # the combined statistic's components, normalised on the validation split (empty: no density)
     components: list[LogScaleNormaliser] = field(default_factory=list)
     combination: str = CombinedOODScore.RULE
@@ -319,6 +318,5 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
         report=report,
         calibration_scores=cal_scores,
         summaries=summaries,
-        raw=raw,
         components=combined.components if combined is not None else [],
     )

@@ -419,10 +419,12 @@ def test_api_key_as_call_metadata(model_repository: Path) -> None:
 
 
 def test_sigterm_drains_grpc_calls_in_flight_then_refuses(model_repository: Path) -> None:
+    # a 5 s delay, so the 30 calls are still queued at SIGTERM even on a loaded machine (stop()
+    # runs them at once)
     server = start_server(
         model_repository,
         "--max-queue-delay-ms",
-        "1500",
+        "5000",
         "--max-batch-size",
         "256",
         "--run-when-idle",
@@ -435,7 +437,7 @@ def test_sigterm_drains_grpc_calls_in_flight_then_refuses(model_repository: Path
         async with tga.InferenceServerClient(server.grpc_target) as client:
             calls = [asyncio.ensure_future(client.infer("clf", [grpc_input(rows)])) for rows in batches]
             async with httpx.AsyncClient(base_url=server.url) as http:
-                for _ in range(200):  # SIGTERM once all 30 wait in the batch queue
+                for _ in range(400):  # SIGTERM once all 30 wait in the batch queue
                     queued = (await http.get("/v1/models/clf")).json()["batching"]["queued_requests"]
                     if queued == len(batches):
                         break
