@@ -29,6 +29,7 @@ from service.responses import OrjsonResponse
 from service.routes import docs, v1, v2
 from service.routes import repository as repository_routes
 from service.settings import Settings
+from service.v2_core import server_version
 
 logger = logging.getLogger("service")
 
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="hydra-serve",
         summary="Mean prediction and per-head uncertainty from Hydra models (KServe V1, Open Inference V2).",
-        version="0.1.0",
+        version=server_version(),  # the installed package's, as V2 server metadata says
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
         # FastAPI's own pages load their assets from a CDN; install_docs serves them locally instead
