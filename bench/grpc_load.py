@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import orjson
 
 from bench import profiling
 from bench.loadgen import run_wrk, v2_body, warm_wrk
-from bench.servers import REPO_ROOT, free_port
+from bench.servers import REPO_ROOT, free_port, running
 
 MODEL = "digits"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -189,6 +188,7 @@ def _grpc_counts(http_url: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def _hydra(log: Path) -> Iterator[tuple[str, str, int]]:
+    """Our server on the shipped models, HTTP and gRPC on free ports: (HTTP url, gRPC target, pid)."""
     port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
     cmd = [
@@ -197,29 +197,8 @@ def _hydra(log: Path) -> Iterator[tuple[str, str, int]]:
         "--max-batch-size", "64", "--max-queue-delay-ms", "2", "--max-queue-size", "4096",
         "--execution-providers", "cpu", "--log-level", "warning",
     ]  # fmt: skip
-    with log.open("wb") as sink:
-        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"hydra-serve exited with {process.returncode}: {log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/models/{MODEL}/ready", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("hydra-serve not ready")
-            time.sleep(0.2)
-        yield url, f"127.0.0.1:{grpc_port}", process.pid
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with running(cmd, env, f"http://127.0.0.1:{port}", MODEL, log, 120) as (url, pid):
+        yield url, f"127.0.0.1:{grpc_port}", pid
 
 
 @contextlib.contextmanager

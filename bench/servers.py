@@ -61,7 +61,7 @@ def _wait_ready(url: str, model: str, process: subprocess.Popen[bytes], timeout_
 
 
 @contextlib.contextmanager
-def _running(
+def running(
     cmd: list[str], env: dict[str, str], url: str, model: str, log: Path, timeout_s: float
 ) -> Iterator[tuple[str, int]]:
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def hydra_server(
         "--grpc-port",
         "0",  # HTTP only here; `python -m bench grpc` (bench/grpc.py) runs the gRPC comparison
     ]
-    return _running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
+    return running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
 
 
 def triton_python() -> Path:
@@ -158,7 +158,7 @@ def triton_server(
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["BENCH_TRITON_TOKEN"] = TRITON_TOKEN
-    return _running(cmd, env, f"http://127.0.0.1:{port}", model, log, 180)
+    return running(cmd, env, f"http://127.0.0.1:{port}", model, log, 180)
 
 
 def hydra_batch_stats(url: str, model: str) -> tuple[int, int]:

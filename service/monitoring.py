@@ -1,10 +1,10 @@
 """Live monitoring of one served model version: the drift alarm and the shadow teacher.
 
 `ModelMonitor.observe(report)` is called on the event loop after a batch's answers have been
-delivered (the batcher's `on_batch` hook). It only hands work off: the batch's OOD scores go to the
-drift alarm's single worker thread (FIFO, so the martingale sees rows in batch order), and a
-`shadow_fraction` sample of its rows to the shadow teacher's bounded queue. Neither waits on
-anything, so no answer waits on either.
+delivered (the batcher's `on_batch` hook). The batch's drift update (~4 µs per row) is queued on
+the loop with `call_soon`, behind the answers the batch just released, in batch order; a
+`shadow_fraction` sample of its rows goes to the shadow teacher's bounded queue and worker thread.
+No answer waits on either.
 
 Metric families live here (registered on the app's `ServiceMetrics` registry), not in
 `service.metrics`:
@@ -18,11 +18,11 @@ Metric families live here (registered on the app's `ServiceMetrics` registry), n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -155,7 +155,7 @@ class ModelMonitor:
             on_dropped=self._metrics.shadow_dropped.labels(*labels).inc,
             on_fidelity=self._set_fidelity,
         )
-        self._executor: ThreadPoolExecutor | None = None
+        self._running = False
         self._last_log = -ALARM_LOG_INTERVAL_S
         # every series exported from the load on (zeros), so rate() and alerts have data at once
         self._metrics.martingale.labels(*labels).set(0.0)
@@ -164,20 +164,23 @@ class ModelMonitor:
         self._metrics.shadow_fraction.labels(*labels).set(self.shadow.fraction)
 
     def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drift-{self.name}")
+        self._running = True
         self.shadow.start(self.name)
 
     def stop(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        self._running = False
         self.shadow.stop()
 
     def observe(self, report: BatchReport) -> None:
-        """Hand one delivered batch to the drift worker and (sampled) to the shadow queue."""
-        if self._executor is not None:
+        """Queue one delivered batch's drift update on the event loop, behind the answers it just
+        released, and hand a sample to the shadow queue.
+
+        Not in a worker thread: a third thread contending for the GIL after every batch delayed the
+        ORT thread's hand-back of finished batches (bench server, digits, 32-row requests: 22k →
+        9k rows/s), while the update itself is ~0.3 ms of vectorised numpy per 64-row batch."""
+        if self._running:
             scores = np.asarray(report.outputs["ood_score"], dtype=np.float64)
-            self._executor.submit(self._drift_update, scores)
+            asyncio.get_running_loop().call_soon(self._drift_update, scores)
         if report.inputs is not None:
             self.shadow.offer(report.inputs, report.outputs)
 
@@ -204,12 +207,6 @@ class ModelMonitor:
             self._metrics.martingale.labels(*labels).set(self.drift.state().log10_martingale)
         except Exception:  # monitoring must never break serving
             logger.exception("drift update failed for %s version %s", self.name, self.version)
-
-    def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every handed-off batch has been processed (tests and benches)."""
-        if self._executor is not None:
-            self._executor.submit(lambda: None).result(timeout_s)
-        return self.shadow.drain(timeout_s)
 
     def _set_fidelity(self, measures: dict[str, float]) -> None:
         for measure, value in measures.items():

@@ -20,7 +20,6 @@ FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 
 
-
 @dataclass(frozen=True)
 class ClassificationUncertainty:
     """Per-row summaries of an M-head classifier. Every array has leading dimension `batch`."""

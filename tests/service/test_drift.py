@@ -155,10 +155,11 @@ def test_alarm_restarts_the_run_and_the_reference() -> None:
     assert alarms and alarms[0] <= 310
     assert after.alarms == len(alarms) and after.last_alarm_row == alarms[-1]
     assert after.last_alarm_at is not None and after.run_started_at == after.last_alarm_at
-    assert after.rows_total == 364 and after.rows_in_run == 364 - alarms[-1]
-    assert after.log10_martingale < after.log10_threshold
-    # the new run's reference is the calibration set plus the rows after the last alarm only
-    assert monitor.p_values.n_reference == cal.size + after.rows_in_run
+    # one alarm per batch; the new run begins with the next batch, against the calibration set alone
+    assert len(alarms) == 1 and after.rows_total == 364 and after.rows_in_run == 0
+    assert after.log10_martingale == 0.0 and monitor.p_values.n_reference == cal.size
+    monitor.observe(rng.lognormal(size=10))
+    assert monitor.state().rows_in_run == 10 and monitor.p_values.n_reference == cal.size + 10
 
 
 def test_martingale_rejects_bad_settings() -> None:
