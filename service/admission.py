@@ -25,77 +25,60 @@ from __future__ import annotations
 
 import hmac
 import re
-import time
 from collections import Counter
+from dataclasses import dataclass
 
 import orjson
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope, Send
 
 from service.errors import QueueFull, ServiceError
-from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
 from service.settings import Settings
 
-# (path pattern, the route template metrics label it with)
+# (path pattern, the route template metrics label it with, protocol); groups: model, version
 INFER_ROUTES = (
-    (re.compile(r"^/v2/models/([^/]+)/infer$"), "/v2/models/{model_name}/infer"),
+    (re.compile(r"^/v2/models/([^/]+)/infer$"), "/v2/models/{model_name}/infer", "v2"),
     (
-        re.compile(r"^/v2/models/([^/]+)/versions/[^/]+/infer$"),
+        re.compile(r"^/v2/models/([^/]+)/versions/([^/]+)/infer$"),
         "/v2/models/{model_name}/versions/{model_version}/infer",
+        "v2",
     ),
-    (re.compile(r"^/v1/models/([^/:]+):predict$"), "/v1/models/{model_name}:predict"),
+    (re.compile(r"^/v1/models/([^/:]+):predict$"), "/v1/models/{model_name}:predict", "v1"),
 )
 
 
-def _infer_route(path: str) -> tuple[str, str] | None:
-    """(model name, route template) for an inference path, else None."""
+@dataclass(frozen=True)
+class InferRoute:
+    """An inference path, taken apart: the model (and version) it names and its route template."""
+
+    model_name: str
+    model_version: str | None
+    template: str
+    protocol: str  # "v1" or "v2"
+
+
+def infer_route(path: str) -> InferRoute | None:
+    """The inference route `path` names, else None (the same matches as the routes' templates)."""
     if not path.startswith(("/v2/models/", "/v1/models/")):
         return None
-    for pattern, template in INFER_ROUTES:
+    for pattern, template, protocol in INFER_ROUTES:
         match = pattern.match(path)
         if match:
-            return match.group(1), template
+            version = match.group(2) if pattern.groups > 1 else None
+            return InferRoute(match.group(1), version, template, protocol)
     return None
 
 
-class AdmissionMiddleware:
-    def __init__(
-        self, app: ASGIApp, repository: ModelRepository, settings: Settings, metrics: ServiceMetrics
-    ) -> None:
-        self.app = app
+class Admission:
+    """Whether a named model takes one more inference request now; counts the ones it admits."""
+
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
-        self.metrics = metrics
         self.limit = settings.max_queue_size + settings.max_batch_size
-        self.api_key = settings.api_key.get_secret_value() if settings.api_key else None
         self.admitted: Counter[str] = Counter()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        route = _infer_route(scope["path"])
-        if route is None or not self._authorised(scope):  # the routes answer 404 / 401 as usual
-            await self.app(scope, receive, send)
-            return
-        name, template = route
-        t0 = time.perf_counter()
-        refusal = self._refusal(name)
-        if refusal is not None:
-            body = orjson.dumps({"error": refusal.message})
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
-            headers.append((b"connection", b"close"))
-            await send({"type": "http.response.start", "status": refusal.status_code, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            self.metrics.observe_request(template, "POST", refusal.status_code, time.perf_counter() - t0)
-            return
-        self.admitted[name] += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.admitted[name] -= 1
-
-    def _refusal(self, name: str) -> ServiceError | None:
+    def refusal(self, name: str) -> ServiceError | None:
+        """The 503 to answer instead of admitting a request for `name` (counted), else None."""
         try:
             model = self.repository.get(name)
         except ServiceError:
@@ -113,13 +96,30 @@ class AdmissionMiddleware:
             )
         return None
 
-    def _authorised(self, scope: Scope) -> bool:
-        """Refuse only callers the route would serve; a wrong key still gets its 401 there."""
-        if not self.api_key:
-            return True
-        headers = dict(scope["headers"])
-        key = headers.get(b"x-api-key", b"").decode("latin-1")
-        if not key:
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else ""
-        return bool(key) and hmac.compare_digest(key.encode(), self.api_key.encode())
+
+def refusal_headers(refusal: ServiceError, body_length: int) -> list[tuple[bytes, bytes]]:
+    """A refusal's response headers; `Connection: close` makes a client that resends at once connect
+    again, which throttles it in the kernel's accept queue rather than on the event loop."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(body_length).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
+    headers.append((b"connection", b"close"))
+    return headers
+
+
+def key_presented_ok(scope: Scope, api_key: str | None) -> bool:
+    """True when no key is configured or the request's `X-API-Key` / `Authorization: Bearer` is it."""
+    if not api_key:
+        return True
+    headers = dict(scope["headers"])
+    key = headers.get(b"x-api-key", b"").decode("latin-1")
+    if not key:
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else ""
+    return bool(key) and hmac.compare_digest(key.encode(), api_key.encode())
+
+
+async def send_refusal(send: Send, refusal: ServiceError) -> None:
+    body = orjson.dumps({"error": refusal.message})
+    headers = refusal_headers(refusal, len(body))
+    await send({"type": "http.response.start", "status": refusal.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -18,7 +18,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.admission import AdmissionMiddleware
 from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -28,6 +27,7 @@ from service.repository import ModelRepository, NoLoadableModel
 from service.responses import OrjsonResponse
 from service.routes import docs, v1, v2
 from service.routes import repository as repository_routes
+from service.routes.infer import InferenceEdge
 from service.settings import Settings
 from service.v2_core import server_version
 
@@ -42,6 +42,23 @@ class _AsgiEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+
+class HydraApp(FastAPI):
+    """FastAPI with a pure ASGI front in its place as the outermost layer: the inference routes'
+    lean path (`service.routes.infer.InferenceEdge`), inside CORS when that is on. Every request
+    the front does not serve itself goes through FastAPI's own stack (`behind_front`)."""
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.front(scope, receive, send)
+
+    async def behind_front(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await grpc_server.stop()
             await repository.stop()
 
-    app = FastAPI(
+    app = HydraApp(
         title="hydra-serve",
         summary="Mean prediction and per-head uncertainty from Hydra models (KServe V1, Open Inference V2).",
         version=server_version(),  # the installed package's, as V2 server metadata says
@@ -106,15 +123,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         read_timeout_s=settings.request_read_timeout_s,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    # outside those: an overloaded model's requests are refused from their headers alone, as cheaply
-    # as the process can (it records its own refusals in the request metrics)
-    app.add_middleware(AdmissionMiddleware, repository=repository, settings=settings, metrics=metrics)
+    # in front of FastAPI's own stack: the inference routes' lean path (service.routes.infer). It
+    # refuses an overloaded model's requests from their headers alone and serves the rest without
+    # FastAPI's layers (measured: ~40 % of the loop's time on one-row requests); it applies the body
+    # limit and records the request metrics itself
+    front: ASGIApp = InferenceEdge(
+        app.behind_front,
+        repository=repository,
+        settings=settings,
+        metrics=metrics,
+        handlers={"v2": v2.serve_infer, "v1": v1.serve_predict},
+    )
     if settings.cors_origins:  # off unless configured: browsers then refuse cross-origin calls
-        app.add_middleware(
-            CORSMiddleware,
+        front = CORSMiddleware(
+            front,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "Content-Encoding", HEADER_LENGTH],
             expose_headers=["Retry-After", HEADER_LENGTH],
         )
+    app.front = front
     return app

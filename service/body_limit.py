@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: refuse request bodies over `max_bytes` before anything parses them.
+"""Request bodies under a byte limit and a read deadline: `read_body` (the inference routes' lean
+path, `service.routes.infer`) and `BodySizeLimitMiddleware` (every other route).
 
 A declared `Content-Length` over the limit is answered 413 at once, without reading the body; a
 chunked body is counted while it streams and the read fails with PayloadTooLarge (→ 413) as soon as
@@ -6,7 +7,8 @@ it passes the limit, so an oversized body is never buffered whole.
 
 The body must also arrive within `read_timeout_s` of the headers, else the read fails with
 RequestTimeout (→ 408): uvicorn has no body timeout of its own, so without this a client that
-trickles its body would hold a connection and a handler for as long as it likes.
+trickles its body would hold a connection and a handler for as long as it likes. One deadline
+(`asyncio.timeout`) covers the whole body, not a timer per chunk.
 """
 
 from __future__ import annotations
@@ -15,7 +17,48 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, RequestTimeout, error_response
+from service.errors import ClientDisconnected, PayloadTooLarge, RequestTimeout, error_response
+
+
+def declared_too_large(scope: Scope, limit: int) -> PayloadTooLarge | None:
+    """The 413 for a declared `Content-Length` over `limit`, else None."""
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                return None
+            if declared > limit:
+                return PayloadTooLarge(f"request body of {declared} bytes exceeds max_request_bytes={limit}")
+            return None
+    return None
+
+
+def _timed_out(read_timeout_s: float) -> RequestTimeout:
+    return RequestTimeout(f"request body not received within request_read_timeout_s={read_timeout_s:g}")
+
+
+async def read_body(receive: Receive, limit: int, read_timeout_s: float) -> bytes:
+    """The whole request body (the declared length already checked), or PayloadTooLarge /
+    RequestTimeout / ClientDisconnected."""
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async with asyncio.timeout(read_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientDisconnected("client disconnected while sending its request body")
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLarge(f"request body exceeds max_request_bytes={limit}")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise _timed_out(read_timeout_s) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class BodySizeLimitMiddleware:
@@ -29,19 +72,10 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        for key, value in scope.get("headers", ()):
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared > limit:
-                    response = error_response(
-                        413, f"request body of {declared} bytes exceeds max_request_bytes={limit}"
-                    )
-                    await response(scope, receive, send)
-                    return
-                break
+        too_large = declared_too_large(scope, limit)
+        if too_large is not None:
+            await error_response(413, too_large.message)(scope, receive, send)
+            return
         received = 0
         body_complete = False
         deadline = asyncio.get_running_loop().time() + self.read_timeout_s
@@ -50,13 +84,11 @@ class BodySizeLimitMiddleware:
             nonlocal received, body_complete
             if body_complete:  # later receives wait for a disconnect: no deadline on those
                 return await receive()
-            remaining = deadline - asyncio.get_running_loop().time()
             try:
-                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
-                raise RequestTimeout(
-                    f"request body not received within request_read_timeout_s={self.read_timeout_s:g}"
-                ) from None
+                raise _timed_out(self.read_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

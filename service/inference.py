@@ -12,7 +12,7 @@ The math is `service.uncertainty`, the same module the training evaluation uses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
@@ -187,8 +187,10 @@ def finalise(
     alpha: float,
     level: float = 0.95,
     include_heads: bool = False,
+    only: Collection[str] | None = None,
 ) -> Tensors:
-    """The answer tensors for one request's rows (a slice of `summarise`'s output), contract dtypes."""
+    """The answer tensors for one request's rows (a slice of `summarise`'s output), contract dtypes;
+    `only`: just these names (the outputs a request asked for), the rest never cast."""
     check_alpha(alpha)
     check_level(level)
     p_value = np.asarray(summary["ood_p_value"], dtype=np.float64)
@@ -214,6 +216,8 @@ def finalise(
         extra["interval_level"] = np.full(n, level, dtype=np.float32)
     if include_heads:
         order = (*order, *head_output_names(manifest))
+    if only is not None:
+        order = tuple(name for name in order if name in only)
     out: Tensors = {}
     for name in order:
         value = extra[name] if name in extra else summary[name]

@@ -7,9 +7,11 @@ from typing import Any
 import orjson
 from starlette.responses import JSONResponse
 
+ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
 
 class OrjsonResponse(JSONResponse):
     """`application/json` by orjson; numpy float32 prints float32-short (0.1, not 0.10000000149)."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(content, option=ORJSON_OPTIONS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,10 @@ class ServedModel:
         self._settings = settings
         self._metrics = metrics
         self._calibrator = ConformalOODCalibrator(manifest.ood.calibration_scores)
+        # the answer contract, read on every request: computed once per load
+        self._output_specs = inference.output_specs(manifest)
+        self.output_datatypes: dict[str, str] = {name: datatype for name, datatype, _ in self._output_specs}
+        self.head_outputs: frozenset[str] = frozenset(inference.head_output_names(manifest))
         # drift alarm + shadow teacher: a new one per load, so a reload starts a new martingale
         if monitor is None:
             monitor = ModelMonitor(manifest, directory, settings, metrics)
@@ -153,7 +157,7 @@ class ServedModel:
 
     # ---- contract ----------------------------------------------------------------------------------
     def output_specs(self) -> list[tuple[str, str, list[int]]]:
-        return inference.output_specs(self.manifest)
+        return self._output_specs
 
     def validate_rows(self, rows: Any) -> NDArray[np.float32]:
         """`rows` as float32 (n, *row_shape), or BadRequest naming what is wrong."""
@@ -203,8 +207,10 @@ class ServedModel:
         level: float = 0.95,
         include_heads: bool = False,
         timeout_s: float | None = None,
+        outputs: Collection[str] | None = None,
     ) -> asyncio.Future[dict[str, NDArray[np.generic]]]:
-        """Validate and enqueue `rows` now (synchronously); the future resolves to the answer tensors.
+        """Validate and enqueue `rows` now (synchronously); the future resolves to the answer tensors
+        (only those named in `outputs`, when given; the per-head ones only with `include_heads`).
 
         Use it where the answer is awaited in another task (e.g. raced against a client disconnect):
         the rows are queued before this returns. Cancelling the future skips rows not yet run.
@@ -237,6 +243,7 @@ class ServedModel:
                             alpha=alpha,
                             level=level,
                             include_heads=include_heads,
+                            only=outputs,
                         )
                     )
                 except Exception as exc:

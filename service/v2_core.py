@@ -25,7 +25,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import BadRequest, ModelNotFound, ModelUnavailable
-from service.inference import head_output_names
 from service.protocol.v2 import InferRequest, OutputTensor, V2ProtocolError, select_outputs
 from service.repository import ModelRepository, ServedModel
 
@@ -140,7 +139,7 @@ def _rows(parsed: InferRequest, model: ServedModel) -> NDArray[np.float32]:
         return np.ascontiguousarray(tensor.data, dtype=np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PreparedInfer:
     """A validated infer request: what to run, and which answer tensors to return (name, binary?)."""
 
@@ -169,6 +168,8 @@ class PreparedInfer:
             level=self.level,
             include_heads=self.include_heads,
             timeout_s=timeout,
+            # named outputs: only those are cast and sliced per request ("every output" = all computed)
+            outputs=None if self.every_output else [name for name, _ in self.selected],
         )
 
     def outputs(self, results: Answer) -> list[OutputTensor]:
@@ -180,7 +181,7 @@ class PreparedInfer:
 
 def prepare_infer(model: ServedModel, parsed: InferRequest) -> PreparedInfer:
     """Validate a decoded infer request against `model`; BadRequest names the first problem."""
-    datatypes = {name: datatype for name, datatype, _ in model.output_specs()}
+    datatypes = model.output_datatypes
     try:
         selected = select_outputs(parsed, datatypes)
     except V2ProtocolError as exc:
@@ -192,7 +193,7 @@ def prepare_infer(model: ServedModel, parsed: InferRequest) -> PreparedInfer:
     if not isinstance(heads_flag, bool):
         raise BadRequest(f"parameter 'heads' must be true or false, got {heads_flag!r}")
     # The per-head tensors are computed only when asked for: `heads: true`, or naming one in `outputs`.
-    head_outputs = set(head_output_names(model.manifest))
+    head_outputs = model.head_outputs
     asked_for_heads = parsed.outputs is not None and any(name in head_outputs for name, _ in selected)
     return PreparedInfer(
         model=model,

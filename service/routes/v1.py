@@ -16,11 +16,15 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
+from service.admission import InferRoute
 from service.auth import require_api_key
 from service.errors import BadRequest
+from service.responses import ORJSON_OPTIONS as _ORJSON_OPTIONS
 from service.responses import OrjsonResponse
-from service.routes import get_repository, inline_schema, until_disconnected
+from service.routes import get_repository, inline_schema
+from service.routes.infer import Answered, InferCall, fastapi_response
 
 router = APIRouter(tags=["KServe V1"], default_response_class=OrjsonResponse)
 
@@ -196,36 +200,41 @@ async def model_status(model_name: str, request: Request) -> OrjsonResponse:
         "requestBody": {"content": {"application/json": {"schema": inline_schema(PredictRequest)}}}
     },
 )
-async def predict(model_name: str, request: Request) -> OrjsonResponse:
+async def predict(model_name: str, request: Request) -> Response:
+    """Served by `service.routes.infer.InferenceEdge` in front of FastAPI; this declaration documents
+    the route and serves it the same way where the edge is not installed."""
+    call = InferCall(request.scope, request.receive, request.app.state.settings, get_repository(request))
+    return fastapi_response(await serve_predict(call, InferRoute(model_name, None, "", "v1")))
+
+
+async def serve_predict(call: InferCall, route: InferRoute) -> Answered:
     # The body is parsed here, not by FastAPI, so the byte limit applies first and errors name the problem.
-    payload = parse_json(await request.body())
+    payload = parse_json(await call.body())
     if not isinstance(payload, dict):
         raise BadRequest('expected a JSON object {"instances": [...]}')
     try:
         body = PredictRequest.model_validate(payload)
     except ValueError as exc:
         raise BadRequest(_validation_message(exc)) from exc
-    model = get_repository(request).get(model_name)
+    model = call.repository.get(route.model_name)
     params = body.parameters
     # submit() queues the rows before anything else can run on the loop (a reload cannot slip in
     # between the lookup above and the queue); the answer is then awaited against a disconnect.
-    answers = await until_disconnected(
-        request,
+    answers = await call.answer(
         model.submit(
             _instances_to_rows(body.instances, model.manifest.feature_names),
             alpha=params.alpha,
             level=params.interval_level,
             include_heads=params.heads,
             timeout_s=params.timeout,
-        ),
+        )
     )
-    return OrjsonResponse(
-        {
-            "model_name": model.name,
-            "model_version": str(model.version),
-            "predictions": _rows_to_predictions(answers),
-        }
-    )
+    document = {
+        "model_name": model.name,
+        "model_version": str(model.version),
+        "predictions": _rows_to_predictions(answers),
+    }
+    return Answered(orjson.dumps(document, option=_ORJSON_OPTIONS), "application/json")
 
 
 def _instances_to_rows(instances: list[Any], feature_names: list[str] | None) -> list[Any]:

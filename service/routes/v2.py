@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from service import v2_core
+from service.admission import InferRoute
 from service.auth import require_api_key
 from service.errors import BadRequest, PayloadTooLarge
 from service.protocol.v2 import (
@@ -32,11 +33,12 @@ from service.protocol.v2 import (
 )
 from service.repository import ServedModel
 from service.responses import OrjsonResponse
-from service.routes import get_repository, inline_schema, until_disconnected
-from service.settings import Settings
+from service.routes import get_repository, inline_schema
+from service.routes.infer import Answered, InferCall, fastapi_response
 from service.v2_core import PLATFORM, SERVER_NAME
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
 router = APIRouter(tags=["v2"], default_response_class=OrjsonResponse)
 
@@ -285,25 +287,35 @@ async def model_ready(request: Request, model_name: str, model_version: str | No
     dependencies=[Depends(require_api_key)],
 )
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    model = v2_core.ready_to_infer(get_repository(request), model_name, model_version)
-    settings: Settings = request.app.state.settings
-    body = _inflate(await request.body(), request.headers.get("content-encoding"), settings.max_request_bytes)
+    """Served by `service.routes.infer.InferenceEdge` in front of FastAPI; this declaration documents
+    the route and serves it the same way where the edge is not installed."""
+    call = InferCall(request.scope, request.receive, request.app.state.settings, get_repository(request))
+    route = InferRoute(model_name, model_version, "", "v2")
+    return fastapi_response(await serve_infer(call, route))
+
+
+async def serve_infer(call: InferCall, route: InferRoute) -> Answered:
+    """One V2 infer request: model lookup (404 / 503 before the body is read), body, answer."""
+    model = v2_core.ready_to_infer(call.repository, route.model_name, route.model_version)
+    body = await call.body()
+    encoding = call.header(b"content-encoding")
+    if encoding is not None:
+        body = _inflate(body, encoding, call.settings.max_request_bytes)
     try:
         parsed = parse_infer_request(
-            body, request.headers.get(HEADER_LENGTH), accepted_datatypes=NUMERIC_DATATYPES
+            body, call.header(_HEADER_LENGTH_KEY), accepted_datatypes=NUMERIC_DATATYPES
         )
     except V2ProtocolError as exc:
         raise BadRequest(str(exc)) from None
     prepared = v2_core.prepare_infer(model, parsed)
-    results = await until_disconnected(request, _answer(prepared))
+    results = await call.answer(prepared.submit())
     encoded = encode_infer_response(
         model_name=model.name,
         model_version=str(model.version),
         request_id=parsed.id,
         outputs=prepared.outputs(results),
     )
-    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
-
-
-async def _answer(prepared: v2_core.PreparedInfer) -> v2_core.Answer:
-    return await prepared.submit()
+    headers = (
+        [] if encoded.header_length is None else [(_HEADER_LENGTH_KEY, str(encoded.header_length).encode())]
+    )
+    return Answered(encoded.body, encoded.media_type, headers)
