@@ -10,6 +10,9 @@ future; one loop task forms batches and runs them in a worker thread. Invariants
   model. The delay applies only to requests that arrived while a batch was running — traffic
   dense enough that waiting fills the next batch. `run_when_idle=False` is Triton's rule: every
   partial batch waits out the delay;
+- while a batch runs, a full next batch is staged behind it in the model thread (at most one), so
+  the model goes from batch to batch without waiting for the event loop; a partial batch waits
+  for the model to be free (it fills meanwhile). Answers come back in batch order;
 - a request larger than the room left in a batch is split; its parts are re-joined in order;
 - the model must return exactly one result per input row (checked; otherwise the batch fails);
 - a request still queued at its deadline is dropped before it runs (DeadlineExceeded) and a
@@ -142,7 +145,7 @@ class DynamicBatcher:
         self._queued_requests = 0
         self._queued_rows = 0
         self._in_flight = 0
-        self._running = False  # a batch is in the model now
+        self._executions: set[asyncio.Future[None]] = set()  # batches in the model thread, at most 2
         self._drain_rows_per_s = 0.0  # rows per second the model clears while running (EWMA)
         self._batches = 0
         self._rows_run = 0
@@ -271,9 +274,19 @@ class DynamicBatcher:
                 self._drop_dead_head()
                 if not self._queue:
                     if self._stopping:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
+                        break
+                    await self._sleep_until_woken()
+                    continue
+                if self._executions:
+                    # A batch is in the model. A full next batch (or any, when stopping) is staged
+                    # behind it at once, so the model goes from batch to batch without waiting for
+                    # this loop to come round — under overload the loop is slow to (issue 13). A
+                    # partial batch waits for the model to be free, and fills meanwhile.
+                    staged = len(self._executions) > 1
+                    if not staged and (self._queued_rows >= self._max_batch or self._stopping):
+                        self._start(self._take_batch())
+                    else:
+                        await self._sleep_until_woken()
                     continue
                 head = self._queue[0]
                 if self._run_when_idle and not head.arrived_busy:
@@ -290,13 +303,9 @@ class DynamicBatcher:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), remaining)
-                batch = self._take_batch()
-                if batch:
-                    self._running = True
-                    try:
-                        await self._execute(batch)
-                    finally:
-                        self._running = False
+                self._start(self._take_batch())
+            while self._executions:  # stopping: the last batches finish before the loop returns
+                await asyncio.wait(set(self._executions))
         except BaseException:
             logger.exception("batch loop of model %s stopped unexpectedly", self.name)
             raise
@@ -304,10 +313,33 @@ class DynamicBatcher:
             # Normally the queue is empty here (stop() drained it). If the loop was cancelled or
             # broke, refuse new work and settle everything left so no caller waits forever.
             self._accepting = False
+            for execution in self._executions:
+                execution.cancel()  # its batch's requests are failed as it unwinds
             for request in self._queue:
                 self._unqueue(request)
                 request.fail(ModelUnavailable(f"model {self.name!r} stopped before this request ran"))
             self._queue.clear()
+
+    async def _sleep_until_woken(self) -> None:
+        self._wake.clear()
+        await self._wake.wait()
+
+    def _start(self, batch: list[tuple[_Request, int, int]]) -> None:
+        """Run `batch` (in the model thread, behind any batch already there)."""
+        if not batch:
+            return
+        execution = asyncio.ensure_future(self._execute(batch))
+        self._executions.add(execution)
+        execution.add_done_callback(self._execution_done)
+
+    def _execution_done(self, execution: asyncio.Future[None]) -> None:
+        self._executions.discard(execution)
+        self._wake.set()
+
+    @property
+    def _running(self) -> bool:
+        """A batch is in the model (or staged behind one)."""
+        return bool(self._executions)
 
     def _drop_dead_head(self) -> None:
         while self._queue and not self._queue[0].queued:
@@ -337,6 +369,13 @@ class DynamicBatcher:
         self._publish_state()
         return batch
 
+    def _timed_run(self, inputs: NDArray[np.float32]) -> tuple[Mapping[str, NDArray[np.generic]], float]:
+        """The model run and its duration, both in the model thread (a staged batch's wait for the
+        batch ahead of it is not compute time)."""
+        t0 = time.perf_counter()
+        outputs = self._run(inputs)
+        return outputs, time.perf_counter() - t0
+
     async def _execute(self, batch: list[tuple[_Request, int, int]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -344,9 +383,8 @@ class DynamicBatcher:
         parts = [req.rows[a:b] for req, a, b in batch]
         inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
         n = int(inputs.shape[0])
-        t0 = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_run, inputs)
             bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != n}
             if bad or not outputs:
                 raise ModelRunError(
@@ -368,8 +406,7 @@ class DynamicBatcher:
             for request, _, _ in batch:
                 request.fail(ModelUnavailable(f"model {self.name!r} stopped while this request ran"))
             raise
-        compute_s = time.perf_counter() - t0
-        rate = n / max(loop.time() - started, 1e-6)
+        rate = n / max(compute_s, 1e-6)
         self._drain_rows_per_s = rate if not self._batches else 0.8 * self._drain_rows_per_s + 0.2 * rate
         self._batches += 1
         self._rows_run += n

@@ -219,3 +219,52 @@ async def test_retry_after_follows_the_drain_rate() -> None:
     assert int(error.headers["Retry-After"]) == batcher.retry_after_s()
     await batcher.stop()
     await asyncio.gather(*pending)
+
+
+class GatedModel(RecordingModel):
+    """Holds its first batch until `release` is set; records when each batch started (monotonic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.started: list[float] = []
+
+    def __call__(self, rows: NDArray[np.float32]) -> Mapping[str, NDArray[np.generic]]:
+        self.started.append(time.monotonic())
+        if len(self.started) == 1:
+            self.release.wait(10)
+        return super().__call__(rows)
+
+
+async def test_a_full_batch_is_staged_behind_the_running_one() -> None:
+    """The model goes from batch to batch without waiting for the event loop: the second full batch
+    starts while the loop is still blocked, right after the first one returns."""
+    model = GatedModel()
+    batcher, _ = make(model, max_batch_size=8, max_delay_s=5.0)
+    await batcher.start()
+    first = batcher.submit(rows(0, 8))
+    await asyncio.sleep(0.05)  # the first batch is in the model now, held
+    second = batcher.submit(rows(8, 8))  # full: staged behind it
+    await asyncio.sleep(0.05)
+    model.release.set()
+    time.sleep(0.3)  # the event loop is blocked: nothing it does could start the next batch
+    loop_back = time.monotonic()
+    outs = await asyncio.gather(first, second)
+    assert model.batches == [8, 8]
+    assert model.started[1] < loop_back  # it started while the loop was blocked
+    np.testing.assert_array_equal(outs[1]["rows"], rows(8, 8))
+    await batcher.stop()
+
+
+async def test_a_partial_batch_waits_for_the_model_and_fills_meanwhile() -> None:
+    model = GatedModel()
+    batcher, _ = make(model, max_batch_size=8, max_delay_s=0.01)
+    await batcher.start()
+    first = batcher.submit(rows(0, 8))
+    await asyncio.sleep(0.05)
+    later = [batcher.submit(rows(8 + i, 1)) for i in range(3)]  # 3 rows, past their 10 ms delay
+    await asyncio.sleep(0.05)
+    model.release.set()
+    await asyncio.gather(first, *later)
+    assert model.batches == [8, 3]  # one batch of the three, not three staged singletons
+    await batcher.stop()
