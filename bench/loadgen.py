@@ -47,9 +47,10 @@ def wrk_binary() -> str:
     return path
 
 
-def v2_body(rows: np.ndarray, input_name: str = "input") -> bytes:
-    """A V2 JSON infer request for `rows` (n, *row_shape); no `outputs`: every default output."""
-    request = {
+def v2_body(rows: np.ndarray, input_name: str = "input", outputs: tuple[str, ...] | None = None) -> bytes:
+    """A V2 JSON infer request for `rows` (n, *row_shape); no `outputs` (the default): every
+    default output; else those named."""
+    request: dict[str, object] = {
         "inputs": [
             {
                 "name": input_name,
@@ -59,6 +60,8 @@ def v2_body(rows: np.ndarray, input_name: str = "input") -> bytes:
             }
         ]
     }
+    if outputs is not None:
+        request["outputs"] = [{"name": name} for name in outputs]
     return json.dumps(request).encode()
 
 

@@ -15,9 +15,13 @@ from sklearn.metrics import roc_curve
 METHOD_COLORS = {"ensemble": "#1f77b4", "kd": "#ff7f0e", "hydra": "#2ca02c"}
 CONFIG_COLORS = {
     "hydra": "#2ca02c",
+    "hydra-lean": "#98df8a",
     "hydra-b1": "#9467bd",
     "hydra-delay": "#1f77b4",
     "triton": "#d62728",
+    "triton-lean": "#ff9896",
+    "ceiling-asgi": "#17becf",
+    "ceiling-fastapi": "#bcbd22",
     "ceiling": "#7f7f7f",
 }
 LINESTYLES = ["-", "--", ":", "-."]

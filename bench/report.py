@@ -731,7 +731,12 @@ def server_section(
         f"python3.11 venv), dynamic batcher with the same max batch and delay, its Python backend running the same "
         "ONNX graph in ONNX Runtime and the same `service.inference` answer code; (d) in-process ORT on `model.onnx` "
         "at the batch the cell could form, min(rows × clients, max batch). Latencies are wrk's, per request. "
-        "`batch` is the mean rows per model run during the cell (from each server's own counters).",
+        "`batch` is the mean rows per model run during the cell (from each server's own counters). "
+        f'"four outputs": the same request naming {", ".join(s.get("lean_outputs", []))} in `outputs`, so both '
+        "servers encode the same answer (Triton's full answer carries BYTES label names and float32 printed as "
+        "doubles). (e) / (f): no model at all — a bare ASGI app on the same uvicorn (httptools, uvloop) that "
+        "parses the body with orjson and answers our server's four-output answer bytes, and the same as a FastAPI "
+        "route (`bench/ceilings.py`): the web stack's floor on this machine.",
         "",
     ]
     configs = s["configs"]
@@ -776,7 +781,7 @@ def server_section(
                             f"{cell['p50_ms']:.1f}",
                             f"{cell['p99_ms']:.1f}",
                             str(cell["errors"]),
-                            str(cell["mean_batch_rows"]),
+                            "—" if cell["mean_batch_rows"] is None else str(cell["mean_batch_rows"]),
                             f"{cell.get('bytes_per_response', 0):,.0f}",
                             f"{d:,.0f} (b={cell['ceiling_batch']})",
                             f"{100 * cell['rows_per_s'] / d:.1f}%",
@@ -828,31 +833,62 @@ def grpc_section(g: dict[str, Any] | None) -> str:
         "counting the streams h2load resets (CANCELLED) when its timed warm-up and run end.",
         "",
     ]
-    header = ["rows/request", "protocol", "rows/s", "req/s", "p50 ms", "p99 ms", "errors", "client CPU µs/req",
-              "server CPU µs/req"]
+    header = [
+        "rows/request",
+        "protocol",
+        "rows/s",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "client CPU µs/req",
+        "server CPU µs/req",
+    ]
     rows = []
     for n, cells in g["cells"].items():
         for protocol in ("v2_json", "v2_binary", "grpc"):
             c = cells[protocol]
             errors = c.get("grpc_non_ok", c.get("errors", 0) + c.get("non_2xx", 0) + c.get("http_failed", 0))
-            rows.append([n, GRPC_LABELS[protocol], f"{c['rows_per_s']:,.0f}", f"{c['requests_per_s']:,.0f}",
-                         f"{c['p50_ms']:.1f}", f"{c['p99_ms']:.1f}", f"{errors:.0f}",
-                         f"{c['client_cpu_us_per_request']:.0f}", f"{c['server_cpu_us_per_request']:.0f}"])
+            rows.append(
+                [
+                    n,
+                    GRPC_LABELS[protocol],
+                    f"{c['rows_per_s']:,.0f}",
+                    f"{c['requests_per_s']:,.0f}",
+                    f"{c['p50_ms']:.1f}",
+                    f"{c['p99_ms']:.1f}",
+                    f"{errors:.0f}",
+                    f"{c['client_cpu_us_per_request']:.0f}",
+                    f"{c['server_cpu_us_per_request']:.0f}",
+                ]
+            )
     out += [_table(header, rows), ""]
     ratio_rows = [
-        [n, f"{c['ratios']['grpc_over_v2_json']:.2f}×", f"{c['ratios']['grpc_over_v2_binary']:.2f}×",
-         f"{c['ratios']['v2_binary_over_v2_json']:.2f}×"]
+        [
+            n,
+            f"{c['ratios']['grpc_over_v2_json']:.2f}×",
+            f"{c['ratios']['grpc_over_v2_binary']:.2f}×",
+            f"{c['ratios']['v2_binary_over_v2_json']:.2f}×",
+        ]
         for n, c in g["cells"].items()
     ]
-    out += [_table(["rows/request", "gRPC ÷ V2 JSON", "gRPC ÷ V2 binary", "V2 binary ÷ V2 JSON"], ratio_rows), ""]
+    out += [
+        _table(["rows/request", "gRPC ÷ V2 JSON", "gRPC ÷ V2 binary", "V2 binary ÷ V2 JSON"], ratio_rows),
+        "",
+    ]
     ceiling_rows = []
     for n, c in g["ceiling"].items():
         h = g.get("http_ceiling", {}).get(n)
         ceiling_rows.append(
-            [n, f"{c['requests_per_s']:,.0f}", f"{c['client_cpu_us_per_request']:.0f}",
-             f"{g['cells'][n]['grpc']['requests_per_s'] / c['requests_per_s']:.0%}",
-             f"{h['requests_per_s']:,.0f}" if h else "-", f"{h['client_cpu_us_per_request']:.0f}" if h else "-",
-             f"{g['cells'][n]['v2_json']['requests_per_s'] / h['requests_per_s']:.0%}" if h else "-"]
+            [
+                n,
+                f"{c['requests_per_s']:,.0f}",
+                f"{c['client_cpu_us_per_request']:.0f}",
+                f"{g['cells'][n]['grpc']['requests_per_s'] / c['requests_per_s']:.0%}",
+                f"{h['requests_per_s']:,.0f}" if h else "-",
+                f"{h['client_cpu_us_per_request']:.0f}" if h else "-",
+                f"{g['cells'][n]['v2_json']['requests_per_s'] / h['requests_per_s']:.0%}" if h else "-",
+            ]
         )
     out += [
         "Ceilings, same run: the same requests against servers that answer the captured answer bytes and do "
@@ -860,8 +896,18 @@ def grpc_section(g: dict[str, Any] | None) -> str:
         "HTTP = uvicorn + a FastAPI route, as ours, driven by wrk. They bound what each transport and its "
         "load generator can carry on this machine, and show the load generator is not the bottleneck:",
         "",
-        _table(["rows/request", "gRPC echo req/s", "h2load CPU µs/req", "ours gRPC ÷ echo",
-                "HTTP echo req/s", "wrk CPU µs/req", "ours V2 JSON ÷ echo"], ceiling_rows),
+        _table(
+            [
+                "rows/request",
+                "gRPC echo req/s",
+                "h2load CPU µs/req",
+                "ours gRPC ÷ echo",
+                "HTTP echo req/s",
+                "wrk CPU µs/req",
+                "ours V2 JSON ÷ echo",
+            ],
+            ceiling_rows,
+        ),
         "",
     ]
     one = g["cells"].get("1")
@@ -885,9 +931,13 @@ def grpc_section(g: dict[str, Any] | None) -> str:
 
 LABELS = {
     "hydra": "(a) ours, batching",
+    "hydra-lean": "(a) ours, four outputs",
     "hydra-b1": "(b) ours, batch 1",
     "hydra-delay": "(a') ours, Triton's delay rule",
     "triton": "(c) Triton",
+    "triton-lean": "(c) Triton, four outputs",
+    "ceiling-asgi": "(e) bare ASGI ceiling",
+    "ceiling-fastapi": "(f) FastAPI-route ceiling",
 }
 
 

@@ -1,6 +1,7 @@
 """Start the servers under test as separate processes on a free loopback port.
 
 - `hydra_server`: `python -m service` (uvicorn, our settings as flags), one model repository.
+- `ceiling_server`: `python -m bench.ceilings` (bare ASGI or a FastAPI route answering fixed bytes).
 - `triton_server`: bench/triton_server.py under `.venv-triton` (Debian python3.11 + nvidia-pytriton).
 Both yield (base URL, pid) once the model answers ready, and are stopped with SIGTERM.
 """
@@ -121,6 +122,23 @@ def hydra_server(
         "0",  # HTTP only here; `python -m bench grpc` (bench/grpc.py) runs the gRPC comparison
     ]
     return running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
+
+
+def ceiling_server(
+    kind: str, model: str, answers: dict[int, Path], *, log: Path
+) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    """`bench.ceilings` (kind `asgi` or `fastapi`): `answers[rows]` to each request of that many rows."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.ceilings",
+        kind,
+        str(port),
+        *(f"{rows}={path}" for rows, path in sorted(answers.items())),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
+    return running(cmd, env, f"http://127.0.0.1:{port}", model, log, 60)
 
 
 def triton_python() -> Path:
