@@ -224,12 +224,16 @@ def server(
     max_batch_size: int = 64,
     max_queue_delay_ms: float = 2.0,
     configs: Annotated[
-        str, typer.Option(help="comma-separated: hydra,hydra-b1,hydra-delay,triton")
-    ] = "hydra,hydra-b1,hydra-delay,triton",
+        str,
+        typer.Option(
+            help="comma-separated: hydra,hydra-lean,hydra-b1,hydra-delay,triton,triton-lean,"
+            "ceiling-asgi,ceiling-fastapi"
+        ),
+    ] = "hydra,hydra-lean,hydra-b1,hydra-delay,triton,triton-lean,ceiling-asgi,ceiling-fastapi",
     output: Annotated[str, typer.Option(help="results name (gpu_server on GPU)")] = "server",
     provider: Annotated[str, typer.Option(help="ORT execution provider")] = "CPUExecutionProvider",
 ) -> None:
-    """Part 3: our server (batching on/off) vs Triton vs the in-process ceiling, under wrk load."""
+    """Part 3: our server (batching on/off) vs Triton vs the web stack's and ORT's ceilings, under wrk load."""
     from bench import plots
     from bench.loadgen import wrk_binary
     from bench.server import run_server
