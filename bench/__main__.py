@@ -233,7 +233,7 @@ def server(
     output: Annotated[str, typer.Option(help="results name (gpu_server on GPU)")] = "server",
     provider: Annotated[str, typer.Option(help="ORT execution provider")] = "CPUExecutionProvider",
 ) -> None:
-    """Part 3: our server (batching on/off) vs Triton vs the web stack's and ORT's ceilings, under wrk load."""
+    """Part 3: our server (batching on/off) vs Triton vs the web stack's and ORT's ceilings, under wrk."""
     from bench import plots
     from bench.loadgen import wrk_binary
     from bench.server import run_server
