@@ -33,10 +33,8 @@ def _probe(host: str, port: int, request: bytes, timeout_s: float = 10.0) -> tup
                 data += chunk
             head, _, rest = data.partition(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
-            length = next(
-                (int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length"),
-                0,
-            )
+            fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            length = int(fields.get("content-length", "0"))
             while len(rest) < length:
                 chunk = sock.recv(65536)
                 if not chunk:
