@@ -3,7 +3,7 @@
 Under overload a refusal must be cheap, or refusing costs as much as answering and goodput
 collapses (measured: 1,600 → 41 served requests/s once the queue filled, issue 13). So for
 `POST /v2/models/{name}[/versions/{v}]/infer` and `POST /v1/models/{name}:predict`, before a
-byte of the body is read:
+byte of the body is read (`service.routes.infer.InferenceEdge` asks `Admission.refusal`):
 
 - when the model's batch queue is full, answer 503 with `Retry-After` from the queue's drain rate;
 - close the refused connection (`Connection: close`): a client that resends at once must connect
@@ -13,12 +13,10 @@ byte of the body is read:
   `max_queue_size + max_batch_size` (a full queue plus one batch in the model), so thousands of
   connections cannot each have their body read and parsed only to be refused at the queue.
 
-Everything else (unknown models, bad keys, other routes) passes through to the routes, which give
-their usual answers; the refusal is the same `{"error"}` 503 the queue itself gives. It sits
-outside the metrics and body-limit middleware (only CORS is outside it) and writes its two ASGI
-messages itself, so a refusal costs a header parse and a dict lookup; it is counted in
-`hydra_requests_total` / `hydra_request_duration_seconds` under the route's template and in
-`hydra_rejected_requests_total` under its reason.
+Unknown models pass (the route answers 404); the refusal is the same `{"error"}` 503 the queue
+itself gives, written as two ASGI messages, so it costs a header parse and a dict lookup. Also
+here: `infer_route` (which paths are inference routes, and their metrics template) and the API-key
+check the edge makes before admitting.
 """
 
 from __future__ import annotations
