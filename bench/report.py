@@ -784,7 +784,8 @@ def server_section(
                             "—" if cell["mean_batch_rows"] is None else str(cell["mean_batch_rows"]),
                             f"{cell.get('bytes_per_response', 0):,.0f}",
                             f"{d:,.0f} (b={cell['ceiling_batch']})",
-                            f"{100 * cell['rows_per_s'] / d:.1f}%",
+                            # the web-stack ceilings run no model: a share of ORT's rate says nothing
+                            "—" if cfg.startswith("ceiling") else f"{100 * cell['rows_per_s'] / d:.1f}%",
                         ]
                     )
             out += [f"**{n_rows}-row requests**", "", _table(header, rows), ""]

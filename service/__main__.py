@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         lifespan="on",
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        backlog=settings.listen_backlog,
         access_log=False,
     )
     server = DrainingServer(config)
