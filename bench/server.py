@@ -347,7 +347,7 @@ def targets(rows: list[dict[str, Any]], workload: str) -> list[dict[str, Any]]:
                     }
                 )
     lean, route, bare = (_find(rows, cfg, 1, 32) for cfg in ("hydra-lean", "ceiling-fastapi", "ceiling-asgi"))
-    if lean and route:
+    if lean and route and workload == "digits":  # the per-request-bound model; the wide one is ORT-bound
         share = lean["requests_per_s"] / route["requests_per_s"]
         versus_bare = (
             f"; {100 * lean['requests_per_s'] / bare['requests_per_s']:.0f}% of bare ASGI" if bare else ""
