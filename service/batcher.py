@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from service.batch_request import Outputs, QueuedRequest
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull, ServiceError
 
 logger = logging.getLogger(__name__)
 
-Outputs = dict[str, NDArray[np.generic]]
 RunFn = Callable[[NDArray[np.float32]], Mapping[str, NDArray[np.generic]]]
 
 
@@ -67,53 +67,6 @@ class BatcherStats:
     max_batch_rows: int
     queued_requests: int
     queued_rows: int
-
-
-class _Request:
-    __slots__ = (
-        "arrived_busy",
-        "cursor",
-        "done_rows",
-        "enqueued_at",
-        "future",
-        "n",
-        "parts",
-        "queued",
-        "rows",
-        "timer",
-    )
-
-    def __init__(
-        self, rows: NDArray[np.float32], future: asyncio.Future[Outputs], now: float, arrived_busy: bool
-    ) -> None:
-        self.rows = rows
-        self.arrived_busy = arrived_busy  # a batch was running when it arrived
-        self.n = int(rows.shape[0])
-        self.future = future
-        self.enqueued_at = now
-        self.cursor = 0  # rows already handed to a batch
-        self.done_rows = 0  # rows whose results came back
-        self.parts: list[tuple[int, Outputs]] = []
-        self.queued = True  # still holds a queue slot (not fully taken, expired or cancelled)
-        self.timer: asyncio.TimerHandle | None = None
-
-    def deliver(self, start: int, part: Outputs) -> None:
-        if self.future.done():  # cancelled by its client, or failed by another part's batch
-            return
-        self.parts.append((start, part))
-        self.done_rows += next(iter(part.values())).shape[0]
-        if self.done_rows < self.n:
-            return
-        if len(self.parts) == 1:
-            self.future.set_result(part)
-            return
-        self.parts.sort(key=lambda p: p[0])
-        keys = self.parts[0][1].keys()
-        self.future.set_result({k: np.concatenate([p[k] for _, p in self.parts]) for k in keys})
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
 
 
 class DynamicBatcher:
@@ -141,7 +94,7 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._on_reject = on_reject
         self._on_state = on_state  # (queued rows, requests in flight)
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[QueuedRequest] = deque()
         self._queued_requests = 0
         self._queued_rows = 0
         self._in_flight = 0
@@ -220,7 +173,7 @@ class DynamicBatcher:
             raise self.queue_full()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
-        request = _Request(rows, future, loop.time(), self._running)
+        request = QueuedRequest(rows, future, loop.time(), self._running)
         if timeout_s is not None:
             request.timer = loop.call_later(timeout_s, self._expire, request, timeout_s)
         future.add_done_callback(functools.partial(self._settled, request))
@@ -232,7 +185,7 @@ class DynamicBatcher:
         self._wake.set()
         return future
 
-    def _unqueue(self, request: _Request) -> None:
+    def _unqueue(self, request: QueuedRequest) -> None:
         if request.queued:
             request.queued = False
             self._queued_requests -= 1
@@ -241,7 +194,7 @@ class DynamicBatcher:
             request.timer.cancel()
             request.timer = None
 
-    def _expire(self, request: _Request, timeout_s: float) -> None:
+    def _expire(self, request: QueuedRequest, timeout_s: float) -> None:
         if not request.queued or request.cursor > 0 or request.future.done():
             return  # already (partly) running: let it finish
         self._unqueue(request)
@@ -253,7 +206,7 @@ class DynamicBatcher:
             )
         )
 
-    def _settled(self, request: _Request, _: asyncio.Future[Outputs]) -> None:
+    def _settled(self, request: QueuedRequest, _: asyncio.Future[Outputs]) -> None:
         self._in_flight -= 1
         if request.future.cancelled() and request.queued:
             # the client went away before its rows ran: free its slot, never run it
@@ -324,7 +277,7 @@ class DynamicBatcher:
         self._wake.clear()
         await self._wake.wait()
 
-    def _start(self, batch: list[tuple[_Request, int, int]]) -> None:
+    def _start(self, batch: list[tuple[QueuedRequest, int, int]]) -> None:
         """Run `batch` (in the model thread, behind any batch already there)."""
         if not batch:
             return
@@ -345,8 +298,8 @@ class DynamicBatcher:
         while self._queue and not self._queue[0].queued:
             self._queue.popleft()
 
-    def _take_batch(self) -> list[tuple[_Request, int, int]]:
-        batch: list[tuple[_Request, int, int]] = []
+    def _take_batch(self) -> list[tuple[QueuedRequest, int, int]]:
+        batch: list[tuple[QueuedRequest, int, int]] = []
         room = self._max_batch
         while self._queue and room > 0:
             request = self._queue[0]
@@ -376,7 +329,7 @@ class DynamicBatcher:
         outputs = self._run(inputs)
         return outputs, time.perf_counter() - t0
 
-    async def _execute(self, batch: list[tuple[_Request, int, int]]) -> None:
+    async def _execute(self, batch: list[tuple[QueuedRequest, int, int]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         waits = np.array([started - req.enqueued_at for req, _, _ in batch], dtype=np.float64)

@@ -18,7 +18,8 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from service import inference
-from service.batcher import BatcherStats, BatchReport, DynamicBatcher, Outputs
+from service.batch_request import Outputs
+from service.batcher import BatcherStats, BatchReport, DynamicBatcher
 from service.errors import BadRequest, ModelLoadError
 from service.manifest import MANIFEST_FILENAME, ModelManifest
 from service.metrics import ServiceMetrics
