@@ -138,7 +138,7 @@ class Settings(BaseSettings):
             "Connections the kernel holds for the server before it accepts them (uvicorn's backlog). "
             "Small (e.g. 64): under overload, clients that reconnect at once after a refusal wait in "
             "the kernel (SYN retry) instead of costing the event loop a refusal each — measured with "
-            "1,500 resending clients: goodput 40–78 % → 77–86 % of capacity, 0 refusals "
+            "1,500 resending clients: goodput from 40–78 to 77–86 per cent of capacity, 0 refusals "
             "(docs/RELIABILITY.md); the cost is a connect delay for bursts of new connections beyond it."
         ),
     )
