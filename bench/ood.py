@@ -222,7 +222,7 @@ def _row(name: str, cfg: Any, report: dict[str, Any], oracle: bool, package: Pat
 def run_ood(plan: OODPlan, root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     from bench.suites import SUITES, write_csv
     from training.config import DataConfig
-    from training.pipeline import make_config
+    from training.presets import make_config
 
     jobs: list[tuple[str, Any, Path, Path]] = []
     epochs = dict(plan.builtin_epochs)

@@ -377,7 +377,8 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
 def run_suites(plan: SuitePlan, root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every (suite, dataset, seed) through `training.pipeline.run_all` on a CSV, as `--data` does."""
     from training.config import DataConfig
-    from training.pipeline import make_config, run_all
+    from training.pipeline import run_all
+    from training.presets import make_config
 
     runs = []
     for suite in plan.suites:

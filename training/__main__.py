@@ -27,13 +27,13 @@ from training.data import BUILTIN_DATASETS
 from training.distributed import from_main, is_main, process_group
 from training.pipeline import (
     load_task_data,
-    make_config,
     run_all,
     stage_distil,
     stage_evaluate,
     stage_export,
     stage_teachers,
 )
+from training.presets import make_config
 from training.report import results_table
 
 StrictOption = Annotated[

@@ -1,11 +1,21 @@
 """Per-dataset presets: the network shape and schedules each built-in dataset was measured with,
-and the `file` preset every `--data` table gets (docs/TRAINING.md). Plain values, no logic."""
+and the `file` preset every `--data` table gets (docs/TRAINING.md); `make_config` is a run's
+`RunConfig`: its dataset's preset with the CLI's overrides applied."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from training.config import ArchConfig, DistilConfig, TeacherConfig
+from training.config import (
+    ArchConfig,
+    DataConfig,
+    DistilConfig,
+    ExternalTeachersConfig,
+    RunConfig,
+    TeacherConfig,
+)
 
 # Per-dataset architecture and schedules (measured; docs/TRAINING.md). Distillation uses the
 # one default recipe (DistilConfig's defaults) everywhere but the two regression toys' schedules.
@@ -47,3 +57,53 @@ STUDENT_BODIES = {
     "cnn1d": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
     "cnn2d": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
 }
+
+
+def make_config(
+    data: DataConfig,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    members: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int = 1,
+    epochs: int | None = None,
+    smoke: bool = False,
+    student_width: float | None = None,
+    external: ExternalTeachersConfig | None = None,
+    arch_kind: str | None = None,
+) -> RunConfig:
+    preset = PRESETS[data.dataset]
+    arch: ArchConfig = preset["arch"]
+    if arch_kind is not None:
+        if arch_kind not in STUDENT_BODIES:
+            raise ValueError(f"--arch must be one of {sorted(STUDENT_BODIES)}, got {arch_kind!r}")
+        arch = STUDENT_BODIES[arch_kind]
+    teacher = replace(preset["teacher"], members=members)
+    dc: DistilConfig = preset["distil"]
+    if student_width is not None:
+        dc = replace(dc, student_width=student_width)
+    if epochs is not None:  # one override for every stage's epoch count
+        teacher = replace(teacher, epochs=epochs)
+        dc = replace(dc, phase1_epochs=epochs, phase2_epochs=epochs)
+    if smoke:
+        data = replace(data, max_train_rows=256)
+        teacher = replace(teacher, members=min(members, 3), epochs=2)
+        dc = replace(
+            dc, phase1_epochs=2, phase2_epochs=2, mixup_copies=1, noise_copies=1, far_copies=1, shift_copies=0
+        )
+    if name is None:
+        name = Path(data.path).stem if data.dataset == "file" and data.path else data.dataset
+    return RunConfig(
+        name=name,
+        version=version,
+        seed=seed,
+        device=device,
+        threads=threads,
+        data=data,
+        arch=arch,
+        teacher=teacher,
+        distil=dc,
+        external=external or ExternalTeachersConfig(),
+    )
