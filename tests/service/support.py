@@ -38,17 +38,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import LedoitWolf
 
-from service import inference
 from service.manifest import ModelManifest
-from service.uncertainty import (
-    DENSITY_SCORE,
-    INPUT_DENSITY_SCORE,
-    CombinedOODScore,
-    ConformalOODCalibrator,
-    LogScaleNormaliser,
-    classification_uncertainty,
-    regression_uncertainty,
-)
+from tests import oracle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPSET = 17
@@ -169,7 +160,7 @@ def with_density(model: onnx.ModelProto, fit_rows: np.ndarray) -> onnx.ModelProt
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     if graph.output[0].name == "log_probs":
         (log_probs,) = session.run(["log_probs"], {"input": fit_rows})
-        groups = classification_uncertainty(log_probs).label
+        groups = oracle.classification(log_probs)["label"]
     else:
         groups = np.zeros(len(body), dtype=np.int64)
     present = np.unique(groups)
@@ -265,7 +256,7 @@ def write_model(
     graph = RawModel(model)
     calib = calibration_inputs(task)
     if task == "classification":
-        scores = classification_uncertainty(graph.raw(calib)["log_probs"]).mutual_information
+        scores = oracle.classification(graph.raw(calib)["log_probs"])["mutual_information"]
         features = CLF_FEATURES
         extra: dict[str, Any] = {
             "labels": ["setosa", "versicolor", "virginica"],
@@ -278,7 +269,7 @@ def write_model(
         }
     else:
         raw = graph.raw(calib)
-        scores = regression_uncertainty(raw["mean"], raw["variance"]).epistemic_variance
+        scores = oracle.regression(raw["mean"], raw["variance"])["epistemic_variance"]
         features = REG_FEATURES
         extra = {
             "feature_names": list(REG_FEATURE_NAMES),
@@ -319,49 +310,30 @@ def combined_ood(
     model: RawModel, task: Literal["classification", "regression"], head_score: str, calib: np.ndarray
 ) -> dict[str, Any]:
     """The `ood` fields of a combined score: components fitted on `normaliser_inputs`, calibration
-    scores = the combined statistic on `calib` (another split), both with service.uncertainty."""
+    scores = the combined statistic on `calib` (another split), both with the test oracle."""
     reference = component_scores(model.raw(normaliser_inputs(task)), head_score)
-    normalisers = [
-        LogScaleNormaliser.fit(score, values, tails=COMPONENT_TAILS.get(score, "upper"))
+    components = [
+        oracle.fit_component(score, values, tails=COMPONENT_TAILS.get(score, "upper"))
+        | {"fitted_on": "test-normaliser"}
         for score, values in reference.items()
     ]
-    combined = CombinedOODScore(normalisers)(component_scores(model.raw(calib), head_score))
-    return {
-        "score": "combined",
-        "combination": CombinedOODScore.RULE,
-        "components": [
-            {
-                "score": c.score,
-                "log_median": c.log_median,
-                "log_iqr": c.log_iqr,
-                "tails": c.tails,
-                **(
-                    {"log_lower_scale": c.log_lower_scale, "log_upper_scale": c.log_upper_scale}
-                    if c.tails == "both"
-                    else {}
-                ),
-                "fitted_on": "test-normaliser",
-            }
-            for c in normalisers
-        ],
-        "calibration_scores": sorted(combined.tolist()),
-    }
+    ood = {"score": "combined", "combination": "sum_pos_log_z", "components": components}
+    combined = oracle.ood_score(ood, component_scores(model.raw(calib), head_score))
+    return ood | {"calibration_scores": sorted(combined.tolist())}
 
 
 # Input typicality is unusual both ways (too far from the training mean, or too close to it).
-COMPONENT_TAILS: dict[str, Literal["upper", "both"]] = {INPUT_DENSITY_SCORE: "both"}
+COMPONENT_TAILS: dict[str, Literal["upper", "both"]] = {"input_density": "both"}
 
 
 def component_scores(raw: dict[str, np.ndarray], head_score: str) -> dict[str, np.ndarray]:
     """{head_score: per-row uncertainty score, "density", "input_density": the graph's own scores
     (those it has)}, float64, in the manifest's component order."""
     if "log_probs" in raw:
-        head = classification_uncertainty(raw["log_probs"]).score(head_score)
+        head = oracle.classification(raw["log_probs"])[head_score]
     else:
-        head = regression_uncertainty(raw["mean"], raw["variance"]).score(head_score)
-    graph = {
-        n: np.asarray(raw[n], dtype=np.float64) for n in (DENSITY_SCORE, INPUT_DENSITY_SCORE) if n in raw
-    }
+        head = oracle.regression(raw["mean"], raw["variance"])[head_score]
+    graph = {n: np.asarray(raw[n], dtype=np.float64) for n in oracle.GRAPH_SCORES if n in raw}
     return {head_score: head} | graph
 
 
@@ -397,39 +369,24 @@ class RawModel:
 
 
 class ReferenceModel:
-    """In-process answers for a model directory: direct ORT run + service.inference, no server."""
+    """In-process answers for a model directory: a direct ORT run + the independent `tests.oracle`."""
 
     def __init__(self, directory: Path) -> None:
-        self.manifest = ModelManifest.load(directory)
+        self.manifest = ModelManifest.load(directory)  # for contract checks (names, shapes)
+        self.spec = oracle.read_manifest(directory)  # what the oracle reads: plain JSON
         self.session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.calibrator = ConformalOODCalibrator(self.manifest.ood.calibration_scores)
 
     def raw(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The graph outputs the manifest names, by role (`log_probs` | `mean`, `variance`; `density`,
         `input_density`)."""
-        names = self.manifest.outputs
-        roles = {
-            "log_probs": names.log_probs,
-            "mean": names.mean,
-            "variance": names.variance,
-            "density": names.density,
-            "input_density": names.input_density,
-        }
-        wanted = {role: name for role, name in roles.items() if name is not None}
+        wanted = {role: name for role, name in self.spec["outputs"].items() if name is not None}
         values = self.session.run(list(wanted.values()), {"input": np.asarray(rows, dtype=np.float32)})
         return dict(zip(wanted, values, strict=True))
 
     def answer(
         self, rows: np.ndarray, *, alpha: float | None = None, level: float = 0.95, heads: bool = False
     ) -> dict[str, np.ndarray]:
-        summary = inference.summarise(self.manifest, self.calibrator, self.raw(rows))
-        return inference.finalise(
-            self.manifest,
-            summary,
-            alpha=self.manifest.ood.default_alpha if alpha is None else alpha,
-            level=level,
-            include_heads=heads,
-        )
+        return oracle.answer(self.spec, self.raw(rows), alpha=alpha, level=level, heads=heads)
 
 
 def free_port() -> int:
