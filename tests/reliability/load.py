@@ -122,9 +122,12 @@ async def closed_loop(
     first_index: int = 0,
     headers: dict[str, str] | None = None,
     stop: asyncio.Event | None = None,
+    outcomes: list[Outcome] | None = None,
 ) -> list[Outcome]:
-    """`concurrency` workers, each with its own connection, for `duration_s` (or until `stop`)."""
-    outcomes: list[Outcome] = []
+    """`concurrency` workers, each with its own connection, for `duration_s` (or until `stop`).
+
+    `outcomes`: the list answers are appended to as they come (a caller can watch the load run)."""
+    outcomes = [] if outcomes is None else outcomes
     counter = iter(range(first_index, 1 << 62))
     deadline = time.perf_counter() + duration_s
 
@@ -180,6 +183,15 @@ async def open_loop(
 
     await asyncio.gather(release(), *(worker() for _ in range(connections)))
     return outcomes
+
+
+async def until_answered(outcomes: list[Outcome], count: int, timeout_s: float = 30.0) -> None:
+    """Wait until `outcomes` (a running loop's list) holds `count` answers; raise after `timeout_s`."""
+    deadline = time.perf_counter() + timeout_s
+    while len(outcomes) < count:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{len(outcomes)} of {count} answers after {timeout_s}s")
+        await asyncio.sleep(0.01)
 
 
 def throughput(outcomes: list[Outcome], status: int = 200) -> float:

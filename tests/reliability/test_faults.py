@@ -31,7 +31,7 @@ import orjson
 import pytest
 
 from tests.reliability.checks import is_error_body, metric_value
-from tests.reliability.load import Outcome, closed_loop
+from tests.reliability.load import Outcome, closed_loop, until_answered
 from tests.reliability.models import (
     POISON_THRESHOLD,
     make_fragile_classifier,
@@ -104,6 +104,7 @@ def test_reload_to_a_broken_version_is_refused_while_the_old_one_serves(
 
     async def reload_under_load() -> tuple[httpx.Response, list[Outcome], float, float]:
         stop = asyncio.Event()
+        answered: list[Outcome] = []
         load = asyncio.create_task(
             closed_loop(
                 url,
@@ -113,14 +114,15 @@ def test_reload_to_a_broken_version_is_refused_while_the_old_one_serves(
                 duration_s=30,
                 headers=AUTH,
                 stop=stop,
+                outcomes=answered,
             )
         )
-        await asyncio.sleep(0.5)
+        await until_answered(answered, 30)  # the load is running before the reload
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
             attempt_start = time.perf_counter()
             refused = await client.post("/v2/repository/models/clf/load")
             attempt_end = time.perf_counter()
-        await asyncio.sleep(0.5)
+        await until_answered(answered, len(answered) + 30)  # ... and still answering after it
         stop.set()
         return refused, await load, attempt_start, attempt_end
 
@@ -223,12 +225,19 @@ def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Pa
 
     async def scenario() -> list[Outcome]:
         stop = asyncio.Event()
+        answered: list[Outcome] = []
         load = asyncio.create_task(
             closed_loop(
-                server.url, "/v1/models/clf:predict", _clf_body, concurrency=48, duration_s=30, stop=stop
+                server.url,
+                "/v1/models/clf:predict",
+                _clf_body,
+                concurrency=48,
+                duration_s=30,
+                stop=stop,
+                outcomes=answered,
             )
         )
-        await asyncio.sleep(1.5)
+        await until_answered(answered, 2 * 48)  # every worker has been answered: the load is on
         stop.set()  # no new requests after the signal: every later failure would be a lost request
         signalled.append(time.perf_counter())
         server.process.send_signal(signal.SIGTERM)

@@ -380,7 +380,10 @@ def test_deadline_and_full_queue(model_repository: Path) -> None:
                 client.async_infer(
                     "clf", [grpc_input(rows)], callback=lambda result, error: results.append(result or error)
                 )
-            time.sleep(0.3)
+            for _ in range(500):  # until both wait in the queue
+                if httpx.get(f"{slow.url}/v1/models/clf").json()["batching"]["queued_requests"] == 2:
+                    break
+                time.sleep(0.01)
             with pytest.raises(InferenceServerException) as full:
                 client.infer("clf", [grpc_input(rows)])
             status, message = _status(full.value)

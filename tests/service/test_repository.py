@@ -202,32 +202,50 @@ def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
 
 def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_it(repo: Path) -> None:
     """The V2 route looks the model up as soon as the headers arrive, then reads the body: a reload
-    in between must not fail the request. Sent by hand: headers and half the body, reload, the rest."""
+    in between must not fail the request. Sent by hand: headers and half the body, reload, the rest.
+
+    A server whose in-flight limit is 2 (queue 1 + batch 1) refuses a third request with 503 "in
+    flight" once both half-sent requests are admitted: that is the signal to reload (polled, not
+    slept)."""
     row = [0.5] * CLF_FEATURES
     body = orjson.dumps(
         {"inputs": [{"name": "input", "shape": [1, CLF_FEATURES], "datatype": "FP32", "data": row}]}
     )
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="1") as server:
+    limits = {"max_queue_delay_ms": "1", "max_queue_size": "1", "max_batch_size": "1"}
+    with running_server(repo, api_key=KEY, **limits) as server:
         host, port = server.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as conn:
-            head = (
-                f"POST /v2/models/clf/infer HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {KEY}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            )
-            conn.sendall(head.encode() + body[:20])
-            time.sleep(1.0)  # the route has looked up clf (version 1) and waits for the body
+        head = (
+            f"POST /v2/models/clf/infer HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        with contextlib.ExitStack() as stack:
+            conns = [
+                stack.enter_context(socket.create_connection((host, int(port)), timeout=10)) for _ in "ab"
+            ]
+            for conn in conns:
+                conn.sendall(head.encode() + body[:20])
+            for _ in range(500):  # until both are admitted: their route has looked up clf (version 1)
+                probe = httpx.post(f"{server.url}/v2/models/clf/infer", headers=AUTH, json={}, timeout=5)
+                if probe.status_code == 503 and "in flight" in probe.text:
+                    break
+                time.sleep(0.01)
+            assert probe.status_code == 503, probe.text
             write_model(repo, "clf", 2, "classification", seed=42)
             assert load(server.url, "clf").json()["version"] == "2"
-            conn.sendall(body[20:])
-            answer = b""
-            while not (b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}")):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-        head_text, _, payload = answer.decode().partition("\r\n\r\n")
-        assert head_text.startswith("HTTP/1.1 200 OK"), answer
-        assert orjson.loads(payload)["model_version"] == "1"
+            answers = []
+            for conn in conns:
+                conn.sendall(body[20:])
+                answer = b""
+                while not (b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}")):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+                answers.append(answer)
+        for answer in answers:
+            head_text, _, payload = answer.decode().partition("\r\n\r\n")
+            assert head_text.startswith("HTTP/1.1 200 OK"), answer
+            assert orjson.loads(payload)["model_version"] == "1"
         fresh = predict(server.url, ROWS)
         assert fresh.status_code == 200 and fresh.json()["model_version"] == "2"
         # SIGTERM while version 1 is still retiring: it is drained at once, not after its grace period
