@@ -1,6 +1,18 @@
 """Fixtures shared by every test package: the small test model repository and writable copies of it."""
 
+# ruff: noqa: E402  (the thread-pool sizes below must be set before anything imports numpy)
+
 from __future__ import annotations
+
+import os
+
+# One OpenMP / BLAS thread per process, set before numpy, scikit-learn or torch start their pools
+# (also inherited by the servers and training runs the tests start). The box has two cores shared
+# by the test process, its servers and whatever else runs: spinning thread pools then thrash. One
+# HistGradientBoosting fit (tests/bench/test_ood.py) took 9.0 s with the default pool and 0.4 s
+# with one thread under a load average of 4.6. Tests assert behaviour, never speed.
+for _pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_pool, "1")
 
 import shutil
 from pathlib import Path
