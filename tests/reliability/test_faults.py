@@ -30,8 +30,8 @@ import numpy as np
 import orjson
 import pytest
 
+from bench.http_load import Outcome, closed_loop, until_answered
 from tests.reliability.checks import is_error_body, metric_value
-from tests.reliability.load import Outcome, closed_loop, until_answered
 from tests.reliability.models import (
     POISON_THRESHOLD,
     make_fragile_classifier,

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from tests.reliability.checks import is_error_body
-from tests.reliability.load import rss_bytes
+from tests.reliability.memory import rss_bytes
 from tests.service.support import CLF_FEATURES, Server, running_server
 
 LIMIT = 64 * 1024

@@ -26,16 +26,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.reliability.checks import RowPool, is_error_body
-from tests.reliability.load import (
+from bench.http_load import (
     Outcome,
-    RssSampler,
     closed_loop,
     open_loop,
-    peak_rss_bytes,
     percentile,
-    rss_bytes,
     throughput,
+)
+from tests.reliability.checks import RowPool, is_error_body
+from tests.reliability.memory import (
+    RssSampler,
+    peak_rss_bytes,
+    rss_bytes,
 )
 from tests.service.support import Server, running_server
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import LedoitWolf
 
+from bench.servers import free_port
 from service.manifest import ModelManifest
 from tests import oracle
 
@@ -387,12 +387,6 @@ class ReferenceModel:
         self, rows: np.ndarray, *, alpha: float | None = None, level: float = 0.95, heads: bool = False
     ) -> dict[str, np.ndarray]:
         return oracle.answer(self.spec, self.raw(rows), alpha=alpha, level=level, heads=heads)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
