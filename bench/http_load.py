@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -183,8 +183,9 @@ async def open_loop(
     return outcomes
 
 
-async def until_answered(outcomes: list[Outcome], count: int, timeout_s: float = 30.0) -> None:
-    """Wait until `outcomes` (a running loop's list) holds `count` answers; raise after `timeout_s`."""
+async def until_answered(outcomes: Sized, count: int, timeout_s: float = 30.0) -> None:
+    """Wait until `outcomes` (the list a running load appends its answers to) holds `count` of them;
+    raise after `timeout_s`. Counts, not sleeps: the box may be busy."""
     deadline = time.perf_counter() + timeout_s
     while len(outcomes) < count:
         if time.perf_counter() > deadline:

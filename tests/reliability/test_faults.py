@@ -41,6 +41,7 @@ from tests.reliability.models import (
     write_wrong_schema_manifest,
 )
 from tests.service.support import (
+    AUTH,
     CLF_FEATURES,
     ReferenceModel,
     Server,
@@ -49,15 +50,6 @@ from tests.service.support import (
     wait_ready,
     write_model,
 )
-
-KEY = "reliability-admin-key"
-AUTH = {"X-API-Key": KEY}
-
-
-@pytest.fixture
-def keyed_server(repo: Path) -> Iterator[Server]:
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="2") as server:
-        yield server
 
 
 def _clf_body(i: int) -> bytes:

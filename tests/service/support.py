@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,8 @@ HEADS = 4
 CLF_FEATURES, CLF_CLASSES = 8, 3
 REG_FEATURES = 5
 REG_FEATURE_NAMES = ("age", "bmi", "bp", "s1", "s2")
+API_KEY = "s3cret-key"  # the servers of tests that load, unload or break models need one
+AUTH = {"X-API-Key": API_KEY}
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -387,6 +390,35 @@ class ReferenceModel:
         self, rows: np.ndarray, *, alpha: float | None = None, level: float = 0.95, heads: bool = False
     ) -> dict[str, np.ndarray]:
         return oracle.answer(self.spec, self.raw(rows), alpha=alpha, level=level, heads=heads)
+
+
+def connect(url: str, timeout: float = 10.0) -> socket.socket:
+    """A raw TCP connection to a server's `http://host:port` (requests written by hand)."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_response(sock: socket.socket) -> tuple[int, str, bytes]:
+    """(status, head, body) of one HTTP/1.1 response read off `sock` (a `Content-Length` body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    raw_head, _, body = data.partition(b"\r\n\r\n")
+    head = raw_head.decode("latin-1")
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split(" ", 2)[1]), head, body
 
 
 @dataclass

@@ -13,15 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.support import CLF_FEATURES, Server, running_server
+from tests.service.support import CLF_FEATURES, Server, connect, read_response, running_server
 
 ROW = [[0.25] * CLF_FEATURES]
 
 
 def _headers_only(url: str, path: str, content_length: int = 100_000) -> socket.socket:
     """Open a connection and send a POST's headers, announcing a body that never comes."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock = connect(url, timeout=5)
+    host = url.removeprefix("http://").split(":")[0]
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {content_length}\r\n\r\n".encode()
@@ -30,14 +30,8 @@ def _headers_only(url: str, path: str, content_length: int = 100_000) -> socket.
 
 
 def _status_and_headers(sock: socket.socket) -> tuple[int, str]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-    return int(head.split(" ", 2)[1]), head
+    status, head, _ = read_response(sock)
+    return status, head
 
 
 def rejected(url: str, reason: str) -> float:
