@@ -25,23 +25,8 @@ def _invoke(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture(scope="module")
-def digits_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("digits")
-    out, run_dir = root / "pkg" / "3", root / "run"
-    _invoke(
-        "run",
-        "--dataset",
-        "digits",
-        "--smoke",
-        "--out",
-        str(out),
-        "--run-dir",
-        str(run_dir),
-        "--device",
-        "cpu",
-    )
-    return out, run_dir
+# `digits_smoke` (tests/training/conftest.py): one `run --dataset digits --smoke`, shared with
+# tests/training/test_distributed.py as its single-process run.
 
 
 def test_smoke_package_is_complete_and_valid(digits_smoke: tuple[Path, Path]) -> None:
