@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import signal
 import time
 from collections import Counter
@@ -41,6 +42,7 @@ from tests.reliability.models import (
     write_wrong_schema_manifest,
 )
 from tests.service.support import (
+    API_KEY,
     AUTH,
     CLF_FEATURES,
     ReferenceModel,
@@ -85,11 +87,29 @@ FAULTS: dict[str, tuple[Callable[[Path], None], str, str]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def fault_repo(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable copy of the test repository shared by the fault tests: each writes its own broken
+    version 2 of clf over the last one, and the server keeps serving version 1 throughout."""
+    repo = tmp_path_factory.mktemp("faults") / "models"
+    shutil.copytree(model_repository, repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def fault_server(fault_repo: Path) -> Iterator[Server]:
+    """One keyed server for every fault (each test's reload is refused, so none changes what it serves)."""
+    with running_server(fault_repo, api_key=API_KEY, max_queue_delay_ms="2") as server:
+        yield server
+
+
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_reload_to_a_broken_version_is_refused_while_the_old_one_serves(
-    fault: str, keyed_server: Server, repo: Path
+    fault: str, fault_server: Server, fault_repo: Path
 ) -> None:
     breaker, reason, words = FAULTS[fault]
+    keyed_server, repo = fault_server, fault_repo
+    shutil.rmtree(repo / "clf" / "2", ignore_errors=True)  # the last test's broken version
     url = keyed_server.url
     before = metric_value(url, "hydra_model_load_failures_total", {"model": "clf", "reason": reason})
     breaker(repo)

@@ -19,6 +19,7 @@ it with SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import LedoitWolf
 
@@ -505,3 +507,56 @@ def running_server(repo_dir: Path, *args: str, **env: str) -> Iterator[Server]:
             except subprocess.TimeoutExpired:
                 server.process.kill()
                 server.process.wait()
+
+
+class InProcessClient:
+    """httpx's AsyncClient over `httpx.ASGITransport`, called from synchronous tests: each request
+    runs on the event loop of a blocking portal thread (the loop the app's lifespan started on)."""
+
+    def __init__(self, portal: BlockingPortal, client: httpx.AsyncClient) -> None:
+        self._portal = portal
+        self._client = client
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        content = kwargs.get("content")
+        if content is not None and not isinstance(content, bytes | str) and hasattr(content, "__next__"):
+            chunks = content  # a synchronous generator: streamed as a chunked body
+
+            async def streamed() -> AsyncIterator[bytes]:
+                for chunk in chunks:
+                    yield chunk
+
+            kwargs["content"] = streamed()
+        return self._portal.call(functools.partial(self._client.request, method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("HEAD", url, **kwargs)
+
+
+@contextlib.contextmanager
+def in_process(repo_dir: Path, **settings: Any) -> Iterator[InProcessClient]:
+    """The app `python -m service` serves, in this process with its lifespan run, reached through
+    httpx's ASGI transport (no socket): for tests where the transport does not matter. CPU and no
+    gRPC, as the subprocess servers here default to."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    options: dict[str, Any] = {"execution_providers": "cpu", "grpc_port": 0} | settings
+    app = create_app(Settings(model_repository=repo_dir, **options))
+    # raise_app_exceptions=False: an unhandled error is answered 500, as uvicorn would answer it
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    with start_blocking_portal() as portal:
+        lifespan = app.router.lifespan_context(app)
+        portal.call(lifespan.__aenter__)
+        client = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30)
+        try:
+            yield InProcessClient(portal, client)
+        finally:
+            portal.call(client.aclose)
+            portal.call(lifespan.__aexit__, None, None, None)
