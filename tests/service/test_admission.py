@@ -42,21 +42,8 @@ def rejected(url: str, reason: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-@pytest.fixture(scope="module")
-def full_queue_server(model_repository: Path) -> Iterator[Server]:
-    # every partial batch waits 1.5 s and two requests fill the queue
-    with running_server(
-        model_repository,
-        max_batch_size="64",
-        max_queue_delay_ms="1500",
-        max_queue_size="2",
-        run_when_idle="false",
-    ) as server:
-        yield server
-
-
-def test_full_queue_refuses_before_the_body_is_read(full_queue_server: Server) -> None:
-    url = full_queue_server.url
+def test_full_queue_refuses_before_the_body_is_read(slow_queue_server: Server) -> None:
+    url = slow_queue_server.url
 
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -87,8 +74,8 @@ def test_full_queue_refuses_before_the_body_is_read(full_queue_server: Server) -
     assert rejected(url, "queue_full") >= before + 3
 
 
-def test_unknown_model_and_other_routes_pass_through(full_queue_server: Server) -> None:
-    response = httpx.post(f"{full_queue_server.url}/v2/models/nope/infer", json={"inputs": []}, timeout=5)
+def test_unknown_model_and_other_routes_pass_through(slow_queue_server: Server) -> None:
+    response = httpx.post(f"{slow_queue_server.url}/v2/models/nope/infer", json={"inputs": []}, timeout=5)
     assert response.status_code == 404 and "nope" in response.json()["error"]
 
 

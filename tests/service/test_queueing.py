@@ -6,29 +6,13 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.support import CLF_FEATURES, Server, running_server
+from tests.service.support import CLF_FEATURES, Server
 
 ROW = [[0.25] * CLF_FEATURES]
-
-
-@pytest.fixture(scope="module")
-def slow_queue_server(model_repository: Path) -> Iterator[Server]:
-    # batches wait 1.2 s to fill (Triton's rule: also while the model is idle) and at most 2
-    # requests may queue: easy to fill, easy to expire
-    with running_server(
-        model_repository,
-        max_batch_size="64",
-        max_queue_delay_ms="1200",
-        max_queue_size="2",
-        run_when_idle="false",
-    ) as server:
-        yield server
 
 
 def batching(url: str) -> dict[str, int]:
