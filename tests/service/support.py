@@ -500,13 +500,18 @@ def running_server(repo_dir: Path, *args: str, **env: str) -> Iterator[Server]:
         wait_ready(server)
         yield server
     finally:
-        if server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
-            try:
-                server.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
+        stop(server.process)
+
+
+def stop(process: subprocess.Popen[Any], timeout: float = 30.0) -> int:
+    """SIGTERM a process still running, wait `timeout` s, then SIGKILL; its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
 
 
 class InProcessClient:

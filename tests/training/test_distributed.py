@@ -50,19 +50,21 @@ def _launch(root: Path, launcher: list[str]) -> tuple[subprocess.Popen[str], Pat
 
 @pytest.fixture(scope="module")
 def runs(
-    tmp_path_factory: pytest.TempPathFactory, digits_smoke: tuple[Path, Path]
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> dict[str, tuple[Path, Path]]:
     """{"one": (package, run dir), "two": (package, run dir)}: 1 process and 2 torchrun ranks."""
     root = tmp_path_factory.mktemp("distributed")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc, out, run_dir = _launch(root / "two", torchrun)
+    # the single-process run meanwhile, here (or already made by test_pipeline.py)
+    one: tuple[Path, Path] = request.getfixturevalue("digits_smoke")
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         proc.kill()
         output, _ = proc.communicate()
     assert proc.returncode == 0, f"two-process run failed:\n{output[-4000:]}"
-    return {"one": digits_smoke, "two": (out, run_dir)}
+    return {"one": one, "two": (out, run_dir)}
 
 
 def _checkpoint(run_dir: Path, name: str) -> dict[str, object]:
