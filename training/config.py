@@ -79,6 +79,16 @@ class DistilConfig:
     marginal_copies: int = 1
     extrapolate_copies: int = 1
     extrapolate_max: float = 100.0  # x_i + t (x_i - x_j), t log-uniform in [0.1, extrapolate_max]
+    # rows rescaled about the origin, x * s with s log-uniform in [1 / rescale_max, rescale_max], on
+    # every feature or a random subset: the wrong-unit rows production sends
+    rescale_copies: int = 0
+    rescale_max: float = 20.0
+    # disagreement seeking (after Nam et al. 2021): per training row `seek_candidates` perturbations
+    # at seek_min_std..seek_max_std, the one the teachers disagree on most kept, `seek_copies` times
+    seek_copies: int = 0
+    seek_candidates: int = 8
+    seek_min_std: float = 0.1
+    seek_max_std: float = 3.0
     # per-row factor max(1, distance / training radius): divides the temperature (classification) or
     # the Gaussian KL (regression) of far rows (training/transfer.py, radial_scale)
     radial_temperature: bool = True
