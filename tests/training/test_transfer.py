@@ -152,7 +152,7 @@ def test_distillation_appends_the_sought_rows_with_their_teacher_labels() -> Non
     import torch
 
     from training.distill import distil
-    from training.pipeline import make_config
+    from training.presets import make_config
     from training.teachers import build_network
 
     cfg = make_config(DataConfig(dataset="toy", max_train_rows=60), members=2, seed=0, epochs=1)
