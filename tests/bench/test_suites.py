@@ -131,6 +131,15 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
     )
     assert "### Fresh3 suite" in f3 and "| penguins |" in f3 and "Criteria over every" in f3
     assert fresh3_section(None) == ""
-    assert list(SUITES) == ["tuning", "confirmation", "fresh", "fresh2", "fresh_ood", "tuning_wide", "fresh3"]
+    assert list(SUITES) == [
+        "tuning",
+        "confirmation",
+        "fresh",
+        "fresh2",
+        "fresh_ood",
+        "tuning_wide",
+        "fresh3",
+        "fresh4",
+    ]
     names = [d.name for suite in SUITES.values() for d in suite]
     assert len(names) == len(set(names)), "a table in two suites would blur which data chose what"
