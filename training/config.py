@@ -65,6 +65,9 @@ class DistilConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm per step (0 = off)
     student_width: float = 1.0  # the student's dense hidden widths = the teachers' x this
+    # when set, the student's dense hidden layers exactly (student_width then unused): the `file`
+    # preset's one wide layer (training/presets.py)
+    student_hidden: tuple[int, ...] = ()
     # phase-2 body learning rate as a multiple of lr; 0 freezes the body
     phase2_body_lr_scale: float = 1.0
     # transfer set (training/transfer.py): train rows + mixup + near noise + far multi-scale noise

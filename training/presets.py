@@ -43,9 +43,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "file": {
         "arch": ArchConfig(kind="mlp", hidden=(128, 128), head_layers=1),
         "teacher": TeacherConfig(epochs=100, patience=15),
-        # a shared body twice a teacher's width: on wide tables one 128-unit body could not carry
-        # eight teachers' extrapolations (docs/TRAINING.md); ~2x a tiny MLP's microseconds
-        "distil": DistilConfig(student_width=2.0),
+        # the student's body: one hidden layer as wide as the eight teachers' layers side by side
+        # (8 x 128), linear heads on it. Far from the data each head must copy its own teacher's
+        # extrapolation; two stacked layers 2x a teacher's width could not on wide tables, one wide
+        # layer can, at under half the ensemble's FLOPs (docs/TRAINING.md, "Wide tables, measured
+        # with 4,000 probe rows")
+        "distil": DistilConfig(student_hidden=(1024,)),
     },
 }
 
@@ -82,8 +85,8 @@ def make_config(
         arch = STUDENT_BODIES[arch_kind]
     teacher = replace(preset["teacher"], members=members)
     dc: DistilConfig = preset["distil"]
-    if student_width is not None:
-        dc = replace(dc, student_width=student_width)
+    if student_width is not None:  # the teachers' widths x this, in place of the preset's shape
+        dc = replace(dc, student_width=student_width, student_hidden=())
     if epochs is not None:  # one override for every stage's epoch count
         teacher = replace(teacher, epochs=epochs)
         dc = replace(dc, phase1_epochs=epochs, phase2_epochs=epochs)

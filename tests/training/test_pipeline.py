@@ -233,3 +233,12 @@ def test_student_width_widens_the_student_only(tmp_path: Path) -> None:
     (student1, teachers1), (student3, teachers3) = widths["1"], widths["3"]
     assert teachers1 == teachers3  # the teachers keep the preset's shape
     assert student1 and [3 * w for w in student1] == student3
+    # without the option, the `file` preset's student: one hidden layer of 8 x 128 units
+    out, run_dir = tmp_path / "preset" / "1", tmp_path / "run-preset"
+    _invoke(
+        "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+        "--smoke", "--out", str(out), "--run-dir", str(run_dir),
+    )  # fmt: skip
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["distil"]["student_hidden"] == [1024]
+    assert _dense_widths(out / "model.onnx") == [1024] and _dense_widths(out / "ensemble.onnx") == teachers1
