@@ -30,6 +30,16 @@ class Settings(BaseSettings):
             "port); 0 turns gRPC off."
         ),
     )
+    workers: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description=(
+            "Server processes sharing the HTTP and gRPC ports (SO_REUSEPORT), each with its own "
+            "batchers and ONNX Runtime sessions; 0 = one per CPU core this process may use. With "
+            "intra_op_threads 0 each worker's sessions get cores / workers threads."
+        ),
+    )
     model_repository: Path = Field(
         default=Path("models"),
         description="Directory holding models/<name>/<version>/{model.onnx,manifest.json}.",
