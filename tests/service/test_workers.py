@@ -207,7 +207,14 @@ def test_readiness_is_false_while_a_worker_is_missing_and_a_dead_worker_is_repla
 def test_sigterm_drains_every_worker_and_loses_no_request(repo: Path) -> None:
     # Triton's rule, so the requests wait in the batch queues at the signal
     server = start_server(
-        repo, "--max-queue-delay-ms", "1500", "--max-batch-size", "256", "--run-when-idle", "false", workers="2"
+        repo,
+        "--max-queue-delay-ms",
+        "1500",
+        "--max-batch-size",
+        "256",
+        "--run-when-idle",
+        "false",
+        workers="2",
     )
     wait_ready(server)
     queued = frozenset({("model", "clf")})
