@@ -22,7 +22,6 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.settings import Settings
 from service.workers import Supervisor, worker_count
 
@@ -134,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     count = worker_count(settings)
     if count > 1:
         sys.exit(Supervisor(settings, count).run())
+    from service.app import create_app  # here: a supervisor never imports the server it starts
+
     status = serve(create_app(settings), settings)
     if status:
         sys.exit(status)

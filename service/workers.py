@@ -207,7 +207,8 @@ class Supervisor:
                     continue
                 logger.error("worker %d (pid %s) exited with %s: starting it again", index, process.pid, code)
                 time.sleep(max(0.0, self._started_at[index] + RESTART_BACKOFF_S - time.monotonic()))
-                self._start(index)
+                if not self._stopping:  # (a signal may have come during the pause)
+                    self._start(index)
             if self._stopping:
                 now = time.monotonic()
                 stop_deadline = stop_deadline or now + self.settings.shutdown_timeout_s + 10.0

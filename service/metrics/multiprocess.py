@@ -15,18 +15,25 @@ process at scrape time, so /metrics from any worker shows the whole server:
   over workers (`livemax`: each worker tests the rows it served); shadow fidelity is the window the
   last worker computed (`livemostrecent`).
 
-prometheus-client cannot remove a series from its files: `remove_series` sets a removed gauge to 0
-and leaves counters and histograms as they are (a retired version's last totals stay exported,
-constant, until the server restarts). With one process nothing here applies: series are removed.
+prometheus-client cannot remove a series from its files. `remove_series` sets a removed gauge to NaN
+in this worker's file, and the exposition leaves out gauge series that merge to NaN: once every
+worker has dropped a version (a reload or unload is applied by all of them), its gauges are gone, as
+with one process (so `hydra_model_ready == 0` does not fire for a retired version). Counters and
+histograms of a retired version stay exported with their last totals, constant (no alert reads a
+rate of zero), until the server restarts. With one process nothing here applies: series are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -44,15 +51,28 @@ def exposition_registry(directory: Path) -> CollectorRegistry:
             "prometheus_client is imported"
         )
     registry = CollectorRegistry(auto_describe=True)
-    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    registry.register(_MergedWithoutRemoved(directory))
     return registry
 
 
+class _MergedWithoutRemoved(Collector):
+    """Every process's files merged (`MultiProcessCollector`), less the gauge series removed (NaN)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._merged = MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._merged.collect():  # type: ignore[no-untyped-call]
+            if metric.type == "gauge":
+                metric.samples = [s for s in metric.samples if not math.isnan(s.value)]
+            yield metric
+
+
 def remove_series(metric: Counter | Gauge | Histogram, *labelvalues: str) -> None:
-    """Drop one series (single process), or zero it when it is a gauge (multiprocess: see above)."""
+    """Drop one series (single process), or mark a gauge's as removed (multiprocess: see above)."""
     if multiprocess_active():
         if isinstance(metric, Gauge):
-            metric.labels(*labelvalues).set(0)
+            metric.labels(*labelvalues).set(math.nan)
         return
     with contextlib.suppress(KeyError):  # never created: nothing to drop
         metric.remove(*labelvalues)

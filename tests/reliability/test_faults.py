@@ -54,9 +54,9 @@ KEY = "reliability-admin-key"
 AUTH = {"X-API-Key": KEY}
 
 
-@pytest.fixture
-def keyed_server(repo: Path) -> Iterator[Server]:
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="2") as server:
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+def keyed_server(repo: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    with running_server(repo, api_key=KEY, max_queue_delay_ms="2", workers=str(request.param)) as server:
         yield server
 
 
@@ -215,9 +215,12 @@ def test_a_model_run_that_raises_fails_only_its_batch(fragile_server: tuple[Serv
     )
 
 
-def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Path, workers: int) -> None:
     # batches wait up to 50 ms, so at the signal many requests sit in the batch queue
-    server = start_server(model_repository, "--max-queue-delay-ms", "50", "--max-batch-size", "64")
+    server = start_server(
+        model_repository, "--max-queue-delay-ms", "50", "--max-batch-size", "64", workers=str(workers)
+    )
     wait_ready(server)
     signalled: list[float] = []
 
@@ -244,6 +247,7 @@ def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Pa
         "\nSIGTERM "
         + json.dumps(
             {
+                "workers": workers,
                 "requests": len(outcomes),
                 "in_flight_at_signal": len(in_flight),
                 "unanswered": len(unanswered),

@@ -46,7 +46,8 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def two_workers(repo: Path) -> Iterator[Server]:
-    with running_server(repo, workers="2", api_key=KEY) as server:
+    # a replaced version retires (its series go) a second after the swap, not after the default 31 s
+    with running_server(repo, workers="2", api_key=KEY, request_read_timeout_s="1") as server:
         yield server
 
 
@@ -178,6 +179,18 @@ def test_a_reload_is_seen_by_every_worker(two_workers: Server, repo: Path) -> No
     for _ in range(CONNECTIONS):
         status, _ = request(connect(two_workers), "GET", "/v1/models/reg")
         assert status == 404  # unloaded in every worker
+
+    # the retired and unloaded versions' gauges leave the merged exposition, as with one process
+    def ready(
+        samples: dict[tuple[str, frozenset[tuple[str, str]]], float], model: str, v: str
+    ) -> float | None:
+        return samples.get(("hydra_model_ready", frozenset({("model", model), ("version", v)})))
+
+    deadline = time.monotonic() + 10
+    while ready(samples := scrape(two_workers), "clf", "1") is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready(samples, "clf", "1") is None and ready(samples, "reg", "1") is None
+    assert ready(samples, "clf", "2") == 1
 
 
 def test_readiness_is_false_while_a_worker_is_missing_and_a_dead_worker_is_replaced(
