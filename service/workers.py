@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -57,9 +58,15 @@ RESTART_BACKOFF_S = 1.0  # least time between two starts of the same worker
 POLL_S = 0.2
 
 
-def available_cores() -> int:
-    """Cores this process may run on (CPU affinity, as a container's cpuset sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity (a cpuset), capped by a cgroup v2 CPU quota (a
+    container's CPU limit, which affinity does not show: a pod limited to 2 CPUs sees every core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    return cores
 
 
 def worker_count(settings: Settings) -> int:

@@ -131,6 +131,18 @@ def test_worker_settings_split_the_cores_for_onnx_runtime() -> None:
     assert worker_settings(Settings(workers=2, intra_op_threads=3), 2, spec).intra_op_threads == 3
 
 
+def test_available_cores_honours_a_cgroup_cpu_limit(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    limit.write_text("max 100000\n")
+    assert available_cores(limit) == affinity
+    limit.write_text("150000 100000\n")  # 1.5 CPUs: 2 workers' worth, never more than affinity
+    assert available_cores(limit) == min(affinity, 2)
+    limit.write_text("50000 100000\n")
+    assert available_cores(limit) == 1
+    assert available_cores(tmp_path / "absent") == affinity
+
+
 def test_requests_spread_over_both_workers_and_metrics_count_each_once(two_workers: Server) -> None:
     pids = worker_pids(two_workers)
     assert len(pids) == 2
