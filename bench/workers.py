@@ -189,6 +189,26 @@ def section(result: dict[str, Any] | None) -> str:
             f"{_get(s['cores_used'], 1):.2f} / {_get(s['cores_used'], 2):.2f} | "
             f"{_get(s['rows_per_cpu_s'], 1):.0f} / {_get(s['rows_per_cpu_s'], 2):.0f} |"
         )
+    efficiency = [
+        _get(s["rows_per_cpu_s"], 2) / _get(s["rows_per_cpu_s"], 1)
+        for s in result["summary"]
+        if _get(s["rows_per_cpu_s"], 1)
+    ]
+    if efficiency:
+        low, high = min(efficiency), max(efficiency)
+        lines += [
+            "",
+            "How to read it: the speed-up is what this run's machine gave, and the machine was shared "
+            "(load average above): a server of two processes gets a larger share of contended cores "
+            "than a server of one, so it tracks the *cores used* columns. Rows per CPU-second do not "
+            f"depend on that share: 2 workers do {low:.2f}–{high:.2f}× the work per CPU-second of 1 "
+            "(thinner batches per worker against no contention for one event loop). One worker is one "
+            "event loop that does this model's HTTP work (in this run it never used more than "
+            f"{max(_get(s['cores_used'], 1) for s in result['summary']):.2f} cores), so with the "
+            "cores free the expected speed-up is about N × that ratio for N workers on N cores: "
+            f"{2 * low:.1f}–{2 * high:.1f}× for 2 on this 2-core machine if wrk ran elsewhere, "
+            "linear per core up to the core count, and nothing past it.",
+        ]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ fresh connections (any worker answers) and must count every request exactly once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import shutil
@@ -227,6 +228,29 @@ def test_readiness_is_false_while_a_worker_is_missing_and_a_dead_worker_is_repla
     # the dead worker's gauges are gone (mark_process_dead), the survivor's and the new one's agree
     mv = frozenset({("model", "clf"), ("version", "1")})
     assert scrape(two_workers)[("hydra_model_ready", mv)] == 1
+
+
+def test_readiness_waits_for_every_worker_to_start(repo: Path) -> None:
+    server = start_server(repo, workers="2")
+    try:
+        deadline = time.monotonic() + 20
+        while len(pids := worker_pids(server)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        late = min(pids)
+        os.kill(late, signal.SIGSTOP)  # still importing (a start takes seconds): it cannot be ready
+        answers: list[int] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and answers.count(503) < 20:  # the other one answers: 503
+            with contextlib.suppress(httpx.TransportError):  # not listening yet
+                answers.append(httpx.get(f"{server.url}/v2/health/ready", timeout=2).status_code)
+            time.sleep(0.05)
+        assert answers.count(503) == 20 and 200 not in answers, answers
+        os.kill(late, signal.SIGCONT)
+        wait_ready(server)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(late, signal.SIGCONT)
+        server.terminate()
 
 
 def test_sigterm_drains_every_worker_and_loses_no_request(repo: Path) -> None:
