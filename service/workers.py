@@ -23,13 +23,12 @@ own gRPC server), so nothing on the request path is shared.
 - SIGTERM or SIGINT to the supervisor: SIGTERM to every worker, each drains its in-flight requests as
   one process does (`service.__main__.DrainingServer`); exit 0 once all have exited 0. Workers run in
   a process group of their own (a terminal's Ctrl-C reaches only the supervisor, which relays it
-  once) and get SIGTERM if the supervisor dies.
+  once) and drain if the supervisor dies.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
 import multiprocessing
@@ -39,6 +38,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -56,6 +56,7 @@ logger = logging.getLogger("service.workers")
 START_FAILED = 3  # a worker's exit status when its lifespan start-up failed (service.__main__)
 RESTART_BACKOFF_S = 1.0  # least time between two starts of the same worker
 POLL_S = 0.2
+PARENT_CHECK_S = 0.5
 
 
 def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -99,20 +100,22 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _die_with_parent() -> None:
-    # Linux: SIGTERM this worker when the supervisor dies (even by SIGKILL), so none is left behind.
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _drain_when_orphaned(parent: int) -> None:
+    """SIGTERM this worker (a drain, as from the supervisor) once the supervisor is gone, even
+    killed with SIGKILL, so no worker outlives the server that started it."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def run_worker(settings: Settings, spec: WorkerSpec, parent: int) -> None:
     """A worker process's body: one whole server on the shared ports (target of the spawned process)."""
     os.setpgrp()
-    _die_with_parent()
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        sys.exit(0)
+    _drain_when_orphaned(parent)
     from service.__main__ import configure_logging, serve  # after the spawn, not at import
     from service.app import create_app
     from service.worker_group import WorkerGroup

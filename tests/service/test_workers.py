@@ -300,6 +300,20 @@ def test_sigterm_drains_every_worker_and_loses_no_request(repo: Path) -> None:
         httpx.get(f"{server.url}/v2/health/live", timeout=1)
 
 
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(repo: Path) -> None:
+    server = start_server(repo, workers="2")
+    wait_ready(server)
+    pids = worker_pids(server)
+    assert len(pids) == 2
+    server.process.kill()
+    server.process.wait()
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "workers outlived their supervisor"
+    assert server.log().count("Application shutdown complete") == 2  # drained, not killed
+
+
 def test_a_start_with_no_loadable_model_exits_3_with_every_worker_gone(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
