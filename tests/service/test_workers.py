@@ -215,7 +215,12 @@ def test_readiness_is_false_while_a_worker_is_missing_and_a_dead_worker_is_repla
     seen_unready = None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        response = httpx.get(f"{two_workers.url}/v2/health/ready", timeout=2)
+        try:
+            response = httpx.get(f"{two_workers.url}/v2/health/ready", timeout=2)
+        except httpx.TransportError:
+            # a connection the kernel had already queued on the dying worker's socket is reset: a
+            # crash loses what that worker held (the others keep serving)
+            continue
         if response.status_code == 503:
             seen_unready = response.json()
         elif seen_unready is not None:
