@@ -49,7 +49,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from service.metrics.multiprocess import ENV_VAR
 from service.settings import Settings
-from service.worker_group import WorkerSpec, prepare_directory, ready_marker
+from service.worker_group import WorkerGroup, WorkerSpec, prepare_directory, ready_marker
 
 logger = logging.getLogger("service.workers")
 
@@ -118,7 +118,6 @@ def run_worker(settings: Settings, spec: WorkerSpec, parent: int) -> None:
     _drain_when_orphaned(parent)
     from service.__main__ import configure_logging, serve  # after the spawn, not at import
     from service.app import create_app
-    from service.worker_group import WorkerGroup
 
     configure_logging(settings)
     sock = shared_port_socket(settings.host, spec.port)
