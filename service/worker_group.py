@@ -168,7 +168,12 @@ class WorkerGroup:
     async def _follow(self, repository: FollowingRepository) -> None:
         while True:
             await asyncio.sleep(FOLLOW_INTERVAL_S)
-            if self._log.stat().st_size <= self._offset:
+            try:
+                size = self._log.stat().st_size
+            except FileNotFoundError:  # the server is going away (its directory removed)
+                logger.warning("worker %d: group directory gone; reloads not followed", self.spec.index)
+                return
+            if size <= self._offset:
                 continue
             entries, offset = self._read_from(self._offset)
             for entry in entries:

@@ -123,7 +123,11 @@ def run_worker(settings: Settings, spec: WorkerSpec, parent: int) -> None:
     sock = shared_port_socket(settings.host, spec.port)
     app = create_app(settings, worker_group=WorkerGroup(spec))
     logger.info("worker %d of %d (pid %d) starting", spec.index, spec.count, os.getpid())
-    sys.exit(serve(app, settings, sockets=[sock]))
+    try:
+        sys.exit(serve(app, settings, sockets=[sock]))  # (a drained SIGTERM exits from inside it)
+    finally:
+        if os.getppid() != parent:  # the supervisor was killed: nobody else will remove the directory
+            shutil.rmtree(spec.directory, ignore_errors=True)
 
 
 class Supervisor:

@@ -69,6 +69,13 @@ def worker_pids(server: Server) -> set[int]:
     return pids
 
 
+def group_directory(worker: int) -> str:
+    """The supervisor's directory, as the worker's environment names it (metrics/ under it)."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    (metrics,) = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    return os.path.dirname(metrics.decode())
+
+
 def _server_side_inode(server_port: int, client_port: int) -> int:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -310,12 +317,15 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(repo: Path) -> Non
     wait_ready(server)
     pids = worker_pids(server)
     assert len(pids) == 2
+    group = Path(group_directory(min(pids)))
+    assert group.is_dir()
     server.process.kill()
     server.process.wait()
     deadline = time.monotonic() + 15
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "workers outlived their supervisor"
+    assert not group.exists()  # the last worker out removed the supervisor's directory
     assert server.log().count("Application shutdown complete") == 2  # drained, not killed
 
 
