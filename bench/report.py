@@ -910,6 +910,9 @@ def write(extra: dict[str, str] | None = None) -> Path:
         )
     parts.append(server_section(s))
     parts.append(grpc_section(load("grpc")))
+    from bench.workers import section as workers_section
+
+    parts.append(workers_section(load("workers")))
     parts.append(gpu_section(RESULTS / "gpu"))
     if gpu_cost or gpu_server:  # bench/gpu.sh on a connected GPU machine (project venv, wrk)
         parts += [

@@ -10,9 +10,29 @@ from pathlib import Path
 
 
 def _status_kib(pid: int, field_name: str) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(rf"^{field_name}:\s+(\d+) kB$", text, re.M)
-    return int(found.group(1)) if found else 0
+    """`field_name` of `pid` plus all its descendants (a `--workers` server is a process tree)."""
+    total = 0
+    for member in _process_tree(pid):
+        try:
+            text = Path(f"/proc/{member}/status").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        found = re.search(rf"^{field_name}:\s+(\d+) kB$", text, re.M)
+        total += int(found.group(1)) if found else 0
+    return total
+
+
+def _process_tree(root: int) -> list[int]:
+    tree, frontier = [root], [root]
+    while frontier:
+        pid = frontier.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        tree += [int(c) for c in children]
+        frontier += [int(c) for c in children]
+    return tree
 
 
 def rss_bytes(pid: int) -> int:
@@ -20,7 +40,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def peak_rss_bytes(pid: int) -> int:
-    """The kernel's high-water mark of the process's resident memory (VmHWM)."""
+    """The kernel's high-water mark of the processes' resident memory (VmHWM, summed over the tree)."""
     return _status_kib(pid, "VmHWM") * 1024
 
 

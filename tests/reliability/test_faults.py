@@ -96,10 +96,13 @@ def fault_repo(model_repository: Path, tmp_path_factory: pytest.TempPathFactory)
     return repo
 
 
-@pytest.fixture(scope="module")
-def fault_server(fault_repo: Path) -> Iterator[Server]:
-    """One keyed server for every fault (each test's reload is refused, so none changes what it serves)."""
-    with running_server(fault_repo, api_key=API_KEY, max_queue_delay_ms="2") as server:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def fault_server(fault_repo: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """One keyed server per worker count for every fault (each test's reload is refused, so none
+    changes what it serves)."""
+    with running_server(
+        fault_repo, api_key=API_KEY, max_queue_delay_ms="2", workers=str(request.param)
+    ) as server:
         yield server
 
 
@@ -229,9 +232,12 @@ def test_a_model_run_that_raises_fails_only_its_batch(fragile_server: tuple[Serv
     )
 
 
-def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Path, workers: int) -> None:
     # batches wait up to 50 ms, so at the signal many requests sit in the batch queue
-    server = start_server(model_repository, "--max-queue-delay-ms", "50", "--max-batch-size", "64")
+    server = start_server(
+        model_repository, "--max-queue-delay-ms", "50", "--max-batch-size", "64", workers=str(workers)
+    )
     wait_ready(server)
     signalled: list[float] = []
 
@@ -265,6 +271,7 @@ def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Pa
         "\nSIGTERM "
         + json.dumps(
             {
+                "workers": workers,
                 "requests": len(outcomes),
                 "in_flight_at_signal": len(in_flight),
                 "unanswered": len(unanswered),

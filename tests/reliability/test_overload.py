@@ -46,10 +46,15 @@ MiB = 1024 * 1024
 QUEUE = 32  # requests that may wait per model: at ~30 req/s, about a second of work
 
 
-@pytest.fixture(scope="module")
-def wide_server(wide_repository: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def wide_server(wide_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    # 2 workers: two processes on the port, each with its own queue of QUEUE and one ORT thread
     with running_server(
-        wide_repository, max_batch_size="64", max_queue_size=str(QUEUE), intra_op_threads="1"
+        wide_repository,
+        max_batch_size="64",
+        max_queue_size=str(QUEUE),
+        intra_op_threads="1",
+        workers=str(request.param),
     ) as server:
         yield server
 
