@@ -48,7 +48,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # extrapolation; two stacked layers 2x a teacher's width could not on wide tables, one wide
         # layer can, at under half the ensemble's FLOPs (docs/TRAINING.md, "Wide tables, measured
         # with 4,000 probe rows")
-        "distil": DistilConfig(student_hidden=(1024,)),
+        # (conv students of `--arch cnn1d/cnn2d` keep their stacks, dense widths x 2)
+        "distil": DistilConfig(student_width=2.0, student_hidden=(1024,)),
     },
 }
 
@@ -74,6 +75,7 @@ def make_config(
     epochs: int | None = None,
     smoke: bool = False,
     student_width: float | None = None,
+    student_hidden: tuple[int, ...] | None = None,
     external: ExternalTeachersConfig | None = None,
     arch_kind: str | None = None,
 ) -> RunConfig:
@@ -85,6 +87,10 @@ def make_config(
         arch = STUDENT_BODIES[arch_kind]
     teacher = replace(preset["teacher"], members=members)
     dc: DistilConfig = preset["distil"]
+    if arch.kind != "mlp":  # one wide dense layer is the MLP student's shape, not a conv stack's
+        dc = replace(dc, student_hidden=())
+    if student_hidden is not None:
+        dc = replace(dc, student_hidden=tuple(student_hidden))
     if student_width is not None:  # the teachers' widths x this, in place of the preset's shape
         dc = replace(dc, student_width=student_width, student_hidden=())
     if epochs is not None:  # one override for every stage's epoch count

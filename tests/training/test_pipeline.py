@@ -242,3 +242,17 @@ def test_student_width_widens_the_student_only(tmp_path: Path) -> None:
     config = json.loads((run_dir / "config.json").read_text())
     assert config["distil"]["student_hidden"] == [1024]
     assert _dense_widths(out / "model.onnx") == [1024] and _dense_widths(out / "ensemble.onnx") == teachers1
+    # --student-hidden sets the student's layers exactly; a malformed one is a usage error
+    out, run_dir = tmp_path / "hidden" / "1", tmp_path / "run-hidden"
+    _invoke(
+        "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+        "--smoke", "--student-hidden", "64,32", "--out", str(out), "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert _dense_widths(out / "model.onnx") == [64, 32]
+    bad = runner.invoke(
+        app,
+        ["run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+         "--out", str(tmp_path / "bad"), "--student-hidden", "64,x"],
+        terminal_width=200,
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output
