@@ -1,6 +1,6 @@
-"""`python -m bench quality|suites|ood|external|cost|server|grpc|drift|shadow|report|all [--preset ...]`.
+"""`python -m bench quality|suites|ood|external|cost|server|workers|grpc|drift|shadow|report|all`.
 
-All write docs/BENCHMARKS.md.
+All write docs/BENCHMARKS.md; most take `--preset smoke|reduced|full`.
 
 Each part writes bench/results/<part>.json (with machine, date, load and command) and regenerates
 docs/BENCHMARKS.md and its figures. `--preset smoke` checks everything runs in minutes;
@@ -255,6 +255,24 @@ def server(
     result["preset"] = p.name
     _save(output, result)
     plots.server_figure(result, DOCS / f"{output}.png")
+    typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def workers(preset: PresetOption = "reduced") -> None:
+    """Part 3d: `--workers 2` vs `--workers 1` side by side on digits, one-row and 32-row V2 JSON (wrk)."""
+    from bench.loadgen import wrk_binary
+    from bench.workers import PLANS, run
+
+    if preset not in PLANS:
+        known = ", ".join(PLANS)
+        raise typer.BadParameter(f"unknown preset {preset!r}; one of {known}", param_hint="--preset")
+    wrk_binary()
+    meta = describe(_command())
+    result = run(preset, log=typer.echo)
+    result["machine"] = meta
+    result["preset"] = preset
+    _save("workers", result)
     typer.echo(f"wrote {report.write()}")
 
 

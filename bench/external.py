@@ -116,7 +116,8 @@ def run_external(plan: ExternalPlan, root: Path, log: Callable[[str], None] = pr
     from bench.suites import SUITES, write_csv
     from training.config import DataConfig, ExternalTeachersConfig
     from training.external import teacher_specs
-    from training.pipeline import make_config, run_all
+    from training.pipeline import run_all
+    from training.presets import make_config
 
     tables = {d.name: d for suite in SUITES.values() for d in suite}
     runs = []

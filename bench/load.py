@@ -1,11 +1,12 @@
 """Short, bounded load test of the V1 predict route: rows/s and latency with batching on and off.
 
-Starts `python -m service` on a free loopback port for each configuration (batching on: the given
-max batch size and queue delay; off: max_batch_size=1), sends a fixed number of requests from a
-fixed number of concurrent asyncio + httpx clients, and prints rows/s, requests/s, p50 and p99.
+Starts `python -m service` on a free loopback port for each configuration (bench.servers; batching
+on: the given max batch size and queue delay; off: max_batch_size=1), sends a fixed number of
+requests from a fixed number of concurrent keep-alive clients (bench.http_load's raw HTTP/1.1, or
+httpx with --client httpx), and prints rows/s, requests/s, p50 and p99.
 
-    .venv/bin/python bench/load.py                      # models/digits, 2000 one-row requests, 32 clients
-    .venv/bin/python bench/load.py --requests 500 --concurrency 16 --rows 4 --json out.json
+    .venv/bin/python -m bench.load                      # models/digits, 2000 one-row requests, 32 clients
+    .venv/bin/python -m bench.load --requests 500 --concurrency 16 --rows 4 --json out.json
 """
 
 from __future__ import annotations
@@ -14,11 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -27,7 +24,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench.http_load import Connection
+from bench.servers import REPO_ROOT, hydra_server
 
 
 @dataclass(frozen=True)
@@ -46,73 +44,38 @@ class Result:
     mean_batch_rows: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
-def serve(repository: Path, max_batch_size: int, delay_ms: float) -> Iterator[str]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
-    env |= {"HYDRA_MAX_BATCH_SIZE": str(max_batch_size), "HYDRA_MAX_QUEUE_DELAY_MS": str(delay_ms),
-            "HYDRA_LOG_LEVEL": "warning", "HYDRA_GRPC_PORT": "0"}  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-         "--model-repository", str(repository)],
-        cwd=REPO_ROOT, env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
-        else:
-            raise SystemExit("server did not become ready in 60 s")
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+def serve(repository: Path, model: str, max_batch_size: int, delay_ms: float) -> Iterator[str]:
+    """The server under test (bench.servers, the one starter); its log in a temporary file."""
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as logs:
+        log = Path(logs) / "server.log"
+        with hydra_server(
+            repository, model, max_batch_size=max_batch_size, max_queue_delay_ms=delay_ms, log=log
+        ) as (url, _):
+            yield url
 
 
 async def drive_raw(
     url: str, model: str, payloads: list[bytes], concurrency: int
 ) -> tuple[list[float], int, float]:
-    """Keep-alive HTTP/1.1 over asyncio streams: ~10x less client CPU than httpx, so on a small box
-    the numbers describe the server rather than the load generator."""
-    host, port = url.removeprefix("http://").split(":")
+    """Keep-alive HTTP/1.1 over asyncio streams (bench.http_load): ~10x less client CPU than httpx,
+    so on a small box the numbers describe the server rather than the load generator."""
     path = f"/v1/models/{model}:predict"
     latencies: list[float] = []
     errors = 0
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for p in payloads:
         queue.put_nowait(p)
-
-    def request(body: bytes) -> bytes:
-        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-
-    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> int:
-        writer.write(request(body))
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        await reader.readexactly(length)
-        return status
+    warm: list[Connection] = []
+    everyone_warm, start = asyncio.Event(), asyncio.Event()
 
     async def worker() -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection(host, int(port))
-        await exchange(reader, writer, payloads[0])  # warm this connection
+        connection = Connection(url)
+        await connection.request("POST", path, payloads[0])  # warm this connection
+        warm.append(connection)
+        if len(warm) == concurrency:
+            everyone_warm.set()
         await start.wait()
         while True:
             try:
@@ -120,14 +83,13 @@ async def drive_raw(
             except asyncio.QueueEmpty:
                 break
             t0 = time.perf_counter()
-            status = await exchange(reader, writer, body)
+            status, _, _ = await connection.request("POST", path, body)
             latencies.append(time.perf_counter() - t0)
             errors += status != 200
-        writer.close()
+        await connection.close()
 
-    start = asyncio.Event()
     workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-    await asyncio.sleep(0.5)
+    await everyone_warm.wait()  # every connection open and answered once before the clock starts
     t0 = time.perf_counter()
     start.set()
     await asyncio.gather(*workers)
@@ -177,7 +139,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     results = []
     configs = [("batching on", args.max_batch_size), ("batching off", 1)]
     for name, batch in configs:
-        with serve(args.repository, batch, args.max_queue_delay_ms) as url:
+        with serve(args.repository, args.model, batch, args.max_queue_delay_ms) as url:
             if meta_features is None:
                 shape = httpx.get(f"{url}/v1/models/{args.model}").json()["input"]["shape"][1:]
                 meta_features = shape

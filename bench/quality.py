@@ -119,7 +119,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_main(plan: QualityPlan, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     from training.config import DataConfig
-    from training.pipeline import make_config, run_all
+    from training.pipeline import run_all
+    from training.presets import make_config
 
     runs = []
     for dataset in plan.datasets:
@@ -168,7 +169,8 @@ def _subset_teachers(source: Path, target: Path, members: int) -> None:
 def run_ablations(plan: QualityPlan, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     from training.config import DataConfig
     from training.data import load_data
-    from training.pipeline import make_config, stage_distil, stage_evaluate, stage_export, stage_teachers
+    from training.pipeline import stage_distil, stage_evaluate, stage_export, stage_teachers
+    from training.presets import make_config
 
     data = load_data(DataConfig(dataset=plan.ablation_dataset))
     results = []

@@ -154,7 +154,9 @@ def suites_section(su: dict[str, Any] | None) -> str:
         'change (sparse far noise; docs/TRAINING.md, "How the recipe was chosen"). The **fresh** suite was added '
         "after that run; its miss and the confirmation suite's remaining one chose the `file` preset's wider student "
         "(2× the teachers' widths), and the **fresh2** suite was added with it, before its first run: it is the "
-        "untouched evidence for the final recipe. "
+        "untouched evidence for that recipe. Since then the `file` preset's student is one 1024-wide layer with "
+        "linear heads and the self-check probes 4,000 rows per family, both chosen on `tuning_wide` "
+        '(docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"); every table below was re-run with them. '
         "OOD families: the generic probe families of `training/probes.py`, scored by the run's own fidelity self-check "
         "on the exported graphs (ID = the test split; each method's own OOD score)."
     )
@@ -181,27 +183,31 @@ def _suite_criteria(v: dict[str, Any]) -> str:
 
 
 def fresh3_section(f3: dict[str, Any] | None) -> str:
-    """The fresh3 suite: untouched evidence for the recipe as it stands (run after it was fixed)."""
+    """The later suites (`--output suites_fresh3`): fresh3, defined before the two-layer student's
+    last run, and fresh4, defined before the one-layer student's first run, its untouched evidence."""
     if f3 is None:
         return ""
     from bench.suites import SUITES
 
     plan = f3["plan"]
+    names = ", ".join(plan["suites"])
     out = [
-        "### Fresh3 suite: the current recipe on tables defined before it was run "
-        f"({', '.join(d.name for d in SUITES['fresh3'])})",
+        f"### Later suites, on the recipe above ({names})",
         "",
         _provenance(f3["machine"]),
         "",
         f"Preset `{f3['preset']}`, seeds {plan['seeds']}, {plan['members']} teachers; wall time {f3['seconds']:.0f} s "
-        "(`python -m bench suites --only fresh3 --output suites_fresh3`). Defined and committed (bench/suites.py) "
-        "before any run on them, together with `tuning_wide`, on which student shapes were then measured and none "
-        'adopted (docs/TRAINING.md, "Wide tables, a second look"): so this is the recipe above, on data no setting '
-        "was chosen on.",
-        "",
+        f"(`python -m bench suites --only {','.join(plan['suites'])} --output suites_fresh3`). **fresh3** was defined "
+        "and committed before the last run of the two-layer student, whose misses there (and fresh2's) sent us back "
+        "to the wide tables: it is seen. **fresh4** was defined and committed before any run of the one-layer "
+        'student chosen on `tuning_wide` (docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"): the '
+        "untouched evidence for the recipe as it stands.",
     ]
-    out += _suite_tables([r for r in f3["runs"] if r["suite"] == "fresh3"])
-    out += ["", _suite_criteria(f3["verdict"]["fresh3"])]
+    for suite in plan["suites"]:
+        runs = [r for r in f3["runs"] if r["suite"] == suite]
+        out += ["", f"#### {suite.capitalize()} ({', '.join(d.name for d in SUITES[suite])})", ""]
+        out += _suite_tables(runs)
+        out += ["", _suite_criteria(f3["verdict"][suite])]
     return "\n".join(out)
 
 
@@ -257,7 +263,8 @@ def ood_section(od: dict[str, Any] | None) -> str:
         "(class-conditional Mahalanobis on the shared body, `training/density.py`) / by **input typicality** "
         "(Mahalanobis of the standardised row, scored two-sided) / by the **combined** statistic the server flags on "
         "(Σ max(z, 0) over the three log-scale z-scores, each normalised on the validation split; conformal p-value on "
-        "the calibration split). ID = the test split, 500 rows per probe family (`training/probes.py`). "
+        "the calibration split). ID = the test split, each package's self-check probe rows per family "
+        "(`training/probes.py`). "
         "· marks a family that even a supervised classifier *shown* its rows separates from ID rows with AUROC "
         "< 0.95 (3-fold CV, gradient boosting on raw features): not distinguishable, by anything. "
         f"Which data chose what: the body density's form and the rule were chosen on {', '.join(TUNED_ON)} "
@@ -960,6 +967,9 @@ def write(extra: dict[str, str] | None = None) -> Path:
         )
     parts.append(server_section(s))
     parts.append(grpc_section(load("grpc")))
+    from bench.workers import section as workers_section
+
+    parts.append(workers_section(load("workers")))
     parts.append(gpu_section(RESULTS / "gpu"))
     if gpu_cost or gpu_server:  # bench/gpu.sh on a connected GPU machine (project venv, wrk)
         parts += [

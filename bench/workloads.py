@@ -60,7 +60,8 @@ def build_wide_model(
 ) -> Path:
     """Train and export the compute-bound model with the training pipeline (teachers -> Hydra -> ONNX)."""
     from training.config import ArchConfig, DataConfig
-    from training.pipeline import make_config, run_all
+    from training.pipeline import run_all
+    from training.presets import make_config
     from training.transfer import train_only
 
     cfg = make_config(

@@ -4,6 +4,8 @@ Flags override `HYDRA_*` environment variables (see `service.settings.Settings`)
 uvicorn and the gRPC server stop accepting, finish in-flight requests and calls, the lifespan
 drains the batchers, exit 0.
 A start with no loadable model exits non-zero with the reason.
+`--workers N` (N > 1, or 0 = one per core): this process supervises N such servers on the same
+ports (`service.workers`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.settings import Settings
+from service.workers import Supervisor, worker_count
 
 
 def _parse_pins(values: list[str]) -> dict[str, int]:
@@ -83,7 +85,11 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # gRPC stops taking calls now too, and drains in parallel with HTTP (the lifespan awaits it)
-        grpc_server = getattr(getattr(self.config.app, "state", None), "grpc_server", None)
+        state = getattr(self.config.app, "state", None)
+        worker_group = getattr(state, "worker_group", None)
+        if worker_group is not None:  # the server stops being ready now, as this worker drains
+            worker_group.mark_unready()
+        grpc_server = getattr(state, "grpc_server", None)
         if grpc_server is not None:
             grpc_server.begin_stop()
         for server in self.servers:
@@ -98,11 +104,14 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = settings_from_args(argv)
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+
+
+def serve(app: Any, settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """Run `app` until SIGTERM/SIGINT has drained it: exit status 0, or 3 when its start-up failed.
+    `sockets`: listen on these (a worker's SO_REUSEPORT socket) instead of binding host:port."""
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -114,10 +123,22 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
     )
     server = DrainingServer(config)
-    server.run()
-    if not server.started:
-        # lifespan start-up failed (e.g. no loadable model); uvicorn has logged the reason
-        sys.exit(3)
+    server.run(sockets=sockets)
+    # not started: lifespan start-up failed (e.g. no loadable model); uvicorn has logged the reason
+    return 0 if server.started else 3
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = settings_from_args(argv)
+    configure_logging(settings)
+    count = worker_count(settings)
+    if count > 1:
+        sys.exit(Supervisor(settings, count).run())
+    from service.app import create_app  # here: a supervisor never imports the server it starts
+
+    status = serve(create_app(settings), settings)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

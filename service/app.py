@@ -30,6 +30,7 @@ from service.routes import repository as repository_routes
 from service.routes.infer import InferenceEdge
 from service.settings import Settings
 from service.v2_core import server_version
+from service.worker_group import WorkerGroup
 
 logger = logging.getLogger("service")
 
@@ -61,11 +62,18 @@ class HydraApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, worker_group: WorkerGroup | None = None) -> FastAPI:
+    """`worker_group`: this app is one of several worker processes (`service.workers`)."""
     settings = settings if settings is not None else Settings()
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(multiprocess_dir=worker_group.metrics_dir if worker_group else None)
     repository = ModelRepository(settings, metrics)
-    grpc_server = GrpcServer(settings, repository, metrics) if settings.grpc_port else None
+    if worker_group is not None:
+        repository.announce, repository.workers_not_ready = worker_group.announce, worker_group.not_ready
+    grpc_server = (
+        GrpcServer(settings, repository, metrics, share_port=worker_group is not None)
+        if settings.grpc_port
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,9 +94,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # clients fell from 100-136 ms to 19-39 ms on the 2-core box (bench/load.py).
         gc.collect()
         gc.freeze()
+        if worker_group is not None:  # caught up with the others' reloads, then counted as ready
+            await worker_group.join(repository)
         try:
             yield
         finally:
+            if worker_group is not None:
+                await worker_group.leave()
             if grpc_server is not None:  # calls in flight finish first (begun at SIGTERM: __main__)
                 await grpc_server.stop()
             await repository.stop()
@@ -107,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.repository = repository
     app.state.grpc_server = grpc_server
+    app.state.worker_group = worker_group
     install_error_handlers(app)
     app.include_router(v1.router)
     app.include_router(repository_routes.router)

@@ -19,7 +19,6 @@ Metric families live here (registered on the app's `ServiceMetrics` registry), n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import weakref
@@ -34,6 +33,7 @@ from service.drift import DriftMonitor
 from service.errors import ModelLoadError
 from service.manifest import ModelManifest
 from service.metrics import PREFIX, ServiceMetrics
+from service.metrics.multiprocess import remove_series
 from service.settings import Settings
 from service.shadow import ENSEMBLE_FILENAME, MEASURES, EnsembleRunner, ShadowTeacher
 
@@ -62,12 +62,14 @@ class MonitoringMetrics:
             "log10 of the drift alarm's conformal test martingale (current run; alarm at the threshold).",
             mv,
             registry=r,
+            multiprocess_mode="livemax",  # each worker tests the rows it served: the highest
         )
         self.threshold = Gauge(
             f"{p}_drift_alarm_threshold_log10",
             "log10(1/delta): the drift alarm fires when the martingale reaches it.",
             mv,
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.alarms = Counter(
             f"{p}_drift_alarms",
@@ -89,12 +91,14 @@ class MonitoringMetrics:
             "Fraction of served rows sampled for the shadow teacher (0: off or no ensemble.onnx).",
             mv,
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.fidelity = Gauge(
             f"{p}_shadow_fidelity",
             "Hydra vs its ensemble on the shadow window: mi_spearman, label_agreement, mi_ratio.",
             (*mv, "measure"),
             registry=r,
+            multiprocess_mode="livemostrecent",  # the window the last worker computed
         )
         metrics.on_remove.append(self.remove)
 
@@ -107,11 +111,9 @@ class MonitoringMetrics:
             self.shadow_dropped,
             self.shadow_fraction,
         ):
-            with contextlib.suppress(KeyError):
-                metric.remove(model, version)
+            remove_series(metric, model, version)
         for measure in MEASURES:
-            with contextlib.suppress(KeyError):
-                self.fidelity.remove(model, version, measure)
+            remove_series(self.fidelity, model, version, measure)
 
 
 def _shadow_runner(

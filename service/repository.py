@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from service.errors import ModelLoadError, ModelNotFound
 from service.metrics import ServiceMetrics
@@ -57,6 +58,10 @@ class ModelRepository:
         self._closing = asyncio.Event()
         # Longest gap between a route's lookup and its submit: reading the body is bounded by this.
         self._retire_grace_s = settings.request_read_timeout_s + 1.0
+        # One worker of several (service.worker_group): a client's load/unload is announced to the
+        # other workers (the call returns once they have applied it), and their readiness counts.
+        self.announce: Callable[[Literal["load", "unload"], str], Awaitable[None]] | None = None
+        self.workers_not_ready: Callable[[], list[int]] | None = None
 
     # ---- lookup ------------------------------------------------------------------------------------
     def get(self, name: str, version: int | None = None) -> ServedModel:
@@ -132,7 +137,7 @@ class ModelRepository:
         problems: list[str] = []
         for name in names:
             try:
-                await self.load(name)
+                await self.load(name, announce=False)
             except (ModelLoadError, ModelNotFound) as exc:
                 problems.append(exc.message)
                 logger.error("not serving %s: %s", name, exc.message)
@@ -146,8 +151,23 @@ class ModelRepository:
         models, self._models = list(self._models.values()), {}
         await asyncio.gather(*(m.stop() for m in models), *self._retiring)
 
-    async def load(self, name: str) -> ServedModel:
-        """(Re)load `name` at its pinned/latest version; the old version serves until the new one is warm."""
+    async def apply(self, op: Literal["load", "unload"], name: str) -> None:
+        """Do what another worker announced (not announced again)."""
+        if op == "load":
+            await self.load(name, announce=False)
+        else:
+            with contextlib.suppress(ModelNotFound):  # not loaded here: nothing to unload
+                await self.unload(name, announce=False)
+
+    async def load(self, name: str, *, announce: bool = True) -> ServedModel:
+        """(Re)load `name` at its pinned/latest version; the old version serves until the new one is
+        warm. `announce`: other workers (if any) load it too before this returns."""
+        model = await self._load(name)
+        if announce and self.announce is not None:
+            await self.announce("load", name)
+        return model
+
+    async def _load(self, name: str) -> ServedModel:
         check_model_name(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
             version = self._pick_version(name)
@@ -208,7 +228,12 @@ class ModelRepository:
             self._metrics.remove_model(old.name, str(old.version))
         logger.info("retired %s version %s", old.name, old.version)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, announce: bool = True) -> None:
+        await self._unload(name)
+        if announce and self.announce is not None:
+            await self.announce("unload", name)
+
+    async def _unload(self, name: str) -> None:
         check_model_name(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
             model = self._models.pop(name, None)

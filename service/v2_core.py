@@ -71,7 +71,13 @@ def server_readiness(repository: ModelRepository) -> tuple[bool, dict[str, bool]
         for entry in repository.index()
         if entry["state"] == "READY" or entry.get("reason") != "unloaded"
     }
-    return bool(states) and all(states.values()), states
+    return bool(states) and all(states.values()) and not workers_not_ready(repository), states
+
+
+def workers_not_ready(repository: ModelRepository) -> str:
+    """With several workers (`--workers`): why not all of them serve yet ("" when they do)."""
+    waiting = repository.workers_not_ready() if repository.workers_not_ready is not None else []
+    return f"workers {', '.join(map(str, waiting))} not ready" if waiting else ""
 
 
 def model_versions(repository: ModelRepository, model: ServedModel) -> list[str]:

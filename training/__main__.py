@@ -27,13 +27,13 @@ from training.data import BUILTIN_DATASETS
 from training.distributed import from_main, is_main, process_group
 from training.pipeline import (
     load_task_data,
-    make_config,
     run_all,
     stage_distil,
     stage_evaluate,
     stage_export,
     stage_teachers,
 )
+from training.presets import make_config
 from training.report import results_table
 
 StrictOption = Annotated[
@@ -94,9 +94,22 @@ def _summary(report: dict[str, Any]) -> None:
             "[bold yellow]WARNING[/]: Hydra does not follow its teachers on the self-check probes: "
             + "; ".join(sc["problems"])
             + ". Its uncertainty may not be the ensemble's on your data "
-            "(see report.md, 'Fidelity self-check'). Levers: a wider shared body (--student-width, "
-            "e.g. 2 or 4), more members or epochs; docs/TRAINING.md."
+            "(see report.md, 'Fidelity self-check'). Levers: a wider shared body (--student-hidden, "
+            "e.g. 2048 on tables; --student-width 2 for conv students), more members or epochs; "
+            "docs/TRAINING.md."
         )
+
+
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--student-hidden: comma-separated integers, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise typer.BadParameter(f"--student-hidden: widths must be >= 1, got {text!r}")
+    return widths
 
 
 def _verdict(report: dict[str, Any], strict: bool) -> None:
@@ -132,6 +145,13 @@ def run(
     student_width: Annotated[
         float | None,
         typer.Option(min=0.25, help="Student dense widths = the teachers' x this (default: the preset's)"),
+    ] = None,
+    student_hidden: Annotated[
+        str | None,
+        typer.Option(
+            help="The student's dense hidden widths, comma-separated, e.g. 2048 or 512,256 "
+            "(default: the preset's; tables: one layer of 1024)"
+        ),
     ] = None,
     teachers: Annotated[
         list[Path] | None,
@@ -176,6 +196,7 @@ def run(
         epochs=epochs,
         smoke=smoke,
         student_width=student_width,
+        student_hidden=_widths(student_hidden),
         external=ExternalTeachersConfig(paths=tuple(str(p) for p in teachers or ()), output=teacher_output),
         arch_kind=arch,
     )

@@ -65,6 +65,9 @@ class DistilConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm per step (0 = off)
     student_width: float = 1.0  # the student's dense hidden widths = the teachers' x this
+    # when set, the student's dense hidden layers exactly (student_width then unused): the `file`
+    # preset's one wide layer (training/presets.py)
+    student_hidden: tuple[int, ...] = ()
     # phase-2 body learning rate as a multiple of lr; 0 freezes the body
     phase2_body_lr_scale: float = 1.0
     # transfer set (training/transfer.py): train rows + mixup + near noise + far multi-scale noise
@@ -79,6 +82,16 @@ class DistilConfig:
     marginal_copies: int = 1
     extrapolate_copies: int = 1
     extrapolate_max: float = 100.0  # x_i + t (x_i - x_j), t log-uniform in [0.1, extrapolate_max]
+    # rows rescaled about the origin, x * s with s log-uniform in [1 / rescale_max, rescale_max], on
+    # every feature or a random subset: the wrong-unit rows production sends
+    rescale_copies: int = 0
+    rescale_max: float = 20.0
+    # disagreement seeking (after Nam et al. 2021): per training row `seek_candidates` perturbations
+    # at seek_min_std..seek_max_std, the one the teachers disagree on most kept, `seek_copies` times
+    seek_copies: int = 0
+    seek_candidates: int = 8
+    seek_min_std: float = 0.1
+    seek_max_std: float = 3.0
     # per-row factor max(1, distance / training radius): divides the temperature (classification) or
     # the Gaussian KL (regression) of far rows (training/transfer.py, radial_scale)
     radial_temperature: bool = True

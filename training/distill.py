@@ -27,7 +27,7 @@ from training.distributed import data_parallel, local_batch_size, mean_over_rank
 from training.losses import ensemble_moments, gaussian_kl, head_cosine_similarity, hydra_kd_loss, kd_loss
 from training.models import FusedLinear, HydraNet, regression_outputs
 from training.teachers import build_network
-from training.transfer import radial_scale, transfer_inputs
+from training.transfer import radial_scale, seek_disagreement, transfer_inputs
 
 Progress = Callable[[str, int, float], None]  # (phase, epoch, loss)
 
@@ -165,6 +165,12 @@ def distil(
         MemberTeachers([m.to(device).eval() for m in members]) if isinstance(members, list) else members
     )
     targets = teachers(x).to(device)  # (n, M, out), labelled once
+    if dc.seek_copies > 0:  # rows near the data where the teachers disagree most, already labelled
+        rows, raw = seek_disagreement(
+            dc, data, cfg.seed, lambda a: teachers(torch.from_numpy(a).to(device)).cpu().numpy()
+        )
+        x = torch.cat([x, torch.from_numpy(rows).to(device)])
+        targets = torch.cat([targets, torch.from_numpy(raw).to(device)])
     task, T = data.task, dc.temperature
     # per-row factor, 1 near the data and distance / data radius far out: it divides the temperature
     # (classification) or the Gaussian KL (regression), so far rows neither saturate nor dominate

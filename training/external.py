@@ -1,6 +1,6 @@
 """The user's own ONNX teachers in the pipeline (`python -m training run --teachers PATH…`).
 
-`training/onnx_teachers.py` checks, runs and stacks the files; this module is the glue the stages
+`training/onnx_teachers/` checks, runs and stacks the files; this module is the glue the stages
 use: which files a run distils (`teacher_specs`), the teachers as the distillation's labeller in
 its training space (`OnnxLabeller`), labels for a `--data` file without a target column
 (`label_function`), and the provenance the manifest records (`provenance`).
@@ -9,6 +9,7 @@ its training space (`OnnxLabeller`), labels for a `--data` file without a target
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from training.config import RunConfig
-from training.data import LabelFn
+from training.data import LabelFn, TaskData
 from training.models import MIN_VARIANCE
 from training.onnx_teachers import OnnxTeachers, TeacherSpec, find_teacher_files, inspect_teachers
 
@@ -109,3 +110,40 @@ def label_function(specs: list[TeacherSpec], task: str) -> LabelFn:
         return teachers.gaussians(rows)[0].mean(axis=1)
 
     return label
+
+
+def fit_to_teachers(data: TaskData, specs: list[Any]) -> TaskData:
+    """Reshape the (flat) rows to the teachers' input shape; check feature and class counts."""
+    shape = tuple(specs[0].row_shape)
+    size = int(np.prod(shape))
+    if int(np.prod(data.row_shape)) != size:
+        raise ValueError(
+            f"the teachers take {size} input values per row {list(shape)}, "
+            f"--data has {int(np.prod(data.row_shape))} feature columns"
+        )
+    if data.task == "classification":
+        classes = int(specs[0].classes)
+        if not data.labelled:
+            data = replace(data, labels=[str(i) for i in range(classes)])
+        elif len(data.labels or []) != classes:
+            raise ValueError(
+                f"the teachers predict {classes} classes, the target column has {len(data.labels or [])}"
+            )
+    if shape == data.row_shape:
+        return data
+
+    def reshaped(split: Any) -> Any:
+        return replace(split, x=split.x.reshape(len(split.x), *shape))
+
+    return replace(
+        data,
+        row_shape=shape,
+        kind="image" if len(shape) == 2 else data.kind,
+        image_hw=(shape[0], shape[1]) if len(shape) == 2 else None,
+        train=reshaped(data.train),
+        val=reshaped(data.val),
+        cal=reshaped(data.cal),
+        test=reshaped(data.test),
+        ood={k: v.reshape(len(v), *shape) for k, v in data.ood.items()},
+        feature_names=None,
+    )

@@ -1,11 +1,21 @@
 """Per-dataset presets: the network shape and schedules each built-in dataset was measured with,
-and the `file` preset every `--data` table gets (docs/TRAINING.md). Plain values, no logic."""
+and the `file` preset every `--data` table gets (docs/TRAINING.md); `make_config` is a run's
+`RunConfig`: its dataset's preset with the CLI's overrides applied."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from training.config import ArchConfig, DistilConfig, TeacherConfig
+from training.config import (
+    ArchConfig,
+    DataConfig,
+    DistilConfig,
+    ExternalTeachersConfig,
+    RunConfig,
+    TeacherConfig,
+)
 
 # Per-dataset architecture and schedules (measured; docs/TRAINING.md). Distillation uses the
 # one default recipe (DistilConfig's defaults) everywhere but the two regression toys' schedules.
@@ -33,9 +43,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "file": {
         "arch": ArchConfig(kind="mlp", hidden=(128, 128), head_layers=1),
         "teacher": TeacherConfig(epochs=100, patience=15),
-        # a shared body twice a teacher's width: on wide tables one 128-unit body could not carry
-        # eight teachers' extrapolations (docs/TRAINING.md); ~2x a tiny MLP's microseconds
-        "distil": DistilConfig(student_width=2.0),
+        # the student's body: one hidden layer as wide as the eight teachers' layers side by side
+        # (8 x 128), linear heads on it. Far from the data each head must copy its own teacher's
+        # extrapolation; two stacked layers 2x a teacher's width could not on wide tables, one wide
+        # layer can, at under half the ensemble's FLOPs (docs/TRAINING.md, "Wide tables, measured
+        # with 4,000 probe rows")
+        # (conv students of `--arch cnn1d/cnn2d` keep their stacks, dense widths x 2)
+        "distil": DistilConfig(student_width=2.0, student_hidden=(1024,)),
     },
 }
 
@@ -47,3 +61,58 @@ STUDENT_BODIES = {
     "cnn1d": ArchConfig(kind="cnn1d", conv_channels=(32, 32, 64), hidden=(128,), head_layers=1),
     "cnn2d": ArchConfig(kind="cnn2d", conv_channels=(16, 32), hidden=(64,), head_layers=1),
 }
+
+
+def make_config(
+    data: DataConfig,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    members: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int = 1,
+    epochs: int | None = None,
+    smoke: bool = False,
+    student_width: float | None = None,
+    student_hidden: tuple[int, ...] | None = None,
+    external: ExternalTeachersConfig | None = None,
+    arch_kind: str | None = None,
+) -> RunConfig:
+    preset = PRESETS[data.dataset]
+    arch: ArchConfig = preset["arch"]
+    if arch_kind is not None:
+        if arch_kind not in STUDENT_BODIES:
+            raise ValueError(f"--arch must be one of {sorted(STUDENT_BODIES)}, got {arch_kind!r}")
+        arch = STUDENT_BODIES[arch_kind]
+    teacher = replace(preset["teacher"], members=members)
+    dc: DistilConfig = preset["distil"]
+    if arch.kind != "mlp":  # one wide dense layer is the MLP student's shape, not a conv stack's
+        dc = replace(dc, student_hidden=())
+    if student_hidden is not None:
+        dc = replace(dc, student_hidden=tuple(student_hidden))
+    if student_width is not None:  # the teachers' widths x this, in place of the preset's shape
+        dc = replace(dc, student_width=student_width, student_hidden=())
+    if epochs is not None:  # one override for every stage's epoch count
+        teacher = replace(teacher, epochs=epochs)
+        dc = replace(dc, phase1_epochs=epochs, phase2_epochs=epochs)
+    if smoke:
+        data = replace(data, max_train_rows=256)
+        teacher = replace(teacher, members=min(members, 3), epochs=2)
+        dc = replace(
+            dc, phase1_epochs=2, phase2_epochs=2, mixup_copies=1, noise_copies=1, far_copies=1, shift_copies=0
+        )
+    if name is None:
+        name = Path(data.path).stem if data.dataset == "file" and data.path else data.dataset
+    return RunConfig(
+        name=name,
+        version=version,
+        seed=seed,
+        device=device,
+        threads=threads,
+        data=data,
+        arch=arch,
+        teacher=teacher,
+        distil=dc,
+        external=external or ExternalTeachersConfig(),
+    )

@@ -38,8 +38,11 @@ def member_seed(seed: int, member: int) -> int:
 
 
 def student_arch(cfg: RunConfig) -> ArchConfig:
-    """The student's shape: the teachers', dense widths × `distil.student_width` (one body must
-    carry what M teachers compute separately; the heads stay light)."""
+    """The student's shape: the teachers', dense widths × `distil.student_width`, or exactly
+    `distil.student_hidden` when set (one body must carry what M teachers compute separately; the
+    heads stay light)."""
+    if cfg.distil.student_hidden:
+        return replace(cfg.arch, hidden=tuple(cfg.distil.student_hidden))
     width = cfg.distil.student_width
     return replace(cfg.arch, hidden=tuple(max(1, round(h * width)) for h in cfg.arch.hidden))
 

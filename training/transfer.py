@@ -15,12 +15,21 @@ from the training inputs alone (never from evaluation or probe sets):
     extrapolate  x_i + t·(x_i − x_j), t log-uniform in [0.1, `extrapolate_max`]  out of range, along the data
     shifted      images only: translated by up to `shift_pixels` pixels, zero fill
 
+Two more families are options, off by default (measured without gain on wide tables; docs/
+TRAINING.md, "Wide tables, a third look"):
+
+    rescaled     x · s about the raw origin, s log-uniform in [1/`rescale_max`, `rescale_max`]
+    seek         per training row `seek_candidates` perturbations, the one the teachers disagree
+                 on most kept (after Nam et al. 2021; `seek_disagreement`, run in distill.py
+                 because it needs the teachers)
+
 σ follows the network's own standardisation (per feature for tabular rows, one scalar for images
 and sequences). Deterministic for a seed; each family draws from its own stream.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -50,14 +59,73 @@ def _mixup(x: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray
 def _far(x: np.ndarray, scale: np.ndarray, dc: DistilConfig, rng: np.random.Generator) -> np.ndarray:
     n, d = x.shape
     magnitude = _log_uniform(rng, dc.far_min_std, dc.far_max_std, (n, 1))
-    # half the rows move every feature, half a random subset of k features, k log-uniform in 1 … d:
-    # far out along the axes and low-dimensional faces as well as along the diagonals, which
-    # isotropic noise in d dimensions almost never visits (a uniform k would make 1-3 features
-    # rare in wide tables)
+    # every feature or a subset: far out along the axes and low-dimensional faces as well as along
+    # the diagonals, which isotropic noise in d dimensions almost never visits
+    keep = _subset_mask(n, d, rng)
+    return x + rng.standard_normal((n, d)) * scale * magnitude * keep
+
+
+def _subset_mask(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, d) bool: half the rows every feature, half a random subset of k features, k log-uniform
+    in 1 … d (a uniform k would make 1-3 features rare in wide tables)."""
     k = np.clip(np.floor(np.exp(rng.uniform(0.0, np.log(d + 1), size=n))), 1, d).astype(int)
     keep = np.argsort(rng.random((n, d)), axis=1) < k[:, None]
     keep[rng.random(n) < 0.5] = True
-    return x + rng.standard_normal((n, d)) * scale * magnitude * keep
+    return keep
+
+
+def _rescaled(x: np.ndarray, dc: DistilConfig, rng: np.random.Generator) -> np.ndarray:
+    """x · s about the origin of the raw units, s log-uniform in [1 / rescale_max, rescale_max], on
+    every feature or a subset: a row sent in the wrong unit moves along its own ray from 0, which
+    neither additive noise nor blends of rows reach (x 0.1 on a table of positive features lands in
+    the corner by the origin, inside every feature's range)."""
+    n, d = x.shape
+    s = _log_uniform(rng, 1.0 / dc.rescale_max, dc.rescale_max, (n, 1))
+    return np.where(_subset_mask(n, d, rng), x * s, x)
+
+
+def disagreement_scores(raw: np.ndarray, task: str) -> np.ndarray:
+    """How much the teachers disagree on each row, from their raw outputs (n, M, out): the mutual
+    information of their softmaxes (classification) or the variance of their means (regression,
+    standardised units)."""
+    if task == "classification":
+        z = raw - raw.max(axis=-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=-1, keepdims=True)
+        mean = p.mean(axis=1)
+        entropy_of_mean = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(-1)
+        mean_entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1).mean(axis=1)
+        return entropy_of_mean - mean_entropy
+    return raw[..., 0].var(axis=1)
+
+
+def seek_disagreement(
+    dc: DistilConfig, data: TaskData, seed: int, label: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows near the data where the teachers disagree most, and their labels (after Nam et al. 2021,
+    who step along the gradient of the teachers' diversity; a random search needs no gradient, so
+    it serves the user's ONNX teachers too). Each copy draws `seek_candidates` perturbations of every
+    training row, x + s·σ·ε on every feature or a subset, s log-uniform in
+    [seek_min_std, seek_max_std], labels them all and keeps, per row, the one of highest
+    disagreement (`disagreement_scores`). Returns (rows shaped like the training rows, float32;
+    raw teacher outputs (n, M, out))."""
+    x = data.train.x.reshape(len(data.train), -1).astype(np.float64)
+    _, scale = _standardisation(x, data.kind)
+    n, d = x.shape
+    kept_rows, kept_raw = [], []
+    for c in range(dc.seek_copies):
+        rng = np.random.default_rng([seed + 777, 7, c])
+        k = dc.seek_candidates
+        base = np.repeat(x, k, axis=0)
+        magnitude = _log_uniform(rng, dc.seek_min_std, dc.seek_max_std, (n * k, 1))
+        cand = base + rng.standard_normal((n * k, d)) * scale * magnitude * _subset_mask(n * k, d, rng)
+        cand = cand.reshape(n * k, *data.train.x.shape[1:]).astype(np.float32)
+        raw = label(cand)
+        best = disagreement_scores(raw.astype(np.float64), data.task).reshape(n, k).argmax(axis=1)
+        pick = np.arange(n) * k + best
+        kept_rows.append(cand[pick])
+        kept_raw.append(raw[pick])
+    return np.concatenate(kept_rows), np.concatenate(kept_raw)
 
 
 def _marginals(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -126,6 +194,7 @@ def transfer_parts(dc: DistilConfig, data: TaskData, seed: int) -> dict[str, np.
     parts["far"] = [_far(x, scale, dc, stream(3, c)) for c in range(dc.far_copies)]
     parts["marginals"] = [_marginals(x, stream(4, c)) for c in range(dc.marginal_copies)]
     parts["extrapolate"] = [_extrapolate(x, dc, stream(5, c)) for c in range(dc.extrapolate_copies)]
+    parts["rescaled"] = [_rescaled(x, dc, stream(8, c)) for c in range(dc.rescale_copies)]
     if data.image_hw is not None:
         parts["shifted"] = [
             _shifted(x, data.image_hw, dc.shift_pixels, stream(6, c)) for c in range(dc.shift_copies)
@@ -143,12 +212,14 @@ def train_only(dc: DistilConfig) -> DistilConfig:
         marginal_copies=0,
         extrapolate_copies=0,
         shift_copies=0,
+        rescale_copies=0,
+        seek_copies=0,
     )
 
 
 def near_only(dc: DistilConfig) -> DistilConfig:
     """`dc` with the near families only (mixup, small noise, shifts): the recipe before the far ones."""
-    return replace(dc, far_copies=0, marginal_copies=0, extrapolate_copies=0)
+    return replace(dc, far_copies=0, marginal_copies=0, extrapolate_copies=0, rescale_copies=0, seek_copies=0)
 
 
 def transfer_inputs(dc: DistilConfig, data: TaskData, seed: int) -> np.ndarray:

@@ -256,8 +256,16 @@ class GrpcServer:
     are refused at once, calls in flight get `shutdown_timeout_s` to finish.
     """
 
-    def __init__(self, settings: Settings, repository: ModelRepository, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: ModelRepository,
+        metrics: ServiceMetrics,
+        *,
+        share_port: bool = False,
+    ) -> None:
         self.settings = settings
+        self.share_port = share_port  # one of several workers on this port (SO_REUSEPORT)
         self.repository = repository
         self.metrics = metrics
         self.port: int | None = None
@@ -270,8 +278,9 @@ class GrpcServer:
             ("grpc.max_receive_message_length", self.settings.max_request_bytes),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             # grpc enables SO_REUSEPORT by default: a second server on the same port would then start
-            # silently and take half the calls. Off, so a port in use fails the start.
-            ("grpc.so_reuseport", 0),
+            # silently and take half the calls. Off, so a port in use fails the start; on only for
+            # the workers of one server, which share the port the supervisor reserved.
+            ("grpc.so_reuseport", 1 if self.share_port else 0),
         ]
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers(

@@ -239,7 +239,9 @@ async def health_ready(request: Request) -> Response:
     ready, states = v2_core.server_readiness(get_repository(request))
     body = ServerReadiness(ready=ready, models=states).model_dump()
     if not ready:
-        not_ready = sorted(k for k, v in states.items() if not v) or ["no model is loaded"]
+        not_ready = sorted(k for k, v in states.items() if not v) or [
+            v2_core.workers_not_ready(get_repository(request)) or "no model is loaded"
+        ]
         body["error"] = f"not ready: {', '.join(not_ready)}"
     return OrjsonResponse(body, status_code=200 if ready else 503)
 

@@ -23,6 +23,7 @@ from bench.suites import (
     verdict,
     write_csv,
 )
+from training.selfcheck import PROBE_ROWS
 
 ALL = TUNING + CONFIRMATION + FRESH + FRESH2
 
@@ -100,7 +101,7 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
     runs = run_suites(plan, tmp_path, log=lambda _: None)
     assert [(r["dataset"], r["split_seed"]) for r in runs] == [("penguins", 0), ("penguins", 1)]
     sizes = [r["self_check"]["rows_per_family"] for r in runs]
-    assert sizes == [500, 500] and runs[1]["config"]["data"]["split_seed"] == 1
+    assert sizes == [PROBE_ROWS, PROBE_ROWS] and runs[1]["config"]["data"]["split_seed"] == 1
     run = runs[0]
     assert set(run["test"]) == {"ensemble", "kd", "hydra"} and run["transfer_size"] > 0
     assert (tmp_path / "models" / "penguins" / "s0" / "model.onnx").exists()
@@ -129,8 +130,17 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
             "seconds": 1.0,
         }
     )
-    assert "### Fresh3 suite" in f3 and "| penguins |" in f3 and "Criteria over every" in f3
+    assert "#### Fresh3 (" in f3 and "| penguins |" in f3 and "Criteria over every" in f3
     assert fresh3_section(None) == ""
-    assert list(SUITES) == ["tuning", "confirmation", "fresh", "fresh2", "fresh_ood", "tuning_wide", "fresh3"]
+    assert list(SUITES) == [
+        "tuning",
+        "confirmation",
+        "fresh",
+        "fresh2",
+        "fresh_ood",
+        "tuning_wide",
+        "fresh3",
+        "fresh4",
+    ]
     names = [d.name for suite in SUITES.values() for d in suite]
     assert len(names) == len(set(names)), "a table in two suites would blur which data chose what"

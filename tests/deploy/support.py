@@ -8,7 +8,6 @@ import contextlib
 import json
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.service.support import free_port
+from tests.service.support import free_port, stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
@@ -247,10 +246,4 @@ def running_prometheus(config: dict[str, Any], timeout: float = 20.0) -> Iterato
                 time.sleep(0.1)
             yield prometheus
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop(process, timeout=10)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 
 from tests.deploy.support import REPO_ROOT
-from tests.service.support import free_port
+from tests.service.support import free_port, stop
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -143,13 +142,7 @@ def test_started_image_answers_health_v1_and_v2_as_10001(mounted: Mounted, tmp_p
             check = _start_in_chroot(mounted, mounted.healthcheck[1:], env, sink)
         assert check.wait(timeout=30) == 0, (tmp_path / "healthcheck.log").read_text()
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=30) == 0, log.read_text()
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
+        assert stop(process) == 0, log.read_text()
 
 
 def _image_env(config: dict[str, Any]) -> dict[str, str]:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import tritonclient.grpc
 
 from tests.deploy.support import REPO_ROOT
 from tests.deploy.test_packaging import DOCKERFILE, stages
-from tests.service.support import build_test_repository, calibration_inputs, free_port
+from tests.service.support import build_test_repository, calibration_inputs, free_port, stop
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -147,13 +146,7 @@ def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) 
         # the image's HEALTHCHECK command, run as Docker would (exec form, the image's environment)
         assert _healthcheck(installed, env).returncode == 0
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=30) == 0, log.read_text()
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
+        assert stop(process) == 0, log.read_text()
     assert _healthcheck(installed, env).returncode != 0  # and it reports a stopped server unhealthy
 
 

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from service.manifest import ModelManifest
-from service.uncertainty import classification_uncertainty
+from tests import oracle
 from tests.service.support import CLF_CLASSES, CLF_FEATURES, HEADS, OPSET, calibration_inputs, make_classifier
 
 POISON_THRESHOLD = 1.0e6
@@ -126,7 +126,7 @@ def write_classifier_package(root: Path, name: str, version: int, model: onnx.Mo
     onnx.save(model, directory / "model.onnx")
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (log_probs,) = session.run(["log_probs"], {"input": calibration_inputs("classification")})
-    scores = np.nan_to_num(classification_uncertainty(log_probs).mutual_information, nan=0.0)
+    scores = np.nan_to_num(oracle.classification(log_probs)["mutual_information"], nan=0.0)
     heads = int(log_probs.shape[1])
     manifest: dict[str, Any] = {
         "name": name,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import signal
 import time
 from collections import Counter
@@ -30,8 +31,8 @@ import numpy as np
 import orjson
 import pytest
 
+from bench.http_load import Outcome, closed_loop, until_answered
 from tests.reliability.checks import is_error_body, metric_value
-from tests.reliability.load import Outcome, closed_loop
 from tests.reliability.models import (
     POISON_THRESHOLD,
     make_fragile_classifier,
@@ -41,6 +42,8 @@ from tests.reliability.models import (
     write_wrong_schema_manifest,
 )
 from tests.service.support import (
+    API_KEY,
+    AUTH,
     CLF_FEATURES,
     ReferenceModel,
     Server,
@@ -49,15 +52,6 @@ from tests.service.support import (
     wait_ready,
     write_model,
 )
-
-KEY = "reliability-admin-key"
-AUTH = {"X-API-Key": KEY}
-
-
-@pytest.fixture
-def keyed_server(repo: Path) -> Iterator[Server]:
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="2") as server:
-        yield server
 
 
 def _clf_body(i: int) -> bytes:
@@ -93,17 +87,39 @@ FAULTS: dict[str, tuple[Callable[[Path], None], str, str]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def fault_repo(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable copy of the test repository shared by the fault tests: each writes its own broken
+    version 2 of clf over the last one, and the server keeps serving version 1 throughout."""
+    repo = tmp_path_factory.mktemp("faults") / "models"
+    shutil.copytree(model_repository, repo)
+    return repo
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def fault_server(fault_repo: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """One keyed server per worker count for every fault (each test's reload is refused, so none
+    changes what it serves)."""
+    with running_server(
+        fault_repo, api_key=API_KEY, max_queue_delay_ms="2", workers=str(request.param)
+    ) as server:
+        yield server
+
+
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_reload_to_a_broken_version_is_refused_while_the_old_one_serves(
-    fault: str, keyed_server: Server, repo: Path
+    fault: str, fault_server: Server, fault_repo: Path
 ) -> None:
     breaker, reason, words = FAULTS[fault]
+    keyed_server, repo = fault_server, fault_repo
+    shutil.rmtree(repo / "clf" / "2", ignore_errors=True)  # the last test's broken version
     url = keyed_server.url
     before = metric_value(url, "hydra_model_load_failures_total", {"model": "clf", "reason": reason})
     breaker(repo)
 
     async def reload_under_load() -> tuple[httpx.Response, list[Outcome], float, float]:
         stop = asyncio.Event()
+        answered: list[Outcome] = []
         load = asyncio.create_task(
             closed_loop(
                 url,
@@ -113,14 +129,15 @@ def test_reload_to_a_broken_version_is_refused_while_the_old_one_serves(
                 duration_s=30,
                 headers=AUTH,
                 stop=stop,
+                outcomes=answered,
             )
         )
-        await asyncio.sleep(0.5)
+        await until_answered(answered, 30)  # the load is running before the reload
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
             attempt_start = time.perf_counter()
             refused = await client.post("/v2/repository/models/clf/load")
             attempt_end = time.perf_counter()
-        await asyncio.sleep(0.5)
+        await until_answered(answered, len(answered) + 30)  # ... and still answering after it
         stop.set()
         return refused, await load, attempt_start, attempt_end
 
@@ -215,20 +232,30 @@ def test_a_model_run_that_raises_fails_only_its_batch(fragile_server: tuple[Serv
     )
 
 
-def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Path, workers: int) -> None:
     # batches wait up to 50 ms, so at the signal many requests sit in the batch queue
-    server = start_server(model_repository, "--max-queue-delay-ms", "50", "--max-batch-size", "64")
+    server = start_server(
+        model_repository, "--max-queue-delay-ms", "50", "--max-batch-size", "64", workers=str(workers)
+    )
     wait_ready(server)
     signalled: list[float] = []
 
     async def scenario() -> list[Outcome]:
         stop = asyncio.Event()
+        answered: list[Outcome] = []
         load = asyncio.create_task(
             closed_loop(
-                server.url, "/v1/models/clf:predict", _clf_body, concurrency=48, duration_s=30, stop=stop
+                server.url,
+                "/v1/models/clf:predict",
+                _clf_body,
+                concurrency=48,
+                duration_s=30,
+                stop=stop,
+                outcomes=answered,
             )
         )
-        await asyncio.sleep(1.5)
+        await until_answered(answered, 2 * 48)  # every worker has been answered: the load is on
         stop.set()  # no new requests after the signal: every later failure would be a lost request
         signalled.append(time.perf_counter())
         server.process.send_signal(signal.SIGTERM)
@@ -244,6 +271,7 @@ def test_sigterm_under_load_answers_every_request_in_flight(model_repository: Pa
         "\nSIGTERM "
         + json.dumps(
             {
+                "workers": workers,
                 "requests": len(outcomes),
                 "in_flight_at_signal": len(in_flight),
                 "unanswered": len(unanswered),

@@ -31,10 +31,12 @@ REAL_NAMES = st.sampled_from([None, "clf", "reg"])
 REAL_VERSIONS = st.sampled_from([None, "1"])
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(model_repository: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def fuzz_server(model_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     # keyed, so load/unload are reachable too; a short request timeout keeps odd requests cheap
-    with running_server(model_repository, api_key=KEY, request_timeout_s="5") as server:
+    with running_server(
+        model_repository, api_key=KEY, request_timeout_s="5", workers=str(request.param)
+    ) as server:
         yield server
 
 

@@ -167,9 +167,9 @@ def nearly_valid_request(draw: st.DrawFn) -> bytes:
     return request.SerializeToString()
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(model_repository: Path) -> Iterator[Server]:
-    with running_server(model_repository, request_timeout_s="5") as server:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def fuzz_server(model_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    with running_server(model_repository, request_timeout_s="5", workers=str(request.param)) as server:
         yield server
 
 

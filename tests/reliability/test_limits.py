@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from tests.reliability.checks import is_error_body
-from tests.reliability.load import rss_bytes
-from tests.service.support import CLF_FEATURES, Server, running_server
+from tests.reliability.memory import rss_bytes
+from tests.service.support import CLF_FEATURES, Server, connect, read_response, running_server
 
 LIMIT = 64 * 1024
 MiB = 1024 * 1024
@@ -40,30 +40,12 @@ def limited_server(model_repository: Path) -> Iterator[Server]:
 
 
 def _connect(server: Server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    return sock
+    return connect(server.url)
 
 
 def _read_response(sock: socket.socket) -> tuple[int, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(head.split(b" ")[1]), body
+    status, _, body = read_response(sock)
+    return status, body
 
 
 def _predict_ok(url: str) -> float:

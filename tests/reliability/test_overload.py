@@ -26,16 +26,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.reliability.checks import RowPool, is_error_body
-from tests.reliability.load import (
+from bench.http_load import (
     Outcome,
-    RssSampler,
     closed_loop,
     open_loop,
-    peak_rss_bytes,
     percentile,
-    rss_bytes,
     throughput,
+)
+from tests.reliability.checks import RowPool, is_error_body
+from tests.reliability.memory import (
+    RssSampler,
+    peak_rss_bytes,
+    rss_bytes,
 )
 from tests.service.support import Server, running_server
 
@@ -44,10 +46,15 @@ MiB = 1024 * 1024
 QUEUE = 32  # requests that may wait per model: at ~30 req/s, about a second of work
 
 
-@pytest.fixture(scope="module")
-def wide_server(wide_repository: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def wide_server(wide_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    # 2 workers: two processes on the port, each with its own queue of QUEUE and one ORT thread
     with running_server(
-        wide_repository, max_batch_size="64", max_queue_size=str(QUEUE), intra_op_threads="1"
+        wide_repository,
+        max_batch_size="64",
+        max_queue_size=str(QUEUE),
+        intra_op_threads="1",
+        workers=str(request.param),
     ) as server:
         yield server
 

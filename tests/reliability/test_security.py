@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.http_load import Connection
 from tests.reliability.checks import is_error_body
-from tests.reliability.load import Connection
 from tests.service.support import CLF_FEATURES, REPO_ROOT, Server, running_server, write_model
 
 SERVICE = REPO_ROOT / "service"

@@ -19,6 +19,7 @@ it with SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,20 +36,13 @@ import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import LedoitWolf
 
-from service import inference
+from bench.servers import free_port
 from service.manifest import ModelManifest
-from service.uncertainty import (
-    DENSITY_SCORE,
-    INPUT_DENSITY_SCORE,
-    CombinedOODScore,
-    ConformalOODCalibrator,
-    LogScaleNormaliser,
-    classification_uncertainty,
-    regression_uncertainty,
-)
+from tests import oracle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPSET = 17
@@ -57,6 +51,8 @@ HEADS = 4
 CLF_FEATURES, CLF_CLASSES = 8, 3
 REG_FEATURES = 5
 REG_FEATURE_NAMES = ("age", "bmi", "bp", "s1", "s2")
+API_KEY = "s3cret-key"  # the servers of tests that load, unload or break models need one
+AUTH = {"X-API-Key": API_KEY}
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -169,7 +165,7 @@ def with_density(model: onnx.ModelProto, fit_rows: np.ndarray) -> onnx.ModelProt
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     if graph.output[0].name == "log_probs":
         (log_probs,) = session.run(["log_probs"], {"input": fit_rows})
-        groups = classification_uncertainty(log_probs).label
+        groups = oracle.classification(log_probs)["label"]
     else:
         groups = np.zeros(len(body), dtype=np.int64)
     present = np.unique(groups)
@@ -265,7 +261,7 @@ def write_model(
     graph = RawModel(model)
     calib = calibration_inputs(task)
     if task == "classification":
-        scores = classification_uncertainty(graph.raw(calib)["log_probs"]).mutual_information
+        scores = oracle.classification(graph.raw(calib)["log_probs"])["mutual_information"]
         features = CLF_FEATURES
         extra: dict[str, Any] = {
             "labels": ["setosa", "versicolor", "virginica"],
@@ -278,7 +274,7 @@ def write_model(
         }
     else:
         raw = graph.raw(calib)
-        scores = regression_uncertainty(raw["mean"], raw["variance"]).epistemic_variance
+        scores = oracle.regression(raw["mean"], raw["variance"])["epistemic_variance"]
         features = REG_FEATURES
         extra = {
             "feature_names": list(REG_FEATURE_NAMES),
@@ -319,49 +315,30 @@ def combined_ood(
     model: RawModel, task: Literal["classification", "regression"], head_score: str, calib: np.ndarray
 ) -> dict[str, Any]:
     """The `ood` fields of a combined score: components fitted on `normaliser_inputs`, calibration
-    scores = the combined statistic on `calib` (another split), both with service.uncertainty."""
+    scores = the combined statistic on `calib` (another split), both with the test oracle."""
     reference = component_scores(model.raw(normaliser_inputs(task)), head_score)
-    normalisers = [
-        LogScaleNormaliser.fit(score, values, tails=COMPONENT_TAILS.get(score, "upper"))
+    components = [
+        oracle.fit_component(score, values, tails=COMPONENT_TAILS.get(score, "upper"))
+        | {"fitted_on": "test-normaliser"}
         for score, values in reference.items()
     ]
-    combined = CombinedOODScore(normalisers)(component_scores(model.raw(calib), head_score))
-    return {
-        "score": "combined",
-        "combination": CombinedOODScore.RULE,
-        "components": [
-            {
-                "score": c.score,
-                "log_median": c.log_median,
-                "log_iqr": c.log_iqr,
-                "tails": c.tails,
-                **(
-                    {"log_lower_scale": c.log_lower_scale, "log_upper_scale": c.log_upper_scale}
-                    if c.tails == "both"
-                    else {}
-                ),
-                "fitted_on": "test-normaliser",
-            }
-            for c in normalisers
-        ],
-        "calibration_scores": sorted(combined.tolist()),
-    }
+    ood = {"score": "combined", "combination": "sum_pos_log_z", "components": components}
+    combined = oracle.ood_score(ood, component_scores(model.raw(calib), head_score))
+    return ood | {"calibration_scores": sorted(combined.tolist())}
 
 
 # Input typicality is unusual both ways (too far from the training mean, or too close to it).
-COMPONENT_TAILS: dict[str, Literal["upper", "both"]] = {INPUT_DENSITY_SCORE: "both"}
+COMPONENT_TAILS: dict[str, Literal["upper", "both"]] = {"input_density": "both"}
 
 
 def component_scores(raw: dict[str, np.ndarray], head_score: str) -> dict[str, np.ndarray]:
     """{head_score: per-row uncertainty score, "density", "input_density": the graph's own scores
     (those it has)}, float64, in the manifest's component order."""
     if "log_probs" in raw:
-        head = classification_uncertainty(raw["log_probs"]).score(head_score)
+        head = oracle.classification(raw["log_probs"])[head_score]
     else:
-        head = regression_uncertainty(raw["mean"], raw["variance"]).score(head_score)
-    graph = {
-        n: np.asarray(raw[n], dtype=np.float64) for n in (DENSITY_SCORE, INPUT_DENSITY_SCORE) if n in raw
-    }
+        head = oracle.regression(raw["mean"], raw["variance"])[head_score]
+    graph = {n: np.asarray(raw[n], dtype=np.float64) for n in oracle.GRAPH_SCORES if n in raw}
     return {head_score: head} | graph
 
 
@@ -397,45 +374,53 @@ class RawModel:
 
 
 class ReferenceModel:
-    """In-process answers for a model directory: direct ORT run + service.inference, no server."""
+    """In-process answers for a model directory: a direct ORT run + the independent `tests.oracle`."""
 
     def __init__(self, directory: Path) -> None:
-        self.manifest = ModelManifest.load(directory)
+        self.manifest = ModelManifest.load(directory)  # for contract checks (names, shapes)
+        self.spec = oracle.read_manifest(directory)  # what the oracle reads: plain JSON
         self.session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.calibrator = ConformalOODCalibrator(self.manifest.ood.calibration_scores)
 
     def raw(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The graph outputs the manifest names, by role (`log_probs` | `mean`, `variance`; `density`,
         `input_density`)."""
-        names = self.manifest.outputs
-        roles = {
-            "log_probs": names.log_probs,
-            "mean": names.mean,
-            "variance": names.variance,
-            "density": names.density,
-            "input_density": names.input_density,
-        }
-        wanted = {role: name for role, name in roles.items() if name is not None}
+        wanted = {role: name for role, name in self.spec["outputs"].items() if name is not None}
         values = self.session.run(list(wanted.values()), {"input": np.asarray(rows, dtype=np.float32)})
         return dict(zip(wanted, values, strict=True))
 
     def answer(
         self, rows: np.ndarray, *, alpha: float | None = None, level: float = 0.95, heads: bool = False
     ) -> dict[str, np.ndarray]:
-        summary = inference.summarise(self.manifest, self.calibrator, self.raw(rows))
-        return inference.finalise(
-            self.manifest,
-            summary,
-            alpha=self.manifest.ood.default_alpha if alpha is None else alpha,
-            level=level,
-            include_heads=heads,
-        )
+        return oracle.answer(self.spec, self.raw(rows), alpha=alpha, level=level, heads=heads)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def connect(url: str, timeout: float = 10.0) -> socket.socket:
+    """A raw TCP connection to a server's `http://host:port` (requests written by hand)."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_response(sock: socket.socket) -> tuple[int, str, bytes]:
+    """(status, head, body) of one HTTP/1.1 response read off `sock` (a `Content-Length` body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    raw_head, _, body = data.partition(b"\r\n\r\n")
+    head = raw_head.decode("latin-1")
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split(" ", 2)[1]), head, body
 
 
 @dataclass
@@ -515,10 +500,68 @@ def running_server(repo_dir: Path, *args: str, **env: str) -> Iterator[Server]:
         wait_ready(server)
         yield server
     finally:
-        if server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
-            try:
-                server.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
+        stop(server.process)
+
+
+def stop(process: subprocess.Popen[Any], timeout: float = 30.0) -> int:
+    """SIGTERM a process still running, wait `timeout` s, then SIGKILL; its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+class InProcessClient:
+    """httpx's AsyncClient over `httpx.ASGITransport`, called from synchronous tests: each request
+    runs on the event loop of a blocking portal thread (the loop the app's lifespan started on)."""
+
+    def __init__(self, portal: BlockingPortal, client: httpx.AsyncClient) -> None:
+        self._portal = portal
+        self._client = client
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        content = kwargs.get("content")
+        if content is not None and not isinstance(content, bytes | str) and hasattr(content, "__next__"):
+            chunks = content  # a synchronous generator: streamed as a chunked body
+
+            async def streamed() -> AsyncIterator[bytes]:
+                for chunk in chunks:
+                    yield chunk
+
+            kwargs["content"] = streamed()
+        return self._portal.call(functools.partial(self._client.request, method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("HEAD", url, **kwargs)
+
+
+@contextlib.contextmanager
+def in_process(repo_dir: Path, **settings: Any) -> Iterator[InProcessClient]:
+    """The app `python -m service` serves, in this process with its lifespan run, reached through
+    httpx's ASGI transport (no socket): for tests where the transport does not matter. CPU and no
+    gRPC, as the subprocess servers here default to."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    options: dict[str, Any] = {"execution_providers": "cpu", "grpc_port": 0} | settings
+    app = create_app(Settings(model_repository=repo_dir, **options))
+    # raise_app_exceptions=False: an unhandled error is answered 500, as uvicorn would answer it
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    with start_blocking_portal() as portal:
+        lifespan = app.router.lifespan_context(app)
+        portal.call(lifespan.__aenter__)
+        client = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30)
+        try:
+            yield InProcessClient(portal, client)
+        finally:
+            portal.call(client.aclose)
+            portal.call(lifespan.__aexit__, None, None, None)

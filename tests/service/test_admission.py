@@ -13,15 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.support import CLF_FEATURES, Server, running_server
+from tests.service.support import CLF_FEATURES, Server, connect, read_response, running_server
 
 ROW = [[0.25] * CLF_FEATURES]
 
 
 def _headers_only(url: str, path: str, content_length: int = 100_000) -> socket.socket:
     """Open a connection and send a POST's headers, announcing a body that never comes."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock = connect(url, timeout=5)
+    host = url.removeprefix("http://").split(":")[0]
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {content_length}\r\n\r\n".encode()
@@ -30,14 +30,8 @@ def _headers_only(url: str, path: str, content_length: int = 100_000) -> socket.
 
 
 def _status_and_headers(sock: socket.socket) -> tuple[int, str]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-    return int(head.split(" ", 2)[1]), head
+    status, head, _ = read_response(sock)
+    return status, head
 
 
 def rejected(url: str, reason: str) -> float:
@@ -48,21 +42,8 @@ def rejected(url: str, reason: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-@pytest.fixture(scope="module")
-def full_queue_server(model_repository: Path) -> Iterator[Server]:
-    # every partial batch waits 1.5 s and two requests fill the queue
-    with running_server(
-        model_repository,
-        max_batch_size="64",
-        max_queue_delay_ms="1500",
-        max_queue_size="2",
-        run_when_idle="false",
-    ) as server:
-        yield server
-
-
-def test_full_queue_refuses_before_the_body_is_read(full_queue_server: Server) -> None:
-    url = full_queue_server.url
+def test_full_queue_refuses_before_the_body_is_read(slow_queue_server: Server) -> None:
+    url = slow_queue_server.url
 
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -93,8 +74,8 @@ def test_full_queue_refuses_before_the_body_is_read(full_queue_server: Server) -
     assert rejected(url, "queue_full") >= before + 3
 
 
-def test_unknown_model_and_other_routes_pass_through(full_queue_server: Server) -> None:
-    response = httpx.post(f"{full_queue_server.url}/v2/models/nope/infer", json={"inputs": []}, timeout=5)
+def test_unknown_model_and_other_routes_pass_through(slow_queue_server: Server) -> None:
+    response = httpx.post(f"{slow_queue_server.url}/v2/models/nope/infer", json={"inputs": []}, timeout=5)
     assert response.status_code == 404 and "nope" in response.json()["error"]
 
 

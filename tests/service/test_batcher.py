@@ -189,7 +189,8 @@ async def test_run_when_idle_delays_only_requests_that_arrive_during_a_run() -> 
     )
     await batcher.start()
     first = batcher.submit(rows(0, 1))
-    await asyncio.sleep(0.05)  # the first row is running alone now
+    while not model.batches:  # until the first row is running alone
+        await asyncio.sleep(0.001)
     late = [batcher.submit(rows(i, 1)) for i in range(1, 20)]
     # 19 rows queue behind the run: two full batches go at once, the last 3 rows arrived while the
     # model was busy, so they wait out the delay for company (none comes) and then run

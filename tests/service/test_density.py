@@ -21,7 +21,7 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import DENSITY_BUCKETS, INPUT_DENSITY_BUCKETS
-from service.uncertainty import CombinedOODScore, ConformalOODCalibrator, LogScaleNormaliser
+from tests import oracle
 from tests.service.support import (
     CLF_FEATURES,
     REG_FEATURES,
@@ -77,15 +77,14 @@ def predict(url: str, model: str, rows: np.ndarray, **parameters: Any) -> list[d
 
 def offline_ood(directory: Path, rows: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
     """The combined statistic, p-value and flag computed here: ORT on the graph, then the manifest's
-    normalisers and calibration scores (read from the JSON) through service.uncertainty."""
+    normalisers and calibration scores (read from the JSON) through the independent test oracle."""
     ood = json.loads((directory / "manifest.json").read_text())["ood"]
-    assert ood["score"] == "combined" and ood["combination"] == CombinedOODScore.RULE
-    combiner = CombinedOODScore([json_normaliser(c) for c in ood["components"]])
+    assert ood["score"] == "combined" and ood["combination"] == "sum_pos_log_z"
     raw = RawModel(directory / "model.onnx").raw(rows)
     scores = component_scores(raw, ood["components"][0]["score"])
     assert list(scores) == [c["score"] for c in ood["components"]]
-    statistic = combiner(scores)
-    p_value = ConformalOODCalibrator(ood["calibration_scores"]).p_values(statistic)
+    statistic = oracle.ood_score(ood, scores)
+    p_value = oracle.p_values(ood["calibration_scores"], statistic)
     return {
         "density": scores["density"],
         "input_density": scores["input_density"],
@@ -93,18 +92,6 @@ def offline_ood(directory: Path, rows: np.ndarray, alpha: float) -> dict[str, np
         "ood_p_value": p_value,
         "ood_flag": p_value <= alpha,
     }
-
-
-def json_normaliser(component: dict[str, Any]) -> LogScaleNormaliser:
-    """A manifest component (its JSON) as a normaliser, tails and per-side scales included."""
-    return LogScaleNormaliser(
-        component["score"],
-        component["log_median"],
-        component["log_iqr"],
-        tails=component.get("tails", "upper"),
-        log_lower_scale=component.get("log_lower_scale"),
-        log_upper_scale=component.get("log_upper_scale"),
-    )
 
 
 # ------------------------------------------------------------------------------------------ answers
@@ -276,7 +263,7 @@ def test_metadata_lists_the_density_scores_and_the_ood_components(density_server
         parameters = v2["parameters"]
         assert parameters["ood_score"] == "combined"
         assert parameters["ood_components"] == [head_score, "density", "input_density"]
-        assert parameters["ood_combination"] == CombinedOODScore.RULE  # the rule the manifest names
+        assert parameters["ood_combination"] == "sum_pos_log_z"  # the rule the manifest names
         v1 = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()
         assert v1["ood"]["score"] == "combined"
         assert v1["ood"]["components"] == [head_score, "density", "input_density"]
@@ -413,7 +400,7 @@ def test_a_two_sided_component_without_its_side_scales_falls_back_to_the_log_iqr
     document = json.loads(path.read_text())
     (component,) = [c for c in document["ood"]["components"] if c["tails"] == "both"]
     assert component["score"] == "input_density" and component["log_lower_scale"] > 0
-    scaled = json_normaliser(component)  # as fitted, before the scales go
+    scaled = dict(component)  # as fitted, before the scales go
     for key in ("log_lower_scale", "log_upper_scale"):
         del component[key]
     path.write_text(json.dumps(document))
@@ -425,16 +412,16 @@ def test_a_two_sided_component_without_its_side_scales_falls_back_to_the_log_iqr
     raw = RawModel(directory / "model.onnx").raw(rows)
     scores = component_scores(raw, "mutual_information")
     log_input, median, iqr = np.log(scores["input_density"]), component["log_median"], component["log_iqr"]
-    fallback = LogScaleNormaliser(
-        "input_density", median, iqr, tails="both", log_lower_scale=iqr, log_upper_scale=iqr
+    fallback = component | {"log_lower_scale": iqr, "log_upper_scale": iqr}
+    np.testing.assert_allclose(
+        oracle.log_z(fallback, scores["input_density"]), np.abs(log_input - median) / iqr
     )
-    np.testing.assert_allclose(fallback(scores["input_density"]), np.abs(log_input - median) / iqr)
-    head_and_body = [json_normaliser(c) for c in document["ood"]["components"][:2]]
-    expected = CombinedOODScore([*head_and_body, fallback])(scores)
+    head_and_body = document["ood"]["components"][:2]
+    expected = oracle.ood_score({"components": [*head_and_body, fallback]}, scores)
     np.testing.assert_allclose([p["ood_score"] for p in predictions], expected, rtol=1e-5, atol=1e-5)
     low = log_input < median
     assert low.sum() >= 20 and (~low).sum() >= 20  # both sides of the median are exercised
     # the side scales it lost would have answered otherwise: the fallback is what served
-    assert np.abs(CombinedOODScore([*head_and_body, scaled])(scores) - expected).max() > 0.1
-    p_values = ConformalOODCalibrator(document["ood"]["calibration_scores"]).p_values(expected)
+    assert np.abs(oracle.ood_score({"components": [*head_and_body, scaled]}, scores) - expected).max() > 0.1
+    p_values = oracle.p_values(document["ood"]["calibration_scores"], expected)
     np.testing.assert_allclose([p["ood_p_value"] for p in predictions], p_values, rtol=1e-6)

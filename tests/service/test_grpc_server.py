@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.utils import InferenceServerException
 
+from bench.http_load import until_answered
 from tests.service.support import (
     CLF_FEATURES,
     ReferenceModel,
@@ -380,7 +381,10 @@ def test_deadline_and_full_queue(model_repository: Path) -> None:
                 client.async_infer(
                     "clf", [grpc_input(rows)], callback=lambda result, error: results.append(result or error)
                 )
-            time.sleep(0.3)
+            for _ in range(500):  # until both wait in the queue
+                if httpx.get(f"{slow.url}/v1/models/clf").json()["batching"]["queued_requests"] == 2:
+                    break
+                time.sleep(0.01)
             with pytest.raises(InferenceServerException) as full:
                 client.infer("clf", [grpc_input(rows)])
             status, message = _status(full.value)
@@ -488,18 +492,12 @@ def test_hot_reload_under_grpc_load_fails_no_call(tmp_path: Path, model_reposito
                         rows = rng.normal(0, 2, (int(rng.integers(1, 4)), CLF_FEATURES)).astype(np.float32)
                         answers.append(await client.infer("clf", [grpc_input(rows)], headers=key))
 
-                async def answered(at_least: int) -> None:
-                    for _ in range(3000):
-                        if len(answers) >= at_least:
-                            return
-                        await asyncio.sleep(0.01)
-
                 workers = [asyncio.create_task(hammer(i)) for i in range(8)]
-                await answered(24)
+                await until_answered(answers, 24)
                 write_model(repo, "clf", 2, "classification", seed=42)
                 async with httpx.AsyncClient(base_url=server.url, headers=key, timeout=30) as http:
                     reloaded = await http.post("/v2/repository/models/clf/load")
-                await answered(len(answers) + 24)
+                await until_answered(answers, len(answers) + 24)
                 stop.set()
                 await asyncio.gather(*workers)
             return answers, reloaded

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from fastapi import FastAPI
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.servers import free_port
 from service.metrics import (
     DENSITY_BUCKETS,
     INPUT_DENSITY_BUCKETS,
@@ -365,13 +365,6 @@ def test_non_finite_values_are_not_bucketed() -> None:
 # -- middleware against a real uvicorn server -------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture()
 def served_app() -> Iterator[tuple[str, ServiceMetrics]]:
     metrics = ServiceMetrics()
@@ -387,7 +380,7 @@ def served_app() -> Iterator[tuple[str, ServiceMetrics]]:
 
     app.mount("/metrics", metrics.asgi_app())
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

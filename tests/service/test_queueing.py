@@ -6,33 +6,33 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.support import CLF_FEATURES, Server, running_server
+from tests.service.support import CLF_FEATURES, Server
 
 ROW = [[0.25] * CLF_FEATURES]
 
 
-@pytest.fixture(scope="module")
-def slow_queue_server(model_repository: Path) -> Iterator[Server]:
-    # batches wait 1.2 s to fill (Triton's rule: also while the model is idle) and at most 2
-    # requests may queue: easy to fill, easy to expire
-    with running_server(
-        model_repository,
-        max_batch_size="64",
-        max_queue_delay_ms="1200",
-        max_queue_size="2",
-        run_when_idle="false",
-    ) as server:
-        yield server
+def batching(url: str) -> dict[str, int]:
+    state: dict[str, int] = httpx.get(f"{url}/v1/models/clf").json()["batching"]
+    return state
 
 
 def rows_run(url: str) -> int:
-    return int(httpx.get(f"{url}/v1/models/clf").json()["batching"]["rows"])
+    return int(batching(url)["rows"])
+
+
+def wait_unqueued(url: str, reason: str, at_least: float, timeout_s: float = 10.0) -> None:
+    """Until the rejection is counted and nothing waits in the queue: a request out of the queue
+    can no longer run (the batcher only takes queued requests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if rejected(url, reason) >= at_least and batching(url)["queued_requests"] == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {reason} rejection with an empty queue after {timeout_s}s: {batching(url)}")
 
 
 def rejected(url: str, reason: str) -> float:
@@ -41,6 +41,10 @@ def rejected(url: str, reason: str) -> float:
         rf'^hydra_rejected_requests_total\{{model="clf",reason="{reason}"\}} (\S+)$', text, re.M
     )
     return float(found.group(1)) if found else 0.0
+
+
+def one_row(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ROW}, timeout=10)
 
 
 async def _burst(url: str, n: int) -> list[tuple[httpx.Response, float]]:
@@ -69,6 +73,7 @@ def test_full_queue_answers_503_at_once_with_retry_after(slow_queue_server: Serv
 
 def test_request_past_its_deadline_is_504_and_never_runs(slow_queue_server: Server) -> None:
     before = rows_run(slow_queue_server.url)
+    expired = rejected(slow_queue_server.url, "deadline")
     t0 = time.perf_counter()
     response = httpx.post(
         f"{slow_queue_server.url}/v1/models/clf:predict",
@@ -78,23 +83,21 @@ def test_request_past_its_deadline_is_504_and_never_runs(slow_queue_server: Serv
     assert response.status_code == 504, response.text
     assert "without running" in response.json()["error"]
     assert time.perf_counter() - t0 < 0.8
-    time.sleep(1.4)  # past the batch delay: had it stayed queued, it would have run by now
-    assert rows_run(slow_queue_server.url) == before
-    assert rejected(slow_queue_server.url, "deadline") >= 1
+    wait_unqueued(slow_queue_server.url, "deadline", expired + 1)
+    # a later request's batch runs its one row only: the expired three never join a batch
+    assert one_row(slow_queue_server.url).status_code == 200
+    assert rows_run(slow_queue_server.url) == before + 1
 
 
 def test_disconnected_client_costs_no_model_run(slow_queue_server: Server) -> None:
     before = rows_run(slow_queue_server.url)
+    gone = rejected(slow_queue_server.url, "disconnected")
     impatient = httpx.Timeout(5.0, read=0.3)  # connects and sends, then gives up waiting for the answer
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{slow_queue_server.url}/v1/models/clf:predict", json={"instances": ROW * 5}, timeout=impatient
         )
-    time.sleep(1.4)  # past the batch delay
-    assert rows_run(slow_queue_server.url) == before
-    assert rejected(slow_queue_server.url, "disconnected") >= 1
-    # and the server still answers
-    response = httpx.post(
-        f"{slow_queue_server.url}/v1/models/clf:predict", json={"instances": ROW}, timeout=5
-    )
-    assert response.status_code == 200
+    wait_unqueued(slow_queue_server.url, "disconnected", gone + 1)
+    # the server still answers, and that batch runs its one row only, not the abandoned five
+    assert one_row(slow_queue_server.url).status_code == 200
+    assert rows_run(slow_queue_server.url) == before + 1

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,31 +18,26 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.http_load import until_answered
 from tests.service.support import (
+    API_KEY,
+    AUTH,
     CLF_FEATURES,
     ReferenceModel,
     Server,
+    connect,
+    read_response,
     running_server,
     start_server,
     write_model,
 )
 from tests.service.test_v1 import assert_matches
 
-KEY = "s3cret-key"
-AUTH = {"X-API-Key": KEY}
-
-
-@pytest.fixture
-def keyed_server(repo: Path) -> Iterator[Server]:
-    """A server of its own over `repo`, for tests that load, unload or break models."""
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="2") as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def shared_keyed_server(model_repository: Path) -> Iterator[Server]:
     """One server for the read-only tests (they change no model)."""
-    with running_server(model_repository, api_key=KEY) as server:
+    with running_server(model_repository, api_key=API_KEY) as server:
         yield server
 
 
@@ -62,7 +56,7 @@ def test_api_key_guards_prediction_and_repository_control(shared_keyed_server: S
     url = shared_keyed_server.url
     assert predict(url, ROWS, headers=None).status_code == 401
     assert predict(url, ROWS, headers={"X-API-Key": "wrong"}).status_code == 401
-    assert predict(url, ROWS, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert predict(url, ROWS, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     assert predict(url, ROWS).status_code == 200
     refused = load(url, "clf", headers={"Authorization": "Bearer nope"})
     assert refused.status_code == 401 and "API key" in refused.json()["error"]
@@ -93,18 +87,13 @@ def test_reload_under_load_fails_no_request(keyed_server: Server, repo: Path) ->
                 answers.append((rows, await client.post("/v1/models/clf:predict", json={"instances": rows})))
 
     async def load_while_hammering() -> httpx.Response:
-        async def answered(at_least: int) -> None:  # counts, not sleeps: the box may be busy
-            for _ in range(2000):
-                if len(answers) >= at_least:
-                    return
-                await asyncio.sleep(0.01)
 
         workers = [asyncio.create_task(hammer(i)) for i in range(8)]
-        await answered(24)
+        await until_answered(answers, 24)
         write_model(repo, "clf", 2, "classification", seed=42)
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
             reloaded = await client.post("/v2/repository/models/clf/load")
-        await answered(len(answers) + 24)
+        await until_answered(answers, len(answers) + 24)
         stop.set()
         await asyncio.gather(*workers)
         return reloaded
@@ -174,7 +163,7 @@ def test_load_of_invalid_or_unknown_names_is_404(shared_keyed_server: Server) ->
 
 def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
     with running_server(
-        repo, api_key=KEY, max_queue_delay_ms="1500", max_batch_size="256", run_when_idle="false"
+        repo, api_key=API_KEY, max_queue_delay_ms="1500", max_batch_size="256", run_when_idle="false"
     ) as server:
 
         async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
@@ -202,32 +191,41 @@ def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
 
 def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_it(repo: Path) -> None:
     """The V2 route looks the model up as soon as the headers arrive, then reads the body: a reload
-    in between must not fail the request. Sent by hand: headers and half the body, reload, the rest."""
+    in between must not fail the request. Sent by hand: headers and half the body, reload, the rest.
+
+    A server whose in-flight limit is 2 (queue 1 + batch 1) refuses a third request with 503 "in
+    flight" once both half-sent requests are admitted: that is the signal to reload (polled, not
+    slept)."""
     row = [0.5] * CLF_FEATURES
     body = orjson.dumps(
         {"inputs": [{"name": "input", "shape": [1, CLF_FEATURES], "datatype": "FP32", "data": row}]}
     )
-    with running_server(repo, api_key=KEY, max_queue_delay_ms="1") as server:
-        host, port = server.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as conn:
-            head = (
-                f"POST /v2/models/clf/infer HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {KEY}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            )
-            conn.sendall(head.encode() + body[:20])
-            time.sleep(1.0)  # the route has looked up clf (version 1) and waits for the body
+    limits = {"max_queue_delay_ms": "1", "max_queue_size": "1", "max_batch_size": "1"}
+    with running_server(repo, api_key=API_KEY, **limits) as server:
+        host = server.url.removeprefix("http://").split(":")[0]
+        head = (
+            f"POST /v2/models/clf/infer HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(connect(server.url)) for _ in "ab"]
+            for conn in conns:
+                conn.sendall(head.encode() + body[:20])
+            for _ in range(500):  # until both are admitted: their route has looked up clf (version 1)
+                probe = httpx.post(f"{server.url}/v2/models/clf/infer", headers=AUTH, json={}, timeout=5)
+                if probe.status_code == 503 and "in flight" in probe.text:
+                    break
+                time.sleep(0.01)
+            assert probe.status_code == 503, probe.text
             write_model(repo, "clf", 2, "classification", seed=42)
             assert load(server.url, "clf").json()["version"] == "2"
-            conn.sendall(body[20:])
-            answer = b""
-            while not (b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}")):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-        head_text, _, payload = answer.decode().partition("\r\n\r\n")
-        assert head_text.startswith("HTTP/1.1 200 OK"), answer
-        assert orjson.loads(payload)["model_version"] == "1"
+            answers = []
+            for conn in conns:
+                conn.sendall(body[20:])
+                answers.append(read_response(conn))
+        for status, _, payload in answers:
+            assert status == 200, payload
+            assert orjson.loads(payload)["model_version"] == "1"
         fresh = predict(server.url, ROWS)
         assert fresh.status_code == 200 and fresh.json()["model_version"] == "2"
         # SIGTERM while version 1 is still retiring: it is drained at once, not after its grace period
@@ -246,7 +244,7 @@ def test_a_model_nothing_serves_is_exported_not_ready_until_it_loads(repo: Path)
     """HydraModelNotReady watches hydra_model_ready == 0: a broken model must show up there."""
     write_model(repo, "broken", 1, "classification", seed=7)
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    server = start_server(repo, api_key=KEY)
+    server = start_server(repo, api_key=API_KEY)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -1,32 +1,32 @@
-"""The model this repository ships (models/digits/1, made by `make model`) served by `python -m service`."""
+"""The model this repository ships (models/digits/1, made by `make model`) served by the service's app
+(in process, over httpx's ASGI transport: `support.in_process`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from tests.service.support import REPO_ROOT, ReferenceModel, Server, running_server
+from tests.service.support import REPO_ROOT, InProcessClient, ReferenceModel, in_process
 from tests.service.test_v1 import assert_matches
 
 SHIPPED = REPO_ROOT / "models"
 
 
 @pytest.fixture(scope="module")
-def shipped_server() -> Iterator[Server]:
-    with running_server(SHIPPED) as server:
-        yield server
+def shipped() -> Iterator[InProcessClient]:
+    with in_process(SHIPPED) as client:
+        yield client
 
 
-def test_serves_digits_accurately_and_flags_noise(shipped_server: Server) -> None:
+def test_serves_digits_accurately_and_flags_noise(shipped: InProcessClient) -> None:
     digits = load_digits()
     rows = digits.data[::9].astype(np.float32)  # 200 real digits
-    url = f"{shipped_server.url}/v1/models/digits:predict"
-    body = httpx.post(url, json={"instances": rows.tolist()}, timeout=30).json()
+    url = "/v1/models/digits:predict"
+    body = shipped.post(url, json={"instances": rows.tolist()}, timeout=30).json()
     predictions = body["predictions"]
     assert body["model_name"] == "digits"
     accuracy = np.mean([p["label"] == int(y) for p, y in zip(predictions, digits.target[::9], strict=True)])
@@ -37,7 +37,7 @@ def test_serves_digits_accurately_and_flags_noise(shipped_server: Server) -> Non
 
     # Uniform pixel noise is far from any digit: its conformal p-values must sit well below the digits'.
     noise = np.random.default_rng(0).uniform(0, 16, (200, 64)).round()
-    noisy = httpx.post(url, json={"instances": noise.tolist()}, timeout=30).json()["predictions"]
+    noisy = shipped.post(url, json={"instances": noise.tolist()}, timeout=30).json()["predictions"]
     in_flag_rate = np.mean([p["ood_flag"] for p in predictions])
     noise_flag_rate = np.mean([p["ood_flag"] for p in noisy])
     assert in_flag_rate <= 0.15

@@ -1,7 +1,10 @@
-"""KServe V1 against a real server: happy paths match an in-process ORT run, every bad input is a 4xx."""
+"""KServe V1 through the app in process (httpx over ASGI, its lifespan run: `support.in_process`):
+happy paths match a direct ORT run and the test oracle, every bad input is a 4xx. The socket-level
+behaviour (limits, signals, overload) is tested on real servers elsewhere."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +12,14 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.support import CLF_FEATURES, REG_FEATURE_NAMES, REG_FEATURES, ReferenceModel
+from tests.service.support import (
+    CLF_FEATURES,
+    REG_FEATURE_NAMES,
+    REG_FEATURES,
+    InProcessClient,
+    ReferenceModel,
+    in_process,
+)
 
 CLASSIFICATION_FIELDS = [
     "probabilities", "label", "label_name", "confidence", "variance", "disagreement", "mutual_information",
@@ -33,22 +43,30 @@ def assert_matches(predictions: list[dict[str, Any]], expected: dict[str, np.nda
             assert got == values.tolist(), name
 
 
-def predict(base_url: str, model: str, body: Any, **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{base_url}/v1/models/{model}:predict", json=body, timeout=10, **kwargs)
+@pytest.fixture(scope="module")
+def client(model_repository: Path) -> Iterator[InProcessClient]:
+    with in_process(model_repository) as client:
+        yield client
 
 
-def test_list_and_metadata(base_url: str) -> None:
-    assert httpx.get(f"{base_url}/v1/models").json() == {"models": ["clf", "reg"]}
-    meta = httpx.get(f"{base_url}/v1/models/clf").json()
+def predict(client: InProcessClient, model: str, body: Any, **kwargs: Any) -> httpx.Response:
+    return client.post(f"/v1/models/{model}:predict", json=body, timeout=10, **kwargs)
+
+
+def test_list_and_metadata(client: InProcessClient) -> None:
+    assert client.get("/v1/models").json() == {"models": ["clf", "reg"]}
+    meta = client.get("/v1/models/clf").json()
     assert meta["name"] == "clf" and meta["ready"] is True and meta["version"] == "1"
     assert meta["labels"] == ["setosa", "versicolor", "virginica"] and meta["heads"] == 4
     assert meta["provider"] == "CPUExecutionProvider"
     assert {o["name"] for o in meta["outputs"]} >= {*CLASSIFICATION_FIELDS, "heads"}
 
 
-def test_classification_rows_match_direct_onnxruntime(base_url: str, model_repository: Path) -> None:
+def test_classification_rows_match_direct_onnxruntime(
+    client: InProcessClient, model_repository: Path
+) -> None:
     rows = np.random.default_rng(7).normal(0, 2, (5, CLF_FEATURES)).round(3)
-    response = predict(base_url, "clf", {"instances": rows.tolist()})
+    response = predict(client, "clf", {"instances": rows.tolist()})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_name"] == "clf" and body["model_version"] == "1"
@@ -60,10 +78,10 @@ def test_classification_rows_match_direct_onnxruntime(base_url: str, model_repos
         assert p["ood_flag"] == (p["ood_p_value"] <= 0.05) and p["ood_alpha"] == pytest.approx(0.05)
 
 
-def test_classification_heads_and_alpha_override(base_url: str, model_repository: Path) -> None:
+def test_classification_heads_and_alpha_override(client: InProcessClient, model_repository: Path) -> None:
     rows = np.random.default_rng(8).normal(0, 2, (3, CLF_FEATURES))
     body = predict(
-        base_url, "clf", {"instances": rows.tolist(), "parameters": {"alpha": 0.5, "heads": True}}
+        client, "clf", {"instances": rows.tolist(), "parameters": {"alpha": 0.5, "heads": True}}
     ).json()
     expected = ReferenceModel(model_repository / "clf" / "1").answer(rows, alpha=0.5, heads=True)
     assert_matches(body["predictions"], expected)
@@ -71,10 +89,10 @@ def test_classification_heads_and_alpha_override(base_url: str, model_repository
     assert all(p["ood_alpha"] == 0.5 for p in body["predictions"])
 
 
-def test_regression_interval_level_and_heads(base_url: str, model_repository: Path) -> None:
+def test_regression_interval_level_and_heads(client: InProcessClient, model_repository: Path) -> None:
     rows = np.random.default_rng(9).normal(0, 1, (4, REG_FEATURES))
     params = {"interval_level": 0.8, "heads": True}
-    body = predict(base_url, "reg", {"instances": rows.tolist(), "parameters": params}).json()
+    body = predict(client, "reg", {"instances": rows.tolist(), "parameters": params}).json()
     assert list(body["predictions"][0])[: len(REGRESSION_FIELDS)] == REGRESSION_FIELDS
     expected = ReferenceModel(model_repository / "reg" / "1").answer(rows, level=0.8, heads=True)
     assert_matches(body["predictions"], expected)
@@ -88,17 +106,17 @@ def test_regression_interval_level_and_heads(base_url: str, model_repository: Pa
         assert len(p["heads_mean"]) == len(p["heads_variance"]) == 4
 
 
-def test_regression_defaults_omit_heads(base_url: str) -> None:
-    body = predict(base_url, "reg", {"instances": [[0.1] * REG_FEATURES]}).json()
+def test_regression_defaults_omit_heads(client: InProcessClient) -> None:
+    body = predict(client, "reg", {"instances": [[0.1] * REG_FEATURES]}).json()
     assert list(body["predictions"][0]) == REGRESSION_FIELDS
     assert body["predictions"][0]["interval_level"] == pytest.approx(0.95)
 
 
-def test_named_instances_for_a_model_with_feature_names(base_url: str) -> None:
+def test_named_instances_for_a_model_with_feature_names(client: InProcessClient) -> None:
     rows = np.random.default_rng(10).normal(0, 1, (3, REG_FEATURES)).round(4)
     named = [dict(zip(reversed(REG_FEATURE_NAMES), reversed(row.tolist()), strict=True)) for row in rows]
-    by_name = predict(base_url, "reg", {"instances": named}).json()["predictions"]
-    by_position = predict(base_url, "reg", {"instances": rows.tolist()}).json()["predictions"]
+    by_name = predict(client, "reg", {"instances": named}).json()["predictions"]
+    by_position = predict(client, "reg", {"instances": rows.tolist()}).json()["predictions"]
     assert by_name == by_position
 
 
@@ -138,59 +156,59 @@ BAD_REQUESTS: list[tuple[str, str, bytes | None, Any, int, str]] = [
 @pytest.mark.parametrize(("case", "model", "raw", "payload", "status", "needle"), BAD_REQUESTS,
                          ids=[c[0] for c in BAD_REQUESTS])  # fmt: skip
 def test_bad_input_is_a_4xx_naming_the_problem(
-    base_url: str, case: str, model: str, raw: bytes | None, payload: Any, status: int, needle: str
+    client: InProcessClient, case: str, model: str, raw: bytes | None, payload: Any, status: int, needle: str
 ) -> None:
-    url = f"{base_url}/v1/models/{model}:predict"
+    url = f"/v1/models/{model}:predict"
     if raw is not None:
-        response = httpx.post(url, content=raw, headers={"content-type": "application/json"})
+        response = client.post(url, content=raw, headers={"content-type": "application/json"})
     else:
-        response = httpx.post(url, json=payload)
+        response = client.post(url, json=payload)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"], response.json()
 
 
-def test_body_over_byte_limit_is_413_before_parsing(base_url: str) -> None:
+def test_body_over_byte_limit_is_413_before_parsing(client: InProcessClient) -> None:
     # 20 MB of invalid JSON: a parser would answer 400; the limit answers 413 first
-    response = httpx.post(f"{base_url}/v1/models/clf:predict", content=b"[" * (20 * 1024 * 1024))
+    response = client.post("/v1/models/clf:predict", content=b"[" * (20 * 1024 * 1024))
     assert response.status_code == 413
     assert "max_request_bytes" in response.json()["error"]
 
 
-def test_chunked_body_over_byte_limit_is_413(base_url: str) -> None:
+def test_chunked_body_over_byte_limit_is_413(client: InProcessClient) -> None:
     def chunks() -> Any:
         for _ in range(40):
             yield b" " * (1024 * 1024)
 
-    response = httpx.post(f"{base_url}/v1/models/clf:predict", content=chunks(), timeout=30)
+    response = client.post("/v1/models/clf:predict", content=chunks(), timeout=30)
     assert response.status_code == 413
     assert "max_request_bytes" in response.json()["error"]
 
 
-def test_unknown_route_and_method_are_json_errors(base_url: str) -> None:
-    missing = httpx.get(f"{base_url}/v1/nothing")
+def test_unknown_route_and_method_are_json_errors(client: InProcessClient) -> None:
+    missing = client.get("/v1/nothing")
     assert missing.status_code == 404 and "error" in missing.json()
-    wrong = httpx.get(f"{base_url}/v1/models/clf:predict")
+    wrong = client.get("/v1/models/clf:predict")
     assert wrong.status_code in (404, 405) and "error" in wrong.json()
 
 
-def test_repository_control_is_disabled_without_a_configured_key(base_url: str) -> None:
-    response = httpx.post(f"{base_url}/v2/repository/models/clf/load")
+def test_repository_control_is_disabled_without_a_configured_key(client: InProcessClient) -> None:
+    response = client.post("/v2/repository/models/clf/load")
     assert response.status_code == 403 and "HYDRA_API_KEY" in response.json()["error"]
 
 
-def test_openapi_documents_the_predict_body(base_url: str) -> None:
-    spec = httpx.get(f"{base_url}/openapi.json").json()
+def test_openapi_documents_the_predict_body(client: InProcessClient) -> None:
+    spec = client.get("/openapi.json").json()
     operation = spec["paths"]["/v1/models/{model_name}:predict"]["post"]
     assert "instances" in operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
 
-def test_root_is_kserve_v1_liveness(base_url: str) -> None:
+def test_root_is_kserve_v1_liveness(client: InProcessClient) -> None:
     # KServe's model server answers GET / so, and its SDK's V1 `is_server_live` reads "status"
-    response = httpx.get(f"{base_url}/")
+    response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"status": "alive"}
-    assert httpx.head(f"{base_url}/").status_code in (200, 405)  # never a 404 or 5xx
-    assert httpx.post(f"{base_url}/").status_code == 405
-    spec = httpx.get(f"{base_url}/openapi.json").json()
+    assert client.head("/").status_code in (200, 405)  # never a 404 or 5xx
+    assert client.post("/").status_code == 405
+    spec = client.get("/openapi.json").json()
     assert "get" in spec["paths"]["/"]

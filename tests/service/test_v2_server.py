@@ -1,7 +1,8 @@
 """Open Inference Protocol against a real server process, with stock `tritonclient.http` and httpx.
 
-Answers are compared with a direct in-process ONNX Runtime + `service.inference` computation of the
-same rows (`ReferenceModel`), output by output.
+Answers are compared with a direct in-process ONNX Runtime run of the same rows and the independent
+test oracle (`ReferenceModel`, tests/oracle.py), output by output; datatypes and shapes with the
+contract the server declares (`inference.output_specs`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """`torchrun --nproc-per-node 2 -m training run` (gloo, CPU) against the same run in one process.
 
-Both real CLI runs start at once in subprocesses (the smoke config, 3 members: rank 0 trains
-members 0 and 2, rank 1 member 1), then the tests compare what they wrote.
+The torchrun run is a real CLI run in a subprocess (the smoke config, 3 members: rank 0 trains
+members 0 and 2, rank 1 member 1); the single-process run is the same command through the CLI in
+this process, shared with test_pipeline.py (`digits_smoke`, tests/training/conftest.py). The tests
+compare what they wrote.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import pytest
 import torch
 
 from service.manifest import ModelManifest
+from tests.training.conftest import SMOKE_MEMBERS
 from training.config import DataConfig
 from training.data import load_data
 from training.distributed import gather_members, local_batch_size, rank_members, shard, shard_of
 from training.teachers import MemberResult
 
 REPO = Path(__file__).resolve().parents[2]
-MEMBERS = 3
+MEMBERS = SMOKE_MEMBERS
 
 
 def _launch(root: Path, launcher: list[str]) -> tuple[subprocess.Popen[str], Path, Path]:
@@ -46,24 +49,22 @@ def _launch(root: Path, launcher: list[str]) -> tuple[subprocess.Popen[str], Pat
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> dict[str, tuple[Path, Path]]:
     """{"one": (package, run dir), "two": (package, run dir)}: 1 process and 2 torchrun ranks."""
     root = tmp_path_factory.mktemp("distributed")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    started = {
-        "one": _launch(root / "one", [sys.executable]),
-        "two": _launch(root / "two", torchrun),
-    }
-    done = {}
-    for key, (proc, out, run_dir) in started.items():
-        try:
-            output, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        assert proc.returncode == 0, f"{key}-process run failed:\n{output[-4000:]}"
-        done[key] = (out, run_dir)
-    return done
+    proc, out, run_dir = _launch(root / "two", torchrun)
+    # the single-process run meanwhile, here (or already made by test_pipeline.py)
+    one: tuple[Path, Path] = request.getfixturevalue("digits_smoke")
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, f"two-process run failed:\n{output[-4000:]}"
+    return {"one": one, "two": (out, run_dir)}
 
 
 def _checkpoint(run_dir: Path, name: str) -> dict[str, object]:

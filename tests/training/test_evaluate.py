@@ -1,11 +1,20 @@
-"""training/evaluate.py's metric pieces against numbers worked out by hand."""
+"""training/evaluate.py's metric pieces against numbers worked out by hand (the whole `evaluate` on
+exported graphs: tests/training/test_pipeline.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from training.evaluate import ReliabilityBins
+from service.uncertainty import ClassificationUncertainty, classification_uncertainty, regression_uncertainty
+from training.evaluate import (
+    ReliabilityBins,
+    classification_metrics,
+    default_score,
+    ood_metrics,
+    regression_metrics,
+    retention,
+)
 
 
 def test_ece_by_hand() -> None:
@@ -25,3 +34,53 @@ def test_perfectly_calibrated_bins_have_zero_ece_and_edges_fall_low() -> None:
     correct = np.array([True, True, False])
     bins = ReliabilityBins.of(conf, correct, bins=10)
     assert bins.count.tolist() == [1, 2] and bins.ece == 0.0
+
+
+def _uncertainty(probs: list[list[float]]) -> ClassificationUncertainty:
+    """One head per row: a summary whose mean probabilities are `probs` (batch, classes)."""
+    return classification_uncertainty(np.log(np.asarray(probs))[:, None, :])
+
+
+def test_classification_metrics_by_hand() -> None:
+    u = _uncertainty([[0.8, 0.2], [0.4, 0.6], [0.5, 0.5]])
+    y = np.array([0, 0, 1])
+    metrics = classification_metrics(u, y)
+    # labels 0, 1, 0 (a tie goes to the first class): one of three right
+    assert metrics["accuracy"] == pytest.approx(1 / 3)
+    assert metrics["nll"] == pytest.approx(-(np.log(0.8) + np.log(0.4) + np.log(0.5)) / 3)
+    brier = ((0.2**2 + 0.2**2) + (0.6**2 + 0.6**2) + (0.5**2 + 0.5**2)) / 3
+    assert metrics["brier"] == pytest.approx(brier)  # summed over classes, not divided by K
+    # three bins of one row each: |1 − 0.8|, |0 − 0.6|, |0 − 0.5|
+    assert metrics["ece"] == pytest.approx((0.2 + 0.6 + 0.5) / 3)
+
+
+def test_regression_metrics_by_hand() -> None:
+    mean = np.array([[1.0], [3.0]])  # one head: no epistemic variance
+    variance = np.array([[4.0], [1.0]])
+    y = np.array([2.0, 3.0])
+    metrics = regression_metrics(regression_uncertainty(mean, variance), y)
+    assert metrics["rmse"] == pytest.approx(np.sqrt((1.0 + 0.0) / 2))
+    nll = 0.5 * (np.log(2 * np.pi * 4.0) + 1.0 / 4.0) + 0.5 * np.log(2 * np.pi * 1.0)
+    assert metrics["nll"] == pytest.approx(nll / 2)
+    assert metrics["coverage_95"] == 1.0  # both targets inside μ ± 1.96 σ
+    assert metrics["mean_interval_width"] == pytest.approx(2 * 1.959964 * (2.0 + 1.0) / 2, rel=1e-5)
+
+
+def test_ood_metrics_with_ood_as_the_positive_class() -> None:
+    separated = ood_metrics(np.array([0.1, 0.2, 0.3]), np.array([0.7, 0.8]))
+    assert separated == {"auroc": 1.0, "aupr_out": 1.0, "fpr_at_95tpr": 0.0}
+    inverted = ood_metrics(np.array([0.7, 0.8]), np.array([0.1, 0.2]))
+    assert inverted["auroc"] == 0.0 and inverted["fpr_at_95tpr"] == 1.0
+    # one of four (ID, OOD) pairs ranked wrong
+    assert ood_metrics(np.array([0.1, 0.5]), np.array([0.4, 0.9]))["auroc"] == pytest.approx(0.75)
+
+
+def test_retention_and_the_default_score() -> None:
+    assert retention(0.8, 0.9) == pytest.approx(0.75)
+    assert retention(0.7, 0.5) == 0.0  # the ensemble at chance: nothing to retain
+    assert default_score("classification", heads=8, configured=None) == "mutual_information"
+    assert default_score("regression", heads=8, configured=None) == "epistemic_variance"
+    assert default_score("classification", heads=8, configured="epkl") == "epkl"
+    # one head (the KD baseline) has no knowledge uncertainty: total uncertainty instead
+    assert default_score("classification", heads=1, configured="epkl") == "total_entropy"
+    assert default_score("regression", heads=1, configured=None) == "total_variance"

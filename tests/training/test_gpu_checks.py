@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from training.determinism import deterministic_cuda_env
 from training.distributed import local_cuda_device
-from training.pipeline import deterministic_cuda_env
 
 
 def test_cuda_runs_get_a_deterministic_cublas_workspace() -> None:

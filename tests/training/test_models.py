@@ -1,17 +1,12 @@
-"""Fused heads: one batched matmul equals M separate linear heads; export keeps them fused."""
+"""Fused heads: one batched matmul equals M separate linear heads (export: tests/training/test_export.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-import onnx
 import pytest
 import torch
 
 from training.config import ArchConfig
-from training.export import ExportParityError, check_parity, export_onnx
-from training.models import FusedLinear, HydraNet, PackagedModel
+from training.models import FusedLinear, HydraNet
 
 
 def _net(heads: int, head_layers: int = 1, kind: str = "mlp") -> HydraNet:
@@ -44,38 +39,3 @@ def test_expand_heads_copies_the_phase1_head(head_layers: int) -> None:
 def test_head_layers_must_fit_the_dense_stack() -> None:
     with pytest.raises(ValueError):
         _net(heads=2, head_layers=4)
-
-
-def test_export_is_fused_dynamic_and_parity_checked(tmp_path: Path) -> None:
-    net = _net(heads=5).eval()
-    model = PackagedModel([net], "classification")
-    rows = np.random.default_rng(0).standard_normal((9, 6)).astype(np.float32)
-    path = tmp_path / "m.onnx"
-    worst = export_onnx(model, (6,), path, rows)
-    assert worst["log_probs"] <= 1e-4
-    graph = onnx.load(str(path)).graph
-    ops = [n.op_type for n in graph.node]
-    assert ops.count("MatMul") + ops.count("Gemm") == 3  # two body layers + ONE fused head layer
-    assert graph.input[0].name == "input"
-    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
-    assert [o.name for o in graph.output] == ["log_probs"]
-
-    # a graph that no longer matches its PyTorch model must be refused loudly
-    with torch.no_grad():
-        net.head[0].weight.mul_(1.5)
-    with pytest.raises(ExportParityError):
-        check_parity(model, path, (6,), rows)
-
-
-def test_regression_package_outputs_target_units(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    arch = ArchConfig(kind="mlp", hidden=(8,), head_layers=1)
-    net = HydraNet(arch, (2,), 2, 3, torch.zeros(2), torch.ones(2)).eval()
-    model = PackagedModel([net], "regression", y_mean=10.0, y_std=2.0)
-    x = torch.randn(4, 2)
-    mean, variance = model(x)
-    raw = net(x)
-    torch.testing.assert_close(mean, raw[..., 0] * 2.0 + 10.0)
-    assert (variance > 0).all()
-    worst = export_onnx(model, (2,), tmp_path / "r.onnx", x.numpy())
-    assert set(worst) == {"mean", "variance"}

@@ -11,9 +11,8 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from service import inference
 from service.manifest import ModelManifest
-from service.uncertainty import ConformalOODCalibrator
+from tests import oracle
 from training.__main__ import app
 from training.config import DataConfig
 from training.data import load_data
@@ -26,23 +25,8 @@ def _invoke(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture(scope="module")
-def digits_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("digits")
-    out, run_dir = root / "pkg" / "3", root / "run"
-    _invoke(
-        "run",
-        "--dataset",
-        "digits",
-        "--smoke",
-        "--out",
-        str(out),
-        "--run-dir",
-        str(run_dir),
-        "--device",
-        "cpu",
-    )
-    return out, run_dir
+# `digits_smoke` (tests/training/conftest.py): one `run --dataset digits --smoke`, shared with
+# tests/training/test_distributed.py as its single-process run.
 
 
 def test_smoke_package_is_complete_and_valid(digits_smoke: tuple[Path, Path]) -> None:
@@ -96,11 +80,10 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
 
     def served(x: np.ndarray) -> dict[str, np.ndarray]:
-        """What the server answers for rows `x` (the service's own code on the graph's outputs)."""
+        """What the server should answer for rows `x` (the test oracle on the graph's outputs)."""
         log_probs, density, typicality = session.run(None, {"input": x})
-        calibrator = ConformalOODCalibrator(manifest.ood.calibration_scores)
         raw = {"log_probs": log_probs, "density": density, "input_density": typicality}
-        return inference.summarise(manifest, calibrator, raw)
+        return oracle.answer(oracle.read_manifest(out), raw)
 
     # the stored calibration scores are the served statistic on the held-out calibration split
     cal = served(data.cal.x)
@@ -250,3 +233,26 @@ def test_student_width_widens_the_student_only(tmp_path: Path) -> None:
     (student1, teachers1), (student3, teachers3) = widths["1"], widths["3"]
     assert teachers1 == teachers3  # the teachers keep the preset's shape
     assert student1 and [3 * w for w in student1] == student3
+    # without the option, the `file` preset's student: one hidden layer of 8 x 128 units
+    out, run_dir = tmp_path / "preset" / "1", tmp_path / "run-preset"
+    _invoke(
+        "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+        "--smoke", "--out", str(out), "--run-dir", str(run_dir),
+    )  # fmt: skip
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["distil"]["student_hidden"] == [1024]
+    assert _dense_widths(out / "model.onnx") == [1024] and _dense_widths(out / "ensemble.onnx") == teachers1
+    # --student-hidden sets the student's layers exactly; a malformed one is a usage error
+    out, run_dir = tmp_path / "hidden" / "1", tmp_path / "run-hidden"
+    _invoke(
+        "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+        "--smoke", "--student-hidden", "64,32", "--out", str(out), "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert _dense_widths(out / "model.onnx") == [64, 32]
+    bad = runner.invoke(
+        app,
+        ["run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+         "--out", str(tmp_path / "bad"), "--student-hidden", "64,x"],
+        terminal_width=200,
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output

@@ -95,3 +95,71 @@ def test_radial_scale_is_one_near_the_data_and_linear_far_out(dataset: str) -> N
     s1000 = radial_scale(mean + 1000 * direction, data)
     assert np.all(s100 > 10)
     np.testing.assert_allclose(s1000 / s100, 10.0, rtol=0.05)  # linear in the distance far out
+
+
+def test_rescaled_rows_move_along_their_own_ray_from_the_origin() -> None:
+    data = load_data(DataConfig(dataset="diabetes", max_train_rows=200))
+    train = data.train.x.astype(np.float64)
+    dc = DistilConfig(**{**NONE.__dict__, "rescale_copies": 2, "rescale_max": 20.0})
+    parts = transfer_parts(dc, data, seed=0)
+    assert set(parts) == {"train", "rescaled"}
+    rows = parts["rescaled"]
+    base = np.tile(train, (2, 1))
+    ratio = np.divide(rows, base, out=np.ones_like(rows), where=np.abs(base) > 1e-9)
+    moved = np.abs(ratio - 1.0) > 1e-9
+    # each row: the moved features share one factor s, 1/20 <= s <= 20, and some rows keep features
+    for r, m in zip(ratio, moved, strict=True):
+        if m.any():
+            assert np.allclose(r[m], r[m][0]) and 1 / 20 - 1e-9 <= r[m][0] <= 20 + 1e-9
+    s = np.array([r[m][0] for r, m in zip(ratio, moved, strict=True) if m.any()])
+    assert (s < 0.2).mean() > 0.1 and (s > 5).mean() > 0.1  # both ways, orders of magnitude
+    assert (moved.sum(axis=1) < train.shape[1]).mean() > 0.2
+    np.testing.assert_array_equal(rows, transfer_parts(dc, data, seed=0)["rescaled"])
+
+
+def test_disagreement_seeking_keeps_the_candidate_the_teachers_disagree_on_most() -> None:
+    from training.transfer import disagreement_scores, seek_disagreement
+
+    data = load_data(DataConfig(dataset="toy", max_train_rows=60))
+    dc = DistilConfig(**{**NONE.__dict__, "seek_copies": 2, "seek_candidates": 6})
+    seen: list[np.ndarray] = []
+
+    def label(x: np.ndarray) -> np.ndarray:
+        # two "teachers" whose means differ by x² (regression raw outputs: mean, raw variance)
+        seen.append(x.copy())
+        flat = x.reshape(len(x), -1).astype(np.float64)
+        mean = np.stack([flat[:, 0], flat[:, 0] + flat[:, 0] ** 2], axis=1)
+        return np.stack([mean, np.zeros_like(mean)], axis=-1).astype(np.float32)
+
+    rows, raw = seek_disagreement(dc, data, seed=0, label=label)
+    n = len(data.train)
+    assert rows.shape == (2 * n, *data.train.x.shape[1:]) and raw.shape == (2 * n, 2, 2)
+    assert len(seen) == 2 and all(len(c) == n * 6 for c in seen)  # every candidate labelled once
+    for copy, candidates in enumerate(list(seen)):
+        scores = disagreement_scores(label(candidates).astype(np.float64), "regression").reshape(n, 6)
+        kept = disagreement_scores(raw[copy * n : (copy + 1) * n].astype(np.float64), "regression")
+        np.testing.assert_allclose(kept, scores.max(axis=1), rtol=1e-6)
+    # classification: MI of identical teachers is 0, of opposite confident ones log 2
+    same = np.tile(np.array([[[3.0, 0.0]]]), (1, 2, 1))
+    opposite = np.array([[[6.0, 0.0], [0.0, 6.0]]])
+    assert disagreement_scores(same, "classification")[0] == pytest.approx(0.0, abs=1e-9)
+    assert disagreement_scores(opposite, "classification")[0] > 0.6
+
+
+def test_distillation_appends_the_sought_rows_with_their_teacher_labels() -> None:
+    from dataclasses import replace
+
+    import torch
+
+    from training.distill import distil
+    from training.presets import make_config
+    from training.teachers import build_network
+
+    cfg = make_config(DataConfig(dataset="toy", max_train_rows=60), members=2, seed=0, epochs=1)
+    dc = replace(NONE, seek_copies=1, seek_candidates=4, phase1_epochs=1, phase2_epochs=1)
+    cfg = replace(cfg, distil=dc)
+    data = load_data(cfg.data)
+    torch.manual_seed(0)
+    members = [build_network(cfg, data, heads=1).eval() for _ in range(2)]  # untrained: they disagree
+    result = distil(cfg, data, members, torch.device("cpu"))
+    assert result.transfer_size == len(transfer_inputs(dc, data, cfg.seed)) + len(data.train)

@@ -1,146 +1,48 @@
-"""Prometheus metrics for the service: declared once, one `hydra_` prefix, base units, bounded labels.
-
-Label vocabulary (all bounded): `model` and `version` (served models), `route` (the route *template*,
-never a raw path), `method`, `code`, `reason` (fixed short vocabularies), `label` (class names, capped
-at `MAX_CLASS_LABELS`, the rest pooled into "other"), `heads`/`provider` on the info gauge only.
-
-Per-row distributions (OOD p-value, mutual information, feature density, input typicality,
-disagreement, queue wait)
-are updated once per batch with vectorised bucket counts: prometheus-client's `Histogram` only has a
-per-value `observe`, so `BatchHistogram` keeps numpy bucket counts per label set and exposes them at
-scrape time.
-
-Every known series is exported with zero as soon as its model is known, so `rate()` and ratios have
-data before the first event (an OOD alert must be able to say "0 flagged of N").
-"""
+"""`ServiceMetrics`: every metric family of one app, declared once (see `service.metrics`)."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
-from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-PREFIX = "hydra"
-MAX_CLASS_LABELS = 50
-OTHER_CLASS = "other"
-REJECT_REASONS = ("queue_full", "deadline", "disconnected")
-UNMATCHED_ROUTE = "unmatched"
-
-# Fixed buckets. p-values are uniform on [0, 1] under no shift whatever the model, so equal-width
-# buckets above 0.1 give a flat heatmap; the fine buckets at the bottom contain the usual α values
-# (p ≤ α is exactly the bucket `le=α`, the same inequality the flag uses).
-P_VALUE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-# Mutual information in nats lies in [0, log K]; log-spaced buckets resolve the small ID values.
-MUTUAL_INFORMATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-# Feature density = squared Mahalanobis distance of the body features: ~ the body width (64–256) on
-# ID rows, orders of magnitude more far from the data; log-spaced at 1-2-3-5-7 per decade to 1e6.
-DENSITY_BUCKETS = (0.1, 0.2, 0.5, *(float(f"{m}e{e}") for e in range(6) for m in (1, 2, 3, 5, 7)), 1e6)
-# Input typicality = squared Mahalanobis distance of the standardised raw row: ~ χ²_d on ID rows, d the
-# number of features (2 … 784: medians ~1.4 … ~783), far *below* that on rows scaled towards the mean
-# (×0.1: ~d/100) and far above on rows far out; log-spaced 0.01 … 1e6 at 1-2-3-5-7 per decade.
-INPUT_DENSITY_BUCKETS = (*(float(f"{m}e{e}") for e in range(-2, 6) for m in (1, 2, 3, 5, 7)), 1e6)
-# Classification vote disagreement is the fraction of heads disagreeing with the mean: [0, 1].
-VOTE_DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-# Regression disagreement is the std of head means in target units: scale unknown, so log-spaced wide.
-SPREAD_BUCKETS = tuple(float(f"{m}e{e}") for e in range(-3, 4) for m in (1, 2, 5))
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-QUEUE_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-
-
-class BatchHistogram(Collector):
-    """A labelled histogram updated with many values at once (numpy), exposed as a Prometheus histogram.
-
-    Thread-safe: batches may be observed from worker threads while a scrape reads.
-    """
-
-    def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
-    ) -> None:
-        bounds = np.asarray(sorted(float(b) for b in buckets), dtype=np.float64)
-        if bounds.size == 0 or not np.all(np.isfinite(bounds)) or np.any(np.diff(bounds) <= 0):
-            raise ValueError(f"{name}: buckets must be finite and strictly increasing, got {buckets}")
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._bounds = bounds
-        self._lock = threading.Lock()
-        # label values -> (per-bucket counts incl. +Inf, non-cumulative; sum of observed values)
-        self._series: dict[tuple[str, ...], tuple[NDArray[np.int64], list[float]]] = {}
-
-    def _check(self, labelvalues: tuple[str, ...]) -> None:
-        if len(labelvalues) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {labelvalues}")
-
-    def touch(self, *labelvalues: str) -> None:
-        """Create the series with zero counts (so it is exported before the first observation)."""
-        self._check(labelvalues)
-        with self._lock:
-            self._series.setdefault(labelvalues, (np.zeros(self._bounds.size + 1, np.int64), [0.0]))
-
-    def observe_many(
-        self, labelvalues: Sequence[str], values: NDArray[np.floating] | Sequence[float]
-    ) -> None:
-        """Add every value in `values` (any shape). Non-finite values are dropped: they have no bucket
-        that means anything and would poison `_sum` forever."""
-        key = tuple(labelvalues)
-        self._check(key)
-        v = np.asarray(values).ravel()
-        if not np.issubdtype(v.dtype, np.floating):
-            v = v.astype(np.float64)
-        v = v[np.isfinite(v)]
-        # Compare in the values' own precision: a float32 p-value equal to α (0.05 as float32 is
-        # 0.0500000007) must land in the bucket le=α, as it was flagged with p <= α.
-        bounds = self._bounds.astype(v.dtype)
-        # side="left": index i satisfies bounds[i-1] < v <= bounds[i], the `le` semantics.
-        counts = np.bincount(np.searchsorted(bounds, v, side="left"), minlength=self._bounds.size + 1)
-        total = float(v.sum(dtype=np.float64))
-        with self._lock:
-            bucket_counts, acc = self._series.setdefault(
-                key, (np.zeros(self._bounds.size + 1, np.int64), [0.0])
-            )
-            bucket_counts += counts.astype(np.int64)
-            acc[0] += total
-
-    def remove(self, *labelvalues: str) -> None:
-        with self._lock:
-            self._series.pop(tuple(labelvalues), None)
-
-    def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        with self._lock:
-            snapshot = [(k, c.copy(), a[0]) for k, (c, a) in self._series.items()]
-        edges = [_format_bound(b) for b in self._bounds] + ["+Inf"]
-        for key, counts, total in snapshot:
-            cumulative = np.cumsum(counts)
-            family.add_metric(
-                list(key), [(e, float(c)) for e, c in zip(edges, cumulative, strict=True)], total
-            )
-        yield family
-
-    def describe(self) -> Iterable[Metric]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-
-def _format_bound(bound: float) -> str:
-    # The same text prometheus-client uses for `le` (floatToGoString), so bounds like 0.1 read "0.1".
-    return repr(float(bound))
+from service.metrics.batch_histogram import BatchHistogram
+from service.metrics.buckets import (
+    BATCH_ROWS_BUCKETS,
+    DENSITY_BUCKETS,
+    INPUT_DENSITY_BUCKETS,
+    LATENCY_BUCKETS,
+    MAX_CLASS_LABELS,
+    MUTUAL_INFORMATION_BUCKETS,
+    OTHER_CLASS,
+    P_VALUE_BUCKETS,
+    PREFIX,
+    QUEUE_WAIT_BUCKETS,
+    REJECT_REASONS,
+    SPREAD_BUCKETS,
+    VOTE_DISAGREEMENT_BUCKETS,
+)
+from service.metrics.multiprocess import exposition_registry, remove_series
 
 
 class ServiceMetrics:
-    """All metrics of one app, in the app's own registry (tests run several apps in one process)."""
+    """All metrics of one app, in the app's own registry (tests run several apps in one process).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `multiprocess_dir`: this app is one of several worker processes whose values prometheus-client
+    writes under that directory (`service.metrics.multiprocess`); /metrics then shows all of them.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # checked now, not at the first scrape: a worker whose values stay private would undercount
+        self._exposition = exposition_registry(multiprocess_dir) if multiprocess_dir else self.registry
         # families declared elsewhere (service.monitoring) drop their series of a removed version here
         self.on_remove: list[Callable[[str, str], None]] = []
         r = self.registry
@@ -184,13 +86,18 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            f"{p}_queue_depth_rows", "Rows waiting in the batch queue.", ("model",), registry=r
+            f"{p}_queue_depth_rows",
+            "Rows waiting in the batch queue.",
+            ("model",),
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
             f"{p}_in_flight_requests",
             "Inference requests admitted and not yet answered.",
             ("model",),
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             f"{p}_rejected_requests",
@@ -204,9 +111,14 @@ class ServiceMetrics:
             "Served model: always 1; the labels carry heads and execution provider.",
             ("model", "version", "heads", "provider"),
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_ready = Gauge(
-            f"{p}_model_ready", "1 when the model version is ready to serve, else 0.", mv, registry=r
+            f"{p}_model_ready",
+            "1 when the model version is ready to serve, else 0.",
+            mv,
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.load_failures = Counter(
             f"{p}_model_load_failures", "Model load failures by reason.", ("model", "reason"), registry=r
@@ -220,7 +132,11 @@ class ServiceMetrics:
             registry=r,
         )
         self.ood_alpha = Gauge(
-            f"{p}_ood_alpha", "The manifest's default alpha used for hydra_ood_flagged_total.", mv, registry=r
+            f"{p}_ood_alpha",
+            "The manifest's default alpha used for hydra_ood_flagged_total.",
+            mv,
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.ood_p_value = BatchHistogram(
             f"{p}_ood_p_value",
@@ -283,8 +199,8 @@ class ServiceMetrics:
         self._known: set[tuple[str, str]] = set()
 
     def asgi_app(self) -> ASGIApp:
-        """The exposition endpoint for this registry (mounted at /metrics)."""
-        app: ASGIApp = make_asgi_app(registry=self.registry)
+        """The exposition endpoint (mounted at /metrics): this registry, or every worker's files."""
+        app: ASGIApp = make_asgi_app(registry=self._exposition)
         return app
 
     # -- HTTP -----------------------------------------------------------------------------------------
@@ -352,7 +268,7 @@ class ServiceMetrics:
             class_labels = self._class_labels.pop((model, version), [])
             last_version = not any(m == model for m, _ in self._known)
         if info is not None:
-            _remove(self.model_info, model, version, *info)
+            remove_series(self.model_info, model, version, *info)
         for metric in (
             self.model_ready,
             self.predictions,
@@ -361,7 +277,7 @@ class ServiceMetrics:
             self.batch_size,
             self.compute_duration,
         ):
-            _remove(metric, model, version)
+            remove_series(metric, model, version)
         for hist in (
             self.queue_wait,
             self.ood_p_value,
@@ -373,14 +289,14 @@ class ServiceMetrics:
         ):
             hist.remove(model, version)
         for label in class_labels:
-            _remove(self.predicted_class, model, version, label)
+            remove_series(self.predicted_class, model, version, label)
         for hook in self.on_remove:
             hook(model, version)
         if last_version:
-            _remove(self.queue_depth, model)
-            _remove(self.in_flight, model)
+            remove_series(self.queue_depth, model)
+            remove_series(self.in_flight, model)
             for reason in REJECT_REASONS:
-                _remove(self.rejected, model, reason)
+                remove_series(self.rejected, model, reason)
 
     def inc_load_failure(self, model: str, reason: str) -> None:
         self.load_failures.labels(model, reason).inc()
@@ -466,74 +382,3 @@ class ServiceMetrics:
         for k in np.flatnonzero(counts):  # at most MAX_CLASS_LABELS + 1 iterations, never per row
             name = shown[k] if k < len(shown) else OTHER_CLASS
             self.predicted_class.labels(model, version, name).inc(int(counts[k]))
-
-
-def _remove(metric: Counter | Gauge | Histogram, *labelvalues: str) -> None:
-    with contextlib.suppress(KeyError):  # never created: nothing to drop
-        metric.remove(*labelvalues)
-
-
-class RequestMetricsMiddleware:
-    """Pure ASGI middleware: one `observe_request` per HTTP request, labelled with the route template.
-
-    The template comes from the route that handled the request (FastAPI puts it in `scope["route"]`),
-    or, for mounted apps such as /metrics, from matching the app's routes; anything unmatched is
-    `UNMATCHED_ROUTE`, so scanning for random paths cannot grow the label set.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        # Routers rewrite scope (root_path, path params) while dispatching; match against the original.
-        original_scope = dict(scope)
-        status = 500  # if the app dies before starting a response, the server answers 500
-        recorded = False
-
-        def record() -> None:
-            nonlocal recorded
-            if not recorded:
-                recorded = True
-                self.metrics.observe_request(
-                    _route_template(scope, original_scope),
-                    scope.get("method", "GET"),
-                    status,
-                    time.perf_counter() - start,
-                )
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                record()
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            record()
-
-
-def _route_template(scope: Scope, original_scope: Scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    app = original_scope.get("app", scope.get("app"))
-    router = getattr(app, "router", None)
-    for candidate in getattr(router, "routes", ()):
-        try:
-            match, _ = candidate.matches(dict(original_scope))
-        except Exception:  # a route that cannot judge this scope is not the one that served it
-            continue
-        if match == Match.FULL:
-            candidate_path = getattr(candidate, "path", None)
-            if isinstance(candidate_path, str):
-                return candidate_path or "/"
-    return UNMATCHED_ROUTE

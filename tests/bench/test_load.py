@@ -13,7 +13,7 @@ from tests.service.support import REPO_ROOT
 def test_load_script_reports_both_configurations(model_repository: Path, tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     subprocess.run(
-        [sys.executable, "bench/load.py", "--repository", str(model_repository), "--model", "clf",
+        [sys.executable, "-m", "bench.load", "--repository", str(model_repository), "--model", "clf",
          "--requests", "60", "--concurrency", "8", "--rows", "2", "--json", str(out)],
         cwd=REPO_ROOT, check=True, timeout=120, capture_output=True,
     )  # fmt: skip

@@ -1,8 +1,9 @@
-"""A small load generator for the reliability tests: raw HTTP/1.1 keep-alive connections on asyncio.
+"""The in-process load generator: raw HTTP/1.1 keep-alive connections on asyncio (bench and tests).
 
 httpx costs about a millisecond of client CPU per request; on a 2-core machine shared with the
-server that would cap the offered load below what the overload tests need. This client writes the
-request bytes itself and reads `Content-Length` bodies (all the server sends), nothing more.
+server that would cap the offered load below what the overload tests and bench/load.py need. This
+client writes the request bytes itself and reads `Content-Length` bodies (all the server sends),
+nothing more. (Load from a separate process, with wrk: bench/loadgen.py.)
 
 - `closed_loop`: `concurrency` workers, each sending its next request as soon as the last answered.
 - `open_loop`: requests released on a fixed schedule (`rate` per second) whatever the answers do;
@@ -14,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sized
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 BodyFactory = Callable[[int], bytes]
@@ -122,9 +120,12 @@ async def closed_loop(
     first_index: int = 0,
     headers: dict[str, str] | None = None,
     stop: asyncio.Event | None = None,
+    outcomes: list[Outcome] | None = None,
 ) -> list[Outcome]:
-    """`concurrency` workers, each with its own connection, for `duration_s` (or until `stop`)."""
-    outcomes: list[Outcome] = []
+    """`concurrency` workers, each with its own connection, for `duration_s` (or until `stop`).
+
+    `outcomes`: the list answers are appended to as they come (a caller can watch the load run)."""
+    outcomes = [] if outcomes is None else outcomes
     counter = iter(range(first_index, 1 << 62))
     deadline = time.perf_counter() + duration_s
 
@@ -182,6 +183,16 @@ async def open_loop(
     return outcomes
 
 
+async def until_answered(outcomes: Sized, count: int, timeout_s: float = 30.0) -> None:
+    """Wait until `outcomes` (the list a running load appends its answers to) holds `count` of them;
+    raise after `timeout_s`. Counts, not sleeps: the box may be busy."""
+    deadline = time.perf_counter() + timeout_s
+    while len(outcomes) < count:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{len(outcomes)} of {count} answers after {timeout_s}s")
+        await asyncio.sleep(0.01)
+
+
 def throughput(outcomes: list[Outcome], status: int = 200) -> float:
     """Answers with `status` per second over the span from the first start to the last finish."""
     chosen = [o for o in outcomes if o.status == status]
@@ -196,54 +207,3 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100.0 * len(ordered)))]
-
-
-# ---- server process memory ------------------------------------------------------------------------
-
-
-def _status_kib(pid: int, field_name: str) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(rf"^{field_name}:\s+(\d+) kB$", text, re.M)
-    return int(found.group(1)) if found else 0
-
-
-def rss_bytes(pid: int) -> int:
-    return _status_kib(pid, "VmRSS") * 1024
-
-
-def peak_rss_bytes(pid: int) -> int:
-    """The kernel's high-water mark of the process's resident memory (VmHWM)."""
-    return _status_kib(pid, "VmHWM") * 1024
-
-
-@dataclass
-class RssSampler:
-    """Samples the RSS of `pid` every `interval_s` in a thread: `with RssSampler(pid) as s: ...`."""
-
-    pid: int
-    interval_s: float = 0.1
-    samples: list[tuple[float, int]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> RssSampler:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.samples.append((time.perf_counter(), rss_bytes(self.pid)))
-            except (FileNotFoundError, ProcessLookupError):
-                return
-            self._stop.wait(self.interval_s)
-
-    @property
-    def peak(self) -> int:
-        return max((rss for _, rss in self.samples), default=0)
