@@ -953,7 +953,7 @@ def write(extra: dict[str, str] | None = None) -> Path:
     q, c, s = load("quality"), load("cost"), load("server")
     gpu_cost, gpu_server = load("gpu_cost"), load("gpu_server")
     c1, su, sp = load("cost_1thread"), load("suites"), load("suites_splits")
-    parts = [HEADER, headline(q, c, s, su), quality_section(q), suites_section(su)]
+    parts = [HEADER, headline(q, c, s, su, load("suites_fresh3")), quality_section(q), suites_section(su)]
     if load("suites_fresh3"):
         parts.append(fresh3_section(load("suites_fresh3")))
     if sp:
@@ -1122,11 +1122,13 @@ def headline(
     c: dict[str, Any] | None,
     s: dict[str, Any] | None,
     su: dict[str, Any] | None = None,
+    later: dict[str, Any] | None = None,
 ) -> str:
     lines = ["## Headline", ""]
-    for suite in ("confirmation", "fresh", "fresh2"):
-        if su and suite in su["verdict"]:
-            v = su["verdict"][suite]
+    verdicts = {**(su or {}).get("verdict", {}), **(later or {}).get("verdict", {})}
+    for suite in ("confirmation", "fresh", "fresh2", "fresh3", "fresh4"):
+        if suite in verdicts:
+            v = verdicts[suite]
             misses = v["low_retention"] + v["inverted"] + v["accuracy_misses"] + v["coverage_misses"]
             lines.append(
                 f"- **Distillation on data nobody tuned on ({suite} suite, §1b)**: median MI Spearman "
