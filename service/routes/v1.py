@@ -138,9 +138,81 @@ class PredictResponse(BaseModel):
     )
 
 
-class ModelStatus(BaseModel):
+class _Strict(BaseModel):
+    # the declared response is the answer: a field the server adds or drops fails the schema tests
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Strict):
     name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch axis")
+
+
+class OODSummary(_Strict):
+    score: str = Field(description="What `ood_score` is: one uncertainty score, or `combined`")
+    components: list[str] = Field(description="The combined statistic's scores; empty for one score")
+    combination: str | None
+    default_alpha: float
+    calibration_size: int = Field(description="Calibration scores behind the conformal p-values")
+
+
+class BatchingStatus(_Strict):
+    max_batch_size: int
+    max_queue_delay_ms: float
+    run_when_idle: bool
+    batches: int
+    rows: int
+    max_batch_rows: int
+    queued_requests: int
+
+
+class DriftStatus(_Strict):
+    martingale_log10: float
+    alarm_threshold_log10: float
+    delta: float
+    jump_offset: float
+    rows_in_run: int
+    rows_total: int
+    alarms: int
+    last_alarm_at: str | None
+    last_alarm_row: int | None
+    run_started_at: str | None
+    guarantee: str
+
+
+class ShadowStatus(_Strict):
+    enabled: bool
+    ensemble_available: bool
+    reason: str | None
+    fraction: float
+    window: int
+    rows: int
+    dropped_rows: int
+    window_rows: int
+    fidelity: dict[str, float | int | None] | None
+    ensemble_in_package: bool
+
+
+class ModelStatus(_Strict):
+    """`{"name", "ready"}` as the V1 spec asks, and what operators see about the model."""
+
+    name: str
+    version: str
     ready: bool
+    platform: str
+    provider: str
+    task: Literal["classification", "regression"]
+    heads: int
+    labels: list[str] | None
+    input: TensorSpec
+    feature_names: list[str] | None
+    ood: OODSummary
+    outputs: list[TensorSpec]
+    evaluation: dict[str, Any] | None = Field(description="The manifest's evaluation summary")
+    batching: BatchingStatus
+    drift: DriftStatus
+    shadow: ShadowStatus
 
 
 class ModelList(BaseModel):

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.routes.v1 import ModelStatus
 from tests.service.support import (
     CLF_FEATURES,
     REG_FEATURE_NAMES,
@@ -60,6 +61,13 @@ def test_list_and_metadata(client: InProcessClient) -> None:
     assert meta["labels"] == ["setosa", "versicolor", "virginica"] and meta["heads"] == 4
     assert meta["provider"] == "CPUExecutionProvider"
     assert {o["name"] for o in meta["outputs"]} >= {*CLASSIFICATION_FIELDS, "heads"}
+    for model in ("clf", "reg"):  # the declared response model is the whole answer, field for field
+        ModelStatus.model_validate(client.get(f"/v1/models/{model}").json())
+    assert set(ModelStatus.model_json_schema()["properties"]) == set(meta)
+    declared = client.get("/openapi.json").json()["paths"]["/v1/models/{model_name}"]["get"]
+    assert declared["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ModelStatus"
+    )
 
 
 def test_classification_rows_match_direct_onnxruntime(
