@@ -5,9 +5,9 @@ Shared helpers for route handlers live here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 from pydantic import BaseModel
 
 from service.repository import ModelRepository
@@ -16,6 +16,10 @@ from service.repository import ModelRepository
 def get_repository(request: Request) -> ModelRepository:
     repository: ModelRepository = request.app.state.repository
     return repository
+
+
+# what a handler declares to get the app's model repository (FastAPI resolves it per request)
+Repository = Annotated[ModelRepository, Depends(get_repository)]
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from service.auth import require_admin_key, require_api_key
 from service.errors import BadRequest
 from service.responses import OrjsonResponse
-from service.routes import get_repository
+from service.routes import Repository
 
 router = APIRouter(prefix="/v2/repository", tags=["Model repository"], default_response_class=OrjsonResponse)
 
@@ -55,9 +55,9 @@ async def _ready_filter(request: Request) -> bool:
     response_model=list[IndexEntry],
     dependencies=[Depends(require_api_key)],
 )
-async def repository_index(request: Request) -> OrjsonResponse:
+async def repository_index(request: Request, repository: Repository) -> OrjsonResponse:
     ready_only = await _ready_filter(request) if request.method == "POST" else False
-    entries = get_repository(request).index()
+    entries = repository.index()
     if ready_only:
         entries = [e for e in entries if e["state"] == "READY"]
     return OrjsonResponse(entries)
@@ -66,8 +66,8 @@ async def repository_index(request: Request) -> OrjsonResponse:
 @router.post(
     "/models/{model_name}/load", response_model=LoadResult, dependencies=[Depends(require_admin_key)]
 )
-async def load_model(model_name: str, request: Request) -> OrjsonResponse:
-    model = await get_repository(request).load(model_name)
+async def load_model(model_name: str, repository: Repository) -> OrjsonResponse:
+    model = await repository.load(model_name)
     return OrjsonResponse(
         {"name": model.name, "version": str(model.version), "state": "READY", "provider": model.provider}
     )
@@ -76,6 +76,6 @@ async def load_model(model_name: str, request: Request) -> OrjsonResponse:
 @router.post(
     "/models/{model_name}/unload", response_model=LoadResult, dependencies=[Depends(require_admin_key)]
 )
-async def unload_model(model_name: str, request: Request) -> OrjsonResponse:
-    await get_repository(request).unload(model_name)
+async def unload_model(model_name: str, repository: Repository) -> OrjsonResponse:
+    await repository.unload(model_name)
     return OrjsonResponse({"name": model_name, "version": "", "state": "UNAVAILABLE"})

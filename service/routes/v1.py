@@ -23,7 +23,7 @@ from service.auth import require_api_key
 from service.errors import BadRequest
 from service.responses import ORJSON_OPTIONS as _ORJSON_OPTIONS
 from service.responses import OrjsonResponse
-from service.routes import get_repository, inline_schema
+from service.routes import Repository, inline_schema
 from service.routes.infer import Answered, InferCall, fastapi_response
 
 router = APIRouter(tags=["KServe V1"], default_response_class=OrjsonResponse)
@@ -253,14 +253,14 @@ async def server_live() -> OrjsonResponse:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request) -> OrjsonResponse:
-    return OrjsonResponse({"models": [m.name for m in get_repository(request).models()]})
+async def list_models(repository: Repository) -> OrjsonResponse:
+    return OrjsonResponse({"models": [m.name for m in repository.models()]})
 
 
 @router.get("/v1/models/{model_name}", response_model=ModelStatus)
-async def model_status(model_name: str, request: Request) -> OrjsonResponse:
+async def model_status(model_name: str, repository: Repository) -> OrjsonResponse:
     """`{"name", "ready"}` per the V1 spec, plus the model's metadata (labels, heads, outputs, batching)."""
-    model = get_repository(request).get(model_name)
+    model = repository.get(model_name)
     return OrjsonResponse(model.metadata())
 
 
@@ -272,10 +272,10 @@ async def model_status(model_name: str, request: Request) -> OrjsonResponse:
         "requestBody": {"content": {"application/json": {"schema": inline_schema(PredictRequest)}}}
     },
 )
-async def predict(model_name: str, request: Request) -> Response:
+async def predict(model_name: str, request: Request, repository: Repository) -> Response:
     """Served by `service.routes.infer.InferenceEdge` in front of FastAPI; this declaration documents
     the route and serves it the same way where the edge is not installed."""
-    call = InferCall(request.scope, request.receive, request.app.state.settings, get_repository(request))
+    call = InferCall(request.scope, request.receive, request.app.state.settings, repository)
     return fastapi_response(await serve_predict(call, InferRoute(model_name, None, "", "v1")))
 
 

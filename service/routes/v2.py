@@ -31,9 +31,9 @@ from service.protocol.v2 import (
     encode_infer_response,
     parse_infer_request,
 )
-from service.repository import ServedModel
+from service.repository import ModelRepository, ServedModel
 from service.responses import OrjsonResponse
-from service.routes import get_repository, inline_schema
+from service.routes import Repository, inline_schema
 from service.routes.infer import Answered, InferCall, fastapi_response
 from service.v2_core import PLATFORM, SERVER_NAME
 
@@ -174,15 +174,15 @@ _INFER_OPENAPI: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _served(request: Request, model_name: str, model_version: str | None) -> ServedModel:
-    return v2_core.served(get_repository(request), model_name, model_version)
+def _served(repository: ModelRepository, model_name: str, model_version: str | None) -> ServedModel:
+    return v2_core.served(repository, model_name, model_version)
 
 
-def _metadata(request: Request, model: ServedModel) -> ModelMetadata:
+def _metadata(repository: ModelRepository, model: ServedModel) -> ModelMetadata:
     manifest = model.manifest
     return ModelMetadata(
         name=model.name,
-        versions=v2_core.model_versions(get_repository(request), model),
+        versions=v2_core.model_versions(repository, model),
         platform=PLATFORM,
         inputs=[TensorMetadata(name=manifest.input.name, datatype="FP32", shape=list(manifest.input.shape))],
         outputs=[
@@ -235,12 +235,12 @@ async def health_live() -> Liveness:
     summary="Readiness: 200 when every model in the repository is ready, else 503",
     responses={503: {"description": "Some model is not ready (or none is loaded)."}},
 )
-async def health_ready(request: Request) -> Response:
-    ready, states = v2_core.server_readiness(get_repository(request))
+async def health_ready(repository: Repository) -> Response:
+    ready, states = v2_core.server_readiness(repository)
     body = ServerReadiness(ready=ready, models=states).model_dump()
     if not ready:
         not_ready = sorted(k for k, v in states.items() if not v) or [
-            v2_core.workers_not_ready(get_repository(request)) or "no model is loaded"
+            v2_core.workers_not_ready(repository) or "no model is loaded"
         ]
         body["error"] = f"not ready: {', '.join(not_ready)}"
     return OrjsonResponse(body, status_code=200 if ready else 503)
@@ -251,9 +251,9 @@ async def health_ready(request: Request) -> Response:
     "/v2/models/{model_name}/versions/{model_version}", response_model=ModelMetadata, summary="Model metadata"
 )
 async def model_metadata(
-    request: Request, model_name: str, model_version: str | None = None
+    repository: Repository, model_name: str, model_version: str | None = None
 ) -> ModelMetadata:
-    return _metadata(request, _served(request, model_name, model_version))
+    return _metadata(repository, _served(repository, model_name, model_version))
 
 
 @router.get(
@@ -266,8 +266,8 @@ async def model_metadata(
     response_model=Readiness,
     summary="Model readiness (200 ready, 503 not ready, 404 unknown)",
 )
-async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    model = _served(request, model_name, model_version)
+async def model_ready(repository: Repository, model_name: str, model_version: str | None = None) -> Response:
+    model = _served(repository, model_name, model_version)
     body = Readiness(name=model.name, version=str(model.version), ready=model.ready).model_dump()
     if not model.ready:
         body["error"] = f"model {model.name!r} version {model.version} is not ready"
@@ -288,10 +288,12 @@ async def model_ready(request: Request, model_name: str, model_version: str | No
     openapi_extra=_INFER_OPENAPI,
     dependencies=[Depends(require_api_key)],
 )
-async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+async def infer(
+    request: Request, repository: Repository, model_name: str, model_version: str | None = None
+) -> Response:
     """Served by `service.routes.infer.InferenceEdge` in front of FastAPI; this declaration documents
     the route and serves it the same way where the edge is not installed."""
-    call = InferCall(request.scope, request.receive, request.app.state.settings, get_repository(request))
+    call = InferCall(request.scope, request.receive, request.app.state.settings, repository)
     route = InferRoute(model_name, model_version, "", "v2")
     return fastapi_response(await serve_infer(call, route))
 
