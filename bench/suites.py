@@ -148,11 +148,31 @@ def _sparse_uncorrelated() -> pd.DataFrame:
     return _frame(x, y)
 
 
-def _linear_regression() -> pd.DataFrame:
-    from sklearn.datasets import make_regression
+def _linear(n: int, d: int, informative: int, noise: float, seed: int) -> Maker:
+    def make() -> pd.DataFrame:
+        from sklearn.datasets import make_regression
 
-    x, y = make_regression(n_samples=1500, n_features=20, n_informative=8, noise=10.0, random_state=21)
-    return _frame(x, y)
+        x, y = make_regression(
+            n_samples=n, n_features=d, n_informative=informative, noise=noise, random_state=seed
+        )
+        return _frame(x, y)
+
+    return make
+
+
+def _friedman1_wide(n: int, d: int, noise: float, seed: int) -> Maker:
+    """make_friedman1 with d - 5 noise columns."""
+
+    def make() -> pd.DataFrame:
+        from sklearn.datasets import make_friedman1
+
+        x, y = make_friedman1(n_samples=n, n_features=d, noise=noise, random_state=seed)
+        return _frame(x, y)
+
+    return make
+
+
+_linear_regression = _linear(n=1500, d=20, informative=8, noise=10.0, seed=21)
 
 
 def _randhie() -> pd.DataFrame:
@@ -303,13 +323,6 @@ def _digits_table() -> pd.DataFrame:
     return _frame(b.data, b.target, [f"px{i}" for i in range(b.data.shape[1])])
 
 
-def _friedman1_wide() -> pd.DataFrame:
-    from sklearn.datasets import make_friedman1
-
-    x, y = make_friedman1(n_samples=2000, n_features=30, noise=1.0, random_state=79)
-    return _frame(x, y)
-
-
 # ...and confirmed on these, defined (and committed) before any run of the changed recipe: the
 # untouched evidence for it, wide and narrow, with the digits pixels as a 64-column table.
 FRESH3 = (
@@ -329,9 +342,13 @@ FRESH3 = (
         "digits_table", "classification", _digits_table, "sklearn load_digits as a table, 1797 x 64"
     ),
     SuiteDataset(
-        "friedman1_30d", "regression", _friedman1_wide, "sklearn make_friedman1, 2000 x 30 (25 noise columns)"
+        "friedman1_30d",
+        "regression",
+        _friedman1_wide(n=2000, d=30, noise=1.0, seed=79),
+        "sklearn make_friedman1, 2000 x 30 (25 noise columns)",
     ),
 )
+
 
 def _modechoice() -> pd.DataFrame:
     import statsmodels.api as sm
@@ -339,20 +356,6 @@ def _modechoice() -> pd.DataFrame:
     d = sm.datasets.modechoice.load_pandas().data
     cols = ["mode", "ttme", "invc", "invt", "gc", "hinc", "psize"]
     return _frame(d[cols].to_numpy(dtype=np.float64), d["choice"].to_numpy(dtype=np.int64), cols)
-
-
-def _friedman1_20d() -> pd.DataFrame:
-    from sklearn.datasets import make_friedman1
-
-    x, y = make_friedman1(n_samples=1500, n_features=20, noise=0.5, random_state=97)
-    return _frame(x, y)
-
-
-def _linear_40d() -> pd.DataFrame:
-    from sklearn.datasets import make_regression
-
-    x, y = make_regression(n_samples=1500, n_features=40, n_informative=10, noise=20.0, random_state=101)
-    return _frame(x, y)
 
 
 # Defined and committed before any run of the recipe that the low-noise re-measurement of the wide
@@ -375,10 +378,16 @@ FRESH4 = (
         "modechoice", "classification", _modechoice, "statsmodels modechoice (choice), 840 x 7, binary"
     ),
     SuiteDataset(
-        "friedman1_20d", "regression", _friedman1_20d, "sklearn make_friedman1, 1500 x 20 (15 noise columns)"
+        "friedman1_20d",
+        "regression",
+        _friedman1_wide(n=1500, d=20, noise=0.5, seed=97),
+        "sklearn make_friedman1, 1500 x 20 (15 noise columns)",
     ),
     SuiteDataset(
-        "linear_40d", "regression", _linear_40d, "sklearn make_regression, 1500 x 40, 10 informative"
+        "linear_40d",
+        "regression",
+        _linear(n=1500, d=40, informative=10, noise=20.0, seed=101),
+        "sklearn make_regression, 1500 x 40, 10 informative",
     ),
 )
 
