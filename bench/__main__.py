@@ -258,22 +258,31 @@ def server(
     typer.echo(f"wrote {report.write()}")
 
 
-@app.command()
-def workers(preset: PresetOption = "reduced") -> None:
-    """Part 3d: `--workers 2` vs `--workers 1` side by side on digits, one-row and 32-row V2 JSON (wrk)."""
-    from bench.loadgen import wrk_binary
-    from bench.workers import PLANS, run
-
-    if preset not in PLANS:
-        known = ", ".join(PLANS)
+def _planned_part(name: str, preset: str, plans: Any, run: Any, wrk: bool = False) -> None:
+    """A part whose presets are `plans`: check the preset, run it, save `name`, rewrite the docs."""
+    if preset not in plans:
+        known = ", ".join(plans)
         raise typer.BadParameter(f"unknown preset {preset!r}; one of {known}", param_hint="--preset")
-    wrk_binary()
+    if wrk:
+        from bench.loadgen import wrk_binary
+
+        wrk_binary()
     meta = describe(_command())
+    t0 = time.perf_counter()
     result = run(preset, log=typer.echo)
     result["machine"] = meta
     result["preset"] = preset
-    _save("workers", result)
+    result.setdefault("seconds", round(time.perf_counter() - t0, 1))
+    _save(name, result)
     typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def workers(preset: PresetOption = "reduced") -> None:
+    """Part 3d: `--workers 2` vs `--workers 1` side by side on digits, one-row and 32-row V2 JSON (wrk)."""
+    from bench.workers import PLANS, run
+
+    _planned_part("workers", preset, PLANS, run, wrk=True)
 
 
 @app.command("grpc")
@@ -296,35 +305,15 @@ def drift(preset: PresetOption = "reduced") -> None:
     """Part 5: drift alarm false alarms and detection delay vs alibi-detect CVMDriftOnline."""
     from bench.drift import PLANS, run
 
-    if preset not in PLANS:
-        known = ", ".join(PLANS)
-        raise typer.BadParameter(f"unknown preset {preset!r}; one of {known}", param_hint="--preset")
-    meta = describe(_command())
-    t0 = time.perf_counter()
-    result = run(preset, log=typer.echo)
-    result["machine"] = meta
-    result["preset"] = preset
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    _save("drift", result)
-    typer.echo(f"wrote {report.write()}")
+    _planned_part("drift", preset, PLANS, run)
 
 
 @app.command()
 def shadow(preset: PresetOption = "reduced") -> None:
     """Part 6: shadow teacher fidelity on held-out digits traffic and its throughput cost (wrk)."""
-    from bench.loadgen import wrk_binary
     from bench.shadow import PLANS, run
 
-    if preset not in PLANS:
-        known = ", ".join(PLANS)
-        raise typer.BadParameter(f"unknown preset {preset!r}; one of {known}", param_hint="--preset")
-    wrk_binary()
-    meta = describe(_command())
-    result = run(preset, log=typer.echo)
-    result["machine"] = meta
-    result["preset"] = preset
-    _save("shadow", result)
-    typer.echo(f"wrote {report.write()}")
+    _planned_part("shadow", preset, PLANS, run, wrk=True)
 
 
 @app.command("build-model")
