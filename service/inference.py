@@ -21,6 +21,7 @@ from service.manifest import ModelManifest
 from service.uncertainty import (
     DENSITY_SCORE,
     INPUT_DENSITY_SCORE,
+    UNSEEN_VALUES_SCORE,
     ClassificationUncertainty,
     ConformalOODCalibrator,
     FloatArray,
@@ -46,6 +47,7 @@ _CLASSIFICATION_SCALARS = (
     "epkl",
     "density_score",
     "input_density_score",
+    "unseen_values",
     "ood_score",
     "ood_p_value",
     "ood_flag",
@@ -60,6 +62,7 @@ _REGRESSION_SCALARS = (
     "disagreement",
     "density_score",
     "input_density_score",
+    "unseen_values",
     "interval_lower",
     "interval_upper",
     "interval_level",
@@ -68,12 +71,14 @@ _REGRESSION_SCALARS = (
     "ood_flag",
     "ood_alpha",
 )
-_DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL"}
+_DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL", "unseen_values": "INT64"}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-GRAPH_SCORES = (
-    DENSITY_SCORE,
-    INPUT_DENSITY_SCORE,
-)  # scores the graph outputs itself, answered as `<name>_score`
+# scores the graph outputs itself, by the answer name each is served under
+GRAPH_SCORES = {
+    DENSITY_SCORE: "density_score",
+    INPUT_DENSITY_SCORE: "input_density_score",
+    UNSEEN_VALUES_SCORE: "unseen_values",
+}
 CLASSIFICATION_HEAD_OUTPUTS = ("heads",)
 REGRESSION_HEAD_OUTPUTS = ("heads_mean", "heads_variance")
 
@@ -86,6 +91,7 @@ def scalar_outputs(manifest: ModelManifest) -> tuple[str, ...]:
         for n, present in (
             ("density_score", manifest.has_density),
             ("input_density_score", manifest.has_input_density),
+            ("unseen_values", manifest.has_unseen_values),
         )
         if not present
     }
@@ -109,7 +115,7 @@ def ood_statistic(
 ) -> FloatArray:
     """The manifest's OOD score for each row: one uncertainty score, or the combined statistic.
 
-    `graph_scores`: the scores the graph computes itself (`density`, `input_density`)."""
+    `graph_scores`: the scores the graph computes itself (`density`, `input_density`, `unseen_values`)."""
     combiner = manifest.ood.combiner
     if combiner is None:
         return u.score(manifest.ood.score)
@@ -140,7 +146,7 @@ def summarise(
 ) -> Tensors:
     """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`; densities)."""
     graph_scores = {name: _finite_density(raw[name]) for name in GRAPH_SCORES if name in raw}
-    extra: Tensors = {f"{name}_score": v for name, v in graph_scores.items()}
+    extra: Tensors = {GRAPH_SCORES[name]: v for name, v in graph_scores.items()}
     if manifest.task == "classification":
         log_p = np.asarray(raw["log_probs"], dtype=np.float64)  # (batch, heads, classes)
         u = classification_uncertainty(log_p)

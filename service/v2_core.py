@@ -100,6 +100,7 @@ def model_parameters(model: ServedModel) -> dict[str, Any]:
         "ood_score": manifest.ood.score,
         "ood_components": [c.score for c in manifest.ood.components],
         "ood_combination": manifest.ood.combination,
+        "ood_priority": manifest.ood.priority,
         "calibration_size": len(manifest.ood.calibration_scores),
         "execution_provider": model.provider,
         "evaluation": manifest.evaluation,

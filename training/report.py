@@ -98,8 +98,9 @@ def ood_statistic_markdown(report: dict[str, Any]) -> list[str]:
     lines += [f"| {name} | " + " | ".join(f"{v[k]:.4f}" for k in keys) + " |" for name, v in rows.items()]
     lines += [
         "",
-        "The served `ood_score` is `combined`: the largest of the components' log-scale z-values (input "
-        "typicality two-sided), each normalised on the validation split; its p-value is conformal on the "
+        "The served `ood_score` is `combined`: Σ max(z, 0) over the components' log-scale z-values (input "
+        "typicality two-sided), each normalised on the validation split, with the count of unseen discrete "
+        "values (where the table has discrete columns) ranked ahead; its p-value is conformal on the "
         "calibration split.",
     ]
     return lines

@@ -21,7 +21,13 @@ from service.manifest import (
 from training.config import RunConfig
 from training.data import TaskData
 from training.evaluate import Evaluation
-from training.export import DENSITY_OUTPUT, INPUT_DENSITY_OUTPUT, INPUT_NAME, output_names
+from training.export import (
+    DENSITY_OUTPUT,
+    INPUT_DENSITY_OUTPUT,
+    INPUT_NAME,
+    UNSEEN_VALUES_OUTPUT,
+    output_names,
+)
 
 
 def _git_commit() -> str | None:
@@ -86,14 +92,16 @@ def run_manifest(
 ) -> ModelManifest:
     """The manifest of an evaluated run (`distil.pt`'s head count, the teachers' provenance)."""
     names = output_names(data.task)
-    if ev.components:  # the combined statistic: MI (or epistemic variance) with the feature density
+    combined = ev.combined
+    if combined is not None:  # the combined statistic: MI (or epistemic variance) with the densities
         ood = OODCalibration(
             score=COMBINED_SCORE,
             components=[
                 OODComponent.from_normaliser(c, fitted_on=f"validation split ({len(data.val)} rows)")
-                for c in ev.components
+                for c in combined.components
             ],
-            combination=ev.combination,
+            combination=combined.rule,  # type: ignore[arg-type]
+            priority=combined.priority,  # type: ignore[arg-type]
             calibration_scores=[float(s) for s in ev.calibration_scores],
             default_alpha=cfg.default_alpha,
         )
@@ -104,6 +112,8 @@ def run_manifest(
             default_alpha=cfg.default_alpha,
         )
     return ModelManifest(
+        # schema 3 only where it adds the unseen-value count: other packages stay readable by schema-2 servers
+        schema_version=3 if combined is not None and combined.priority else 2,
         name=cfg.name,
         version=cfg.version,
         task=data.task,
@@ -124,8 +134,9 @@ def run_manifest(
             log_probs=names[0] if data.task == "classification" else None,
             mean=names[0] if data.task == "regression" else None,
             variance=names[1] if data.task == "regression" else None,
-            density=DENSITY_OUTPUT if ev.components else None,
-            input_density=INPUT_DENSITY_OUTPUT if ev.components else None,
+            density=DENSITY_OUTPUT if combined is not None else None,
+            input_density=INPUT_DENSITY_OUTPUT if combined is not None else None,
+            unseen_values=UNSEEN_VALUES_OUTPUT if combined is not None and combined.priority else None,
         ),
         temperature=cfg.distil.temperature,
         ood=ood,

@@ -103,6 +103,12 @@ class Prediction(BaseModel):
         "above its in-distribution values (far from the data) or far below (a row shrunk towards the "
         "mean).",
     )
+    unseen_values: int | None = Field(
+        default=None,
+        description="Only for models with an unseen_values output (manifest schema 3): how many of the "
+        "row's discrete columns (codes, counts, flags) hold a value that no training row has, e.g. a "
+        "1 sent as 0.1. The combined ood_score ranks this count ahead of its components.",
+    )
     interval_lower: float | None = Field(
         default=None, description="Regression prediction interval, lower end."
     )
@@ -113,8 +119,10 @@ class Prediction(BaseModel):
     ood_score: float | None = Field(
         default=None,
         description="The manifest's OOD score (higher = more OOD). With a combined score (ood.score "
-        "'combined'): the largest log-scale z-score of its components, e.g. mutual information, "
-        "density_score and input_density_score (two-sided).",
+        "'combined'): its rule over the components' log-scale z-scores (sum_pos_log_z: the sum of "
+        "their positive parts), e.g. of mutual information, density_score and input_density_score "
+        "(two-sided); with unseen_values (schema 3): unseen_values + 1/2 + S / (2 (1 + |S|)) of that "
+        "combination S, so any row with more unseen values ranks higher.",
     )
     ood_p_value: float | None = Field(
         default=None, description="Conformal p-value of ood_score against the held-out calibration scores."

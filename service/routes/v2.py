@@ -72,6 +72,11 @@ class ModelParameters(BaseModel):
         description="The scores a combined OOD score reads (e.g. mutual_information, density, "
         "input_density); empty when `ood_score` is one score.",
     )
+    ood_priority: str | None = Field(
+        default=None,
+        description="A count the combined OOD score ranks ahead of its components (`unseen_values`, "
+        "manifest schema 3); null when there is none.",
+    )
     ood_combination: str | None = Field(
         default=None,
         description="How the components combine: sum_pos_log_z = Σ max(z, 0) of their log-scale z-scores, "
