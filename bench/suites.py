@@ -77,7 +77,9 @@ def _fair() -> pd.DataFrame:
     return _frame(d[cols].to_numpy(), (d["affairs"] > 0).astype(int).to_numpy(), cols)
 
 
-def _classification(seed: int, n: int, d: int, k: int, informative: int, sep: float) -> Maker:
+def _classification(seed: int, n: int, d: int, k: int, informative: int, sep: float) -> SuiteDataset:
+    """A make_classification table, named and described by its shape (`clf_<d>d_<k>c`)."""
+
     def make() -> pd.DataFrame:
         from sklearn.datasets import make_classification
 
@@ -94,7 +96,8 @@ def _classification(seed: int, n: int, d: int, k: int, informative: int, sep: fl
         )
         return _frame(x, y)
 
-    return make
+    source = f"sklearn make_classification: {n} x {d}, {k} classes, {informative} informative"
+    return SuiteDataset(f"clf_{d}d_{k}c", "classification", make, source)
 
 
 def _gaussian_quantiles() -> pd.DataFrame:
@@ -215,12 +218,7 @@ def _swiss_roll() -> pd.DataFrame:
 
 TUNING = (
     SuiteDataset("breast_cancer", "classification", _breast_cancer, "sklearn load_breast_cancer, 569 x 30"),
-    SuiteDataset(
-        "clf_10d_3c",
-        "classification",
-        _classification(seed=1, n=2000, d=10, k=3, informative=6, sep=1.0),
-        "sklearn make_classification: 2000 x 10, 3 classes, 6 informative",
-    ),
+    _classification(seed=1, n=2000, d=10, k=3, informative=6, sep=1.0),
     SuiteDataset("penguins", "classification", _penguins, "palmerpenguins, 342 x 4, 3 species"),
     SuiteDataset("friedman1", "regression", _friedman(1, seed=3), "sklearn make_friedman1, 1500 x 10"),
 )
@@ -228,12 +226,7 @@ TUNING = (
 CONFIRMATION = (
     SuiteDataset("wine", "classification", _wine, "sklearn load_wine, 178 x 13, 3 classes"),
     SuiteDataset("fair", "classification", _fair, "statsmodels fair (affairs > 0), 6366 x 8"),
-    SuiteDataset(
-        "clf_30d_5c",
-        "classification",
-        _classification(seed=7, n=3000, d=30, k=5, informative=12, sep=1.5),
-        "sklearn make_classification: 3000 x 30, 5 classes, 12 informative",
-    ),
+    _classification(seed=7, n=3000, d=30, k=5, informative=12, sep=1.5),
     SuiteDataset(
         "gauss_quantiles", "classification", _gaussian_quantiles, "sklearn make_gaussian_quantiles: 2000 x 6"
     ),
@@ -246,12 +239,7 @@ CONFIRMATION = (
 FRESH = (
     SuiteDataset("anes96", "classification", _anes96, "statsmodels anes96 (vote), 944 x 9"),
     SuiteDataset("hastie", "classification", _hastie, "sklearn make_hastie_10_2: 3000 x 10, binary"),
-    SuiteDataset(
-        "clf_20d_4c",
-        "classification",
-        _classification(seed=13, n=2500, d=20, k=4, informative=8, sep=1.2),
-        "sklearn make_classification: 2500 x 20, 4 classes, 8 informative",
-    ),
+    _classification(seed=13, n=2500, d=20, k=4, informative=8, sep=1.2),
     SuiteDataset("friedman3", "regression", _friedman(3, seed=19), "sklearn make_friedman3, 1500 x 4"),
 )
 
@@ -259,18 +247,8 @@ FRESH = (
 # remaining miss (make_classification 30d): never looked at before that recipe's first run.
 FRESH2 = (
     SuiteDataset("iris", "classification", _iris, "sklearn load_iris, 150 x 4, 3 classes"),
-    SuiteDataset(
-        "clf_40d_6c",
-        "classification",
-        _classification(seed=23, n=3000, d=40, k=6, informative=15, sep=1.3),
-        "sklearn make_classification: 3000 x 40, 6 classes, 15 informative",
-    ),
-    SuiteDataset(
-        "clf_16d_2c",
-        "classification",
-        _classification(seed=29, n=2000, d=16, k=2, informative=4, sep=0.8),
-        "sklearn make_classification: 2000 x 16, 2 classes, 4 informative",
-    ),
+    _classification(seed=23, n=3000, d=40, k=6, informative=15, sep=1.3),
+    _classification(seed=29, n=2000, d=16, k=2, informative=4, sep=0.8),
     SuiteDataset(
         "sparse_uncorrelated",
         "regression",
@@ -284,12 +262,7 @@ FRESH2 = (
 # statistic that answers it (an input-space typicality component) was run on them: the untouched
 # evidence for the served OOD statistic. Not part of the distillation suites' plan.
 FRESH_OOD = (
-    SuiteDataset(
-        "clf_25d_3c",
-        "classification",
-        _classification(seed=37, n=2500, d=25, k=3, informative=10, sep=1.2),
-        "sklearn make_classification: 2500 x 25, 3 classes, 10 informative",
-    ),
+    _classification(seed=37, n=2500, d=25, k=3, informative=10, sep=1.2),
     SuiteDataset("blobs", "classification", _blobs, "sklearn make_blobs: 2000 x 8, 4 centres, std 2.5"),
     SuiteDataset("moons", "classification", _moons, "sklearn make_moons: 1500 x 2, noise 0.3"),
     SuiteDataset("swiss_roll", "regression", _swiss_roll, "sklearn make_swiss_roll: 1500 x 3, target t"),
@@ -301,18 +274,8 @@ FRESH_OOD = (
 # clf_40d_6c, and clf_20d_4c with external teachers): the student's shape is chosen on these two
 # new wide tables only...
 TUNING_WIDE = (
-    SuiteDataset(
-        "clf_36d_5c",
-        "classification",
-        _classification(seed=61, n=3000, d=36, k=5, informative=12, sep=1.3),
-        "sklearn make_classification: 3000 x 36, 5 classes, 12 informative",
-    ),
-    SuiteDataset(
-        "clf_48d_4c",
-        "classification",
-        _classification(seed=67, n=3000, d=48, k=4, informative=16, sep=1.2),
-        "sklearn make_classification: 3000 x 48, 4 classes, 16 informative",
-    ),
+    _classification(seed=61, n=3000, d=36, k=5, informative=12, sep=1.3),
+    _classification(seed=67, n=3000, d=48, k=4, informative=16, sep=1.2),
 )
 
 
@@ -326,18 +289,8 @@ def _digits_table() -> pd.DataFrame:
 # ...and confirmed on these, defined (and committed) before any run of the changed recipe: the
 # untouched evidence for it, wide and narrow, with the digits pixels as a 64-column table.
 FRESH3 = (
-    SuiteDataset(
-        "clf_32d_6c",
-        "classification",
-        _classification(seed=71, n=3000, d=32, k=6, informative=14, sep=1.4),
-        "sklearn make_classification: 3000 x 32, 6 classes, 14 informative",
-    ),
-    SuiteDataset(
-        "clf_44d_3c",
-        "classification",
-        _classification(seed=73, n=3000, d=44, k=3, informative=10, sep=1.0),
-        "sklearn make_classification: 3000 x 44, 3 classes, 10 informative",
-    ),
+    _classification(seed=71, n=3000, d=32, k=6, informative=14, sep=1.4),
+    _classification(seed=73, n=3000, d=44, k=3, informative=10, sep=1.0),
     SuiteDataset(
         "digits_table", "classification", _digits_table, "sklearn load_digits as a table, 1797 x 64"
     ),
@@ -362,18 +315,8 @@ def _modechoice() -> pd.DataFrame:
 # tables chose (docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"): its untouched
 # evidence, wide and narrow, classification and regression.
 FRESH4 = (
-    SuiteDataset(
-        "clf_28d_4c",
-        "classification",
-        _classification(seed=83, n=3000, d=28, k=4, informative=10, sep=1.2),
-        "sklearn make_classification: 3000 x 28, 4 classes, 10 informative",
-    ),
-    SuiteDataset(
-        "clf_52d_5c",
-        "classification",
-        _classification(seed=89, n=3000, d=52, k=5, informative=18, sep=1.3),
-        "sklearn make_classification: 3000 x 52, 5 classes, 18 informative",
-    ),
+    _classification(seed=83, n=3000, d=28, k=4, informative=10, sep=1.2),
+    _classification(seed=89, n=3000, d=52, k=5, informative=18, sep=1.3),
     SuiteDataset(
         "modechoice", "classification", _modechoice, "statsmodels modechoice (choice), 840 x 7, binary"
     ),
