@@ -163,8 +163,8 @@ def _linear(n: int, d: int, informative: int, noise: float, seed: int) -> Maker:
     return make
 
 
-def _friedman1_wide(n: int, d: int, noise: float, seed: int) -> Maker:
-    """make_friedman1 with d - 5 noise columns."""
+def _friedman1_wide(n: int, d: int, noise: float, seed: int) -> SuiteDataset:
+    """make_friedman1 with d - 5 noise columns, named and described by its shape (`friedman1_<d>d`)."""
 
     def make() -> pd.DataFrame:
         from sklearn.datasets import make_friedman1
@@ -172,7 +172,8 @@ def _friedman1_wide(n: int, d: int, noise: float, seed: int) -> Maker:
         x, y = make_friedman1(n_samples=n, n_features=d, noise=noise, random_state=seed)
         return _frame(x, y)
 
-    return make
+    source = f"sklearn make_friedman1, {n} x {d} ({d - 5} noise columns)"
+    return SuiteDataset(f"friedman1_{d}d", "regression", make, source)
 
 
 _linear_regression = _linear(n=1500, d=20, informative=8, noise=10.0, seed=21)
@@ -294,12 +295,7 @@ FRESH3 = (
     SuiteDataset(
         "digits_table", "classification", _digits_table, "sklearn load_digits as a table, 1797 x 64"
     ),
-    SuiteDataset(
-        "friedman1_30d",
-        "regression",
-        _friedman1_wide(n=2000, d=30, noise=1.0, seed=79),
-        "sklearn make_friedman1, 2000 x 30 (25 noise columns)",
-    ),
+    _friedman1_wide(n=2000, d=30, noise=1.0, seed=79),
 )
 
 
@@ -320,12 +316,7 @@ FRESH4 = (
     SuiteDataset(
         "modechoice", "classification", _modechoice, "statsmodels modechoice (choice), 840 x 7, binary"
     ),
-    SuiteDataset(
-        "friedman1_20d",
-        "regression",
-        _friedman1_wide(n=1500, d=20, noise=0.5, seed=97),
-        "sklearn make_friedman1, 1500 x 20 (15 noise columns)",
-    ),
+    _friedman1_wide(n=1500, d=20, noise=0.5, seed=97),
     SuiteDataset(
         "linear_40d",
         "regression",
