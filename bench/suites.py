@@ -367,11 +367,27 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def suite_config(
+    ds: SuiteDataset, csv: Path, *, seed: int, members: int, epochs: int | None, split_seed: int = 0
+) -> Any:
+    """The `file` preset's run of `ds` written to `csv`, as `--data CSV --target target --task …` makes it."""
+    from training.config import DataConfig
+    from training.presets import make_config
+
+    data = DataConfig(
+        dataset="file",
+        path=str(csv),
+        target="target",
+        task=ds.task,  # type: ignore[arg-type]
+        split_seed=split_seed,
+    )
+    return make_config(data, name=ds.name, members=members, seed=seed, epochs=epochs)
+
+
 def run_suites(plan: SuitePlan, root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every (suite, dataset, seed) through `training.pipeline.run_all` on a CSV, as `--data` does."""
-    from training.config import DataConfig
+    from bench.quality import run_folders
     from training.pipeline import run_all
-    from training.presets import make_config
 
     runs = []
     for suite in plan.suites:
@@ -380,17 +396,12 @@ def run_suites(plan: SuitePlan, root: Path, log: Callable[[str], None] = print) 
                 continue
             csv = write_csv(ds, root / "data")
             for split, seed in itertools.product(plan.split_seeds, plan.seeds):
-                data = DataConfig(
-                    dataset="file",
-                    path=str(csv),
-                    target="target",
-                    task=ds.task,
-                    split_seed=split,  # type: ignore[arg-type]
+                cfg = suite_config(
+                    ds, csv, seed=seed, members=plan.members, epochs=plan.epochs, split_seed=split
                 )
-                cfg = make_config(data, name=ds.name, members=plan.members, seed=seed, epochs=plan.epochs)
                 tag = f"s{seed}" + (f"-split{split}" if split else "")
                 t0 = time.perf_counter()
-                report = run_all(cfg, root / "runs" / f"{ds.name}-{tag}", root / "models" / ds.name / tag)
+                report = run_all(cfg, *run_folders(root, ds.name, tag))
                 seconds = time.perf_counter() - t0
                 runs.append(
                     {"suite": suite, "dataset": ds.name, "task": ds.task, "source": ds.source, "seed": seed}
