@@ -94,3 +94,11 @@ def describe(command: str) -> dict[str, Any]:
         "versions": versions,
         "argv": sys.argv,
     }
+
+
+def measured_on(meta: dict[str, Any], command: str) -> str:
+    """ "`command` on CPU (N cores), date" of a result's `describe` (`command` where it has none)."""
+    return (
+        f"`{meta.get('command', command)}` on {meta.get('cpu', 'this machine')} "
+        f"({meta.get('cores', '?')} cores), {meta.get('date_utc', '')}"
+    )
