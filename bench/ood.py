@@ -226,42 +226,21 @@ def _row(name: str, cfg: Any, report: dict[str, Any], oracle: bool, package: Pat
 
 
 def run_ood(plan: OODPlan, root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    from bench.suites import SUITES, write_csv
-    from training.config import DataConfig
-    from training.presets import make_config
+    from bench.quality import builtin_config, run_folders
+    from bench.suites import SUITES, suite_config, write_csv
 
     jobs: list[tuple[str, Any, Path, Path]] = []
     epochs = dict(plan.builtin_epochs)
     for dataset in plan.builtins:
         for seed in plan.seeds:
-            cfg = make_config(
-                DataConfig(dataset=dataset),
-                name=dataset,
-                members=plan.members,
-                seed=seed,
-                epochs=epochs.get(dataset),
-            )
-            base = root / "quality"
-            jobs.append(
-                (dataset, cfg, base / "runs" / f"{dataset}-s{seed}", base / "models" / dataset / f"s{seed}")
-            )
+            cfg = builtin_config(dataset, seed, plan.members, epochs.get(dataset))
+            jobs.append((dataset, cfg, *run_folders(root / "quality", dataset, f"s{seed}")))
     for suite in plan.suites:
         for ds in SUITES[suite]:
             csv = write_csv(ds, root / "suites" / "data")
             for seed in plan.seeds:
-                data = DataConfig(dataset="file", path=str(csv), target="target", task=ds.task)  # type: ignore[arg-type]
-                cfg = make_config(
-                    data, name=ds.name, members=plan.members, seed=seed, epochs=plan.suite_epochs
-                )
-                base = root / "suites"
-                jobs.append(
-                    (
-                        ds.name,
-                        cfg,
-                        base / "runs" / f"{ds.name}-s{seed}",
-                        base / "models" / ds.name / f"s{seed}",
-                    )
-                )
+                cfg = suite_config(ds, csv, seed=seed, members=plan.members, epochs=plan.suite_epochs)
+                jobs.append((ds.name, cfg, *run_folders(root / "suites", ds.name, f"s{seed}")))
     rows = []
     for name, cfg, run_dir, out in jobs:
         t0 = time.perf_counter()

@@ -79,7 +79,9 @@ def _fair() -> pd.DataFrame:
     return _frame(d[cols].to_numpy(), (d["affairs"] > 0).astype(int).to_numpy(), cols)
 
 
-def _classification(seed: int, n: int, d: int, k: int, informative: int, sep: float) -> Maker:
+def _classification(seed: int, n: int, d: int, k: int, informative: int, sep: float) -> SuiteDataset:
+    """A make_classification table, named and described by its shape (`clf_<d>d_<k>c`)."""
+
     def make() -> pd.DataFrame:
         from sklearn.datasets import make_classification
 
@@ -96,7 +98,8 @@ def _classification(seed: int, n: int, d: int, k: int, informative: int, sep: fl
         )
         return _frame(x, y)
 
-    return make
+    source = f"sklearn make_classification: {n} x {d}, {k} classes, {informative} informative"
+    return SuiteDataset(f"clf_{d}d_{k}c", "classification", make, source)
 
 
 def _gaussian_quantiles() -> pd.DataFrame:
@@ -162,8 +165,8 @@ def _linear(n: int, d: int, informative: int, noise: float, seed: int) -> Maker:
     return make
 
 
-def _friedman1_wide(n: int, d: int, noise: float, seed: int) -> Maker:
-    """make_friedman1 with d - 5 noise columns."""
+def _friedman1_wide(n: int, d: int, noise: float, seed: int) -> SuiteDataset:
+    """make_friedman1 with d - 5 noise columns, named and described by its shape (`friedman1_<d>d`)."""
 
     def make() -> pd.DataFrame:
         from sklearn.datasets import make_friedman1
@@ -171,7 +174,8 @@ def _friedman1_wide(n: int, d: int, noise: float, seed: int) -> Maker:
         x, y = make_friedman1(n_samples=n, n_features=d, noise=noise, random_state=seed)
         return _frame(x, y)
 
-    return make
+    source = f"sklearn make_friedman1, {n} x {d} ({d - 5} noise columns)"
+    return SuiteDataset(f"friedman1_{d}d", "regression", make, source)
 
 
 _linear_regression = _linear(n=1500, d=20, informative=8, noise=10.0, seed=21)
@@ -217,12 +221,7 @@ def _swiss_roll() -> pd.DataFrame:
 
 TUNING = (
     SuiteDataset("breast_cancer", "classification", _breast_cancer, "sklearn load_breast_cancer, 569 x 30"),
-    SuiteDataset(
-        "clf_10d_3c",
-        "classification",
-        _classification(seed=1, n=2000, d=10, k=3, informative=6, sep=1.0),
-        "sklearn make_classification: 2000 x 10, 3 classes, 6 informative",
-    ),
+    _classification(seed=1, n=2000, d=10, k=3, informative=6, sep=1.0),
     SuiteDataset("penguins", "classification", _penguins, "palmerpenguins, 342 x 4, 3 species"),
     SuiteDataset("friedman1", "regression", _friedman(1, seed=3), "sklearn make_friedman1, 1500 x 10"),
 )
@@ -230,12 +229,7 @@ TUNING = (
 CONFIRMATION = (
     SuiteDataset("wine", "classification", _wine, "sklearn load_wine, 178 x 13, 3 classes"),
     SuiteDataset("fair", "classification", _fair, "statsmodels fair (affairs > 0), 6366 x 8"),
-    SuiteDataset(
-        "clf_30d_5c",
-        "classification",
-        _classification(seed=7, n=3000, d=30, k=5, informative=12, sep=1.5),
-        "sklearn make_classification: 3000 x 30, 5 classes, 12 informative",
-    ),
+    _classification(seed=7, n=3000, d=30, k=5, informative=12, sep=1.5),
     SuiteDataset(
         "gauss_quantiles", "classification", _gaussian_quantiles, "sklearn make_gaussian_quantiles: 2000 x 6"
     ),
@@ -248,12 +242,7 @@ CONFIRMATION = (
 FRESH = (
     SuiteDataset("anes96", "classification", _anes96, "statsmodels anes96 (vote), 944 x 9"),
     SuiteDataset("hastie", "classification", _hastie, "sklearn make_hastie_10_2: 3000 x 10, binary"),
-    SuiteDataset(
-        "clf_20d_4c",
-        "classification",
-        _classification(seed=13, n=2500, d=20, k=4, informative=8, sep=1.2),
-        "sklearn make_classification: 2500 x 20, 4 classes, 8 informative",
-    ),
+    _classification(seed=13, n=2500, d=20, k=4, informative=8, sep=1.2),
     SuiteDataset("friedman3", "regression", _friedman(3, seed=19), "sklearn make_friedman3, 1500 x 4"),
 )
 
@@ -261,18 +250,8 @@ FRESH = (
 # remaining miss (make_classification 30d): never looked at before that recipe's first run.
 FRESH2 = (
     SuiteDataset("iris", "classification", _iris, "sklearn load_iris, 150 x 4, 3 classes"),
-    SuiteDataset(
-        "clf_40d_6c",
-        "classification",
-        _classification(seed=23, n=3000, d=40, k=6, informative=15, sep=1.3),
-        "sklearn make_classification: 3000 x 40, 6 classes, 15 informative",
-    ),
-    SuiteDataset(
-        "clf_16d_2c",
-        "classification",
-        _classification(seed=29, n=2000, d=16, k=2, informative=4, sep=0.8),
-        "sklearn make_classification: 2000 x 16, 2 classes, 4 informative",
-    ),
+    _classification(seed=23, n=3000, d=40, k=6, informative=15, sep=1.3),
+    _classification(seed=29, n=2000, d=16, k=2, informative=4, sep=0.8),
     SuiteDataset(
         "sparse_uncorrelated",
         "regression",
@@ -286,12 +265,7 @@ FRESH2 = (
 # statistic that answers it (an input-space typicality component) was run on them: the untouched
 # evidence for the served OOD statistic. Not part of the distillation suites' plan.
 FRESH_OOD = (
-    SuiteDataset(
-        "clf_25d_3c",
-        "classification",
-        _classification(seed=37, n=2500, d=25, k=3, informative=10, sep=1.2),
-        "sklearn make_classification: 2500 x 25, 3 classes, 10 informative",
-    ),
+    _classification(seed=37, n=2500, d=25, k=3, informative=10, sep=1.2),
     SuiteDataset("blobs", "classification", _blobs, "sklearn make_blobs: 2000 x 8, 4 centres, std 2.5"),
     SuiteDataset("moons", "classification", _moons, "sklearn make_moons: 1500 x 2, noise 0.3"),
     SuiteDataset("swiss_roll", "regression", _swiss_roll, "sklearn make_swiss_roll: 1500 x 3, target t"),
@@ -378,18 +352,8 @@ FRESH_OOD2 = (
 # clf_40d_6c, and clf_20d_4c with external teachers): the student's shape is chosen on these two
 # new wide tables only...
 TUNING_WIDE = (
-    SuiteDataset(
-        "clf_36d_5c",
-        "classification",
-        _classification(seed=61, n=3000, d=36, k=5, informative=12, sep=1.3),
-        "sklearn make_classification: 3000 x 36, 5 classes, 12 informative",
-    ),
-    SuiteDataset(
-        "clf_48d_4c",
-        "classification",
-        _classification(seed=67, n=3000, d=48, k=4, informative=16, sep=1.2),
-        "sklearn make_classification: 3000 x 48, 4 classes, 16 informative",
-    ),
+    _classification(seed=61, n=3000, d=36, k=5, informative=12, sep=1.3),
+    _classification(seed=67, n=3000, d=48, k=4, informative=16, sep=1.2),
 )
 
 
@@ -403,27 +367,12 @@ def _digits_table() -> pd.DataFrame:
 # ...and confirmed on these, defined (and committed) before any run of the changed recipe: the
 # untouched evidence for it, wide and narrow, with the digits pixels as a 64-column table.
 FRESH3 = (
-    SuiteDataset(
-        "clf_32d_6c",
-        "classification",
-        _classification(seed=71, n=3000, d=32, k=6, informative=14, sep=1.4),
-        "sklearn make_classification: 3000 x 32, 6 classes, 14 informative",
-    ),
-    SuiteDataset(
-        "clf_44d_3c",
-        "classification",
-        _classification(seed=73, n=3000, d=44, k=3, informative=10, sep=1.0),
-        "sklearn make_classification: 3000 x 44, 3 classes, 10 informative",
-    ),
+    _classification(seed=71, n=3000, d=32, k=6, informative=14, sep=1.4),
+    _classification(seed=73, n=3000, d=44, k=3, informative=10, sep=1.0),
     SuiteDataset(
         "digits_table", "classification", _digits_table, "sklearn load_digits as a table, 1797 x 64"
     ),
-    SuiteDataset(
-        "friedman1_30d",
-        "regression",
-        _friedman1_wide(n=2000, d=30, noise=1.0, seed=79),
-        "sklearn make_friedman1, 2000 x 30 (25 noise columns)",
-    ),
+    _friedman1_wide(n=2000, d=30, noise=1.0, seed=79),
 )
 
 
@@ -439,27 +388,12 @@ def _modechoice() -> pd.DataFrame:
 # tables chose (docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"): its untouched
 # evidence, wide and narrow, classification and regression.
 FRESH4 = (
-    SuiteDataset(
-        "clf_28d_4c",
-        "classification",
-        _classification(seed=83, n=3000, d=28, k=4, informative=10, sep=1.2),
-        "sklearn make_classification: 3000 x 28, 4 classes, 10 informative",
-    ),
-    SuiteDataset(
-        "clf_52d_5c",
-        "classification",
-        _classification(seed=89, n=3000, d=52, k=5, informative=18, sep=1.3),
-        "sklearn make_classification: 3000 x 52, 5 classes, 18 informative",
-    ),
+    _classification(seed=83, n=3000, d=28, k=4, informative=10, sep=1.2),
+    _classification(seed=89, n=3000, d=52, k=5, informative=18, sep=1.3),
     SuiteDataset(
         "modechoice", "classification", _modechoice, "statsmodels modechoice (choice), 840 x 7, binary"
     ),
-    SuiteDataset(
-        "friedman1_20d",
-        "regression",
-        _friedman1_wide(n=1500, d=20, noise=0.5, seed=97),
-        "sklearn make_friedman1, 1500 x 20 (15 noise columns)",
-    ),
+    _friedman1_wide(n=1500, d=20, noise=0.5, seed=97),
     SuiteDataset(
         "linear_40d",
         "regression",
@@ -511,11 +445,27 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def suite_config(
+    ds: SuiteDataset, csv: Path, *, seed: int, members: int, epochs: int | None, split_seed: int = 0
+) -> Any:
+    """The `file` preset's run of `ds` written to `csv`, as `--data CSV --target target --task …` makes it."""
+    from training.config import DataConfig
+    from training.presets import make_config
+
+    data = DataConfig(
+        dataset="file",
+        path=str(csv),
+        target="target",
+        task=ds.task,  # type: ignore[arg-type]
+        split_seed=split_seed,
+    )
+    return make_config(data, name=ds.name, members=members, seed=seed, epochs=epochs)
+
+
 def run_suites(plan: SuitePlan, root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every (suite, dataset, seed) through `training.pipeline.run_all` on a CSV, as `--data` does."""
-    from training.config import DataConfig
+    from bench.quality import run_folders
     from training.pipeline import run_all
-    from training.presets import make_config
 
     runs = []
     for suite in plan.suites:
@@ -524,17 +474,12 @@ def run_suites(plan: SuitePlan, root: Path, log: Callable[[str], None] = print) 
                 continue
             csv = write_csv(ds, root / "data")
             for split, seed in itertools.product(plan.split_seeds, plan.seeds):
-                data = DataConfig(
-                    dataset="file",
-                    path=str(csv),
-                    target="target",
-                    task=ds.task,
-                    split_seed=split,  # type: ignore[arg-type]
+                cfg = suite_config(
+                    ds, csv, seed=seed, members=plan.members, epochs=plan.epochs, split_seed=split
                 )
-                cfg = make_config(data, name=ds.name, members=plan.members, seed=seed, epochs=plan.epochs)
                 tag = f"s{seed}" + (f"-split{split}" if split else "")
                 t0 = time.perf_counter()
-                report = run_all(cfg, root / "runs" / f"{ds.name}-{tag}", root / "models" / ds.name / tag)
+                report = run_all(cfg, *run_folders(root, ds.name, tag))
                 seconds = time.perf_counter() - t0
                 runs.append(
                     {"suite": suite, "dataset": ds.name, "task": ds.task, "source": ds.source, "seed": seed}

@@ -23,6 +23,7 @@ combined statistic ranks ahead of its components (`ood.priority`). Versions 1 an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cached_property
 from itertools import pairwise
@@ -100,25 +101,10 @@ class OODComponent(_Strict):
 
     @classmethod
     def from_normaliser(cls, n: LogScaleNormaliser, fitted_on: str = "") -> OODComponent:
-        return cls(
-            score=n.score,
-            log_median=n.log_median,
-            log_iqr=n.log_iqr,
-            tails=n.tails,
-            log_lower_scale=n.log_lower_scale,
-            log_upper_scale=n.log_upper_scale,
-            fitted_on=fitted_on,
-        )
+        return cls(**dataclasses.asdict(n), fitted_on=fitted_on)
 
     def normaliser(self) -> LogScaleNormaliser:
-        return LogScaleNormaliser(
-            score=self.score,
-            log_median=self.log_median,
-            log_iqr=self.log_iqr,
-            tails=self.tails,
-            log_lower_scale=self.log_lower_scale,
-            log_upper_scale=self.log_upper_scale,
-        )
+        return LogScaleNormaliser(**self.model_dump(exclude={"fitted_on"}))
 
 
 class OODCalibration(_Strict):

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import platform
-import subprocess
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from service.manifest import (
@@ -28,31 +24,7 @@ from training.export import (
     UNSEEN_VALUES_OUTPUT,
     output_names,
 )
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _packages() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "onnx", "onnxruntime", "scikit-learn", "mnist1d", "hydra-serve"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+from training.provenance import git, versions
 
 
 def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -145,10 +117,12 @@ def run_manifest(
             dataset=data.name,
             data_sha256=data.sha256,
             seed=cfg.seed,
-            git_commit=_git_commit(),
+            git_commit=git("rev-parse", "HEAD"),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             training_seconds=round(sum(seconds.values()), 2),
-            packages=_packages(),
+            packages=versions(
+                ("torch", "numpy", "onnx", "onnxruntime", "scikit-learn", "mnist1d", "hydra-serve")
+            ),
             teacher_members=int(distil_ckpt["heads"]),
             architecture=cfg.arch.kind,
             **(
