@@ -112,6 +112,12 @@ class ServiceMetrics:
             "Rows flagged OOD at the manifest's default alpha (compare with hydra_ood_alpha).",
             mv,
         )
+        self.unseen_value_rows = counter(
+            "unseen_value_rows",
+            "Rows holding at least one value no training row has in a discrete column (models whose "
+            "manifest declares an unseen_values output; the combined OOD score ranks these first).",
+            mv,
+        )
         self.ood_alpha = gauge(
             "ood_alpha", "The manifest's default alpha used for hydra_ood_flagged_total.", mv, "livemax"
         )
@@ -199,6 +205,7 @@ class ServiceMetrics:
         *,
         has_density: bool = False,
         has_input_density: bool = False,
+        has_unseen_values: bool = False,
     ) -> None:
         """Info series of a loaded version; `ood_alpha` exports its default α before any traffic, and
         `has_density` / `has_input_density` the zero density / input-typicality histograms (else
@@ -210,6 +217,8 @@ class ServiceMetrics:
             self.density_score.touch(model, version)
         if has_input_density:
             self.input_density_score.touch(model, version)
+        if has_unseen_values:
+            self.unseen_value_rows.labels(model, version)
         with self._lock:
             previous = self._info_labels.get((model, version))
             self._info_labels[(model, version)] = (str(heads), provider)
@@ -234,6 +243,7 @@ class ServiceMetrics:
             self.model_ready,
             self.predictions,
             self.ood_flagged,
+            self.unseen_value_rows,
             self.ood_alpha,
             self.batch_size,
             self.compute_duration,
@@ -307,6 +317,9 @@ class ServiceMetrics:
             self.density_score.observe_many(mv, outputs["density_score"])
         if "input_density_score" in outputs:
             self.input_density_score.observe_many(mv, outputs["input_density_score"])
+        if "unseen_values" in outputs:  # schema-3 models
+            unseen = np.asarray(outputs["unseen_values"]).ravel()
+            self.unseen_value_rows.labels(*mv).inc(int(np.count_nonzero(unseen)))
         if "probabilities" in outputs:  # classification
             self.mutual_information.observe_many(mv, outputs["mutual_information"])
             self.vote_disagreement.observe_many(mv, outputs["disagreement"])

@@ -10,6 +10,7 @@ flagged, metadata names the priority, and manifests that misuse it are refused.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,16 @@ def test_v1_answers_carry_the_count_and_the_ranked_statistic(client: InProcessCl
     flagged = np.asarray([p["ood_flag"] for p in predictions])
     assert flagged[got >= 1].all()
     assert flagged[:30].mean() <= 0.2  # in-distribution rows: the flag stays near alpha
+    # ... and /metrics counts the rows that held one (reported once the batch is delivered: poll)
+    series = 'hydra_unseen_value_rows_total{model="mixed",version="1"}'
+    want_rows = float(np.count_nonzero(got))
+    deadline = time.monotonic() + 10.0
+    while True:
+        lines = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith(series)]
+        if (lines and float(lines[0].split()[-1]) >= want_rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert lines and float(lines[0].split()[-1]) == want_rows
 
 
 def test_v2_answers_the_count_as_int64_and_metadata_names_the_priority(client: InProcessClient) -> None:
