@@ -40,6 +40,7 @@ from numpy.typing import NDArray
 
 from service.batch_request import Outputs, QueuedRequest
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull, ServiceError
+from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ RunFn = Callable[[NDArray[np.float32]], Mapping[str, NDArray[np.generic]]]
 
 @dataclass(frozen=True)
 class BatchReport:
-    """What one executed batch looked like; handed to `on_batch` (metrics) on the event loop."""
+    """What one executed batch looked like; handed to `on_batch` on the event loop."""
 
     rows: int
     requests: int
@@ -70,7 +71,12 @@ class BatcherStats:
 
 
 class DynamicBatcher:
-    """One per model. `run` is blocking (ONNX Runtime) and is called in a dedicated worker thread."""
+    """One per model. `run` is blocking (ONNX Runtime) and is called in a dedicated worker thread.
+
+    `metrics`: the batcher's own series go there as they change (refusals by reason, queue depth,
+    requests in flight, batch size, compute time, queue waits) under `name` and `version`;
+    `on_batch`: what the model does with each delivered batch (its answers' metrics, monitoring).
+    """
 
     def __init__(
         self,
@@ -81,19 +87,19 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue_size: int,
         run_when_idle: bool = False,
+        metrics: ServiceMetrics | None = None,
+        version: str = "",
         on_batch: Callable[[BatchReport], None] | None = None,
-        on_reject: Callable[[str], None] | None = None,
-        on_state: Callable[[int, int], None] | None = None,
     ) -> None:
         self.name = name
+        self.version = version
         self._run = run
         self._max_batch = max_batch_size
         self._max_delay = max_delay_s
         self._max_queue = max_queue_size
         self._run_when_idle = run_when_idle
+        self._metrics = metrics
         self._on_batch = on_batch
-        self._on_reject = on_reject
-        self._on_state = on_state  # (queued rows, requests in flight)
         self._queue: deque[QueuedRequest] = deque()
         self._queued_requests = 0
         self._queued_rows = 0
@@ -168,8 +174,7 @@ class DynamicBatcher:
         if not self._accepting:
             raise ModelUnavailable(f"model {self.name!r} is not accepting requests (stopping or reloading)")
         if self.full:
-            if self._on_reject:
-                self._on_reject("queue_full")
+            self.count_refusal("queue_full")
             raise self.queue_full()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
@@ -198,8 +203,7 @@ class DynamicBatcher:
         if not request.queued or request.cursor > 0 or request.future.done():
             return  # already (partly) running: let it finish
         self._unqueue(request)
-        if self._on_reject:
-            self._on_reject("deadline")
+        self.count_refusal("deadline")
         request.fail(
             DeadlineExceeded(
                 f"request waited {timeout_s:g}s in the queue of model {self.name!r} without running"
@@ -211,13 +215,19 @@ class DynamicBatcher:
         if request.future.cancelled() and request.queued:
             # the client went away before its rows ran: free its slot, never run it
             self._unqueue(request)
-            if self._on_reject:
-                self._on_reject("disconnected")
+            self.count_refusal("disconnected")
         self._publish_state()
 
+    def count_refusal(self, reason: str) -> None:
+        """Count a request refused or dropped (`hydra_rejected_total{reason}`): queue_full, deadline,
+        disconnected, or the edge's own reasons."""
+        if self._metrics is not None:
+            self._metrics.inc_rejected(self.name, reason)
+
     def _publish_state(self) -> None:
-        if self._on_state:
-            self._on_state(self._queued_rows, self._in_flight)
+        if self._metrics is not None:
+            self._metrics.set_queue_depth(self.name, self._queued_rows)
+            self._metrics.set_in_flight(self.name, self._in_flight)
 
     # ---- batch loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -368,8 +378,10 @@ class DynamicBatcher:
         for request, a, b in batch:
             request.deliver(a, {k: v[offset : offset + (b - a)] for k, v in outputs.items()})
             offset += b - a
-        if self._on_batch:
-            try:
+        try:  # metrics and monitoring must never break serving
+            if self._metrics is not None:
+                self._metrics.observe_batch(self.name, self.version, n, compute_s, waits)
+            if self._on_batch:
                 self._on_batch(BatchReport(n, len(batch), compute_s, waits, outputs, inputs))
-            except Exception:  # metrics must never break serving
-                logger.exception("on_batch hook failed for model %s", self.name)
+        except Exception:
+            logger.exception("per-batch metrics failed for model %s", self.name)

@@ -25,9 +25,8 @@ from service.uncertainty import (
     ConformalOODCalibrator,
     FloatArray,
     RegressionUncertainty,
-    check_alpha,
-    check_level,
     classification_uncertainty,
+    gaussian_interval,
     regression_uncertainty,
 )
 
@@ -190,9 +189,8 @@ def finalise(
     only: Collection[str] | None = None,
 ) -> Tensors:
     """The answer tensors for one request's rows (a slice of `summarise`'s output), contract dtypes;
-    `only`: just these names (the outputs a request asked for), the rest never cast."""
-    check_alpha(alpha)
-    check_level(level)
+    `only`: just these names (the outputs a request asked for), the rest never cast. `alpha` and
+    `level` in (0, 1): the request edges (V1's body model, `service.v2_core`) checked them."""
     p_value = np.asarray(summary["ood_p_value"], dtype=np.float64)
     n = p_value.shape[0]
     extra: Tensors = {
@@ -203,14 +201,11 @@ def finalise(
         order: tuple[str, ...] = ("probabilities", *scalar_outputs(manifest))
     else:
         order = scalar_outputs(manifest)
-        r = RegressionUncertainty(
-            mean=np.asarray(summary["mean"], dtype=np.float64),
-            aleatoric_variance=np.asarray(summary["aleatoric_variance"], dtype=np.float64),
-            epistemic_variance=np.asarray(summary["epistemic_variance"], dtype=np.float64),
-            total_variance=np.asarray(summary["total_variance"], dtype=np.float64),
-            disagreement=np.asarray(summary["disagreement"], dtype=np.float64),
+        lower, upper = gaussian_interval(
+            np.asarray(summary["mean"], dtype=np.float64),
+            np.asarray(summary["total_variance"], dtype=np.float64),
+            level,
         )
-        lower, upper = r.interval(level)
         extra["interval_lower"] = lower
         extra["interval_upper"] = upper
         extra["interval_level"] = np.full(n, level, dtype=np.float32)
