@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
 from service.responses import OrjsonResponse
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,9 @@ def _what_is_wrong(err: Mapping[str, Any], where: str) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that make every error a JSON `{"error": ...}` with the right status."""
+    # imported here: `python -m service` formats its settings errors with this module, and a
+    # supervisor of workers never imports FastAPI
+    from fastapi.exceptions import RequestValidationError
 
     async def on_service_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
