@@ -98,7 +98,7 @@ class ServedModel:
             run_when_idle=settings.run_when_idle,
             metrics=metrics,
             version=str(manifest.version),
-            on_batch=self._observe_batch,
+            on_batches=self._observe_batches,
         )
 
     @classmethod
@@ -299,11 +299,30 @@ class ServedModel:
         # worker thread: the graph and the batch-wide math both stay off the event loop
         return inference.summarise(self.manifest, self._calibrator, self._runtime.run(rows))
 
-    def _observe_batch(self, report: BatchReport) -> None:
-        # the batch's answers at the default α: only the flags depend on α (the conformal rule)
+    def _observe_batches(self, reports: list[BatchReport]) -> None:
+        """The delivered batches' answers counted at the default α and fed to the drift alarm and the
+        shadow teacher, as one stretch of rows in batch order (one numpy pass for several batches)."""
+        report = (
+            reports[0] if len(reports) == 1 else _joined(reports, with_inputs=self.monitor.shadow.enabled)
+        )
         outputs = report.outputs
+        # only the flags depend on α (the conformal rule); the summary has everything else
         flagged = {**outputs, "ood_flag": np.asarray(outputs["ood_p_value"]) <= self.default_alpha}
         self._metrics.observe_uncertainty(
             self.name, str(self.version), flagged, self.default_alpha, self.manifest.labels
         )
-        self.monitor.observe(report)  # hands off only: drift worker thread, shadow bounded queue
+        self.monitor.observe(report)  # hands off only: drift on the loop after this, shadow queue
+
+
+def _joined(reports: list[BatchReport], *, with_inputs: bool) -> BatchReport:
+    """Several delivered batches as one report: their rows in batch order (inputs only if wanted)."""
+    outputs = {key: np.concatenate([r.outputs[key] for r in reports]) for key in reports[0].outputs}
+    inputs = [r.inputs for r in reports if r.inputs is not None]
+    return BatchReport(
+        rows=sum(r.rows for r in reports),
+        requests=sum(r.requests for r in reports),
+        compute_seconds=sum(r.compute_seconds for r in reports),
+        queue_wait_seconds=np.concatenate([r.queue_wait_seconds for r in reports]),
+        outputs=outputs,
+        inputs=np.concatenate(inputs) if with_inputs and len(inputs) == len(reports) else None,
+    )
