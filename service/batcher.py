@@ -22,9 +22,10 @@ future; one loop task forms batches and runs them in a worker thread. Invariants
 - `stop()` stops accepting, runs what is queued without waiting for the delay, then returns;
 - each delivered batch is reported (its metrics, `on_batches`) once, after its answers: when the
   batcher is next idle (nothing queued, nothing running: the answers are written by then), or
-  every `REPORT_EVERY_BATCHES` batches while it is not, so the bookkeeping's fixed cost per call
-  (~0.1-0.2 ms of numpy for the drift alarm and the histograms, issue 13) is paid once per several
-  batches under load, and after the answer, not before it, at low load.
+  every `REPORT_EVERY_BATCHES` batches (or `REPORT_EVERY_ROWS` rows) while it is not, so the
+  bookkeeping's fixed cost per call (~0.1-0.2 ms of numpy for the drift alarm and the histograms,
+  issue 13) is paid once per several batches under load, and after the answer, not before it, at
+  low load.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ from service.metrics import ServiceMetrics
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[NDArray[np.float32]], Mapping[str, NDArray[np.generic]]]
-# Under load (the queue never empty), delivered batches are reported in groups of this many at most.
+# Under load (the batcher never idle), delivered batches are reported in groups of this many at
+# most, or of this many rows: the drift update's per-row loop (~3 µs a row) bounds how long one
+# report holds the event loop (~1 ms at 256 rows).
 REPORT_EVERY_BATCHES = 16
+REPORT_EVERY_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class DynamicBatcher:
         self._metrics = metrics
         self._on_batches = on_batches
         self._reports: list[BatchReport] = []  # delivered, not yet reported
+        self._report_rows = 0
         self._queue: deque[QueuedRequest] = deque()
         self._queued_requests = 0
         self._queued_rows = 0
@@ -391,12 +396,13 @@ class DynamicBatcher:
             request.deliver(a, {k: v[offset : offset + (b - a)] for k, v in outputs.items()})
             offset += b - a
         self._reports.append(BatchReport(n, len(batch), compute_s, waits, outputs, inputs))
-        if len(self._reports) >= REPORT_EVERY_BATCHES:
+        self._report_rows += n
+        if len(self._reports) >= REPORT_EVERY_BATCHES or self._report_rows >= REPORT_EVERY_ROWS:
             self._report()
 
     def _report(self) -> None:
         """Hand the delivered batches not yet reported to the metrics and `on_batches`."""
-        reports, self._reports = self._reports, []
+        reports, self._reports, self._report_rows = self._reports, [], 0
         if not reports:
             return
         try:  # metrics and monitoring must never break serving

@@ -293,5 +293,5 @@ async def test_each_batch_is_reported_once_in_order_after_its_answers() -> None:
     await asyncio.gather(*futures.values())
     await batcher.stop()
     assert first_rows == [float(i) for i in range(200)]  # every row once, in batch order
-    assert sum(groups) == len(model.batches) and max(groups) <= REPORT_EVERY_BATCHES
+    assert sum(groups) == len(model.batches) and max(groups) <= REPORT_EVERY_BATCHES  # 4 rows a batch
     assert len(groups) < len(model.batches)  # under load several batches per report
