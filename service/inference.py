@@ -12,6 +12,7 @@ The math is `service.uncertainty`, the same module the training evaluation uses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -79,12 +80,16 @@ REGRESSION_HEAD_OUTPUTS = ("heads_mean", "heads_variance")
 
 def scalar_outputs(manifest: ModelManifest) -> tuple[str, ...]:
     """The per-row answer names of this model, in answer order (density scores where the graph has them)."""
-    names = _CLASSIFICATION_SCALARS if manifest.task == "classification" else _REGRESSION_SCALARS
+    return _scalars(manifest.task, manifest.has_density, manifest.has_input_density)
+
+
+@functools.cache
+def _scalars(task: str, has_density: bool, has_input_density: bool) -> tuple[str, ...]:
+    names = _CLASSIFICATION_SCALARS if task == "classification" else _REGRESSION_SCALARS
     absent = {
         n
-        for n, present in (
-            ("density_score", manifest.has_density),
-            ("input_density_score", manifest.has_input_density),
+        for n, present in zip(
+            ("density_score", "input_density_score"), (has_density, has_input_density), strict=True
         )
         if not present
     }
@@ -179,6 +184,24 @@ def summarise(
     }
 
 
+def answer_order(manifest: ModelManifest, include_heads: bool = False) -> tuple[str, ...]:
+    """Every answer tensor of this model, in answer order (the per-head ones with `include_heads`)."""
+    return _answer_order(manifest.task, manifest.has_density, manifest.has_input_density, include_heads)
+
+
+@functools.cache
+def _answer_order(task: str, has_density: bool, has_input_density: bool, heads: bool) -> tuple[str, ...]:
+    order = _scalars(task, has_density, has_input_density)
+    if task == "classification":
+        order = ("probabilities", *order)
+    if heads:
+        order = (
+            *order,
+            *(CLASSIFICATION_HEAD_OUTPUTS if task == "classification" else REGRESSION_HEAD_OUTPUTS),
+        )
+    return order
+
+
 def finalise(
     manifest: ModelManifest,
     summary: Mapping[str, NDArray[np.generic]],
@@ -189,33 +212,31 @@ def finalise(
     only: Collection[str] | None = None,
 ) -> Tensors:
     """The answer tensors for one request's rows (a slice of `summarise`'s output), contract dtypes;
-    `only`: just these names (the outputs a request asked for), the rest never cast. `alpha` and
-    `level` in (0, 1): the request edges (V1's body model, `service.v2_core`) checked them."""
-    p_value = np.asarray(summary["ood_p_value"], dtype=np.float64)
-    n = p_value.shape[0]
-    extra: Tensors = {
-        "ood_flag": p_value <= alpha,  # the conformal rule: flag when p ≤ α
-        "ood_alpha": np.full(n, alpha, dtype=np.float32),
-    }
-    if manifest.task == "classification":
-        order: tuple[str, ...] = ("probabilities", *scalar_outputs(manifest))
-    else:
-        order = scalar_outputs(manifest)
-        lower, upper = gaussian_interval(
-            np.asarray(summary["mean"], dtype=np.float64),
-            np.asarray(summary["total_variance"], dtype=np.float64),
-            level,
-        )
-        extra["interval_lower"] = lower
-        extra["interval_upper"] = upper
-        extra["interval_level"] = np.full(n, level, dtype=np.float32)
-    if include_heads:
-        order = (*order, *head_output_names(manifest))
+    `only`: just these names (the outputs a request asked for), the rest neither computed nor cast.
+    `alpha` and `level` in (0, 1): the request edges (V1's body model, `service.v2_core`) checked them."""
+    order = answer_order(manifest, include_heads)
     if only is not None:
         order = tuple(name for name in order if name in only)
+    n = next(iter(summary.values())).shape[0]
+    interval: tuple[FloatArray, FloatArray] | None = None
     out: Tensors = {}
     for name in order:
-        value = extra[name] if name in extra else summary[name]
+        if name == "ood_flag":  # the conformal rule: flag when p ≤ α
+            value: NDArray[np.generic] = np.asarray(summary["ood_p_value"], dtype=np.float64) <= alpha
+        elif name == "ood_alpha":
+            value = np.full(n, alpha, dtype=np.float32)
+        elif name == "interval_level":
+            value = np.full(n, level, dtype=np.float32)
+        elif name in ("interval_lower", "interval_upper"):
+            if interval is None:
+                interval = gaussian_interval(
+                    np.asarray(summary["mean"], dtype=np.float64),
+                    np.asarray(summary["total_variance"], dtype=np.float64),
+                    level,
+                )
+            value = interval[0] if name == "interval_lower" else interval[1]
+        else:
+            value = summary[name]
         out[name] = _cast(name, value)
     return out
 
