@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
 
-Outputs = dict[str, NDArray[np.generic]]
+Outputs = Mapping[str, NDArray[np.generic]]
+
+
+class RowSlice(Mapping[str, NDArray[np.generic]]):
+    """Rows `[start, stop)` of every tensor of a batch's outputs, each sliced when it is read: a
+    request's answer reads only the tensors it returns (four of ~20 for a lean V2 request)."""
+
+    __slots__ = ("_outputs", "_start", "_stop")
+
+    def __init__(self, outputs: Mapping[str, NDArray[np.generic]], start: int, stop: int) -> None:
+        self._outputs = outputs
+        self._start = start
+        self._stop = stop
+
+    def __getitem__(self, name: str) -> NDArray[np.generic]:
+        return self._outputs[name][self._start : self._stop]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outputs)
+
+    def __len__(self) -> int:
+        return len(self._outputs)
 
 
 class QueuedRequest:
@@ -41,11 +63,12 @@ class QueuedRequest:
         self.queued = True  # still holds a queue slot (not fully taken, expired or cancelled)
         self.timer: asyncio.TimerHandle | None = None
 
-    def deliver(self, start: int, part: Outputs) -> None:
+    def deliver(self, start: int, part: Outputs, rows: int) -> None:
+        """`part`: the answers of this request's rows `start .. start + rows`."""
         if self.future.done():  # cancelled by its client, or failed by another part's batch
             return
         self.parts.append((start, part))
-        self.done_rows += next(iter(part.values())).shape[0]
+        self.done_rows += rows
         if self.done_rows < self.n:
             return
         if len(self.parts) == 1:

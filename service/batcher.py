@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from service.batch_request import Outputs, QueuedRequest
+from service.batch_request import Outputs, QueuedRequest, RowSlice
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull, ServiceError
 from service.metrics import ServiceMetrics
 
@@ -393,7 +393,7 @@ class DynamicBatcher:
         self._max_batch_rows = max(self._max_batch_rows, n)
         offset = 0
         for request, a, b in batch:
-            request.deliver(a, {k: v[offset : offset + (b - a)] for k, v in outputs.items()})
+            request.deliver(a, RowSlice(outputs, offset, offset + (b - a)), b - a)
             offset += b - a
         self._reports.append(BatchReport(n, len(batch), compute_s, waits, outputs, inputs))
         self._report_rows += n
