@@ -113,6 +113,7 @@ class DynamicBatcher:
         self._metrics = metrics
         self._on_batches = on_batches
         self._reports: list[BatchReport] = []  # delivered, not yet reported
+        self._state_pending = False  # the gauges' update is scheduled
         self._report_rows = 0
         self._queue: deque[QueuedRequest] = deque()
         self._queued_requests = 0
@@ -239,6 +240,14 @@ class DynamicBatcher:
             self._metrics.inc_rejected(self.name, reason)
 
     def _publish_state(self) -> None:
+        """Set the queue-depth and in-flight gauges once this step of the event loop is over: a
+        submit, a take and a settle each change them, many in one step under load."""
+        if self._metrics is not None and not self._state_pending:
+            self._state_pending = True
+            asyncio.get_running_loop().call_soon(self._write_state)
+
+    def _write_state(self) -> None:
+        self._state_pending = False
         if self._metrics is not None:
             self._metrics.set_queue_depth(self.name, self._queued_rows)
             self._metrics.set_in_flight(self.name, self._in_flight)
