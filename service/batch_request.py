@@ -1,14 +1,39 @@
-"""A request waiting in (or running through) `service.batcher.DynamicBatcher`'s queue."""
+"""A request waiting in (or running through) `service.batcher.DynamicBatcher`'s queue, the view of
+its part of a batch's answers, and the records the batcher gives out: a batch's report, its stats."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 Outputs = Mapping[str, NDArray[np.generic]]
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one executed batch looked like; handed to `on_batches` on the event loop."""
+
+    rows: int
+    requests: int
+    compute_seconds: float
+    queue_wait_seconds: NDArray[np.float64]  # one per request part in the batch
+    outputs: Mapping[str, NDArray[np.generic]]
+    inputs: NDArray[np.float32] | None = None  # the batch's rows (the shadow teacher samples them)
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Counters a client may read through model metadata (batching is observable, not private)."""
+
+    batches: int
+    rows: int
+    max_batch_rows: int
+    queued_requests: int
+    queued_rows: int
 
 
 class RowSlice(Mapping[str, NDArray[np.generic]]):

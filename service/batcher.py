@@ -39,46 +39,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.batch_request import Outputs, QueuedRequest, RowSlice
+from service.batch_request import BatcherStats, BatchReport, Outputs, QueuedRequest, RowSlice
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull, ServiceError
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[NDArray[np.float32]], Mapping[str, NDArray[np.generic]]]
-# Under load (the batcher never idle), delivered batches are reported in groups of this many at
-# most, or of this many rows: the drift update's per-row loop (~3 µs a row) bounds how long one
-# report holds the event loop (~1 ms at 256 rows).
-REPORT_EVERY_BATCHES = 16
-REPORT_EVERY_ROWS = 256
-
-
-@dataclass(frozen=True)
-class BatchReport:
-    """What one executed batch looked like; handed to `on_batches` on the event loop."""
-
-    rows: int
-    requests: int
-    compute_seconds: float
-    queue_wait_seconds: NDArray[np.float64]  # one per request part in the batch
-    outputs: Mapping[str, NDArray[np.generic]]
-    inputs: NDArray[np.float32] | None = None  # the batch's rows (the shadow teacher samples them)
-
-
-@dataclass(frozen=True)
-class BatcherStats:
-    """Counters a client may read through model metadata (batching is observable, not private)."""
-
-    batches: int
-    rows: int
-    max_batch_rows: int
-    queued_requests: int
-    queued_rows: int
+# Under load, delivered batches are reported in groups of at most this many batches or rows (the
+# drift update's ~3 µs a row: one report holds the event loop ~1 ms at most)
+REPORT_EVERY_BATCHES, REPORT_EVERY_ROWS = 16, 256
 
 
 class DynamicBatcher:

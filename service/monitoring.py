@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from service.batcher import BatchReport
+from service.batch_request import BatchReport
 from service.drift import DriftMonitor
 from service.errors import ModelLoadError
 from service.manifest import ModelManifest

@@ -18,8 +18,8 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from service import inference
-from service.batch_request import Outputs
-from service.batcher import BatcherStats, BatchReport, DynamicBatcher
+from service.batch_request import BatcherStats, BatchReport, Outputs
+from service.batcher import DynamicBatcher
 from service.errors import BadRequest, ModelLoadError, describe_validation_errors
 from service.manifest import MANIFEST_FILENAME, ModelManifest
 from service.metrics import ServiceMetrics

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.batcher import REPORT_EVERY_BATCHES, BatchReport, DynamicBatcher
+from service.batch_request import BatchReport
+from service.batcher import REPORT_EVERY_BATCHES, DynamicBatcher
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull
 
 pytestmark = pytest.mark.anyio
