@@ -57,9 +57,7 @@ class RegressionUncertainty:
     def interval(self, level: float = 0.95) -> tuple[FloatArray, FloatArray]:
         """Central prediction interval of the Gaussian approximation N(μ*, total variance)."""
         check_level(level)
-        z = NormalDist().inv_cdf(0.5 + level / 2.0)
-        half = z * np.sqrt(self.total_variance)
-        return self.mean - half, self.mean + half
+        return gaussian_interval(self.mean, self.total_variance, level)
 
     def score(self, name: str) -> FloatArray:
         if name not in REGRESSION_SCORES:
@@ -85,6 +83,16 @@ DENSITY_SCORE = "density"
 INPUT_DENSITY_SCORE = "input_density"
 UNSEEN_VALUES_SCORE = "unseen_values"
 Tails = Literal["upper", "both"]
+
+
+def gaussian_interval(
+    mean: FloatArray, total_variance: FloatArray, level: float
+) -> tuple[FloatArray, FloatArray]:
+    """The central `level` interval of N(mean, total variance), row by row; `level` in (0, 1)
+    (the caller checks it: the server at its request edge, `RegressionUncertainty.interval` here)."""
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    half = z * np.sqrt(total_variance)
+    return mean - half, mean + half
 
 
 def check_level(level: float) -> None:
