@@ -81,6 +81,12 @@ def running(
                     process.wait()
 
 
+def service_command(port: int, repository: Path, *flags: str) -> list[str]:
+    """`python -m service` on 127.0.0.1:`port` over `repository`, then `flags` (more settings)."""
+    return [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
+            "--model-repository", str(repository), *flags]  # fmt: skip
+
+
 def hydra_server(
     repository: Path,
     model: str,
@@ -96,16 +102,9 @@ def hydra_server(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
     env |= {f"HYDRA_{k.upper()}": v for k, v in (settings or {}).items()}
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model-repository",
-        str(repository),
+    cmd = service_command(
+        port,
+        repository,
         "--max-batch-size",
         str(max_batch_size),
         "--max-queue-delay-ms",
@@ -120,7 +119,7 @@ def hydra_server(
         "cuda" if cuda else "cpu",
         "--grpc-port",
         "0",  # HTTP only here; `python -m bench grpc` (bench/grpc.py) runs the gRPC comparison
-    ]
+    )
     return running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
 
 

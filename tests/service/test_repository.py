@@ -26,6 +26,7 @@ from tests.service.support import (
     ReferenceModel,
     Server,
     connect,
+    held_batches,
     read_response,
     running_server,
     start_server,
@@ -170,9 +171,7 @@ def test_load_of_invalid_or_unknown_names_is_404(shared_keyed_server: Server) ->
 
 
 def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
-    with running_server(
-        repo, api_key=API_KEY, max_queue_delay_ms="1500", max_batch_size="256", run_when_idle="false"
-    ) as server:
+    with running_server(repo, api_key=API_KEY, **held_batches(1500)) as server:
 
         async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as client:

@@ -23,6 +23,15 @@ from training.onnx_teachers import OnnxTeachers, find_teacher_files, inspect_tea
 FEATURES, CLASSES = 6, 3
 
 
+def write_csv(path: Path, x: np.ndarray, y: np.ndarray, target: str, prefix: str = "f") -> Path:
+    """Feature columns {prefix}0, {prefix}1, … and `target`, 5 decimals (integer targets as integers)."""
+    cell = str if y.dtype.kind in "iu" else (lambda t: f"{t:.5f}")
+    header = ",".join(f"{prefix}{i}" for i in range(x.shape[1])) + f",{target}"
+    rows = [",".join([*(f"{v:.5f}" for v in r), cell(t)]) for r, t in zip(x, y, strict=True)]
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
 def _invoke(*args: str) -> object:
     result = CliRunner().invoke(app, list(args), catch_exceptions=False)
     return result
@@ -48,11 +57,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     gbm = GradientBoostingClassifier(n_estimators=20, max_depth=2, random_state=0).fit(x[:600], y[:600])
     onx = to_onnx(gbm, x[:1], options={id(gbm): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
     (folder / "trees.onnx").write_bytes(onx.SerializeToString())
-    csv = root / "rows.csv"
-    header = ",".join(f"f{i}" for i in range(FEATURES)) + ",label"
-    rows = [",".join(f"{v:.5f}" for v in r) + f",{int(t)}" for r, t in zip(x, y, strict=True)]
-    csv.write_text(header + "\n" + "\n".join(rows) + "\n")
-    return folder, csv
+    return folder, write_csv(root / "rows.csv", x, y.astype(int), "label")
 
 
 def test_distils_a_mixed_mlp_and_trees_ensemble(teacher_dir: tuple[Path, Path], tmp_path: Path) -> None:
@@ -165,14 +170,7 @@ def test_regression_teachers_distil_with_their_variances(tmp_path: Path) -> None
             loss.backward()
             opt.step()
         _export(net.eval(), folder / f"g{hidden}.onnx", outputs=("gaussian",))
-    csv = tmp_path / "rows.csv"
-    header = ",".join(f"f{i}" for i in range(FEATURES)) + ",price"
-    csv.write_text(
-        header
-        + "\n"
-        + "\n".join(",".join(f"{v:.5f}" for v in [*r, t]) for r, t in zip(x, y, strict=True))
-        + "\n"
-    )
+    csv = write_csv(tmp_path / "rows.csv", x, y, "price")
     out = tmp_path / "pkg" / "1"
     _invoke(
         "run", "--data", str(csv), "--target", "price", "--task", "regression", "--teachers", str(folder),
@@ -211,10 +209,7 @@ def test_image_shaped_teachers_get_a_conv_student(tmp_path: Path) -> None:
         torch.manual_seed(seed)
         net = _fit_classifier(_Image(hidden), x.reshape(-1, 4, 4), y, seed)
         _export(net, folder / f"img{hidden}.onnx", row_shape=(4, 4))
-    csv = tmp_path / "rows.csv"
-    header = ",".join(f"p{i}" for i in range(16)) + ",label"
-    body = "\n".join(",".join(f"{v:.5f}" for v in r) + f",{t}" for r, t in zip(x, y, strict=True))
-    csv.write_text(header + "\n" + body + "\n")
+    csv = write_csv(tmp_path / "rows.csv", x, y, "label", prefix="p")
     out = tmp_path / "pkg" / "1"
     _invoke(
         "run", "--data", str(csv), "--target", "label", "--task", "classification", "--teachers", str(folder),
