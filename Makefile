@@ -67,15 +67,21 @@ image-deps:
 	  exit 1; \
 	fi
 
+# A python3.11 venv of its own for one pinned requirement that must never go into .venv: $(call
+# side-venv,VENV,REQUIREMENT), as the recipe of VENV/.installed (rebuilt from scratch when missing).
+PYTHON311 ?= python3.11
+define side-venv
+rm -rf $(1)
+$(PYTHON311) -m venv $(1)
+$(1)/bin/pip install -q "$(2)"
+touch $(1)/.installed
+endef
+
 # KServe's Python SDK for tests/reliability/test_kserve_sdk.py, in its own venv: it pins numpy and others,
 # so it never goes into .venv. About 30 s from PyPI here, so `make test` builds it.
 KSERVE_VENV ?= .venv-kserve
-PYTHON311 ?= python3.11
 $(KSERVE_VENV)/.installed:
-	rm -rf $(KSERVE_VENV)
-	$(PYTHON311) -m venv $(KSERVE_VENV)
-	$(KSERVE_VENV)/bin/pip install -q "kserve==0.21.*"
-	touch $@
+	$(call side-venv,$(KSERVE_VENV),kserve==0.21.*)
 
 kserve-venv: $(KSERVE_VENV)/.installed
 
@@ -137,10 +143,7 @@ bench-triton-venv: $(TRITON_VENV)/bin/python
 # bench/drift.py runs it as a subprocess on score streams saved as .npy files.
 ALIBI_VENV ?= .venv-alibi
 $(ALIBI_VENV)/.installed:
-	rm -rf $(ALIBI_VENV)
-	$(PYTHON311) -m venv $(ALIBI_VENV)
-	$(ALIBI_VENV)/bin/pip install -q "alibi-detect==0.13.*"
-	touch $@
+	$(call side-venv,$(ALIBI_VENV),alibi-detect==0.13.*)
 
 alibi-venv: $(ALIBI_VENV)/.installed
 

@@ -340,25 +340,17 @@ def report_cmd() -> None:
 @app.command("all")
 def all_parts(preset: PresetOption = "reduced") -> None:
     """Parts 1-3 in order (part 4 is bench/gpu.sh)."""
-    cost(
-        preset=preset,
-        workloads="digits,mnist1d_wide",
-        batches="1,64,256",
-        provider="CPUExecutionProvider",
-        io_binding=False,
-        output="cost",
-        threads=0,
-    )
-    # the same with one ORT thread: separates the graphs' cost from how well each uses the thread pool
-    cost(
-        preset=preset,
-        workloads="digits,mnist1d_wide",
-        batches="1,64,256",
-        provider="CPUExecutionProvider",
-        io_binding=False,
-        output="cost_1thread",
-        threads=1,
-    )
+    # the second with one ORT thread: separates the graphs' cost from how well each uses the thread pool
+    for output, threads in (("cost", 0), ("cost_1thread", 1)):
+        cost(
+            preset=preset,
+            workloads="digits,mnist1d_wide",
+            batches="1,64,256",
+            provider="CPUExecutionProvider",
+            io_binding=False,
+            output=output,
+            threads=threads,
+        )
     server(
         preset=preset,
         workloads="digits,mnist1d_wide",

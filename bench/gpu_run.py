@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.servers import free_port, service_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = REPO_ROOT / "models" / "digits" / "1"
@@ -292,12 +293,6 @@ def trivial_server(port: int) -> None:
     server.serve_forever()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_ready(port: int, path: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
     """None once GET path answers 200; else why not."""
     stop = time.monotonic() + timeout
@@ -448,19 +443,7 @@ def run_server(np: Any, cuda: bool, deadline: float, log: Log) -> dict[str, Any]
         port = free_port()
         env = dict(os.environ, HYDRA_EXECUTION_PROVIDERS=config, HYDRA_LOG_LEVEL="warning")
         env["HYDRA_GRPC_PORT"] = "0"  # HTTP only: the GPU run measures the model, not gRPC
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--model-repository",
-            str(REPO_ROOT / "models"),
-            "--max-batch-size",
-            str(SERVER_MAX_BATCH),
-        ]
+        cmd = service_command(port, REPO_ROOT / "models", "--max-batch-size", str(SERVER_MAX_BATCH))
         t = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:

@@ -17,7 +17,7 @@ import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,77 +55,66 @@ def serve(repository: Path, model: str, max_batch_size: int, delay_ms: float) ->
             yield url
 
 
+Send = Callable[[bytes], Awaitable[int]]  # one request body -> its status code
+
+
+async def _drain(payloads: list[bytes], senders: list[Send]) -> tuple[list[float], int, float]:
+    """Every payload sent once, each sender taking the next as soon as its last one was answered:
+    (latencies in s, answers other than 200, wall seconds)."""
+    latencies: list[float] = []
+    errors = 0
+    queue = iter(payloads)  # shared by the workers: next() runs between awaits, never inside one
+
+    async def worker(send: Send) -> None:
+        nonlocal errors
+        for body in queue:
+            t0 = time.perf_counter()
+            status = await send(body)
+            latencies.append(time.perf_counter() - t0)
+            errors += status != 200
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(send) for send in senders))
+    return latencies, errors, time.perf_counter() - t0
+
+
 async def drive_raw(
     url: str, model: str, payloads: list[bytes], concurrency: int
 ) -> tuple[list[float], int, float]:
     """Keep-alive HTTP/1.1 over asyncio streams (bench.http_load): ~10x less client CPU than httpx,
     so on a small box the numbers describe the server rather than the load generator."""
     path = f"/v1/models/{model}:predict"
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for p in payloads:
-        queue.put_nowait(p)
-    warm: list[Connection] = []
-    everyone_warm, start = asyncio.Event(), asyncio.Event()
+    connections = [Connection(url) for _ in range(concurrency)]
 
-    async def worker() -> None:
-        nonlocal errors
-        connection = Connection(url)
-        await connection.request("POST", path, payloads[0])  # warm this connection
-        warm.append(connection)
-        if len(warm) == concurrency:
-            everyone_warm.set()
-        await start.wait()
-        while True:
-            try:
-                body = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            t0 = time.perf_counter()
+    def sender(connection: Connection) -> Send:
+        async def send(body: bytes) -> int:
             status, _, _ = await connection.request("POST", path, body)
-            latencies.append(time.perf_counter() - t0)
-            errors += status != 200
-        await connection.close()
+            return status
 
-    workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-    await everyone_warm.wait()  # every connection open and answered once before the clock starts
-    t0 = time.perf_counter()
-    start.set()
-    await asyncio.gather(*workers)
-    return latencies, errors, time.perf_counter() - t0
+        return send
+
+    try:
+        # every connection open and answered once before the clock starts
+        await asyncio.gather(*(c.request("POST", path, payloads[0]) for c in connections))
+        return await _drain(payloads, [sender(c) for c in connections])
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
 
 
 async def drive_httpx(
     url: str, model: str, payloads: list[bytes], concurrency: int
 ) -> tuple[list[float], int, float]:
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for p in payloads:
-        queue.put_nowait(p)
+    path = f"/v1/models/{model}:predict"
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30, headers=headers) as client:
 
-        async def worker() -> None:
-            nonlocal errors
-            while True:
-                try:
-                    body = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                t0 = time.perf_counter()
-                response = await client.post(f"/v1/models/{model}:predict", content=body)
-                latencies.append(time.perf_counter() - t0)
-                errors += response.status_code != 200
+        async def send(body: bytes) -> int:
+            return (await client.post(path, content=body)).status_code
 
         # warm the connections and the model's first batches before timing
-        await asyncio.gather(*(client.post(f"/v1/models/{model}:predict", content=payloads[0])
-                               for _ in range(concurrency)))  # fmt: skip
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, errors, time.perf_counter() - t0
+        await asyncio.gather(*(send(payloads[0]) for _ in range(concurrency)))
+        return await _drain(payloads, [send] * concurrency)
 
 
 def mean_batch_rows(url: str, model: str) -> float:

@@ -7,11 +7,10 @@ import os
 import platform
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training.provenance import git, versions
 
 
 def _cpu_model() -> str:
@@ -32,16 +31,6 @@ def _memory_gib() -> float | None:
     except OSError:
         pass
     return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def busiest_processes(n: int = 5) -> list[str]:
@@ -70,12 +59,6 @@ def gpu_name() -> str | None:
 
 
 def describe(command: str) -> dict[str, Any]:
-    versions = {"python": platform.python_version()}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "onnx", "torch", "numpy", "uvicorn", "fastapi"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
     return {
         "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": command,
@@ -86,11 +69,21 @@ def describe(command: str) -> dict[str, Any]:
         "os": platform.platform(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "busiest_processes_at_start": busiest_processes(),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty_paths": (_git("status", "--porcelain", "--", "training", "service", "bench") or "").count(
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty_paths": (git("status", "--porcelain", "--", "training", "service", "bench") or "").count(
             "\n"
         )
-        + bool(_git("status", "--porcelain", "--", "training", "service", "bench")),
-        "versions": versions,
+        + bool(git("status", "--porcelain", "--", "training", "service", "bench")),
+        "versions": versions(
+            ("onnxruntime", "onnxruntime-gpu", "onnx", "torch", "numpy", "uvicorn", "fastapi")
+        ),
         "argv": sys.argv,
     }
+
+
+def measured_on(meta: dict[str, Any], command: str) -> str:
+    """ "`command` on CPU (N cores), date" of a result's `describe` (`command` where it has none)."""
+    return (
+        f"`{meta.get('command', command)}` on {meta.get('cpu', 'this machine')} "
+        f"({meta.get('cores', '?')} cores), {meta.get('date_utc', '')}"
+    )

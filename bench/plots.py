@@ -27,6 +27,13 @@ CONFIG_COLORS = {
 LINESTYLES = ["-", "--", ":", "-."]
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # pyplot keeps every open figure alive until closed
+    return path
+
+
 def _evaluations(packages: dict[str, Path]) -> dict[str, Any]:
     from training.config import DataConfig
     from training.data import load_data
@@ -67,10 +74,7 @@ def _mi_scatter(evals: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel(f"ensemble {score}")
         ax.set_ylabel(f"Hydra {score}")
         ax.legend(fontsize=7, markerscale=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _roc(evals: dict[str, Any], path: Path) -> Path:
@@ -93,10 +97,7 @@ def _roc(evals: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("FPR (ID test)")
         ax.set_ylabel("TPR (OOD)")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _reliability(evals: dict[str, Any], path: Path, bins: int = 15) -> Path:
@@ -123,10 +124,7 @@ def _reliability(evals: dict[str, Any], path: Path, bins: int = 15) -> Path:
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def shift_figure(shift: dict[str, Any], path: Path) -> Path:
@@ -167,10 +165,7 @@ def shift_figure(shift: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("shift severity k (noise x(1+0.3k), shear x(1+0.1k))")
         ax.set_title(f"MNIST-1D: {title}")
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def ablation_figure(agg: dict[str, Any], path: Path) -> Path:
@@ -196,10 +191,7 @@ def ablation_figure(agg: dict[str, Any], path: Path) -> Path:
         ax.set_title(title)
         lo = np.nanmin(np.array(means) - np.array(stds))
         ax.set_xlim(max(0.0, lo - 0.05), None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cost_figure(cost: dict[str, Any], path: Path) -> Path:
@@ -225,10 +217,7 @@ def cost_figure(cost: dict[str, Any], path: Path) -> Path:
             fontsize=9,
         )
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def server_figure(server: dict[str, Any], path: Path) -> Path:
@@ -270,7 +259,4 @@ def server_figure(server: dict[str, Any], path: Path) -> Path:
             ax.set_ylabel("rows/s")
             ax.set_title(f"{name}: {n_rows}-row requests")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

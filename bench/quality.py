@@ -60,6 +60,20 @@ class QualityPlan:
     shift_rows: int = 1000
 
 
+def run_folders(root: Path, name: str, tag: str) -> tuple[Path, Path]:
+    """(checkpoints, package) of the run of `name` tagged `tag` (e.g. "s0") under `root`. Quality's
+    and the suites' runs are kept here, and the OOD bench (bench/ood.py) finds their checkpoints here."""
+    return root / "runs" / f"{name}-{tag}", root / "models" / name / tag
+
+
+def builtin_config(dataset: str, seed: int, members: int, epochs: int | None) -> Any:
+    """The preset's run of a built-in dataset (`epochs`: None keeps the preset's)."""
+    from training.config import DataConfig
+    from training.presets import make_config
+
+    return make_config(DataConfig(dataset=dataset), name=dataset, members=members, seed=seed, epochs=epochs)
+
+
 def _variant(name: str, cfg: Any, members: int) -> tuple[int, Any]:
     """(members, config) of one ablation variant; the default config is the preset's."""
     from training.config import DistilConfig
@@ -118,22 +132,13 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_main(plan: QualityPlan, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    from training.config import DataConfig
     from training.pipeline import run_all
-    from training.presets import make_config
 
     runs = []
     for dataset in plan.datasets:
         for seed in plan.seeds:
-            cfg = make_config(
-                DataConfig(dataset=dataset),
-                name=dataset,
-                members=plan.members,
-                seed=seed,
-                epochs=plan.epochs.get(dataset),
-            )
-            run_dir = QUALITY / "runs" / f"{dataset}-s{seed}"
-            out = QUALITY / "models" / dataset / f"s{seed}"
+            cfg = builtin_config(dataset, seed, plan.members, plan.epochs.get(dataset))
+            run_dir, out = run_folders(QUALITY, dataset, f"s{seed}")
             t0 = time.perf_counter()
             report = run_all(cfg, run_dir, out)
             seconds = time.perf_counter() - t0

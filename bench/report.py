@@ -59,6 +59,15 @@ def _provenance(meta: dict[str, Any]) -> str:
     )
 
 
+def _opening(title: str, result: dict[str, Any]) -> list[str]:
+    """A section's first lines: its title and where and how its result was measured."""
+    return [title, "", _provenance(result["machine"]), ""]
+
+
+def _not_run(title: str, command: str) -> str:
+    return f"{title}\n\nNot run yet: `{command}`.\n"
+
+
 def _check(met: bool) -> str:
     return "**met**" if met else "**missed**"
 
@@ -140,11 +149,11 @@ def _suite_tables(runs: list[dict[str, Any]]) -> list[str]:
 def suites_section(su: dict[str, Any] | None) -> str:
     title = "## 1b. Datasets nobody tuned on: tuning, confirmation and fresh suites"
     if su is None:
-        return f"{title}\n\nNot run yet: `make bench-suites`.\n"
+        return _not_run(title, "make bench-suites")
     from bench.suites import SUITES
 
     plan = su["plan"]
-    out = [title, "", _provenance(su["machine"]), ""]
+    out = _opening(title, su)
     out.append(
         f"Preset `{su['preset']}`: seeds {plan['seeds']} (mean ± std over seeds), {plan['members']} teachers, epochs "
         f"{plan['epochs'] or 'of the `file` preset'}; wall time {su['seconds']:.0f} s. Every dataset is written to a CSV "
@@ -192,10 +201,7 @@ def fresh3_section(f3: dict[str, Any] | None) -> str:
     plan = f3["plan"]
     names = ", ".join(plan["suites"])
     out = [
-        f"### Later suites, on the recipe above ({names})",
-        "",
-        _provenance(f3["machine"]),
-        "",
+        *_opening(f"### Later suites, on the recipe above ({names})", f3),
         f"Preset `{f3['preset']}`, seeds {plan['seeds']}, {plan['members']} teachers; wall time {f3['seconds']:.0f} s "
         f"(`python -m bench suites --only {','.join(plan['suites'])} --output suites_fresh3`). **fresh3** was defined "
         "and committed before the last run of the two-layer student, whose misses there (and fresh2's) sent us back "
@@ -251,11 +257,11 @@ def ood_section(od: dict[str, Any] | None) -> str:
     """Part 1c: what the ensemble's MI cannot see, what the feature density adds, and the served flag."""
     title = "## 1c. The OOD flag beyond the ensemble: MI, feature densities, combined"
     if od is None:
-        return f"{title}\n\nNot run yet: `make bench-ood`.\n"
+        return _not_run(title, "make bench-ood")
     from bench.ood import GROUPS, TUNED_ON, is_unit_error, verdict
 
     plan = od["plan"]
-    out = [title, "", _provenance(od["machine"]), ""]
+    out = _opening(title, od)
     out.append(
         f"Preset `{od['machine'].get('preset', '?')}`: seeds {plan['seeds']} (cells: mean over seeds), the packages of "
         f"§1 and §1b (their checkpoints reused; export and evaluation re-run); wall time {od['seconds']:.0f} s. "
@@ -295,8 +301,9 @@ def ood_section(od: dict[str, Any] | None) -> str:
     ]
     titles = {
         "tuning": "Tuning datasets",
-        "seen": "Seen datasets (chose the third component)",
-        "fresh": "Fresh datasets (untouched)",
+        "seen": "Seen datasets (chose the third component and the unseen-value count's thresholds)",
+        "fresh": "Fresh datasets (fixed before the third component; randhie motivated the count)",
+        "untouched": "Untouched datasets (mixed tables, fixed before the unseen-value count first ran)",
     }
     for group in GROUPS:
         rows = [r for r in od["rows"] if r.get("group") == group]
@@ -328,6 +335,9 @@ def ood_section(od: dict[str, Any] | None) -> str:
             f"{_check(not v['best_of_two_misses'])}"
             f"{(' (' + '; '.join(v['best_of_two_misses']) + ')') if v['best_of_two_misses'] else ''}"
             f"{_bound_note(v)}; "
+            f"in the issue's own words, within 0.02 of the better of MI and density — "
+            f"{_check(not v.get('better_of_mi_and_density_misses', []))}"
+            f"{(' (' + '; '.join(v['better_of_mi_and_density_misses']) + ')') if v.get('better_of_mi_and_density_misses') else ''}; "
             f"realised false-alarm rate at α = 0.05 on unseen ID test rows, pooled: {fa['flagged']}/{fa['rows']} = "
             f"{100 * fa['rate']:.2f} % — {_check(abs(fa['rate'] - 0.05) <= 0.02)}; per dataset with ≥ 300 test rows "
             f"within 5 ± 2 % — {_check(not v['false_alarm_off'])}"
@@ -365,10 +375,10 @@ def external_section(ex: dict[str, Any] | None) -> str:
     """Part 1d: the user's own ONNX teachers distilled with `--teachers`."""
     title = "## 1d. The user's own ONNX teachers (`training run --teachers`)"
     if ex is None:
-        return f"{title}\n\nNot run yet: `make bench-external`.\n"
+        return _not_run(title, "make bench-external")
     from bench.external import verdict
 
-    out = [title, "", _provenance(ex["machine"]), ""]
+    out = _opening(title, ex)
     out.append(
         f"Preset `{ex['preset']}`, wall time {ex['seconds']:.0f} s. Each ensemble is made as a user would make it, "
         "outside our code: scikit-learn pipelines (StandardScaler + model) fitted on the table's training split and "
@@ -439,10 +449,7 @@ def splits_section(sp: dict[str, Any] | None) -> str:
     ]
     return "\n".join(
         [
-            "### Split stability",
-            "",
-            _provenance(sp["machine"]),
-            "",
+            *_opening("### Split stability", sp),
             "The same tables with other train / validation / calibration / test splits (`split_seed`), each "
             f"with teacher seeds {sorted({r['seed'] for r in sp['runs']})}: a recipe that held by luck of the "
             "split would move here (with the recipe before, moving one row from training to test flipped Hydra's "
@@ -458,8 +465,8 @@ def splits_section(sp: dict[str, Any] | None) -> str:
 
 def quality_section(q: dict[str, Any] | None) -> str:
     if q is None:
-        return "## 1. Quality: ensemble vs KD vs Hydra\n\nNot run yet: `make bench-quality`.\n"
-    out = ["## 1. Quality: ensemble vs KD vs Hydra", "", _provenance(q["machine"]), ""]
+        return _not_run("## 1. Quality: ensemble vs KD vs Hydra", "make bench-quality")
+    out = _opening("## 1. Quality: ensemble vs KD vs Hydra", q)
     plan = q["plan"]
     wall = (
         f"{q['seconds']:.0f} s" if "seconds" in q else "— (a partial result: the run is going on or stopped)"
@@ -659,12 +666,9 @@ def cost_section(
     figure: str = "cost.png",
 ) -> str:
     if c is None:
-        return f"{title}\n\nNot run yet: `make bench-cost`.\n"
+        return _not_run(title, "make bench-cost")
     out = [
-        title,
-        "",
-        _provenance(c["machine"]),
-        "",
+        *_opening(title, c),
         f"In-process ONNX Runtime {c['machine']['versions'].get('onnxruntime') or c['machine']['versions'].get('onnxruntime-gpu')}, "
         f"provider {c['provider']}{' with IO binding' if c['io_binding'] else ''}, session options as the server's "
         f"({c.get('intra_op_threads') or 'default (one per core)'} intra-op threads, no spin-waiting). Each graph ran ≈ {c['seconds_per_cell']} s per batch size, the "
@@ -722,12 +726,9 @@ def server_section(
     s: dict[str, Any] | None, title: str = "## 3. The server under load", figure: str = "server.png"
 ) -> str:
     if s is None:
-        return f"{title}\n\nNot run yet: `make bench-server`.\n"
+        return _not_run(title, "make bench-server")
     out = [
-        title,
-        "",
-        _provenance(s["machine"]),
-        "",
+        *_opening(title, s),
         f"V2 JSON `infer` requests (the same bytes for every server; no `outputs`, so every default answer tensor) "
         f"from `wrk` (Debian's package, `bench/wrk_post.lua`) in its own process on loopback: {s['seconds_per_cell']} s "
         f"per cell after a 1 s warm-up. (a) `hydra`: our server, max batch {s['max_batch_size']} rows, queue delay "
@@ -823,12 +824,9 @@ def grpc_section(g: dict[str, Any] | None) -> str:
     """§3c from bench/results/grpc.json (`python -m bench grpc`)."""
     title = "## 3c. Open Inference Protocol over gRPC vs V2 JSON vs V2 binary"
     if g is None:
-        return f"{title}\n\nNot run yet: `python -m bench grpc`.\n"
+        return _not_run(title, "python -m bench grpc")
     out = [
-        title,
-        "",
-        _provenance(g["machine"]),
-        "",
+        *_opening(title, g),
         f"One server process ({g['model']}, max batch {g['max_batch_size']}, delay {g['max_queue_delay_ms']} ms) "
         f"answering all three protocols; every default answer tensor; {g['in_flight']} requests in flight: wrk "
         f"with {g['in_flight']} keep-alive connections for V2 JSON and V2 binary (tritonclient.http's default "

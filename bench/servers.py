@@ -4,6 +4,11 @@
 - `ceiling_server`: `python -m bench.ceilings` (bare ASGI or a FastAPI route answering fixed bytes).
 - `triton_server`: bench/triton_server.py under `.venv-triton` (Debian python3.11 + nvidia-pytriton).
 Both yield (base URL, pid) once the model answers ready, and are stopped with SIGTERM.
+
+`service_command` and `free_port` are the one way to start `python -m service` on a loopback port
+(bench/gpu_run.py and tests/service/support.py use them too). Only the standard library is imported at
+module level (httpx where it is used): bench/gpu_run.py runs on GPU hosts that have the service's
+dependencies and not the dev ones.
 """
 
 from __future__ import annotations
@@ -18,8 +23,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRITON_VENV = REPO_ROOT / ".venv-triton"
@@ -49,7 +52,25 @@ def free_port(span: int = 1) -> int:
     raise RuntimeError("no free loopback port range")
 
 
+def service_command(port: int, repository: Path, *flags: str) -> list[str]:
+    """`python -m service` on 127.0.0.1:`port` serving `repository`, then `flags` (settings as flags)."""
+    return [
+        sys.executable,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-repository",
+        str(repository),
+        *flags,
+    ]
+
+
 def _wait_ready(url: str, model: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    import httpx
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -180,12 +201,16 @@ def triton_server(
 
 def hydra_batch_stats(url: str, model: str) -> tuple[int, int]:
     """(batches, rows) our batcher has run so far (V1 model metadata)."""
+    import httpx
+
     b = httpx.get(f"{url}/v1/models/{model}", timeout=5).json()["batching"]
     return int(b["batches"]), int(b["rows"])
 
 
 def triton_batch_stats(url: str, model: str) -> tuple[int, int]:
     """(executions, inferences) from Triton's statistics extension."""
+    import httpx
+
     headers = {"triton-access-token": TRITON_TOKEN}
     s = httpx.get(f"{url}/v2/models/{model}/stats", timeout=5, headers=headers).json()["model_stats"][0]
     return int(s["execution_count"]), int(s["inference_count"])

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 
 from bench.loadgen import run_wrk, v2_body
+from bench.machine import measured_on
 from bench.servers import hydra_server
 from bench.workloads import REPO_ROOT
 
@@ -176,8 +177,7 @@ def section(result: dict[str, Any] | None) -> str:
     lines = [
         title,
         "",
-        f"`{meta.get('command', 'python -m bench shadow')}` on {meta.get('cpu', 'this machine')} "
-        f"({meta.get('cores', '?')} cores), {meta.get('date_utc', '')}. The real server on "
+        measured_on(meta, "python -m bench shadow") + ". The real server on "
         "models/digits/1; the shadow runs the package's `ensemble.onnx` (8 teachers) in its own thread "
         "after the answers went "
         "out, and compares on the same rows (service/shadow.py).",

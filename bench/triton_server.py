@@ -58,10 +58,11 @@ def main() -> None:
     session = ort.InferenceSession(graph, sess_options=options, providers=providers)
     if args.provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise SystemExit("--provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
-    # the graph outputs the manifest names, by role: the heads', then the densities (schema 2)
+    # the graph outputs the manifest names, by role: the heads', then the densities (schema 2) and the
+    # unseen-value count (schema 3)
     named = manifest.outputs.model_dump()
     roles = ["log_probs"] if manifest.task == "classification" else ["mean", "variance"]
-    roles += [r for r in ("density", "input_density") if named.get(r)]
+    roles += [r for r in ("density", "input_density", "unseen_values") if named.get(r)]
     raw_names = [named[r] for r in roles]
     specs = [s for s in inference.output_specs(manifest) if s[0] not in inference.head_output_names(manifest)]
     alpha = manifest.ood.default_alpha

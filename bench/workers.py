@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from bench.loadgen import run_wrk, v2_body, warm_wrk
+from bench.machine import measured_on
 from bench.ort_timing import sample_rows
 from bench.servers import hydra_server
 from bench.workloads import BUILD, REPO_ROOT
@@ -168,8 +169,7 @@ def section(result: dict[str, Any] | None) -> str:
     lines = [
         title,
         "",
-        f"`{meta.get('command', 'python -m bench workers')}` on {meta.get('cpu', 'this machine')} "
-        f"({meta.get('cores', '?')} cores), {meta.get('date_utc', '')}, load average at start "
+        measured_on(meta, "python -m bench workers") + ", load average at start "
         f"{meta.get('loadavg_at_start', '?')}. Both servers side by side on models/digits/1 (batch 64, "
         "delay 2 ms, ORT intra-op threads cores / workers), wrk (2 threads) driving one at a time, "
         f"{plan['rounds']} alternating rounds of {plan['seconds']:g} s per cell; medians (bench/workers.py).",

@@ -21,55 +21,43 @@ from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource, SettingsError
 
+from service.errors import describe_validation_errors
 from service.settings import Settings
 from service.workers import Supervisor, worker_count
 
 
-def _parse_pins(values: list[str]) -> dict[str, int]:
-    pins: dict[str, int] = {}
-    for value in values:
-        name, sep, version = value.partition("=")
-        if not sep or not version.isdigit():
-            raise SystemExit(f"--pin expects NAME=VERSION, got {value!r}")
-        pins[name] = int(version)
-    return pins
-
-
-def build_parser() -> argparse.ArgumentParser:
+def cli_source() -> CliSettingsSource[Settings]:
+    """The command line: one `--some-flag` per `Settings` field, written by pydantic-settings' CLI
+    source from the fields (types, choices, descriptions, defaults), and `--pin` for
+    `--model-versions`. Its argparse parser is `.root_parser`."""
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description=__doc__.splitlines()[0],
         epilog="Each --some-flag can also be set as HYDRA_SOME_FLAG in the environment; flags win. "
-        "Pinned versions: HYDRA_MODEL_VERSIONS='{\"digits\": 1}' or --pin digits=1.",
+        "Pinned versions: HYDRA_MODEL_VERSIONS='{\"digits\": 1}' or --pin digits=1 (repeatable).",
     )
-    fields = Settings.model_fields
-    for name, field in fields.items():
-        if name in ("model_versions",):
-            continue
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=name, default=None, help=field.description, metavar=name.upper())
-    parser.add_argument(
-        "--pin",
-        action="append",
-        default=[],
-        metavar="NAME=VERSION",
-        help="Serve this version of NAME (repeatable).",
+    return CliSettingsSource(
+        Settings,
+        root_parser=parser,
+        cli_kebab_case=True,  # --max-batch-size
+        cli_implicit_flags=False,  # booleans take a value: --run-when-idle false
+        cli_avoid_json=True,  # dicts as NAME=VERSION pairs
+        cli_hide_none_type=True,
+        cli_shortcuts={"model-versions": "pin"},
     )
-    return parser
 
 
 def settings_from_args(argv: list[str] | None = None) -> Settings:
-    args = build_parser().parse_args(argv)
-    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None and k != "pin"}
-    if args.pin:
-        overrides["model_versions"] = _parse_pins(args.pin)
+    """Settings from `HYDRA_*` variables with `argv` (default: the process's arguments) on top; a
+    bad value exits with the reason (argparse's own errors exit 2 before this)."""
     try:
-        # flags are strings; validate them like environment values (pydantic coerces in lax mode)
-        return Settings(**overrides)
+        return Settings(_cli_settings_source=cli_source()(args=sys.argv[1:] if argv is None else argv))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise SystemExit(f"invalid settings: {problems}") from exc
+        raise SystemExit(f"invalid settings: {describe_validation_errors(exc.errors())}") from exc
+    except SettingsError as exc:  # e.g. --pin without "=VERSION"
+        raise SystemExit(f"invalid settings: {exc}") from exc
 
 
 # How long, after the listening sockets close on SIGTERM, keep-alive connections may still deliver

@@ -1,13 +1,60 @@
-"""A request waiting in (or running through) `service.batcher.DynamicBatcher`'s queue."""
+"""A request waiting in (or running through) `service.batcher.DynamicBatcher`'s queue, the view of
+its part of a batch's answers, and the records the batcher gives out: a batch's report, its stats."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-Outputs = dict[str, NDArray[np.generic]]
+Outputs = Mapping[str, NDArray[np.generic]]
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one executed batch looked like; handed to `on_batches` on the event loop."""
+
+    rows: int
+    requests: int
+    compute_seconds: float
+    queue_wait_seconds: NDArray[np.float64]  # one per request part in the batch
+    outputs: Mapping[str, NDArray[np.generic]]
+    inputs: NDArray[np.float32] | None = None  # the batch's rows (the shadow teacher samples them)
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Counters a client may read through model metadata (batching is observable, not private)."""
+
+    batches: int
+    rows: int
+    max_batch_rows: int
+    queued_requests: int
+    queued_rows: int
+
+
+class RowSlice(Mapping[str, NDArray[np.generic]]):
+    """Rows `[start, stop)` of every tensor of a batch's outputs, each sliced when it is read: a
+    request's answer reads only the tensors it returns (four of ~20 for a lean V2 request)."""
+
+    __slots__ = ("_outputs", "_start", "_stop")
+
+    def __init__(self, outputs: Mapping[str, NDArray[np.generic]], start: int, stop: int) -> None:
+        self._outputs = outputs
+        self._start = start
+        self._stop = stop
+
+    def __getitem__(self, name: str) -> NDArray[np.generic]:
+        return self._outputs[name][self._start : self._stop]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outputs)
+
+    def __len__(self) -> int:
+        return len(self._outputs)
 
 
 class QueuedRequest:
@@ -41,11 +88,12 @@ class QueuedRequest:
         self.queued = True  # still holds a queue slot (not fully taken, expired or cancelled)
         self.timer: asyncio.TimerHandle | None = None
 
-    def deliver(self, start: int, part: Outputs) -> None:
+    def deliver(self, start: int, part: Outputs, rows: int) -> None:
+        """`part`: the answers of this request's rows `start .. start + rows`."""
         if self.future.done():  # cancelled by its client, or failed by another part's batch
             return
         self.parts.append((start, part))
-        self.done_rows += next(iter(part.values())).shape[0]
+        self.done_rows += rows
         if self.done_rows < self.n:
             return
         if len(self.parts) == 1:

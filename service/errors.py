@@ -22,13 +22,17 @@ same JSON shape, so a client sees one error format everywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
 from service.responses import OrjsonResponse
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +122,34 @@ def error_response(status_code: int, message: str, headers: dict[str, str] | Non
     return OrjsonResponse({"error": message}, status_code=status_code, headers=headers)
 
 
-def _describe_validation_error(exc: RequestValidationError) -> str:
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]], *, subject: str = "") -> str:
+    """pydantic's errors as one message, `where: what` for the first five joined by "; " — the one
+    formatter of request bodies (V1's, FastAPI's), manifests and settings. `where`: the field's
+    dotted path (FastAPI's leading "body" left out), else `subject` (e.g. "manifest")."""
     parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        kind = err.get("type", "")
-        msg = "malformed JSON body" if kind == "json_invalid" else str(err.get("msg", "invalid value"))
-        parts.append(f"{where}: {msg}" if where else msg)
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or subject
+        what = _what_is_wrong(err, where)
+        parts.append(f"{where}: {what}" if where else what)
     return "; ".join(parts) or "invalid request"
+
+
+def _what_is_wrong(err: Mapping[str, Any], where: str) -> str:
+    kind, context = err.get("type", ""), err.get("ctx") or {}
+    if kind == "json_invalid":
+        return f"malformed JSON body ({context.get('error', 'not JSON')})"
+    if kind in ("model_type", "model_attributes_type", "dict_type") and not where:
+        return "expected a JSON object"
+    if kind == "too_short" and context.get("actual_length") == 0:
+        return f"must not be empty (empty {where or 'input'})"
+    return str(err.get("msg", "invalid value"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that make every error a JSON `{"error": ...}` with the right status."""
+    # imported here: `python -m service` formats its settings errors with this module, and a
+    # supervisor of workers never imports FastAPI
+    from fastapi.exceptions import RequestValidationError
 
     async def on_service_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
@@ -139,7 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(400, _describe_validation_error(exc))
+        return error_response(400, describe_validation_errors(exc.errors()))
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

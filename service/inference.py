@@ -12,6 +12,7 @@ The math is `service.uncertainty`, the same module the training evaluation uses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -21,13 +22,13 @@ from service.manifest import ModelManifest
 from service.uncertainty import (
     DENSITY_SCORE,
     INPUT_DENSITY_SCORE,
+    UNSEEN_VALUES_SCORE,
     ClassificationUncertainty,
     ConformalOODCalibrator,
     FloatArray,
     RegressionUncertainty,
-    check_alpha,
-    check_level,
     classification_uncertainty,
+    gaussian_interval,
     regression_uncertainty,
 )
 
@@ -46,6 +47,7 @@ _CLASSIFICATION_SCALARS = (
     "epkl",
     "density_score",
     "input_density_score",
+    "unseen_values",
     "ood_score",
     "ood_p_value",
     "ood_flag",
@@ -60,6 +62,7 @@ _REGRESSION_SCALARS = (
     "disagreement",
     "density_score",
     "input_density_score",
+    "unseen_values",
     "interval_lower",
     "interval_upper",
     "interval_level",
@@ -68,24 +71,37 @@ _REGRESSION_SCALARS = (
     "ood_flag",
     "ood_alpha",
 )
-_DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL"}
+_DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL", "unseen_values": "INT64"}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-GRAPH_SCORES = (
-    DENSITY_SCORE,
-    INPUT_DENSITY_SCORE,
-)  # scores the graph outputs itself, answered as `<name>_score`
+# scores the graph outputs itself, by the answer name each is served under
+GRAPH_SCORES = {
+    DENSITY_SCORE: "density_score",
+    INPUT_DENSITY_SCORE: "input_density_score",
+    UNSEEN_VALUES_SCORE: "unseen_values",
+}
 CLASSIFICATION_HEAD_OUTPUTS = ("heads",)
 REGRESSION_HEAD_OUTPUTS = ("heads_mean", "heads_variance")
 
 
 def scalar_outputs(manifest: ModelManifest) -> tuple[str, ...]:
     """The per-row answer names of this model, in answer order (density scores where the graph has them)."""
-    names = _CLASSIFICATION_SCALARS if manifest.task == "classification" else _REGRESSION_SCALARS
+    return _scalars(manifest.task, _graph_outputs(manifest))
+
+
+GraphOutputs = tuple[bool, bool, bool]  # has density, input_density, unseen_values
+
+
+def _graph_outputs(manifest: ModelManifest) -> GraphOutputs:
+    return manifest.has_density, manifest.has_input_density, manifest.has_unseen_values
+
+
+@functools.cache
+def _scalars(task: str, graph_outputs: GraphOutputs) -> tuple[str, ...]:
+    names = _CLASSIFICATION_SCALARS if task == "classification" else _REGRESSION_SCALARS
     absent = {
         n
-        for n, present in (
-            ("density_score", manifest.has_density),
-            ("input_density_score", manifest.has_input_density),
+        for n, present in zip(
+            ("density_score", "input_density_score", "unseen_values"), graph_outputs, strict=True
         )
         if not present
     }
@@ -109,7 +125,7 @@ def ood_statistic(
 ) -> FloatArray:
     """The manifest's OOD score for each row: one uncertainty score, or the combined statistic.
 
-    `graph_scores`: the scores the graph computes itself (`density`, `input_density`)."""
+    `graph_scores`: the scores the graph computes itself (`density`, `input_density`, `unseen_values`)."""
     combiner = manifest.ood.combiner
     if combiner is None:
         return u.score(manifest.ood.score)
@@ -140,7 +156,7 @@ def summarise(
 ) -> Tensors:
     """Per-batch summaries from raw graph outputs (`log_probs`, or `mean` + `variance`; densities)."""
     graph_scores = {name: _finite_density(raw[name]) for name in GRAPH_SCORES if name in raw}
-    extra: Tensors = {f"{name}_score": v for name, v in graph_scores.items()}
+    extra: Tensors = {GRAPH_SCORES[name]: v for name, v in graph_scores.items()}
     if manifest.task == "classification":
         log_p = np.asarray(raw["log_probs"], dtype=np.float64)  # (batch, heads, classes)
         u = classification_uncertainty(log_p)
@@ -180,6 +196,24 @@ def summarise(
     }
 
 
+def answer_order(manifest: ModelManifest, include_heads: bool = False) -> tuple[str, ...]:
+    """Every answer tensor of this model, in answer order (the per-head ones with `include_heads`)."""
+    return _answer_order(manifest.task, _graph_outputs(manifest), include_heads)
+
+
+@functools.cache
+def _answer_order(task: str, graph_outputs: GraphOutputs, heads: bool) -> tuple[str, ...]:
+    order = _scalars(task, graph_outputs)
+    if task == "classification":
+        order = ("probabilities", *order)
+    if heads:
+        order = (
+            *order,
+            *(CLASSIFICATION_HEAD_OUTPUTS if task == "classification" else REGRESSION_HEAD_OUTPUTS),
+        )
+    return order
+
+
 def finalise(
     manifest: ModelManifest,
     summary: Mapping[str, NDArray[np.generic]],
@@ -190,37 +224,31 @@ def finalise(
     only: Collection[str] | None = None,
 ) -> Tensors:
     """The answer tensors for one request's rows (a slice of `summarise`'s output), contract dtypes;
-    `only`: just these names (the outputs a request asked for), the rest never cast."""
-    check_alpha(alpha)
-    check_level(level)
-    p_value = np.asarray(summary["ood_p_value"], dtype=np.float64)
-    n = p_value.shape[0]
-    extra: Tensors = {
-        "ood_flag": p_value <= alpha,  # the conformal rule: flag when p ≤ α
-        "ood_alpha": np.full(n, alpha, dtype=np.float32),
-    }
-    if manifest.task == "classification":
-        order: tuple[str, ...] = ("probabilities", *scalar_outputs(manifest))
-    else:
-        order = scalar_outputs(manifest)
-        r = RegressionUncertainty(
-            mean=np.asarray(summary["mean"], dtype=np.float64),
-            aleatoric_variance=np.asarray(summary["aleatoric_variance"], dtype=np.float64),
-            epistemic_variance=np.asarray(summary["epistemic_variance"], dtype=np.float64),
-            total_variance=np.asarray(summary["total_variance"], dtype=np.float64),
-            disagreement=np.asarray(summary["disagreement"], dtype=np.float64),
-        )
-        lower, upper = r.interval(level)
-        extra["interval_lower"] = lower
-        extra["interval_upper"] = upper
-        extra["interval_level"] = np.full(n, level, dtype=np.float32)
-    if include_heads:
-        order = (*order, *head_output_names(manifest))
+    `only`: just these names (the outputs a request asked for), the rest neither computed nor cast.
+    `alpha` and `level` in (0, 1): the request edges (V1's body model, `service.v2_core`) checked them."""
+    order = answer_order(manifest, include_heads)
     if only is not None:
         order = tuple(name for name in order if name in only)
+    n = next(iter(summary.values())).shape[0]
+    interval: tuple[FloatArray, FloatArray] | None = None
     out: Tensors = {}
     for name in order:
-        value = extra[name] if name in extra else summary[name]
+        if name == "ood_flag":  # the conformal rule: flag when p ≤ α
+            value: NDArray[np.generic] = np.asarray(summary["ood_p_value"], dtype=np.float64) <= alpha
+        elif name == "ood_alpha":
+            value = np.full(n, alpha, dtype=np.float32)
+        elif name == "interval_level":
+            value = np.full(n, level, dtype=np.float32)
+        elif name in ("interval_lower", "interval_upper"):
+            if interval is None:
+                interval = gaussian_interval(
+                    np.asarray(summary["mean"], dtype=np.float64),
+                    np.asarray(summary["total_variance"], dtype=np.float64),
+                    level,
+                )
+            value = interval[0] if name == "interval_lower" else interval[1]
+        else:
+            value = summary[name]
         out[name] = _cast(name, value)
     return out
 

@@ -15,10 +15,15 @@ Schema version 2 adds an optional feature-density output (`outputs.density`, sha
 class-conditional Mahalanobis distance of the row's shared-body features, training/density.py) and
 a combined OOD score (`ood.components` + `ood.combination`): the calibration scores are then the
 combined statistic's. Version 1 packages (one score, no density) load and serve as before.
+
+Schema version 3 adds an optional unseen-value count (`outputs.unseen_values`, shape (batch,): how
+many of the row's discrete columns hold a value no training row has, training/density.py) that the
+combined statistic ranks ahead of its components (`ood.priority`). Versions 1 and 2 load as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cached_property
 from itertools import pairwise
@@ -32,12 +37,13 @@ from service.uncertainty import (
     DENSITY_SCORE,
     INPUT_DENSITY_SCORE,
     REGRESSION_SCORES,
+    UNSEEN_VALUES_SCORE,
     CombinedOODScore,
     LogScaleNormaliser,
 )
 
 MANIFEST_FILENAME = "manifest.json"
-SCHEMA_VERSION: Literal[2] = 2
+SCHEMA_VERSION: Literal[3] = 3
 COMBINED_SCORE = "combined"
 
 Task = Literal["classification", "regression"]
@@ -74,6 +80,10 @@ class OutputNames(_Strict):
     input_density: str | None = Field(
         default=None, description="(batch,) input typicality: Mahalanobis distance² of the standardised row"
     )
+    unseen_values: str | None = Field(
+        default=None,
+        description="(batch,) how many of the row's discrete columns hold a value no training row has",
+    )
 
 
 class OODComponent(_Strict):
@@ -91,25 +101,10 @@ class OODComponent(_Strict):
 
     @classmethod
     def from_normaliser(cls, n: LogScaleNormaliser, fitted_on: str = "") -> OODComponent:
-        return cls(
-            score=n.score,
-            log_median=n.log_median,
-            log_iqr=n.log_iqr,
-            tails=n.tails,
-            log_lower_scale=n.log_lower_scale,
-            log_upper_scale=n.log_upper_scale,
-            fitted_on=fitted_on,
-        )
+        return cls(**dataclasses.asdict(n), fitted_on=fitted_on)
 
     def normaliser(self) -> LogScaleNormaliser:
-        return LogScaleNormaliser(
-            score=self.score,
-            log_median=self.log_median,
-            log_iqr=self.log_iqr,
-            tails=self.tails,
-            log_lower_scale=self.log_lower_scale,
-            log_upper_scale=self.log_upper_scale,
-        )
+        return LogScaleNormaliser(**self.model_dump(exclude={"fitted_on"}))
 
 
 class OODCalibration(_Strict):
@@ -124,6 +119,11 @@ class OODCalibration(_Strict):
         default=None,
         description="How components combine: sum_pos_log_z = Σ max(z, 0) of the normalised log-scores; "
         "max_log_z = the largest of them.",
+    )
+    priority: Literal["unseen_values"] | None = Field(
+        default=None,
+        description="A count ranked ahead of the combination: statistic = count + 1/2 + S / (2 (1 + |S|)), "
+        "S the combination (schema 3).",
     )
     calibration_scores: list[float] = Field(min_length=1)
     default_alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="Flag when p-value <= alpha.")
@@ -145,8 +145,8 @@ class OODCalibration(_Strict):
             names = [c.score for c in self.components]
             if len(set(names)) != len(names):
                 raise ValueError(f"ood.components repeat a score: {names}")
-        elif self.score == COMBINED_SCORE or self.combination is not None:
-            raise ValueError("ood.score 'combined' / ood.combination need ood.components")
+        elif self.score == COMBINED_SCORE or self.combination is not None or self.priority is not None:
+            raise ValueError("ood.score 'combined' / ood.combination / ood.priority need ood.components")
         return self
 
     @cached_property
@@ -157,12 +157,14 @@ class OODCalibration(_Strict):
         if not self.components:
             return None
         rule = self.combination or CombinedOODScore.RULE
-        return CombinedOODScore([c.normaliser() for c in self.components], rule=rule)
+        return CombinedOODScore([c.normaliser() for c in self.components], rule=rule, priority=self.priority)
 
     @property
     def score_names(self) -> tuple[str, ...]:
-        """The scores the OOD statistic reads (one, or the components)."""
-        return tuple(c.score for c in self.components) if self.components else (self.score,)
+        """The scores the OOD statistic reads (one, or the components and the priority count)."""
+        if not self.components:
+            return (self.score,)
+        return tuple(c.score for c in self.components) + ((self.priority,) if self.priority else ())
 
 
 class Provenance(_Strict):
@@ -178,7 +180,7 @@ class Provenance(_Strict):
 
 
 class ModelManifest(_Strict):
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: int = Field(ge=1)
     task: Task
@@ -202,6 +204,8 @@ class ModelManifest(_Strict):
             raise ValueError(
                 "outputs.density, outputs.input_density and ood.components need schema_version 2"
             )
+        if self.schema_version < 3 and (self.outputs.unseen_values is not None or self.ood.priority):
+            raise ValueError("outputs.unseen_values and ood.priority need schema_version 3")
         if self.task == "classification":
             if self.outputs.log_probs is None:
                 raise ValueError("classification manifest needs outputs.log_probs")
@@ -215,6 +219,7 @@ class ModelManifest(_Strict):
         for graph_score, output in (
             (DENSITY_SCORE, self.outputs.density),
             (INPUT_DENSITY_SCORE, self.outputs.input_density),
+            (UNSEEN_VALUES_SCORE, self.outputs.unseen_values),
         ):
             if output is not None:
                 known = (*known, graph_score)
@@ -243,6 +248,10 @@ class ModelManifest(_Strict):
     @property
     def has_input_density(self) -> bool:
         return self.outputs.input_density is not None
+
+    @property
+    def has_unseen_values(self) -> bool:
+        return self.outputs.unseen_values is not None
 
     @property
     def num_classes(self) -> int | None:

@@ -1,7 +1,8 @@
 """Live monitoring of one served model version: the drift alarm and the shadow teacher.
 
 `ModelMonitor.observe(report)` is called on the event loop after a batch's answers have been
-delivered (the batcher's `on_batch` hook). The batch's drift update (~4 µs per row) is queued on
+delivered (the batcher's `on_batches` hook, which joins the batches delivered meanwhile into one
+report under load). The batch's drift update (~4 µs per row) is queued on
 the loop with `call_soon`, behind the answers the batch just released, in batch order; a
 `shadow_fraction` sample of its rows goes to the shadow teacher's bounded queue and worker thread.
 No answer waits on either.
@@ -28,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from service.batcher import BatchReport
+from service.batch_request import BatchReport
 from service.drift import DriftMonitor
 from service.errors import ModelLoadError
 from service.manifest import ModelManifest

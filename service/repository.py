@@ -196,6 +196,7 @@ class ModelRepository:
                 model.default_alpha,
                 has_density=model.manifest.has_density,
                 has_input_density=model.manifest.has_input_density,
+                has_unseen_values=model.manifest.has_unseen_values,
             )
             self._metrics.set_model_ready(name, str(model.version), True)
             logger.info("serving %s version %s on %s", name, model.version, model.provider)

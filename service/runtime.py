@@ -135,7 +135,7 @@ class OnnxModelRuntime:
         else:
             assert names.mean is not None and names.variance is not None
             found = [names.mean, names.variance]
-        return found + [n for n in (names.density, names.input_density) if n is not None]
+        return found + [n for n in (names.density, names.input_density, names.unseen_values) if n is not None]
 
     def _check_graph(self) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -179,6 +179,8 @@ class OnnxModelRuntime:
             roles.append("density")
         if self.manifest.has_input_density:
             roles.append("input_density")
+        if self.manifest.has_unseen_values:
+            roles.append("unseen_values")
         return {role: np.asarray(v, dtype=np.float32) for role, v in zip(roles, values, strict=True)}
 
     @property
@@ -207,7 +209,7 @@ class OnnxModelRuntime:
                         raise ModelLoadError(
                             f"{key} shape {raw[key].shape} != (batch, heads) = {(n, m.heads)}"
                         )
-            for role in ("density", "input_density"):
+            for role in ("density", "input_density", "unseen_values"):
                 if role in raw and raw[role].shape != (n,):
                     raise ModelLoadError(f"{role} shape {raw[role].shape} != (batch,) = {(n,)}")
             if any(np.isnan(v).any() for v in raw.values()):

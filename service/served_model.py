@@ -18,9 +18,9 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from service import inference
-from service.batch_request import Outputs
-from service.batcher import BatcherStats, BatchReport, DynamicBatcher
-from service.errors import BadRequest, ModelLoadError
+from service.batch_request import BatcherStats, BatchReport, Outputs
+from service.batcher import DynamicBatcher
+from service.errors import BadRequest, ModelLoadError, describe_validation_errors
 from service.manifest import MANIFEST_FILENAME, ModelManifest
 from service.metrics import ServiceMetrics
 from service.monitoring import ModelMonitor
@@ -43,9 +43,7 @@ def read_manifest(directory: Path, name: str, version: int) -> ModelManifest:
     try:
         manifest = ModelManifest.load(path)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = describe_validation_errors(exc.errors(), subject="manifest")
         raise ModelLoadError(
             f"model {name!r} version {version}: invalid manifest: {problems}", reason="manifest"
         ) from exc
@@ -98,9 +96,9 @@ class ServedModel:
             max_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,
             run_when_idle=settings.run_when_idle,
-            on_batch=self._observe_batch,
-            on_reject=lambda reason: metrics.inc_rejected(self.name, reason),
-            on_state=self._observe_state,
+            metrics=metrics,
+            version=str(manifest.version),
+            on_batches=self._observe_batches,
         )
 
     @classmethod
@@ -145,7 +143,7 @@ class ServedModel:
         return self._batcher.stats()
 
     def count_refusal(self, reason: str) -> None:
-        self._metrics.inc_rejected(self.name, reason)
+        self._batcher.count_refusal(reason)
 
     def retry_after_s(self) -> int:
         return self._batcher.retry_after_s()
@@ -153,21 +151,17 @@ class ServedModel:
     def refuse_if_full(self) -> None:
         """Raise QueueFull (counted) when `submit` would: lets the edge refuse before reading a body."""
         if self._batcher.full:
-            self._metrics.inc_rejected(self.name, "queue_full")
+            self._batcher.count_refusal("queue_full")
             raise self._batcher.queue_full()
 
     # ---- contract ----------------------------------------------------------------------------------
     def output_specs(self) -> list[tuple[str, str, list[int]]]:
         return self._output_specs
 
-    def validate_rows(self, rows: Any) -> NDArray[np.float32]:
-        """`rows` as float32 (n, *row_shape), or BadRequest naming what is wrong."""
-        limit = self._settings.max_request_rows
-        if isinstance(rows, list | tuple) and len(rows) > limit:
-            # counted before any array is built: an oversized request costs no conversion
-            raise BadRequest(
-                f"model {self.name!r}: {len(rows)} rows in one request, more than max_request_rows={limit}"
-            )
+    def rows_from_lists(self, rows: list[Any]) -> NDArray[np.float32]:
+        """JSON rows (V1 instances: nested lists of numbers) as checked float32 `(n, *row_shape)`, or
+        BadRequest naming what is wrong."""
+        self._check_row_count(len(rows))  # before any array is built: an oversized request costs none
         try:
             array = np.asarray(rows)
         except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting, odd objects
@@ -182,27 +176,37 @@ class ServedModel:
                 f"model {self.name!r} expects rows of shape {list(row_shape)} "
                 f"(input [-1, {', '.join(map(str, row_shape))}]), got an array of shape {list(array.shape)}"
             )
-        n = array.shape[0]
+        return self._finite_float32(array)
+
+    def rows_from_tensor(self, tensor: NDArray[Any]) -> NDArray[np.float32]:
+        """A V2 input tensor already of shape `(n, *row_shape)` (any numeric datatype) as checked
+        float32 rows, or BadRequest."""
+        self._check_row_count(int(tensor.shape[0]))
+        return self._finite_float32(tensor)
+
+    def _check_row_count(self, n: int) -> None:
         if n == 0:
             raise BadRequest(f"model {self.name!r}: no rows to predict (empty input)")
-        if n > self._settings.max_request_rows:
+        limit = self._settings.max_request_rows
+        if n > limit:
             raise BadRequest(
-                f"model {self.name!r}: {n} rows in one request, more than max_request_rows="
-                f"{self._settings.max_request_rows}"
+                f"model {self.name!r}: {n} rows in one request, more than max_request_rows={limit}"
             )
-        with np.errstate(over="ignore"):
+
+    def _finite_float32(self, array: NDArray[Any]) -> NDArray[np.float32]:
+        with np.errstate(over="ignore"):  # beyond float32 range → inf, refused below
             array32 = np.ascontiguousarray(array, dtype=np.float32)
         if not np.isfinite(array32).all():
             bad = np.argwhere(~np.isfinite(array32))[0]
             raise BadRequest(
-                f"model {self.name!r}: inputs must be finite; row {int(bad[0])} has a NaN, ±Inf "
+                f"model {self.name!r}: inputs must be finite; row {int(bad[0])} has a NaN, an Infinity "
                 "or a value beyond float32 range"
             )
         return array32
 
     def submit(
         self,
-        rows: Any,
+        rows: NDArray[np.float32],
         *,
         alpha: float | None = None,
         level: float = 0.95,
@@ -210,22 +214,18 @@ class ServedModel:
         timeout_s: float | None = None,
         outputs: Collection[str] | None = None,
     ) -> asyncio.Future[dict[str, NDArray[np.generic]]]:
-        """Validate and enqueue `rows` now (synchronously); the future resolves to the answer tensors
-        (only those named in `outputs`, when given; the per-head ones only with `include_heads`).
+        """Enqueue `rows` now (synchronously); the future resolves to the answer tensors (only those
+        named in `outputs`, when given; the per-head ones only with `include_heads`).
 
-        Use it where the answer is awaited in another task (e.g. raced against a client disconnect):
-        the rows are queued before this returns. Cancelling the future skips rows not yet run.
+        Everything was checked at the request's edge: `rows` from `rows_from_lists` /
+        `rows_from_tensor`, `alpha` and `level` in (0, 1), `timeout_s` > 0 (V1's body model,
+        `service.v2_core`). Use it where the answer is awaited in another task (e.g. raced against a
+        client disconnect): the rows are queued before this returns. Cancelling the future skips
+        rows not yet run.
         """
         alpha = self.default_alpha if alpha is None else alpha
-        if not 0.0 < alpha < 1.0:
-            raise BadRequest(f"alpha must be in (0, 1), got {alpha}")
-        if not 0.0 < level < 1.0:
-            raise BadRequest(f"interval_level must be in (0, 1), got {level}")
-        if timeout_s is not None and not timeout_s > 0:
-            raise BadRequest(f"timeout must be > 0 seconds, got {timeout_s}")
-        array = self.validate_rows(rows)
         timeout = self._settings.request_timeout_s if timeout_s is None else timeout_s
-        summary = self._batcher.submit(array, timeout)
+        summary = self._batcher.submit(rows, timeout)
         answer: asyncio.Future[dict[str, NDArray[np.generic]]] = asyncio.get_running_loop().create_future()
 
         def finish(done: asyncio.Future[Outputs]) -> None:
@@ -299,17 +299,30 @@ class ServedModel:
         # worker thread: the graph and the batch-wide math both stay off the event loop
         return inference.summarise(self.manifest, self._calibrator, self._runtime.run(rows))
 
-    def _observe_batch(self, report: BatchReport) -> None:
-        version = str(self.version)
-        self._metrics.observe_batch(
-            self.name, version, report.rows, report.compute_seconds, report.queue_wait_seconds
+    def _observe_batches(self, reports: list[BatchReport]) -> None:
+        """The delivered batches' answers counted at the default α and fed to the drift alarm and the
+        shadow teacher, as one stretch of rows in batch order (one numpy pass for several batches)."""
+        report = (
+            reports[0] if len(reports) == 1 else _joined(reports, with_inputs=self.monitor.shadow.enabled)
         )
-        answers = inference.finalise(self.manifest, report.outputs, alpha=self.default_alpha)
+        outputs = report.outputs
+        # only the flags depend on α (the conformal rule); the summary has everything else
+        flagged = {**outputs, "ood_flag": np.asarray(outputs["ood_p_value"]) <= self.default_alpha}
         self._metrics.observe_uncertainty(
-            self.name, version, answers, self.default_alpha, self.manifest.labels
+            self.name, str(self.version), flagged, self.default_alpha, self.manifest.labels
         )
-        self.monitor.observe(report)  # hands off only: drift worker thread, shadow bounded queue
+        self.monitor.observe(report)  # hands off only: drift on the loop after this, shadow queue
 
-    def _observe_state(self, queued_rows: int, in_flight: int) -> None:
-        self._metrics.set_queue_depth(self.name, queued_rows)
-        self._metrics.set_in_flight(self.name, in_flight)
+
+def _joined(reports: list[BatchReport], *, with_inputs: bool) -> BatchReport:
+    """Several delivered batches as one report: their rows in batch order (inputs only if wanted)."""
+    outputs = {key: np.concatenate([r.outputs[key] for r in reports]) for key in reports[0].outputs}
+    inputs = [r.inputs for r in reports if r.inputs is not None]
+    return BatchReport(
+        rows=sum(r.rows for r in reports),
+        requests=sum(r.requests for r in reports),
+        compute_seconds=sum(r.compute_seconds for r in reports),
+        queue_wait_seconds=np.concatenate([r.queue_wait_seconds for r in reports]),
+        outputs=outputs,
+        inputs=np.concatenate(inputs) if with_inputs and len(inputs) == len(reports) else None,
+    )

@@ -57,9 +57,7 @@ class RegressionUncertainty:
     def interval(self, level: float = 0.95) -> tuple[FloatArray, FloatArray]:
         """Central prediction interval of the Gaussian approximation N(μ*, total variance)."""
         check_level(level)
-        z = NormalDist().inv_cdf(0.5 + level / 2.0)
-        half = z * np.sqrt(self.total_variance)
-        return self.mean - half, self.mean + half
+        return gaussian_interval(self.mean, self.total_variance, level)
 
     def score(self, name: str) -> FloatArray:
         if name not in REGRESSION_SCORES:
@@ -83,7 +81,18 @@ DENSITY_SCORE = "density"
 # second extra output. Scored two-sided: a row scaled x0.1 towards a centred table's mean is as
 # atypical (too close) as a row scaled x4 is (too far), and no body density sees the former.
 INPUT_DENSITY_SCORE = "input_density"
+UNSEEN_VALUES_SCORE = "unseen_values"
 Tails = Literal["upper", "both"]
+
+
+def gaussian_interval(
+    mean: FloatArray, total_variance: FloatArray, level: float
+) -> tuple[FloatArray, FloatArray]:
+    """The central `level` interval of N(mean, total variance), row by row; `level` in (0, 1)
+    (the caller checks it: the server at its request edge, `RegressionUncertainty.interval` here)."""
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    half = z * np.sqrt(total_variance)
+    return mean - half, mean + half
 
 
 def check_level(level: float) -> None:
@@ -302,21 +311,33 @@ class CombinedOODScore:
     moderately raised, and below-median scores cost nothing (z < 0 clips to 0), where the maximum
     lets the most extreme of three ID noises compete with every OOD row. Measured on the tuning and
     seen datasets (docs/TRAINING.md, "The OOD flag"): the sum lost less to the best single score.
+
+    `priority` names a count that ranks ahead of the combination (`unseen_values`: the row's discrete
+    columns holding a value no training row has): statistic = count + ½ + ½·S / (1 + |S|), S the
+    combination. Any row with a higher count outranks any with a lower one, and within a count S
+    orders the rows as before. A count is no noise to a rule that adds or maximises — it is 0 on
+    almost every ID row — so it flags what it sees without diluting the scores' own families.
     """
 
     RULE: CombinationRule = "sum_pos_log_z"  # the default rule
 
-    def __init__(self, components: list[LogScaleNormaliser], rule: str = RULE) -> None:
+    def __init__(
+        self, components: list[LogScaleNormaliser], rule: str = RULE, priority: str | None = None
+    ) -> None:
         if not components:
             raise ValueError("a combined OOD score needs at least one component")
         if rule not in COMBINATION_RULES:
             raise ValueError(f"unknown combination rule {rule!r}; choose from {COMBINATION_RULES}")
+        if priority is not None and priority in {c.score for c in components}:
+            raise ValueError(f"{priority!r} is a component; a priority count ranks ahead of them")
         self.components = components
         self.rule = rule
+        self.priority = priority
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(c.score for c in self.components)
+        """Every score the statistic reads: the components, then the priority count if any."""
+        return tuple(c.score for c in self.components) + ((self.priority,) if self.priority else ())
 
     def __call__(self, scores: dict[str, FloatArray]) -> FloatArray:
         missing = [n for n in self.names if n not in scores]
@@ -324,4 +345,8 @@ class CombinedOODScore:
             raise ValueError(f"combined OOD score needs {missing}; got {sorted(scores)}")
         z = np.stack([c(scores[c.score]) for c in self.components])
         out: FloatArray = np.maximum(z, 0.0).sum(axis=0) if self.rule == "sum_pos_log_z" else z.max(axis=0)
-        return out
+        if self.priority is None:
+            return out
+        count = np.asarray(scores[self.priority], dtype=np.float64)
+        ranked: FloatArray = count + 0.5 + 0.5 * out / (1.0 + np.abs(out))
+        return ranked

@@ -100,6 +100,7 @@ def model_parameters(model: ServedModel) -> dict[str, Any]:
         "ood_score": manifest.ood.score,
         "ood_components": [c.score for c in manifest.ood.components],
         "ood_combination": manifest.ood.combination,
+        "ood_priority": manifest.ood.priority,
         "calibration_size": len(manifest.ood.calibration_scores),
         "execution_provider": model.provider,
         "evaluation": manifest.evaluation,
@@ -129,7 +130,7 @@ def _timeout_s(parameters: dict[str, Any]) -> float | None:
 
 
 def _rows(parsed: InferRequest, model: ServedModel) -> NDArray[np.float32]:
-    """The model input as float32 rows `(n, *row_shape)`; any numeric datatype is accepted."""
+    """The model input as checked float32 rows `(n, *row_shape)`; any numeric datatype is accepted."""
     spec = model.manifest.input
     unknown = [name for name in parsed.inputs if name != spec.name]
     if unknown:
@@ -141,8 +142,7 @@ def _rows(parsed: InferRequest, model: ServedModel) -> NDArray[np.float32]:
     if len(tensor.shape) != 1 + len(row_shape) or tensor.shape[1:] != row_shape:
         expected = [-1, *row_shape]
         raise BadRequest(f"input {spec.name!r} has shape {list(tensor.shape)}, model expects {expected}")
-    with np.errstate(over="ignore"):  # FP64 beyond float32 range → inf; infer() refuses non-finite rows
-        return np.ascontiguousarray(tensor.data, dtype=np.float32)
+    return model.rows_from_tensor(tensor.data)
 
 
 @dataclass(slots=True)
@@ -160,7 +160,7 @@ class PreparedInfer:
     datatypes: dict[str, str]
 
     def submit(self, deadline_s: float | None = None) -> asyncio.Future[Answer]:
-        """Queue the rows now (BadRequest / QueueFull / ModelUnavailable raise here, synchronously).
+        """Queue the rows now (QueueFull / ModelUnavailable raise here, synchronously).
 
         `deadline_s`: a transport's own deadline (gRPC's) in seconds from now; the earlier of it and
         the request's `timeout` parameter bounds the time the rows may wait in the queue.

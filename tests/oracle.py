@@ -17,7 +17,8 @@ Regression (per-head means μ_m and variances σ²_m, (batch, M)):
   interval = μ* ± z_{(1+level)/2} √total (Gaussian approximation of the mixture).
 OOD: the manifest's score, or the combined statistic Σ_i max(z_i, 0) (or max_i z_i) of log-scale
 z-values z = (log s − median) / iqr (two-sided components: the larger of the two one-sided
-z-values, each side with its own scale); p = (1 + #{i : S_i ≥ s}) / (n + 1); flag when p ≤ α.
+z-values, each side with its own scale); with a priority count c (`unseen_values`, schema 3) the
+statistic is c + 1/2 + S / (2 (1 + |S|)); p = (1 + #{i : S_i ≥ s}) / (n + 1); flag when p ≤ α.
 """
 
 from __future__ import annotations
@@ -31,10 +32,20 @@ from scipy import special, stats
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 LOG_FLOOR = 1e-30  # a zero score (MI clamped at 0) on the log scale: finite, below every real score
-GRAPH_SCORES = ("density", "input_density")  # scores the graph outputs itself, answered as <name>_score
+# scores the graph outputs itself -> the name each is answered under
+GRAPH_SCORES = {
+    "density": "density_score",
+    "input_density": "input_density_score",
+    "unseen_values": "unseen_values",
+}
 
 # The answer contract (docs/SERVING.md): name -> numpy dtype of the answer tensor.
-_DTYPES: dict[str, Any] = {"label": np.int64, "label_name": object, "ood_flag": np.bool_}
+_DTYPES: dict[str, Any] = {
+    "label": np.int64,
+    "label_name": object,
+    "ood_flag": np.bool_,
+    "unseen_values": np.int64,
+}
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -138,8 +149,13 @@ def ood_score(ood: dict[str, Any], scores: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(scores[ood["score"]], dtype=np.float64)
     z = np.stack([log_z(c, scores[c["score"]]) for c in components])  # (components, batch)
     if ood.get("combination", "sum_pos_log_z") == "max_log_z":
-        return z.max(axis=0)
-    return np.maximum(z, 0.0).sum(axis=0)
+        combined = z.max(axis=0)
+    else:
+        combined = np.maximum(z, 0.0).sum(axis=0)
+    if not ood.get("priority"):
+        return combined
+    count = np.asarray(scores[ood["priority"]], dtype=np.float64)
+    return count + 0.5 + 0.5 * combined / (1.0 + np.abs(combined))
 
 
 # A row of the calibration split scores exactly its stored S_i on the server (the same code made
@@ -175,7 +191,8 @@ def answer(
     heads: bool = False,
 ) -> dict[str, np.ndarray]:
     """Every answer tensor for rows whose graph outputs are `raw` (by role: `log_probs`, or `mean`
-    and `variance`; `density`, `input_density` where the graph has them), in the contract's dtypes."""
+    and `variance`; `density`, `input_density`, `unseen_values` where the graph has them), in the
+    contract's dtypes."""
     ood = manifest["ood"]
     alpha = ood.get("default_alpha", 0.05) if alpha is None else alpha
     graph = {name: graph_score(raw[name]) for name in GRAPH_SCORES if name in raw}
@@ -190,7 +207,7 @@ def answer(
         head_names = ("heads_mean", "heads_variance")
     score = ood_score(ood, out | graph)
     p = p_values(ood["calibration_scores"], score)
-    out |= {f"{name}_score": value for name, value in graph.items()}
+    out |= {GRAPH_SCORES[name]: value for name, value in graph.items()}
     out |= {"ood_score": score, "ood_p_value": p, "ood_flag": p <= alpha, "ood_alpha": np.full(len(p), alpha)}
     if not heads:
         out = {k: v for k, v in out.items() if k not in head_names}

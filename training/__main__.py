@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -231,30 +231,37 @@ def _load(run_dir: Path) -> RunConfig:
     return RunConfig.load(path)
 
 
+def _stage(run_dir: Path, stage: Callable[..., Any], *out: Path, rank0_only: bool = False) -> Any:
+    """`stage` of the run in `run_dir` (`out`: the package folder of export and evaluate), on the
+    run's config and data, in its process group, with progress bars. `rank0_only`: rank 0 runs it
+    and hands its result to the other ranks (`from_main`)."""
+    cfg = _load(run_dir)
+    with process_group(cfg.device), bars() as progress:
+
+        def run() -> Any:
+            return stage(cfg, load_task_data(cfg), run_dir, *out, progress)
+
+        return from_main(run) if rank0_only else run()
+
+
 @app.command()
 def teachers(run_dir: Annotated[Path, typer.Option()]) -> None:
     """Stage 1: train the ensemble members."""
-    cfg = _load(run_dir)
-    with process_group(cfg.device), bars() as progress:
-        info = stage_teachers(cfg, load_task_data(cfg), run_dir, progress)
+    info = _stage(run_dir, stage_teachers)
     console.print(f"teachers: {info['seconds']:.1f}s")
 
 
 @app.command()
 def distil(run_dir: Annotated[Path, typer.Option()]) -> None:
     """Stage 2: Hydra distillation (and the KD baseline)."""
-    cfg = _load(run_dir)
-    with process_group(cfg.device), bars() as progress:
-        info = stage_distil(cfg, load_task_data(cfg), run_dir, progress)
+    info = _stage(run_dir, stage_distil)
     console.print(f"distil: {info['seconds']:.1f}s, transfer set {info['transfer_size']} rows")
 
 
 @app.command()
 def export(run_dir: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()]) -> None:
     """Stage 3: export model.onnx, ensemble.onnx, kd.onnx (parity-checked)."""
-    cfg = _load(run_dir)
-    with process_group(cfg.device), bars() as progress:
-        from_main(lambda: stage_export(cfg, load_task_data(cfg), run_dir, out, progress))
+    _stage(run_dir, stage_export, out, rank0_only=True)
 
 
 @app.command()
@@ -265,9 +272,7 @@ def evaluate(
 ) -> None:
     """Stage 4: evaluate the exported graphs and run the fidelity self-check; write the report and
     manifest.json."""
-    cfg = _load(run_dir)
-    with process_group(cfg.device), bars() as progress:
-        report = from_main(lambda: stage_evaluate(cfg, load_task_data(cfg), run_dir, out, progress))
+    report = _stage(run_dir, stage_evaluate, out, rank0_only=True)
     _summary(report)
     _verdict(report, strict)
 

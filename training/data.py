@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -75,9 +76,14 @@ def _sha256(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _split(
-    x: np.ndarray, y: np.ndarray, cfg: DataConfig, stratify: bool
-) -> tuple[Split, Split, Split, Split]:
+class Splits(NamedTuple):
+    train: Split
+    val: Split
+    cal: Split
+    test: Split
+
+
+def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig, stratify: bool) -> Splits:
     """Random split (stratified by class for classification), fixed by `cfg.split_seed`."""
     rng = np.random.default_rng(cfg.split_seed)
     fractions = np.array([cfg.val_fraction, cfg.cal_fraction, cfg.test_fraction])
@@ -95,7 +101,39 @@ def _split(
     for p in parts:
         idx = np.sort(np.concatenate(p))
         out.append(Split(x[idx].astype(np.float32), y[idx]))
-    return out[0], out[1], out[2], out[3]
+    return Splits(*out)
+
+
+OODSets = dict[str, tuple[Array, str]]  # name -> (rows, what they are: "near: ..." or "far: ...")
+
+
+def _task_data(
+    name: str,
+    task: Task,
+    kind: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: Splits,
+    ood: OODSets,
+    sha256: str | None = None,
+    **described: Any,
+) -> TaskData:
+    """The TaskData of rows `x` (n, *row_shape) with targets `y`; `sha256` defaults to that of (x, y),
+    `described`: the optional fields (labels, feature_names, image_hw, labelled)."""
+    return TaskData(
+        name=name,
+        task=task,
+        kind=kind,
+        row_shape=tuple(x.shape[1:]),
+        train=splits.train,
+        val=splits.val,
+        cal=splits.cal,
+        test=splits.test,
+        ood={k: rows for k, (rows, _) in ood.items()},
+        ood_notes={k: note for k, (_, note) in ood.items()},
+        sha256=sha256 if sha256 is not None else _sha256(x, y),
+        **described,
+    )
 
 
 def _digits(cfg: DataConfig) -> TaskData:
@@ -104,35 +142,38 @@ def _digits(cfg: DataConfig) -> TaskData:
     bunch = load_digits()
     x = bunch.data.astype(np.float32)  # (1797, 64), intensities 0..16
     y = bunch.target.astype(np.int64)
-    train, val, cal, test = _split(x, y, cfg, stratify=True)
+    splits = _split(x, y, cfg, stratify=True)
+    test = splits.test
     rng = np.random.default_rng(cfg.split_seed + 1000)
     n = len(test)
     images = test.x.reshape(-1, 8, 8)
     ood = {
-        "noise": rng.integers(0, 17, size=(n, 64)).astype(np.float32),
-        "inverted": (16.0 - test.x).astype(np.float32),
-        "rotated": np.rot90(images, k=1, axes=(1, 2)).reshape(n, 64).astype(np.float32),
+        "noise": (
+            rng.integers(0, 17, size=(n, 64)).astype(np.float32),
+            "far: i.i.d. uniform pixel intensities 0..16",
+        ),
+        "inverted": (
+            (16.0 - test.x).astype(np.float32),
+            "far: test digits with flipped intensities (16 - x)",
+        ),
+        "rotated": (
+            np.rot90(images, k=1, axes=(1, 2)).reshape(n, 64).astype(np.float32),
+            "near: test digits rotated by 90 degrees",
+        ),
     }
-    notes = {
-        "noise": "far: i.i.d. uniform pixel intensities 0..16",
-        "inverted": "far: test digits with flipped intensities (16 - x)",
-        "rotated": "near: test digits rotated by 90 degrees",
-    }
-    return TaskData(
-        name="digits",
-        task="classification",
-        kind="image",
-        row_shape=(64,),
-        train=train,
-        val=val,
-        cal=cal,
-        test=test,
-        ood=ood,
-        ood_notes=notes,
-        labels=[str(i) for i in range(10)],
-        feature_names=[f"pixel_{r}_{c}" for r in range(8) for c in range(8)],
+    pixels = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+    labels = [str(i) for i in range(10)]
+    return _task_data(
+        "digits",
+        "classification",
+        "image",
+        x,
+        y,
+        splits,
+        ood,
+        labels=labels,
+        feature_names=pixels,
         image_hw=(8, 8),
-        sha256=_sha256(x, y),
     )
 
 
@@ -144,8 +185,8 @@ def _mnist1d(cfg: DataConfig) -> TaskData:
     raw = make_dataset(args)  # procedural (numpy/scipy), never the downloading get_dataset
     x = np.concatenate([raw["x"], raw["x_test"]]).astype(np.float32)  # (5000, 40)
     y = np.concatenate([raw["y"], raw["y_test"]]).astype(np.int64)
-    train, val, cal, test = _split(x, y, cfg, stratify=True)
-    n = len(test)
+    splits = _split(x, y, cfg, stratify=True)
+    train, n = splits.train, len(splits.test)
 
     shifted_args = get_dataset_args()
     shifted_args.num_samples = n
@@ -162,25 +203,17 @@ def _mnist1d(cfg: DataConfig) -> TaskData:
     noise = gaussian_filter1d(rng.standard_normal((n, x.shape[1])), sigma=2.0, axis=1)
     noise = noise / noise.std(axis=1, keepdims=True) * train.x.std(axis=1).mean()
     noise = noise + train.x.mean()
-    ood = {"noise": noise.astype(np.float32), "shifted": shifted}
-    notes = {
-        "noise": "far: Gaussian noise smoothed (sigma 2) and scaled to the data's per-signal std",
-        "shifted": "near: MNIST-1D regenerated with 4x correlated noise, 2x shear, another seed",
+    ood = {
+        "noise": (
+            noise.astype(np.float32),
+            "far: Gaussian noise smoothed (sigma 2) and scaled to the data's per-signal std",
+        ),
+        "shifted": (shifted, "near: MNIST-1D regenerated with 4x correlated noise, 2x shear, another seed"),
     }
-    return TaskData(
-        name="mnist1d",
-        task="classification",
-        kind="sequence",
-        row_shape=(x.shape[1],),
-        train=train,
-        val=val,
-        cal=cal,
-        test=test,
-        ood=ood,
-        ood_notes=notes,
-        labels=[str(i) for i in range(10)],
-        feature_names=[f"t{i}" for i in range(x.shape[1])],
-        sha256=_sha256(x, y),
+    features = [f"t{i}" for i in range(x.shape[1])]
+    labels = [str(i) for i in range(10)]
+    return _task_data(
+        "mnist1d", "classification", "sequence", x, y, splits, ood, labels=labels, feature_names=features
     )
 
 
@@ -202,33 +235,16 @@ def _toy(cfg: DataConfig) -> TaskData:
     y = toy_function(x) + toy_noise_std(x) * rng.standard_normal(n)
     x2 = x[:, None].astype(np.float32)
     y2 = y.astype(np.float32)
-    train, val, cal, test = _split(x2, y2, cfg, stratify=False)
-    m = len(test)
+    splits = _split(x2, y2, cfg, stratify=False)
+    m = len(splits.test)
     ood_rng = np.random.default_rng(cfg.split_seed + 1000)
+    gap = ood_rng.uniform(-0.9, 0.9, size=(m, 1)).astype(np.float32)
+    far = ood_rng.choice([-1.0, 1.0], size=(m, 1)) * ood_rng.uniform(5.0, 7.0, size=(m, 1))
     ood = {
-        "gap": ood_rng.uniform(-0.9, 0.9, size=(m, 1)).astype(np.float32),
-        "far": (ood_rng.choice([-1.0, 1.0], size=(m, 1)) * ood_rng.uniform(5.0, 7.0, size=(m, 1))).astype(
-            np.float32
-        ),
+        "gap": (gap, "near: inputs in the gap (-0.9, 0.9) between the two training clusters"),
+        "far": (far.astype(np.float32), "far: inputs with |x| in (5, 7), outside the training range"),
     }
-    notes = {
-        "gap": "near: inputs in the gap (-0.9, 0.9) between the two training clusters",
-        "far": "far: inputs with |x| in (5, 7), outside the training range",
-    }
-    return TaskData(
-        name="toy",
-        task="regression",
-        kind="tabular",
-        row_shape=(1,),
-        train=train,
-        val=val,
-        cal=cal,
-        test=test,
-        ood=ood,
-        ood_notes=notes,
-        feature_names=["x"],
-        sha256=_sha256(x2, y2),
-    )
+    return _task_data("toy", "regression", "tabular", x2, y2, splits, ood, feature_names=["x"])
 
 
 def _diabetes(cfg: DataConfig) -> TaskData:
@@ -237,7 +253,8 @@ def _diabetes(cfg: DataConfig) -> TaskData:
     bunch = load_diabetes()
     x = bunch.data.astype(np.float32)
     y = bunch.target.astype(np.float32)
-    train, val, cal, test = _split(x, y, cfg, stratify=False)
+    splits = _split(x, y, cfg, stratify=False)
+    train, test = splits.train, splits.test
     names = list(bunch.feature_names)
     mean, std = train.x.mean(axis=0), train.x.std(axis=0)
     shifted = test.x.copy()
@@ -245,25 +262,14 @@ def _diabetes(cfg: DataConfig) -> TaskData:
         j = names.index(col)
         shifted[:, j] += 3.0 * std[j]
     far = mean + 5.0 * (test.x - mean)
-    ood = {"shifted": shifted.astype(np.float32), "far": far.astype(np.float32)}
-    notes = {
-        "shifted": "near: test rows with bmi, bp and s5 moved up by 3 training std",
-        "far": "far: test rows scaled 5x about the training mean",
+    ood = {
+        "shifted": (
+            shifted.astype(np.float32),
+            "near: test rows with bmi, bp and s5 moved up by 3 training std",
+        ),
+        "far": (far.astype(np.float32), "far: test rows scaled 5x about the training mean"),
     }
-    return TaskData(
-        name="diabetes",
-        task="regression",
-        kind="tabular",
-        row_shape=(x.shape[1],),
-        train=train,
-        val=val,
-        cal=cal,
-        test=test,
-        ood=ood,
-        ood_notes=notes,
-        feature_names=names,
-        sha256=_sha256(x, y),
-    )
+    return _task_data("diabetes", "regression", "tabular", x, y, splits, ood, feature_names=names)
 
 
 def _read_table(path: Path) -> dict[str, np.ndarray]:
@@ -328,29 +334,24 @@ def _from_file(cfg: DataConfig, label_fn: LabelFn | None = None) -> TaskData:
         y = y.astype(np.int64)
     else:
         y = target.astype(np.float32)
-    train, val, cal, test = _split(x, y, cfg, stratify=cfg.task == "classification")
-    ood: dict[str, Array] = {}
-    notes: dict[str, str] = {}
+    splits = _split(x, y, cfg, stratify=cfg.task == "classification")
+    ood: OODSets = {}
     if cfg.ood_path:
         ood_x, ood_names = _features(_read_table(Path(cfg.ood_path)), cfg.target)
         if ood_names != names:
             raise ValueError(f"OOD file columns {ood_names} differ from the training columns {names}")
-        ood["ood"] = ood_x
-        notes["ood"] = f"user-supplied: {Path(cfg.ood_path).name}"
-    return TaskData(
-        name=path.stem,
-        task=cfg.task,
-        kind="tabular",
-        row_shape=(x.shape[1],),
-        train=train,
-        val=val,
-        cal=cal,
-        test=test,
-        ood=ood,
-        ood_notes=notes,
+        ood["ood"] = (ood_x, f"user-supplied: {Path(cfg.ood_path).name}")
+    return _task_data(
+        path.stem,
+        cfg.task,
+        "tabular",
+        x,
+        y,
+        splits,
+        ood,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         labels=labels,
         feature_names=names,
-        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         labelled=cfg.target is not None,
     )
 

@@ -21,6 +21,12 @@ the training mean (Ledoit–Wolf again). A body density is blind to rows scaled 
 features are centred: they land *near* the class means. In input space such a row is atypical —
 far too close to the mean for d features (‖z‖² ≈ χ²_d concentrates away from 0) — so it is scored
 two-sided (service/uncertainty.py, `LogScaleNormaliser`, tails "both").
+
+`UnseenValues` is the third: on a table's discrete columns (codes, counts, binary flags) a row in
+the wrong unit holds values no training row has (×0.1 turns a 1 into 0.1) while both Mahalanobis
+distances stay ordinary — the rows of a table of mostly zeros and codes move little in σ units. It
+counts those columns per row; the combined statistic ranks that count ahead of everything else
+(service/uncertainty.py, `CombinedOODScore`, `priority`).
 """
 
 from __future__ import annotations
@@ -115,6 +121,86 @@ def fit_input_density(x_train: np.ndarray) -> InputDensity:
     std = np.where(std > 1e-12, std, 1.0)  # a constant feature (an empty pixel) keeps unit scale
     covariance = LedoitWolf(assume_centered=True).fit((flat - mean) / std).covariance_
     return InputDensity(mean, std, covariance).eval()
+
+
+# A column counts as discrete when its training rows hold at most this many distinct values and
+# the values seen once cover at most this share of the rows: by Good–Turing that share estimates how
+# often a new in-distribution row brings a value unseen in training, i.e. the count's own false
+# alarms. Chosen on the seen tables (docs/TRAINING.md, "Unseen values"): 32 values / 0.1 % left
+# digits_table's integer pixels with singletons outside (one pixel x0.1: 0.93 against 0.96).
+MAX_DISCRETE_VALUES = 64
+MAX_SINGLETON_SHARE = 0.01
+# A value matches a training value within this relative tolerance (float32 rounding of the client's
+# decimal), at least this absolute one.
+MATCH_TOLERANCE = 1e-5
+# The most held-out ID rows (validation split) that may hold an unseen value: a fifth of α = 0.05.
+UNSEEN_BUDGET = 0.01
+
+
+class UnseenValues(nn.Module):
+    """Per row, how many of the discrete columns hold a value that no training row has.
+
+    `columns` (L,) index the flattened row; `table` (L, K) holds each column's training values,
+    padded by repeating its first value. In the graph: a Gather, a broadcast Sub, Abs, ReduceMin and
+    a comparison — O(L·K) per row."""
+
+    def __init__(self, columns: np.ndarray, table: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("columns", torch.from_numpy(np.asarray(columns, dtype=np.int64)))
+        self.register_buffer("table", torch.from_numpy(np.asarray(table, dtype=np.float32)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        values = x.flatten(1)[:, self.columns]  # (batch, L)
+        gap = (values.unsqueeze(-1) - self.table).abs().amin(dim=-1)  # to the nearest training value
+        tolerance = MATCH_TOLERANCE * torch.clamp(values.abs(), min=1.0)
+        return (gap > tolerance).to(torch.float32).sum(dim=-1)
+
+
+def discrete_columns(x_train: np.ndarray) -> dict[int, np.ndarray]:
+    """The flattened row's discrete columns (`MAX_DISCRETE_VALUES`, `MAX_SINGLETON_SHARE`) and their
+    training values, as float32 (what the graph compares)."""
+    flat = x_train.reshape(len(x_train), -1).astype(np.float32)
+    found = {}
+    for j in range(flat.shape[1]):
+        values, counts = np.unique(flat[:, j], return_counts=True)
+        if len(values) <= MAX_DISCRETE_VALUES and (counts == 1).sum() <= MAX_SINGLETON_SHARE * len(flat):
+            found[j] = values
+    return found
+
+
+def fit_unseen_values(
+    x_train: np.ndarray, x_val: np.ndarray | None = None, budget: float = UNSEEN_BUDGET
+) -> UnseenValues | None:
+    """The unseen-value count over the training rows' discrete columns; None when there are none
+    (continuous tables, signals): then the graph has no such output and the statistic is unchanged.
+
+    With `x_val` (held-out ID rows), columns join in order of their Good–Turing share only while at
+    most `budget` of those rows hold an unseen value: the count ranks ahead of every other score,
+    so its own false alarms must stay well inside α (a corner pixel of a digit is nonzero in a few
+    real digits; with every column 6 % of the smoke run's rows were). The calibration split stays
+    untouched, so the conformal guarantee is unchanged."""
+    found = discrete_columns(x_train)
+    if x_val is not None and found:
+        train, val = (x.reshape(len(x), -1).astype(np.float32) for x in (x_train, x_val))
+        order = sorted(found, key=lambda j: ((np.unique(train[:, j], return_counts=True)[1] == 1).sum(), j))
+        kept, hit = [], np.zeros(len(val), dtype=bool)
+        for j in order:
+            unseen = _off_values(val[:, j], found[j])
+            if (hit | unseen).mean() <= budget:
+                kept.append(j)
+                hit |= unseen
+        found = {j: found[j] for j in sorted(kept)}
+    if not found:
+        return None
+    width = max(len(v) for v in found.values())
+    table = np.stack([np.pad(v, (0, width - len(v)), mode="edge") for v in found.values()])
+    return UnseenValues(np.fromiter(found, dtype=np.int64), table).eval()
+
+
+def _off_values(column: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Which entries of `column` match none of `values` (the graph's rule, in numpy)."""
+    gap = np.abs(column[:, None] - values[None, :]).min(axis=1)
+    return gap > MATCH_TOLERANCE * np.maximum(np.abs(column), 1.0)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from service.uncertainty import (
     DENSITY_SCORE,
     INPUT_DENSITY_SCORE,
+    UNSEEN_VALUES_SCORE,
     ClassificationUncertainty,
     CombinedOODScore,
     ConformalOODCalibrator,
@@ -32,7 +33,13 @@ from service.uncertainty import (
     regression_uncertainty,
 )
 from training.data import TaskData
-from training.export import DENSITY_OUTPUT, INPUT_DENSITY_OUTPUT, INPUT_NAME, output_names
+from training.export import (
+    DENSITY_OUTPUT,
+    INPUT_DENSITY_OUTPUT,
+    INPUT_NAME,
+    UNSEEN_VALUES_OUTPUT,
+    output_names,
+)
 
 Summary = ClassificationUncertainty | RegressionUncertainty
 METHODS = ("ensemble", "kd", "hydra")
@@ -45,36 +52,43 @@ class Evaluation:
     report: dict[str, Any]
     calibration_scores: np.ndarray  # Hydra's OOD statistic on the calibration split, sorted
     summaries: dict[str, dict[str, Summary]] = field(default_factory=dict)  # method -> set -> summary
-    # the combined statistic's components, normalised on the validation split (empty: no density)
-    components: list[LogScaleNormaliser] = field(default_factory=list)
-    combination: str = CombinedOODScore.RULE
+    # the served combined statistic, its components normalised on the validation split (None: no density)
+    combined: CombinedOODScore | None = None
 
 
 def run_graph(path: Path, x: np.ndarray, task: str) -> list[np.ndarray]:
-    """The graph's contract outputs on `x`, then `density` and `input_density` where the graph has them."""
+    """The graph's contract outputs on `x`, then `density`, `input_density` and `unseen_values` where
+    the graph has them."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     present = {o.name for o in session.get_outputs()}
-    names = output_names(task, DENSITY_OUTPUT in present, INPUT_DENSITY_OUTPUT in present)
+    names = output_names(
+        task, DENSITY_OUTPUT in present, INPUT_DENSITY_OUTPUT in present, UNSEEN_VALUES_OUTPUT in present
+    )
     return [np.asarray(o) for o in session.run(names, {INPUT_NAME: x.astype(np.float32)})]
 
 
 def graph_scores(task: str, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The scores a graph computes itself (`run_graph`'s outputs after the contract's), by name."""
+    """The scores a graph computes itself (`run_graph`'s outputs after the contract's), by name: the
+    export order is fixed (an unseen-value count only with both densities, input typicality only
+    with the body density), so position names them."""
     extra = outputs[len(output_names(task)) :]
     return {
         name: np.asarray(v, dtype=np.float64)
-        for name, v in zip((DENSITY_SCORE, INPUT_DENSITY_SCORE), extra, strict=False)
+        for name, v in zip((DENSITY_SCORE, INPUT_DENSITY_SCORE, UNSEEN_VALUES_SCORE), extra, strict=False)
     }
 
 
 def fit_combined_score(score: str, reference: dict[str, np.ndarray]) -> CombinedOODScore:
-    """The served combined statistic from held-out ID rows' scores (`score` and the graph's densities):
-    the knowledge score and the body density one-sided, input typicality two-sided."""
+    """The served combined statistic from held-out ID rows' scores (`score` and the graph's own):
+    the knowledge score and the body density one-sided, input typicality two-sided; the unseen-value
+    count, where the graph has one, ranked ahead of them (`CombinedOODScore`, `priority`)."""
     return CombinedOODScore(
         [
             LogScaleNormaliser.fit(name, values, tails="both" if name == INPUT_DENSITY_SCORE else "upper")
             for name, values in reference.items()
-        ]
+            if name != UNSEEN_VALUES_SCORE
+        ],
+        priority=UNSEEN_VALUES_SCORE if UNSEEN_VALUES_SCORE in reference else None,
     )
 
 
@@ -323,5 +337,5 @@ def evaluate(package_dir: Path, data: TaskData, ood_score: str | None, default_a
         report=report,
         calibration_scores=cal_scores,
         summaries=summaries,
-        components=combined.components if combined is not None else [],
+        combined=combined,
     )

@@ -3,7 +3,8 @@
 Contract (see service/manifest.py): one float32 input "input" of shape (batch, *row_shape) with a
 dynamic batch axis; outputs "log_probs" (batch, heads, classes) or "mean" and "variance"
 (batch, heads); the Hydra graph adds "density" and "input_density" (batch,) when it carries the
-densities of training/density.py. Export fails loudly if ONNX Runtime's outputs differ from
+densities of training/density.py, and "unseen_values" (batch,) when the table has discrete columns.
+Export fails loudly if ONNX Runtime's outputs differ from
 PyTorch's by more than `PARITY_TOLERANCE` (absolute for values within ±1, relative beyond: float32 precision).
 """
 
@@ -31,16 +32,22 @@ class ExportParityError(RuntimeError):
 
 DENSITY_OUTPUT = "density"
 INPUT_DENSITY_OUTPUT = "input_density"
+UNSEEN_VALUES_OUTPUT = "unseen_values"
 
 
-def output_names(task: str, density: bool = False, input_density: bool = False) -> list[str]:
+def output_names(
+    task: str, density: bool = False, input_density: bool = False, unseen_values: bool = False
+) -> list[str]:
     names = ["log_probs"] if task == "classification" else ["mean", "variance"]
     names += [DENSITY_OUTPUT] if density else []
-    return names + ([INPUT_DENSITY_OUTPUT] if input_density else [])
+    names += [INPUT_DENSITY_OUTPUT] if input_density else []
+    return names + ([UNSEEN_VALUES_OUTPUT] if unseen_values else [])
 
 
 def model_output_names(model: PackagedModel) -> list[str]:
-    return output_names(model.task, model.has_density, model.input_density is not None)
+    return output_names(
+        model.task, model.has_density, model.input_density is not None, model.unseen_values is not None
+    )
 
 
 def export_onnx(

@@ -174,7 +174,8 @@ class PackagedModel(nn.Module):
     `members` are concatenated along the head axis (the ensemble: M single-head teachers).
     `density` (one member only: the Hydra student): a module of the shared-body features, e.g.
     `training.density.FeatureDensity`, exported as one more output `density` (batch,);
-    `input_density` (with it): a module of the raw rows, exported last as `input_density` (batch,).
+    `input_density` (with it): a module of the raw rows, exported as `input_density` (batch,);
+    `unseen_values` (with them): a module of the raw rows, exported last as `unseen_values` (batch,).
     """
 
     def __init__(
@@ -185,18 +186,22 @@ class PackagedModel(nn.Module):
         y_std: float = 1.0,
         density: nn.Module | None = None,
         input_density: nn.Module | None = None,
+        unseen_values: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if density is not None and len(members) != 1:
             raise ValueError("a feature density reads one shared body: it needs exactly one member")
         if input_density is not None and density is None:
             raise ValueError("an input density comes with a feature density (the graph's output contract)")
+        if unseen_values is not None and input_density is None:
+            raise ValueError("an unseen-value count comes with the densities (the graph's output contract)")
         self.members = nn.ModuleList(members)
         self.task = task
         self.y_mean = float(y_mean)
         self.y_std = float(y_std)
         self.density = density
         self.input_density = input_density
+        self.unseen_values = unseen_values
 
     @property
     def has_density(self) -> bool:
@@ -216,6 +221,8 @@ class PackagedModel(nn.Module):
         extra = () if density is None else (density,)
         if self.input_density is not None:
             extra = (*extra, self.input_density(x))
+        if self.unseen_values is not None:
+            extra = (*extra, self.unseen_values(x))
         if self.task == "classification":
             log_probs = torch.log_softmax(raw, dim=-1)
             return (log_probs, *extra) if extra else log_probs

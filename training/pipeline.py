@@ -27,7 +27,7 @@ import torch
 from service.manifest import ModelManifest
 from training.config import RunConfig
 from training.data import TaskData, load_data
-from training.density import fit_feature_density, fit_input_density
+from training.density import fit_feature_density, fit_input_density, fit_unseen_values
 from training.determinism import setup
 from training.distill import distil
 from training.distributed import from_main, gather_members, rank_members, save_on_main, world_size
@@ -178,9 +178,10 @@ def _packaged(cfg: RunConfig, data: TaskData, run_dir: Path) -> dict[str, Packag
     labels = data.train.y if data.task == "classification" else None
     density = fit_feature_density(hydra.eval(), data.train.x, labels)
     typicality = fit_input_density(data.train.x)
+    unseen = fit_unseen_values(data.train.x, data.val.x)  # None on a table without discrete columns
     return {
         "model.onnx": PackagedModel(
-            [hydra], data.task, y_mean, y_std, density=density, input_density=typicality
+            [hydra], data.task, y_mean, y_std, density=density, input_density=typicality, unseen_values=unseen
         ),
         "kd.onnx": PackagedModel([kd.eval()], data.task, y_mean, y_std),
     } | ({"ensemble.onnx": PackagedModel(members, data.task, y_mean, y_std)} if members else {})
@@ -221,7 +222,7 @@ def stage_evaluate(
     setup(cfg)
     ev = evaluate(out, data, cfg.ood_score, cfg.default_alpha)
     scores = {m: v["ood_score"] for m, v in ev.report["methods"].items()}
-    ev.report["self_check"] = self_check(out, data, scores, seed=cfg.seed, components=ev.components)
+    ev.report["self_check"] = self_check(out, data, scores, seed=cfg.seed, combined=ev.combined)
     progress("evaluate", 1, 3, "metrics and self-check")
     if cfg.external.used:
         teachers_info = json.loads((run_dir / "teachers.json").read_text())

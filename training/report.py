@@ -19,6 +19,12 @@ from training.evaluate import METHODS, Evaluation, ReliabilityBins
 COLORS = {"ensemble": "tab:blue", "kd": "tab:gray", "hydra": "tab:orange"}
 
 
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)  # pyplot keeps every open figure alive until closed
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -98,8 +104,9 @@ def ood_statistic_markdown(report: dict[str, Any]) -> list[str]:
     lines += [f"| {name} | " + " | ".join(f"{v[k]:.4f}" for k in keys) + " |" for name, v in rows.items()]
     lines += [
         "",
-        "The served `ood_score` is `combined`: the largest of the components' log-scale z-values (input "
-        "typicality two-sided), each normalised on the validation split; its p-value is conformal on the "
+        "The served `ood_score` is `combined`: Σ max(z, 0) over the components' log-scale z-values (input "
+        "typicality two-sided), each normalised on the validation split, with the count of unseen discrete "
+        "values (where the table has discrete columns) ranked ahead; its p-value is conformal on the "
         "calibration split.",
     ]
     return lines
@@ -143,9 +150,7 @@ def _reliability(ev: Evaluation, data: TaskData, path: Path) -> None:
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlabel="confidence (max p̄)", ylabel="accuracy", title=f"Reliability — {data.name} test")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _scatter(ev: Evaluation, data: TaskData, path: Path) -> None:
@@ -160,9 +165,7 @@ def _scatter(ev: Evaluation, data: TaskData, path: Path) -> None:
     f = ev.report["fidelity"]
     ax.set(xlabel=f"ensemble {score}", ylabel=f"Hydra {score}", title=f"Spearman {f['spearman']:.3f}")
     ax.legend(markerscale=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _histograms(ev: Evaluation, data: TaskData, path: Path) -> None:
@@ -176,9 +179,7 @@ def _histograms(ev: Evaluation, data: TaskData, path: Path) -> None:
             ax.hist(np.clip(v, 0, top), bins=bins, alpha=0.5, density=True, label=name)
         ax.set(title=f"{m}: {score}", xlabel=score)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _band(ev: Evaluation, data: TaskData, package_dir: Path, path: Path) -> None:
@@ -199,9 +200,7 @@ def _band(ev: Evaluation, data: TaskData, package_dir: Path, path: Path) -> None
         ax.plot(grid[:, 0], u.mean, color=COLORS[m])
         ax.set(title=m, xlabel="x", ylim=(-5, 5))
     axes[0].legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(ev: Evaluation, data: TaskData, package_dir: Path) -> list[Path]:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import platform
-import subprocess
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from service.manifest import (
@@ -21,32 +17,14 @@ from service.manifest import (
 from training.config import RunConfig
 from training.data import TaskData
 from training.evaluate import Evaluation
-from training.export import DENSITY_OUTPUT, INPUT_DENSITY_OUTPUT, INPUT_NAME, output_names
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _packages() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "onnx", "onnxruntime", "scikit-learn", "mnist1d", "hydra-serve"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+from training.export import (
+    DENSITY_OUTPUT,
+    INPUT_DENSITY_OUTPUT,
+    INPUT_NAME,
+    UNSEEN_VALUES_OUTPUT,
+    output_names,
+)
+from training.provenance import git, versions
 
 
 def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -86,14 +64,16 @@ def run_manifest(
 ) -> ModelManifest:
     """The manifest of an evaluated run (`distil.pt`'s head count, the teachers' provenance)."""
     names = output_names(data.task)
-    if ev.components:  # the combined statistic: MI (or epistemic variance) with the feature density
+    combined = ev.combined
+    if combined is not None:  # the combined statistic: MI (or epistemic variance) with the densities
         ood = OODCalibration(
             score=COMBINED_SCORE,
             components=[
                 OODComponent.from_normaliser(c, fitted_on=f"validation split ({len(data.val)} rows)")
-                for c in ev.components
+                for c in combined.components
             ],
-            combination=ev.combination,
+            combination=combined.rule,  # type: ignore[arg-type]
+            priority=combined.priority,  # type: ignore[arg-type]
             calibration_scores=[float(s) for s in ev.calibration_scores],
             default_alpha=cfg.default_alpha,
         )
@@ -104,6 +84,8 @@ def run_manifest(
             default_alpha=cfg.default_alpha,
         )
     return ModelManifest(
+        # schema 3 only where it adds the unseen-value count: other packages stay readable by schema-2 servers
+        schema_version=3 if combined is not None and combined.priority else 2,
         name=cfg.name,
         version=cfg.version,
         task=data.task,
@@ -124,8 +106,9 @@ def run_manifest(
             log_probs=names[0] if data.task == "classification" else None,
             mean=names[0] if data.task == "regression" else None,
             variance=names[1] if data.task == "regression" else None,
-            density=DENSITY_OUTPUT if ev.components else None,
-            input_density=INPUT_DENSITY_OUTPUT if ev.components else None,
+            density=DENSITY_OUTPUT if combined is not None else None,
+            input_density=INPUT_DENSITY_OUTPUT if combined is not None else None,
+            unseen_values=UNSEEN_VALUES_OUTPUT if combined is not None and combined.priority else None,
         ),
         temperature=cfg.distil.temperature,
         ood=ood,
@@ -134,10 +117,12 @@ def run_manifest(
             dataset=data.name,
             data_sha256=data.sha256,
             seed=cfg.seed,
-            git_commit=_git_commit(),
+            git_commit=git("rev-parse", "HEAD"),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             training_seconds=round(sum(seconds.values()), 2),
-            packages=_packages(),
+            packages=versions(
+                ("torch", "numpy", "onnx", "onnxruntime", "scikit-learn", "mnist1d", "hydra-serve")
+            ),
             teacher_members=int(distil_ckpt["heads"]),
             architecture=cfg.arch.kind,
             **(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from service.uncertainty import CombinedOODScore, LogScaleNormaliser
+from service.uncertainty import CombinedOODScore
 from training.data import TaskData
 from training.evaluate import (
     GRAPH_FILES,
@@ -65,11 +65,11 @@ def self_check(
     scores: dict[str, str],
     seed: int,
     rows: int = PROBE_ROWS,
-    components: list[LogScaleNormaliser] | None = None,
+    combined: CombinedOODScore | None = None,
 ) -> dict[str, Any]:
     """Probe the exported graphs; the report's `self_check` section. `scores` names each method's
     OOD score (the evaluation's choice: MI for multi-head graphs, total uncertainty for KD).
-    `components`: the served combined statistic's (evaluate.py); then each family also reports
+    `combined`: the served combined statistic (evaluate.py); then each family also reports
     Hydra's AUROC by its score, by the feature density and by the combination (`hydra_ood`)."""
     task = data.task
     # the dataset's own OOD sets (built-in, or the user's --ood file) are checked like the probes
@@ -90,7 +90,6 @@ def self_check(
                 name: {k: v[a:b] for k, v in whole.items()}
                 for name, a, b in zip(sets, bounds[:-1], bounds[1:], strict=True)
             }
-    combined = CombinedOODScore(components) if components else None
     hydra_stats = {
         name: ood_statistics(summaries["hydra"][name], density.get(name, {}), scores["hydra"], combined)
         for name in sets

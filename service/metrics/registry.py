@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 from starlette.types import ASGIApp
 
+from service.metrics import buckets
 from service.metrics.batch_histogram import BatchHistogram
-from service.metrics.buckets import (
-    BATCH_ROWS_BUCKETS,
-    DENSITY_BUCKETS,
-    INPUT_DENSITY_BUCKETS,
-    LATENCY_BUCKETS,
-    MAX_CLASS_LABELS,
-    MUTUAL_INFORMATION_BUCKETS,
-    OTHER_CLASS,
-    P_VALUE_BUCKETS,
-    PREFIX,
-    QUEUE_WAIT_BUCKETS,
-    REJECT_REASONS,
-    SPREAD_BUCKETS,
-    VOTE_DISAGREEMENT_BUCKETS,
-)
+from service.metrics.buckets import MAX_CLASS_LABELS, OTHER_CLASS, PREFIX, REJECT_REASONS
 from service.metrics.multiprocess import exposition_registry, remove_series
+
+Aggregate = Literal["livesum", "livemax", "livemin"]  # the multiprocess modes of our gauges
 
 
 class ServiceMetrics:
@@ -46,151 +36,128 @@ class ServiceMetrics:
         # families declared elsewhere (service.monitoring) drop their series of a removed version here
         self.on_remove: list[Callable[[str, str], None]] = []
         r = self.registry
-        p = PREFIX
         mv = ("model", "version")
+
+        # Every family: the hydra_ prefix, this app's registry.
+        def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: Sequence[str], workers: Aggregate) -> Gauge:
+            # workers: how /metrics combines several worker processes' values (multiprocess_mode)
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=r, multiprocess_mode=workers)
+
+        def histogram(name: str, doc: str, bounds: Sequence[float]) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, mv, buckets=bounds, registry=r)
+
+        def per_row(name: str, doc: str, bounds: Sequence[float]) -> BatchHistogram:
+            """A per-row distribution of a model version, counted once per batch."""
+            family = BatchHistogram(f"{PREFIX}_{name}", doc, mv, bounds)
+            r.register(family)
+            return family
+
         # -- HTTP
-        self.requests = Counter(
-            f"{p}_requests",
+        self.requests = counter(
+            "requests",
             "Requests by protocol (http, grpc), route template (gRPC: the full method), method and "
             "status code (gRPC: the HTTP status its code maps to, e.g. UNAVAILABLE → 503).",
             ("protocol", "route", "method", "code"),
-            registry=r,
         )
         self.request_duration = Histogram(
-            f"{p}_request_duration_seconds",
+            f"{PREFIX}_request_duration_seconds",
             "Request latency (first byte in to last byte out) by protocol, route template and method.",
             ("protocol", "route", "method"),
-            buckets=LATENCY_BUCKETS,
+            buckets=buckets.LATENCY_BUCKETS,
             registry=r,
         )
         # -- batching
-        self.queue_wait = BatchHistogram(
-            f"{p}_queue_wait_seconds",
+        self.queue_wait = per_row(
+            "queue_wait_seconds",
             "Time a request waited in the batch queue before its batch ran.",
-            mv,
-            QUEUE_WAIT_BUCKETS,
+            buckets.QUEUE_WAIT_BUCKETS,
         )
-        r.register(self.queue_wait)
-        self.batch_size = Histogram(
-            f"{p}_batch_size_rows",
-            "Rows per executed batch.",
-            mv,
-            buckets=BATCH_ROWS_BUCKETS,
-            registry=r,
-        )
-        self.compute_duration = Histogram(
-            f"{p}_batch_compute_seconds",
+        self.batch_size = histogram("batch_size_rows", "Rows per executed batch.", buckets.BATCH_ROWS_BUCKETS)
+        self.compute_duration = histogram(
+            "batch_compute_seconds",
             "Model compute time per executed batch (inference + uncertainty).",
-            mv,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            buckets.LATENCY_BUCKETS,
         )
-        self.queue_depth = Gauge(
-            f"{p}_queue_depth_rows",
-            "Rows waiting in the batch queue.",
-            ("model",),
-            registry=r,
-            multiprocess_mode="livesum",
+        self.queue_depth = gauge(
+            "queue_depth_rows", "Rows waiting in the batch queue.", ("model",), "livesum"
         )
-        self.in_flight = Gauge(
-            f"{p}_in_flight_requests",
-            "Inference requests admitted and not yet answered.",
-            ("model",),
-            registry=r,
-            multiprocess_mode="livesum",
+        self.in_flight = gauge(
+            "in_flight_requests", "Inference requests admitted and not yet answered.", ("model",), "livesum"
         )
-        self.rejected = Counter(
-            f"{p}_rejected_requests",
+        self.rejected = counter(
+            "rejected_requests",
             "Inference requests rejected (queue_full, deadline, disconnected).",
             ("model", "reason"),
-            registry=r,
         )
         # -- model lifecycle
-        self.model_info = Gauge(
-            f"{p}_model_info",
+        self.model_info = gauge(
+            "model_info",
             "Served model: always 1; the labels carry heads and execution provider.",
             ("model", "version", "heads", "provider"),
-            registry=r,
-            multiprocess_mode="livemax",
+            "livemax",
         )
-        self.model_ready = Gauge(
-            f"{p}_model_ready",
-            "1 when the model version is ready to serve, else 0.",
-            mv,
-            registry=r,
-            multiprocess_mode="livemin",
+        self.model_ready = gauge(
+            "model_ready", "1 when the model version is ready to serve, else 0.", mv, "livemin"
         )
-        self.load_failures = Counter(
-            f"{p}_model_load_failures", "Model load failures by reason.", ("model", "reason"), registry=r
+        self.load_failures = counter(
+            "model_load_failures", "Model load failures by reason.", ("model", "reason")
         )
         # -- uncertainty, per row
-        self.predictions = Counter(f"{p}_predictions", "Rows predicted.", mv, registry=r)
-        self.ood_flagged = Counter(
-            f"{p}_ood_flagged",
+        self.predictions = counter("predictions", "Rows predicted.", mv)
+        self.ood_flagged = counter(
+            "ood_flagged",
             "Rows flagged OOD at the manifest's default alpha (compare with hydra_ood_alpha).",
             mv,
-            registry=r,
         )
-        self.ood_alpha = Gauge(
-            f"{p}_ood_alpha",
-            "The manifest's default alpha used for hydra_ood_flagged_total.",
+        self.unseen_value_rows = counter(
+            "unseen_value_rows",
+            "Rows holding at least one value no training row has in a discrete column (models whose "
+            "manifest declares an unseen_values output; the combined OOD score ranks these first).",
             mv,
-            registry=r,
-            multiprocess_mode="livemax",
         )
-        self.ood_p_value = BatchHistogram(
-            f"{p}_ood_p_value",
+        self.ood_alpha = gauge(
+            "ood_alpha", "The manifest's default alpha used for hydra_ood_flagged_total.", mv, "livemax"
+        )
+        self.ood_p_value = per_row(
+            "ood_p_value",
             "Conformal OOD p-values per row (uniform on [0,1] under no shift).",
-            mv,
-            P_VALUE_BUCKETS,
+            buckets.P_VALUE_BUCKETS,
         )
-        self.mutual_information = BatchHistogram(
-            f"{p}_mutual_information_nats",
+        self.mutual_information = per_row(
+            "mutual_information_nats",
             "Mutual information across heads per row (classification).",
-            mv,
-            MUTUAL_INFORMATION_BUCKETS,
+            buckets.MUTUAL_INFORMATION_BUCKETS,
         )
-        self.density_score = BatchHistogram(
-            f"{p}_density_score",
+        self.density_score = per_row(
+            "density_score",
             "Feature-density score per row: squared Mahalanobis distance of the body features to the "
             "nearest class mean (models whose manifest declares a density output).",
-            mv,
-            DENSITY_BUCKETS,
+            buckets.DENSITY_BUCKETS,
         )
-        self.input_density_score = BatchHistogram(
-            f"{p}_input_density_score",
+        self.input_density_score = per_row(
+            "input_density_score",
             "Input typicality per row: squared Mahalanobis distance of the standardised raw row to the "
             "training mean (models whose manifest declares an input_density output); unusual when "
             "far above or far below its in-distribution values.",
-            mv,
-            INPUT_DENSITY_BUCKETS,
+            buckets.INPUT_DENSITY_BUCKETS,
         )
-        self.vote_disagreement = BatchHistogram(
-            f"{p}_vote_disagreement_ratio",
+        self.vote_disagreement = per_row(
+            "vote_disagreement_ratio",
             "Fraction of heads whose vote differs from the mean prediction, per row (classification).",
-            mv,
-            VOTE_DISAGREEMENT_BUCKETS,
+            buckets.VOTE_DISAGREEMENT_BUCKETS,
         )
-        self.head_spread = BatchHistogram(
-            f"{p}_head_spread",
+        self.head_spread = per_row(
+            "head_spread",
             "Standard deviation of head means per row, in target units (regression).",
-            mv,
-            SPREAD_BUCKETS,
+            buckets.SPREAD_BUCKETS,
         )
-        for collector in (
-            self.ood_p_value,
-            self.mutual_information,
-            self.density_score,
-            self.input_density_score,
-            self.vote_disagreement,
-            self.head_spread,
-        ):
-            r.register(collector)
-        self.predicted_class = Counter(
-            f"{p}_predicted_class",
+        self.predicted_class = counter(
+            "predicted_class",
             f"Rows by predicted class (first {MAX_CLASS_LABELS} labels, then 'other').",
             ("model", "version", "label"),
-            registry=r,
         )
         self._lock = threading.Lock()
         # (model, version) -> (heads, provider) of its info series, to remove it when the labels change
@@ -238,6 +205,7 @@ class ServiceMetrics:
         *,
         has_density: bool = False,
         has_input_density: bool = False,
+        has_unseen_values: bool = False,
     ) -> None:
         """Info series of a loaded version; `ood_alpha` exports its default α before any traffic, and
         `has_density` / `has_input_density` the zero density / input-typicality histograms (else
@@ -249,6 +217,8 @@ class ServiceMetrics:
             self.density_score.touch(model, version)
         if has_input_density:
             self.input_density_score.touch(model, version)
+        if has_unseen_values:
+            self.unseen_value_rows.labels(model, version)
         with self._lock:
             previous = self._info_labels.get((model, version))
             self._info_labels[(model, version)] = (str(heads), provider)
@@ -273,6 +243,7 @@ class ServiceMetrics:
             self.model_ready,
             self.predictions,
             self.ood_flagged,
+            self.unseen_value_rows,
             self.ood_alpha,
             self.batch_size,
             self.compute_duration,
@@ -346,6 +317,9 @@ class ServiceMetrics:
             self.density_score.observe_many(mv, outputs["density_score"])
         if "input_density_score" in outputs:
             self.input_density_score.observe_many(mv, outputs["input_density_score"])
+        if "unseen_values" in outputs:  # schema-3 models
+            unseen = np.asarray(outputs["unseen_values"]).ravel()
+            self.unseen_value_rows.labels(*mv).inc(int(np.count_nonzero(unseen)))
         if "probabilities" in outputs:  # classification
             self.mutual_information.observe_many(mv, outputs["mutual_information"])
             self.vote_disagreement.observe_many(mv, outputs["disagreement"])

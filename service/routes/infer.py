@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import orjson
+from prometheus_client import Counter, Histogram
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -147,6 +148,7 @@ class InferenceEdge:
         self.handlers = handlers  # protocol ("v1", "v2") → handler
         self.admission = Admission(repository, settings)
         self.api_key = settings.api_key.get_secret_value() if settings.api_key else None
+        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -161,7 +163,21 @@ class InferenceEdge:
         try:
             status = await self._serve(route, scope, receive, send)
         finally:
-            self.metrics.observe_request(route.template, "POST", status, time.perf_counter() - t0)
+            self._observe(route.template, status, time.perf_counter() - t0)
+
+    def _observe(self, template: str, status: int, seconds: float) -> None:
+        """`ServiceMetrics.observe_request`, with the series of each (route, status) looked up once
+        (these series are never removed)."""
+        series = self._series.get((template, status))
+        if series is None:
+            labels = ("http", template, "POST")
+            series = self._series[(template, status)] = (
+                self.metrics.requests.labels(*labels, str(status)),
+                self.metrics.request_duration.labels(*labels),
+            )
+        count, duration = series
+        count.inc()
+        duration.observe(seconds)
 
     async def _serve(self, route: InferRoute, scope: Scope, receive: Receive, send: Send) -> int:
         too_large = declared_too_large(scope, self.settings.max_request_bytes)

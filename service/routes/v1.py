@@ -7,23 +7,21 @@ the field names of the serving contract, one object per instance, in order.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from typing import Any, Literal
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from service.admission import InferRoute
 from service.auth import require_api_key
-from service.errors import BadRequest
+from service.errors import BadRequest, describe_validation_errors
 from service.responses import ORJSON_OPTIONS as _ORJSON_OPTIONS
 from service.responses import OrjsonResponse
-from service.routes import Repository, inline_schema
+from service.routes import Repository
 from service.routes.infer import Answered, InferCall, fastapi_response
 
 router = APIRouter(tags=["KServe V1"], default_response_class=OrjsonResponse)
@@ -103,6 +101,12 @@ class Prediction(BaseModel):
         "above its in-distribution values (far from the data) or far below (a row shrunk towards the "
         "mean).",
     )
+    unseen_values: int | None = Field(
+        default=None,
+        description="Only for models with an unseen_values output (manifest schema 3): how many of the "
+        "row's discrete columns (codes, counts, flags) hold a value that no training row has, e.g. a "
+        "1 sent as 0.1. The combined ood_score ranks this count ahead of its components.",
+    )
     interval_lower: float | None = Field(
         default=None, description="Regression prediction interval, lower end."
     )
@@ -113,8 +117,10 @@ class Prediction(BaseModel):
     ood_score: float | None = Field(
         default=None,
         description="The manifest's OOD score (higher = more OOD). With a combined score (ood.score "
-        "'combined'): the largest log-scale z-score of its components, e.g. mutual information, "
-        "density_score and input_density_score (two-sided).",
+        "'combined'): its rule over the components' log-scale z-scores (sum_pos_log_z: the sum of "
+        "their positive parts), e.g. of mutual information, density_score and input_density_score "
+        "(two-sided); with unseen_values (schema 3): unseen_values + 1/2 + S / (2 (1 + |S|)) of that "
+        "combination S, so any row with more unseen values ranks higher.",
     )
     ood_p_value: float | None = Field(
         default=None, description="Conformal p-value of ood_score against the held-out calibration scores."
@@ -223,22 +229,6 @@ class ServerLiveness(BaseModel):
     status: Literal["alive"]
 
 
-def _reject_constant(constant: str) -> float:
-    raise BadRequest(f"non-finite number {constant} is not allowed in the request (inputs must be finite)")
-
-
-def parse_json(body: bytes) -> Any:
-    """orjson first; on failure, a second look says whether NaN/Infinity literals were the problem."""
-    if not body:
-        raise BadRequest("empty request body: expected JSON")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            json.loads(body, parse_constant=_reject_constant)
-        raise BadRequest(f"malformed JSON: {exc}") from exc
-
-
 def _rows_to_predictions(answers: dict[str, NDArray[np.generic]]) -> list[dict[str, Any]]:
     # numpy scalars/rows go to orjson as they are: float32 then prints as 0.1, not 0.10000000149011612
     n = next(iter(answers.values())).shape[0]
@@ -268,33 +258,35 @@ async def model_status(model_name: str, repository: Repository) -> OrjsonRespons
     "/v1/models/{model_name}:predict",
     response_model=PredictResponse,
     dependencies=[Depends(require_api_key)],
-    openapi_extra={
-        "requestBody": {"content": {"application/json": {"schema": inline_schema(PredictRequest)}}}
-    },
 )
-async def predict(model_name: str, request: Request, repository: Repository) -> Response:
+async def predict(
+    model_name: str, body: PredictRequest, request: Request, repository: Repository
+) -> Response:
     """Served by `service.routes.infer.InferenceEdge` in front of FastAPI; this declaration documents
     the route and serves it the same way where the edge is not installed."""
     call = InferCall(request.scope, request.receive, request.app.state.settings, repository)
-    return fastapi_response(await serve_predict(call, InferRoute(model_name, None, "", "v1")))
+    return fastapi_response(await answer_predict(call, model_name, body))
 
 
 async def serve_predict(call: InferCall, route: InferRoute) -> Answered:
-    # The body is parsed here, not by FastAPI, so the byte limit applies first and errors name the problem.
-    payload = parse_json(await call.body())
-    if not isinstance(payload, dict):
-        raise BadRequest('expected a JSON object {"instances": [...]}')
+    """One V1 predict request at the edge: the body (byte limit first), parsed and validated by its
+    pydantic model as FastAPI would, then answered."""
     try:
-        body = PredictRequest.model_validate(payload)
-    except ValueError as exc:
-        raise BadRequest(_validation_message(exc)) from exc
-    model = call.repository.get(route.model_name)
+        body = PredictRequest.model_validate_json(await call.body())
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_errors(exc.errors())) from None
+    return await answer_predict(call, route.model_name, body)
+
+
+async def answer_predict(call: InferCall, model_name: str, body: PredictRequest) -> Answered:
+    model = call.repository.get(model_name)
     params = body.parameters
+    rows = model.rows_from_lists(_instances_to_rows(body.instances, model.manifest.feature_names))
     # submit() queues the rows before anything else can run on the loop (a reload cannot slip in
     # between the lookup above and the queue); the answer is then awaited against a disconnect.
     answers = await call.answer(
         model.submit(
-            _instances_to_rows(body.instances, model.manifest.feature_names),
+            rows,
             alpha=params.alpha,
             level=params.interval_level,
             include_heads=params.heads,
@@ -326,17 +318,3 @@ def _instances_to_rows(instances: list[Any], feature_names: list[str] | None) ->
             raise BadRequest(f"instance {i}: missing features {missing}, unknown features {unknown}")
         rows.append([instance[name] for name in feature_names])
     return rows
-
-
-def _validation_message(exc: ValueError) -> str:
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return str(exc)
-    parts = []
-    for err in errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "too_short" and where == "instances":
-            msg = "must contain at least one instance (empty instances)"
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)

@@ -72,6 +72,11 @@ class ModelParameters(BaseModel):
         description="The scores a combined OOD score reads (e.g. mutual_information, density, "
         "input_density); empty when `ood_score` is one score.",
     )
+    ood_priority: str | None = Field(
+        default=None,
+        description="A count the combined OOD score ranks ahead of its components (`unseen_values`, "
+        "manifest schema 3); null when there is none.",
+    )
     ood_combination: str | None = Field(
         default=None,
         description="How the components combine: sum_pos_log_z = Σ max(z, 0) of their log-scale z-scores, "
@@ -256,16 +261,14 @@ async def model_metadata(
     return _metadata(repository, _served(repository, model_name, model_version))
 
 
-@router.get(
-    "/v2/models/{model_name}/ready",
-    response_model=Readiness,
-    summary="Model readiness (200 ready, 503 not ready, 404 unknown)",
-)
-@router.get(
-    "/v2/models/{model_name}/versions/{model_version}/ready",
-    response_model=Readiness,
-    summary="Model readiness (200 ready, 503 not ready, 404 unknown)",
-)
+_READY_ROUTE: dict[str, Any] = {
+    "response_model": Readiness,
+    "summary": "Model readiness (200 ready, 503 not ready, 404 unknown)",
+}
+
+
+@router.get("/v2/models/{model_name}/ready", **_READY_ROUTE)
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", **_READY_ROUTE)
 async def model_ready(repository: Repository, model_name: str, model_version: str | None = None) -> Response:
     model = _served(repository, model_name, model_version)
     body = Readiness(name=model.name, version=str(model.version), ready=model.ready).model_dump()
@@ -274,20 +277,16 @@ async def model_ready(repository: Repository, model_name: str, model_version: st
     return OrjsonResponse(body, status_code=200 if model.ready else 503)
 
 
-@router.post(
-    "/v2/models/{model_name}/infer",
-    response_model=InferResponseSchema,
-    summary="Inference (JSON or binary tensor extension)",
-    openapi_extra=_INFER_OPENAPI,
-    dependencies=[Depends(require_api_key)],
-)
-@router.post(
-    "/v2/models/{model_name}/versions/{model_version}/infer",
-    response_model=InferResponseSchema,
-    summary="Inference (JSON or binary tensor extension)",
-    openapi_extra=_INFER_OPENAPI,
-    dependencies=[Depends(require_api_key)],
-)
+_INFER_ROUTE: dict[str, Any] = {
+    "response_model": InferResponseSchema,
+    "summary": "Inference (JSON or binary tensor extension)",
+    "openapi_extra": _INFER_OPENAPI,
+    "dependencies": [Depends(require_api_key)],
+}
+
+
+@router.post("/v2/models/{model_name}/infer", **_INFER_ROUTE)
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", **_INFER_ROUTE)
 async def infer(
     request: Request, repository: Repository, model_name: str, model_version: str | None = None
 ) -> Response:

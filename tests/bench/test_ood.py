@@ -59,7 +59,8 @@ def test_separability_oracle_tells_apart_only_what_differs() -> None:
 
 
 def test_groups_and_section_render() -> None:
-    assert (group_of("digits"), group_of("wine"), group_of("moons")) == ("tuning", "seen", "fresh")
+    groups = tuple(group_of(name) for name in ("digits", "wine", "moons", "chile"))
+    assert groups == ("tuning", "seen", "fresh", "untouched")
     rows = [
         _row("digits", {"scaled_x4": _family(0.2, 1.0, 1.0)}),
         _row("moons", {"scaled_x4": _family(0.2, 1.0, 1.0), "ood:noise": _family(0.9, 1.0, 1.0)}),
@@ -74,7 +75,7 @@ def test_groups_and_section_render() -> None:
             "seconds": 1.0,
         }
     )
-    assert "### Fresh datasets (untouched)" in doc and "| moons |" in doc and "**1.00**" in doc
+    assert "### Fresh datasets (fixed before the third component" in doc and "| moons |" in doc and "**1.00**" in doc
     assert "Seen datasets" not in doc  # no rows in that group
 
 
@@ -123,3 +124,12 @@ def test_verdict_lists_misses_beyond_the_symmetric_bound_apart() -> None:
     assert near["best_of_two_misses"] and not near["best_of_two_misses_beyond_symmetric_bound"]
     far = verdict([row(0.65)])
     assert far["best_of_two_misses_beyond_symmetric_bound"]
+
+
+def test_the_literal_criterion_compares_with_the_better_of_mi_and_density_only() -> None:
+    typicality_best = _family(0.6, 0.7, 0.75) | {"input_density": 0.9}
+    rows = [_row("wine", {"independent": typicality_best, "shell": _family(0.6, 0.9, 0.85)})]
+    v = verdict(rows)
+    # against the best of three scores both miss; in the words (MI and density) only shell
+    assert len(v["best_of_two_misses"]) == 2
+    assert v["better_of_mi_and_density_misses"] == ["wine s0 shell (combined 0.850 vs 0.900)"]

@@ -132,6 +132,7 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
         "fresh",
         "fresh2",
         "fresh_ood",
+        "fresh_ood2",
         "tuning_wide",
         "fresh3",
         "fresh4",

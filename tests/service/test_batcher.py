@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.batcher import BatchReport, DynamicBatcher
+from service.batch_request import BatchReport
+from service.batcher import REPORT_EVERY_BATCHES, DynamicBatcher
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull
 
 pytestmark = pytest.mark.anyio
@@ -47,7 +48,7 @@ def make(model: RecordingModel, **kwargs: float) -> tuple[DynamicBatcher, list[B
         max_batch_size=int(options["max_batch_size"]),
         max_delay_s=options["max_delay_s"],
         max_queue_size=int(options["max_queue_size"]),
-        on_batch=reports.append,
+        on_batches=reports.extend,
     )
     return batcher, reports
 
@@ -269,3 +270,29 @@ async def test_a_partial_batch_waits_for_the_model_and_fills_meanwhile() -> None
     await asyncio.gather(first, *later)
     assert model.batches == [8, 3]  # one batch of the three, not three staged singletons
     await batcher.stop()
+
+
+async def test_each_batch_is_reported_once_in_order_after_its_answers() -> None:
+    model = RecordingModel(delay_s=0.002)
+    futures: dict[float, asyncio.Future[dict[str, NDArray[np.generic]]]] = {}
+    groups: list[int] = []
+    first_rows: list[float] = []
+
+    def on_batches(reports: list[BatchReport]) -> None:
+        groups.append(len(reports))
+        for report in reports:
+            firsts = report.outputs["rows"][:, 0].tolist()
+            first_rows.extend(firsts)
+            # every request with a row in this batch has its answer already
+            assert all(futures[v].done() for v in firsts if v in futures)
+
+    batcher = DynamicBatcher("m", model, max_batch_size=4, max_delay_s=0.0, max_queue_size=1000,
+                             on_batches=on_batches)  # fmt: skip
+    await batcher.start()
+    for i in range(200):  # one row each: 50 batches of 4, the queue never empty meanwhile
+        futures[float(i)] = batcher.submit(rows(i, 1))
+    await asyncio.gather(*futures.values())
+    await batcher.stop()
+    assert first_rows == [float(i) for i in range(200)]  # every row once, in batch order
+    assert sum(groups) == len(model.batches) and max(groups) <= REPORT_EVERY_BATCHES  # 4 rows a batch
+    assert len(groups) < len(model.batches)  # under load several batches per report

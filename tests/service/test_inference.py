@@ -61,5 +61,3 @@ def test_regression_interval_at_the_requested_level() -> None:
     np.testing.assert_allclose(out["interval_upper"], mu.mean(axis=1) + half, rtol=1e-5)
     np.testing.assert_allclose(out["disagreement"], mu.std(axis=1), rtol=1e-5)
     assert "heads_mean" not in out and out["interval_level"].tolist() == [pytest.approx(0.8)] * 5
-    with pytest.raises(ValueError, match="alpha"):
-        inference.finalise(m, summary, alpha=1.0)

@@ -36,7 +36,7 @@ def _refused(document: dict[str, Any]) -> str:
 
 def test_a_minimal_classifier_is_read_with_its_defaults_and_derived_shapes() -> None:
     manifest = ModelManifest.model_validate(_classifier())
-    assert manifest.schema_version == 2 and manifest.ood.default_alpha == 0.05
+    assert manifest.schema_version == 3 and manifest.ood.default_alpha == 0.05
     assert manifest.row_shape == (2, 3) and manifest.num_classes == 3
     assert not manifest.has_density and not manifest.has_input_density
     assert manifest.ood.combiner is None and manifest.ood.score_names == ("mutual_information",)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.__main__ import build_parser, settings_from_args
+from service.__main__ import cli_source, settings_from_args
 from service.settings import Settings
 
 
@@ -51,6 +51,6 @@ def test_bad_values_are_refused_with_a_message(argv: list[str]) -> None:
 
 def test_every_setting_is_documented_and_has_a_flag() -> None:
     assert all(field.description for field in Settings.model_fields.values())
-    help_text = build_parser().format_help()
-    flags = {f"--{name.replace('_', '-')}" for name in Settings.model_fields} - {"--model-versions"}
+    help_text = cli_source().root_parser.format_help()
+    flags = {f"--{name.replace('_', '-')}" for name in Settings.model_fields}
     assert all(flag in help_text for flag in flags | {"--pin"})

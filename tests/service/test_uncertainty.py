@@ -329,3 +329,43 @@ def test_combined_flag_rate_on_id_rows_is_at_most_alpha() -> None:
         p[t] = ConformalOODCalibrator(statistic[cal]).p_values(statistic[new])[0]
     for alpha in (0.05, 0.1, 0.25):
         assert (p <= alpha).mean() <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials), alpha
+
+
+def test_a_priority_count_ranks_ahead_of_the_combination_and_keeps_its_order_within() -> None:
+    components = [LogScaleNormaliser("mutual_information", -3.0, 1.0), LogScaleNormaliser("density", 4.0, 0.5)]
+    plain = CombinedOODScore(components)
+    ranked = CombinedOODScore(components, priority="unseen_values")
+    assert ranked.names == ("mutual_information", "density", "unseen_values")
+    mi = np.exp([-3.0, 0.0, 10.0, -3.0])
+    density = np.exp([5.0, 4.0, 40.0, 4.0])
+    count = np.array([0.0, 0.0, 0.0, 1.0])
+    s = plain({"mutual_information": mi, "density": density})
+    got = ranked({"mutual_information": mi, "density": density, "unseen_values": count})
+    # hand-computed: S = (2, 3, 85, 0); statistic = count + 1/2 + S / (2 (1 + S))
+    np.testing.assert_allclose(s, [2.0, 3.0, 85.0, 0.0])
+    np.testing.assert_allclose(got, [0.5 + 2 / 6, 0.5 + 3 / 8, 0.5 + 85 / 172, 1.5])
+    # the row with one unseen value outranks a row as far out as S = 85; the others keep S's order
+    assert np.argmax(got) == 3 and list(np.argsort(got[:3])) == list(np.argsort(s[:3]))
+    with pytest.raises(ValueError, match="unseen_values"):
+        ranked({"mutual_information": mi, "density": density})
+    with pytest.raises(ValueError, match="component"):
+        CombinedOODScore(components, priority="density")
+
+
+@COMBINED
+@given(mixed_normalisers_strategy, st.data())
+def test_with_a_priority_count_more_unseen_values_always_rank_higher(
+    normalisers: list[LogScaleNormaliser], data: st.DataObject
+) -> None:
+    ranked = CombinedOODScore(normalisers, priority="unseen_values")
+    plain = CombinedOODScore(normalisers)
+    n = data.draw(st.integers(2, 8))
+    base = {c.score: np.array(data.draw(st.lists(score_values, min_size=n, max_size=n))) for c in normalisers}
+    count = np.array(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), dtype=np.float64)
+    got, s = ranked(base | {"unseen_values": count}), plain(base)
+    for i in range(n):
+        for j in range(n):
+            if count[i] > count[j]:
+                assert got[i] > got[j]
+            elif count[i] == count[j] and s[i] > s[j]:
+                assert got[i] >= got[j]  # S's order kept (>= : float rounding of the squash far out)

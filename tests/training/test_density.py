@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
 from training.config import ArchConfig
-from training.density import body_features, fit_feature_density, fit_input_density
+from training.density import (
+    MAX_DISCRETE_VALUES,
+    body_features,
+    discrete_columns,
+    fit_feature_density,
+    fit_input_density,
+    fit_unseen_values,
+)
 from training.models import HydraNet
 
 
@@ -93,3 +102,71 @@ def test_wide_features_use_the_top_directions_and_one_residual_term() -> None:
     precision = np.linalg.inv(cov)
     want_exact = np.min([np.einsum("nd,de,ne->n", probe - m, precision, probe - m) for m in means], axis=0)
     np.testing.assert_allclose(full, want_exact, rtol=1e-3)
+
+
+def _mixed_table(n: int = 600, seed: int = 3) -> np.ndarray:
+    """Columns: continuous, binary, a code 0..4, zero-inflated continuous, a constant."""
+    rng = np.random.default_rng(seed)
+    return np.column_stack(
+        [
+            rng.standard_normal(n),
+            rng.integers(0, 2, n),
+            rng.integers(0, 5, n),
+            np.where(rng.random(n) < 0.4, 0.0, rng.uniform(2.0, 7.0, n)),
+            np.full(n, 3.0),
+        ]
+    ).astype(np.float32)
+
+
+def test_discrete_columns_are_the_few_valued_ones_with_few_singletons() -> None:
+    x = _mixed_table()
+    found = discrete_columns(x)
+    assert sorted(found) == [1, 2, 4]  # not the continuous nor the zero-inflated continuous column
+    np.testing.assert_array_equal(found[2], np.arange(5, dtype=np.float32))
+    # more distinct values than the limit: not discrete, even without singletons
+    many = np.repeat(np.arange(MAX_DISCRETE_VALUES + 1, dtype=np.float32), 3)[:, None]
+    assert discrete_columns(many) == {}
+    assert fit_unseen_values(np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)) is None
+
+
+def test_unseen_values_count_the_discrete_columns_off_their_training_values() -> None:
+    x = _mixed_table()
+    unseen = fit_unseen_values(x)
+    assert unseen is not None
+    probe = x[:6].copy()
+    probe[0, 0] = 1e3  # a continuous column: never counted
+    probe[1, 1] = 0.1  # a flag sent as 0.1
+    probe[2, 2] = 2.5  # a code between codes
+    probe[3, 4] = 3.0 * (1 + 1e-7)  # float32 rounding of the same decimal: still the training value
+    probe[4, 1:3] = [7.0, -1.0]  # two columns out of range
+    probe[5, 3] = 0.3  # the zero-inflated gap: not a discrete column, not counted here
+    with torch.no_grad():
+        got = unseen(torch.from_numpy(probe)).numpy()
+    np.testing.assert_array_equal(got, [0, 1, 1, 0, 2, 0])
+    with torch.no_grad():  # every training row holds training values only
+        assert float(unseen(torch.from_numpy(x)).max()) == 0.0
+
+
+def test_unseen_values_in_the_exported_graph_match_torch(tmp_path: Path) -> None:
+    from training.export import export_onnx, model_output_names
+    from training.models import PackagedModel
+
+    x = _mixed_table()
+    net = _net(features=5)
+    y = np.random.default_rng(0).integers(0, 3, len(x))
+    model = PackagedModel(
+        [net],
+        "classification",
+        density=fit_feature_density(net, x, y),
+        input_density=fit_input_density(x),
+        unseen_values=fit_unseen_values(x),
+    )
+    assert model_output_names(model)[-1] == "unseen_values"
+    probe = np.concatenate([x[:32], x[:32] * 0.1, x[:32] * 4.0]).astype(np.float32)
+    worst = export_onnx(model, (5,), tmp_path / "model.onnx", probe)
+    assert worst["unseen_values"] == 0.0  # a count: exact in both
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    counts = session.run(["unseen_values"], {"input": probe})[0]
+    assert counts.shape == (96,) and (counts[:32] == 0).all() and (counts[32:64] >= 1).all()

@@ -106,7 +106,8 @@ def test_two_rank_distilled_package_is_valid(runs: dict[str, tuple[Path, Path]])
     assert set(report["methods"]) == {"ensemble", "kd", "hydra"}
     x = load_data(DataConfig(dataset="digits")).test.x[:16]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    log_probs, density, typicality = session.run(None, {"input": x})
+    log_probs, density, typicality, unseen = session.run(None, {"input": x})  # digits: integer pixels
+    assert unseen.shape == (len(x),) and np.all(unseen >= 0)
     assert typicality.shape == (len(x),) and np.all(typicality >= 0)
     assert density.shape == (len(x),) and np.all(density >= 0)
     assert log_probs.shape == (16, MEMBERS, 10)

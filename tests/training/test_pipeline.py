@@ -57,7 +57,12 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
         session = ort.InferenceSession(str(out / filename), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == ["input"]
         # only the student carries the feature density of its shared body
-        want = ["log_probs", "density", "input_density"] if filename == "model.onnx" else ["log_probs"]
+        # ... and, the digits' pixels being integers 0..16, the count of values unseen in training
+        want = (
+            ["log_probs", "density", "input_density", "unseen_values"]
+            if filename == "model.onnx"
+            else ["log_probs"]
+        )
         assert [o.name for o in session.get_outputs()] == want
         for batch in (1, 7):
             log_probs, *density = session.run(None, {"input": data.test.x[:batch]})
@@ -65,8 +70,10 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
             np.testing.assert_allclose(np.exp(log_probs).sum(-1), 1.0, atol=1e-5)
             assert all(d.shape == (batch,) and np.all(d >= 0) for d in density)
 
-    # schema 2: the OOD statistic combines MI with the density, normalised on the validation split
-    assert manifest.schema_version == 2 and manifest.outputs.density == "density"
+    # schema 3: the OOD statistic combines MI with the densities, normalised on the validation
+    # split, and ranks the unseen-value count ahead of them
+    assert manifest.schema_version == 3 and manifest.outputs.density == "density"
+    assert manifest.outputs.unseen_values == "unseen_values" and manifest.ood.priority == "unseen_values"
     assert manifest.ood.score == "combined" and manifest.ood.combination == "sum_pos_log_z"
     assert [c.score for c in manifest.ood.components] == ["mutual_information", "density", "input_density"]
     assert [c.tails for c in manifest.ood.components] == ["upper", "upper", "both"]
@@ -74,8 +81,13 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
 
     def served(x: np.ndarray) -> dict[str, np.ndarray]:
         """What the server should answer for rows `x` (the test oracle on the graph's outputs)."""
-        log_probs, density, typicality = session.run(None, {"input": x})
-        raw = {"log_probs": log_probs, "density": density, "input_density": typicality}
+        log_probs, density, typicality, unseen = session.run(None, {"input": x})
+        raw = {
+            "log_probs": log_probs,
+            "density": density,
+            "input_density": typicality,
+            "unseen_values": unseen,
+        }
         return oracle.answer(oracle.read_manifest(out), raw)
 
     # the stored calibration scores are the served statistic on the held-out calibration split
@@ -96,7 +108,15 @@ def test_smoke_graphs_follow_the_contract(digits_smoke: tuple[Path, Path]) -> No
     assert np.median(wrong_unit["density_score"]) > np.max(test["density_score"])
     # ... and rows x0.1: too close to the mean in input space, two-sided typicality flags them
     assert np.mean(served(data.test.x * 0.1)["ood_p_value"] <= 0.05) >= 0.9
-    want_scores = {"mutual_information", "density", "input_density", "combined"}
+    # ... and one pixel x0.1 (a 16 sent as 1.6) is a value no training digit has
+    one_pixel = data.test.x.reshape(len(data.test), -1).copy()
+    lit = one_pixel.argmax(axis=1)
+    one_pixel[np.arange(len(one_pixel)), lit] *= 0.1
+    answered = served(one_pixel.reshape(data.test.x.shape))
+    seen_off = answered["unseen_values"] >= 1  # where that pixel's column is one the count reads
+    assert seen_off.mean() >= 0.5 and (test["unseen_values"] == 0).mean() >= 0.95
+    assert np.mean(answered["ood_p_value"][seen_off] <= 0.05) >= 0.9
+    want_scores = {"mutual_information", "density", "input_density", "unseen_values", "combined"}
     assert set(report["hydra_ood_scores"]["noise"]) == want_scores
     families = report["self_check"]["families"]
     assert {"one_feature_x0.1", "one_feature_x4", "one_feature_x10", "scaled_x4"} <= set(families)
