@@ -102,12 +102,6 @@ def running(
                     process.wait()
 
 
-def service_command(port: int, repository: Path, *flags: str) -> list[str]:
-    """`python -m service` on 127.0.0.1:`port` over `repository`, then `flags` (more settings)."""
-    return [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-            "--model-repository", str(repository), *flags]  # fmt: skip
-
-
 def hydra_server(
     repository: Path,
     model: str,
