@@ -88,7 +88,7 @@ kserve-venv: $(KSERVE_VENV)/.installed
 test: install system-deps kserve-venv
 	$(PY) -m ruff check service training tests bench
 	$(PY) -m mypy
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2
 
 test-long: install
 	$(PY) -m pytest -q -m slow

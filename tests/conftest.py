@@ -14,9 +14,11 @@ import os
 for _pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_pool, "1")
 
+import fcntl
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +57,56 @@ def keyed_server(repo: Path) -> Iterator[Server]:
     unload or break models."""
     with running_server(repo, api_key=API_KEY, max_queue_delay_ms="2") as server:
         yield server
+
+
+# ---- Running in parallel (pytest-xdist, `make test`: -n 2) ------------------------------------------
+# Each test file runs whole on one worker, so its module-scoped servers start once. Files that share
+# an expensive session fixture run on the same worker, so it is built once.
+SHARED_WORKER = {
+    # `digits_smoke` (tests/training/conftest.py): one digits --smoke training run
+    "tests/training/test_distributed.py": "tests/training/test_pipeline.py",
+}
+# Files are handed out in collection order with these first: the training runs are the longest units
+# of work, and one of them started last would leave the other worker idle at the end.
+FIRST = "tests/training/"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_WORKER.get(path, path)
+
+    config.option.loadscopereorder = False  # xdist's default: the files with the most tests first
+    return ByFile(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker (they collect; every one the same order)
+        items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: files stay in order
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
+    """Under xdist, a test marked `serial` (it measures capacity or a time budget of the whole
+    machine) runs while no other test runs: over its setup (module fixtures included), call and
+    teardown it holds a lock exclusively that every other test holds shared. A gate held by the
+    waiting serial test keeps new tests from starting meanwhile (else the other worker could keep
+    the shared lock held, test after test, until it ran out of work)."""
+    if not hasattr(item.config, "workerinput"):  # one process: every test runs alone anyway
+        return (yield)
+    serial = item.get_closest_marker("serial") is not None
+    run = Path(item.config.option.basetemp).parent  # this run's temporary folder, one per run
+    with (run / "serial.gate").open("a") as gate, (run / "serial.lock").open("a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        if not serial:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)

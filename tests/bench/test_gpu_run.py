@@ -21,6 +21,8 @@ from bench.report import GPU_NOT_RUN, gpu_section
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGET_S = 15
+# the run must fit its budget: no other test may take CPU meanwhile (tests/conftest.py)
+pytestmark = pytest.mark.serial
 NO_CUDA = "CUDAExecutionProvider" not in ort.get_available_providers()
 
 

@@ -75,7 +75,11 @@ def test_groups_and_section_render() -> None:
             "seconds": 1.0,
         }
     )
-    assert "### Fresh datasets (fixed before the third component" in doc and "| moons |" in doc and "**1.00**" in doc
+    assert (
+        "### Fresh datasets (fixed before the third component" in doc
+        and "| moons |" in doc
+        and "**1.00**" in doc
+    )
     assert "Seen datasets" not in doc  # no rows in that group
 
 

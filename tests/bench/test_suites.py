@@ -106,30 +106,24 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
     assert set(run["test"]) == {"ensemble", "kd", "hydra"} and run["transfer_size"] > 0
     assert (tmp_path / "models" / "penguins" / "s0" / "model.onnx").exists()
     machine = {"date_utc": "2026-01-01", "cpu": "cpu", "cores": 2, "command": "python -m bench suites"}
-    doc = suites_section(
-        {
+
+    def result(suite: str, suite_runs: list[dict[str, Any]]) -> dict[str, Any]:
+        """What `python -m bench suites` writes for one suite of these runs."""
+        return {
             "preset": "test",
-            "plan": {**plan.__dict__, "suites": ["tuning"]},
+            "plan": {**plan.__dict__, "suites": [suite]},
             "machine": machine,
-            "runs": runs,
-            "verdict": {"tuning": verdict(runs)},
+            "runs": suite_runs,
+            "verdict": {suite: verdict(suite_runs)},
             "seconds": 1.0,
         }
-    )
+
+    doc = suites_section(result("tuning", runs))
     assert "### Tuning suite" in doc and "| penguins |" in doc and "scaled_x4" in doc
     stability = splits_section({"machine": machine, "runs": runs})
     assert "| penguins | 0, 1 |" in stability and "of 2" in stability
     fresh3_runs = [dict(r, suite="fresh3") for r in runs]
-    f3 = fresh3_section(
-        {
-            "preset": "test",
-            "plan": {**plan.__dict__, "suites": ["fresh3"]},
-            "machine": machine,
-            "runs": fresh3_runs,
-            "verdict": {"fresh3": verdict(fresh3_runs)},
-            "seconds": 1.0,
-        }
-    )
+    f3 = fresh3_section(result("fresh3", fresh3_runs))
     assert "#### Fresh3 (" in f3 and "| penguins |" in f3 and "Criteria over every" in f3
     assert fresh3_section(None) == ""
     assert list(SUITES) == [

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 
 from tests.deploy.support import REPO_ROOT
-from tests.service.support import free_port, stop
+from tests.service.support import Server, free_port, stop, wait_ready
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -118,7 +117,7 @@ def test_started_image_answers_health_v1_and_v2_as_10001(mounted: Mounted, tmp_p
         process = _start_in_chroot(mounted, mounted.config["Entrypoint"], env, sink)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process, log)
+        wait_ready(Server(url, process, log), timeout=90)
         assert _uids(process.pid) == {UID}, "the server does not run as uid 10001"
         rows = np.random.default_rng(3).uniform(0, 16, (2, 64)).round()  # (batch, 8x8 pixels)
         v1 = httpx.post(f"{url}/v1/models/{MODEL}:predict", json={"instances": rows.tolist()}, timeout=30)
@@ -165,19 +164,6 @@ def _start_in_chroot(
         stdout=sink,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        assert process.poll() is None, "the image's server exited:\n" + log.read_text()
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the image's server is not ready:\n" + log.read_text()
-        time.sleep(0.2)
 
 
 def _uids(pid: int) -> set[int]:

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,14 @@ import tritonclient.grpc
 
 from tests.deploy.support import REPO_ROOT
 from tests.deploy.test_packaging import DOCKERFILE, stages
-from tests.service.support import build_test_repository, calibration_inputs, free_port, stop
+from tests.service.support import (
+    Server,
+    build_test_repository,
+    calibration_inputs,
+    free_port,
+    stop,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -102,16 +108,7 @@ def test_installed_server_answers_a_prediction(installed: Path, tmp_path: Path) 
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "installed server not ready:\n" + log.read_text()
-            time.sleep(0.1)
+        wait_ready(Server(url, process, log), timeout=60)
         rows = calibration_inputs("classification", 3, seed=5)
         response = httpx.post(
             f"{url}/v2/models/clf/infer",

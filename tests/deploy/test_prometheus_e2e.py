@@ -143,6 +143,40 @@ def _window(seconds: float) -> str:
     return f"{int(seconds * 1000)}ms"
 
 
+def _per_phase(phases: Phases, panel_promql: str) -> tuple[dict[str, float], dict[str, float]]:
+    """A dashboard query by model over each phase (its range variable = the phase), at the phase's end:
+    (ID phase, OOD phase)."""
+    # rate() needs the last sample before the phase too: reach back 1.5 scrape intervals further (the
+    # scrape before that one is older than the phase boundary's two awaited scrapes, see Phases)
+    reach = SCRAPE_INTERVAL_S * 1.5
+    bounds = ((phases.start, phases.id_end), (phases.id_end, phases.ood_end))
+    id_values, ood_values = (
+        _by_model(
+            phases.prometheus.query(
+                substitute_grafana_variables(panel_promql, _window(end - begin + reach)), at=end
+            )
+        )
+        for begin, end in bounds
+    )
+    return id_values, ood_values
+
+
+def _alert_models(prometheus: Prometheus, name: str) -> set[str]:
+    return {
+        a["labels"]["model"]
+        for a in prometheus.get("/api/v1/alerts")["alerts"]
+        if a["labels"]["alertname"] == name
+    }
+
+
+def _wait_for_alert(prometheus: Prometheus, name: str, models: set[str]) -> set[str]:
+    """The models alert `name` is pending or firing for, once they are `models` or after 10 s."""
+    deadline = time.monotonic() + 10
+    while (alerted := _alert_models(prometheus, name)) != models and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return alerted
+
+
 def test_every_dashboard_expression_returns_data(phases: Phases) -> None:
     expressions = dashboard_expressions(DASHBOARD)
     assert len(expressions) >= 20
@@ -197,18 +231,7 @@ def test_prometheus_counts_every_row_and_flag(phases: Phases) -> None:
 
 def test_flag_rate_is_alpha_on_id_traffic_and_far_above_on_ood(phases: Phases) -> None:
     """The dashboard's own flag-rate query: about α on ID traffic, clearly above α on OOD traffic."""
-    promql = _panel_expression(FLAG_RATE_PANEL)
-    # rate() needs the last sample before the phase too: reach back 1.5 scrape intervals further (the
-    # scrape before that one is older than the phase boundary's two awaited scrapes, see Phases)
-    reach = SCRAPE_INTERVAL_S * 1.5
-    id_window = _window(phases.id_end - phases.start + reach)
-    ood_window = _window(phases.ood_end - phases.id_end + reach)
-    id_rate = _by_model(
-        phases.prometheus.query(substitute_grafana_variables(promql, id_window), at=phases.id_end)
-    )
-    ood_rate = _by_model(
-        phases.prometheus.query(substitute_grafana_variables(promql, ood_window), at=phases.ood_end)
-    )
+    id_rate, ood_rate = _per_phase(phases, _panel_expression(FLAG_RATE_PANEL))
     alpha_promql = substitute_grafana_variables(_panel_expression(FLAG_RATE_PANEL, "B"), "1m")
     alpha = _by_model(phases.prometheus.query(alpha_promql, at=phases.ood_end))
     for name, expected_alpha in ALPHA.items():
@@ -231,16 +254,7 @@ def test_density_panel_rises_by_orders_of_magnitude_on_ood_traffic(
 ) -> None:
     """The density panel's own p50 queries (body density, input typicality), over each phase: only
     dens_clf has series, and shifted rows sit far from the training rows, in body and input space."""
-    promql = _panel_expression(DENSITY_PANEL, ref_id)
-    reach = SCRAPE_INTERVAL_S * 1.5
-    id_window = _window(phases.id_end - phases.start + reach)
-    ood_window = _window(phases.ood_end - phases.id_end + reach)
-    id_p50 = _by_model(
-        phases.prometheus.query(substitute_grafana_variables(promql, id_window), at=phases.id_end)
-    )
-    ood_p50 = _by_model(
-        phases.prometheus.query(substitute_grafana_variables(promql, ood_window), at=phases.ood_end)
-    )
+    id_p50, ood_p50 = _per_phase(phases, _panel_expression(DENSITY_PANEL, ref_id))
     assert set(id_p50) == set(ood_p50) == {"dens_clf"}
     assert id_range[0] < id_p50["dens_clf"] < id_range[1], id_p50
     assert ood_p50["dens_clf"] > 30 * id_p50["dens_clf"], (id_p50, ood_p50)
@@ -278,14 +292,6 @@ def test_request_metrics_carry_route_templates_only(phases: Phases) -> None:
     assert not [r for r in routes if any(name in r for name in ("clf", "reg", "nope", "broken"))], routes
 
 
-def _alert_models(prometheus: Prometheus, name: str) -> set[str]:
-    return {
-        a["labels"]["model"]
-        for a in prometheus.get("/api/v1/alerts")["alerts"]
-        if a["labels"]["alertname"] == name
-    }
-
-
 def test_drift_alert_quiet_on_id_traffic_and_fired_by_shifted_traffic(phases: Phases) -> None:
     """The drift martingale of every model reaches 1/delta on the shifted rows (P ≤ delta per model on
     the clean ones); Prometheus evaluates HydraInputDrift on the scraped counters and fires it."""
@@ -293,10 +299,7 @@ def test_drift_alert_quiet_on_id_traffic_and_fired_by_shifted_traffic(phases: Ph
     assert phases.prometheus.query(rule["expr"], at=phases.id_end) == []
     firing = {str(s["metric"]["model"]) for s in phases.prometheus.query(rule["expr"], at=phases.ood_end)}
     assert firing == set(TASKS)
-    deadline = time.monotonic() + 10
-    while _alert_models(phases.prometheus, "HydraInputDrift") != set(TASKS) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    assert _alert_models(phases.prometheus, "HydraInputDrift") == set(TASKS)
+    assert _wait_for_alert(phases.prometheus, "HydraInputDrift", set(TASKS)) == set(TASKS)
     # the dashboard's martingale panel and its 1/delta line
     line = phases.prometheus.query("max by (model) (hydra_drift_alarm_threshold_log10)", at=phases.ood_end)
     assert {str(s["metric"]["model"]): float(s["value"][1]) for s in line} == dict.fromkeys(TASKS, 2.0)
@@ -313,9 +316,4 @@ def test_shadow_fidelity_alert_sees_the_teacher_the_student_does_not_follow(phas
     by_model = {str(s["metric"]["model"]): float(s["value"][1]) for s in fidelity}
     assert set(by_model) == {"clf", "dens_clf"}
     assert by_model["dens_clf"] == pytest.approx(1.0) and by_model["clf"] < 0.8
-    deadline = time.monotonic() + 10
-    while (
-        _alert_models(phases.prometheus, "HydraShadowFidelityLow") != {"clf"} and time.monotonic() < deadline
-    ):
-        time.sleep(0.25)
-    assert _alert_models(phases.prometheus, "HydraShadowFidelityLow") == {"clf"}
+    assert _wait_for_alert(phases.prometheus, "HydraShadowFidelityLow", {"clf"}) == {"clf"}

@@ -25,17 +25,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.manifest import ModelManifest
 from tests import oracle
-from tests.service.support import CLF_CLASSES, CLF_FEATURES, HEADS, OPSET, calibration_inputs, make_classifier
+from tests.service.support import (
+    CLF_CLASSES,
+    CLF_FEATURES,
+    HEADS,
+    calibration_inputs,
+    classifier_model,
+    finish_model,
+    make_classifier,
+)
 
 POISON_THRESHOLD = 1.0e6
 LABELS = ["setosa", "versicolor", "virginica"]
-
-
-def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def make_wide_classifier(hidden: int, layers: int, seed: int = 0, heads: int = HEADS) -> onnx.ModelProto:
@@ -66,14 +67,7 @@ def make_wide_classifier(hidden: int, layers: int, seed: int = 0, heads: int = H
         helper.make_node("Reshape", ["z", "shape"], ["logits"]),
         helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "wide_clf",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", CLF_FEATURES])],
-        [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", heads, CLF_CLASSES])],
-        inits,
-    )
-    return _finish(graph)
+    return classifier_model(nodes, inits, "wide_clf", heads)
 
 
 def make_fragile_classifier(seed: int = 0) -> onnx.ModelProto:
@@ -106,7 +100,7 @@ def make_fragile_classifier(seed: int = 0) -> onnx.ModelProto:
             helper.make_node("Add", ["clean_log_probs", "zero"], ["log_probs"]),
         ]
     )
-    return _finish(graph)
+    return finish_model(graph)
 
 
 def make_nan_classifier(seed: int = 0) -> onnx.ModelProto:
@@ -180,4 +174,4 @@ def make_nan_off_zero_classifier(seed: int = 0) -> onnx.ModelProto:
             helper.make_node("Add", ["clean_log_probs", "nan_or_zero"], ["log_probs"]),
         ]
     )
-    return _finish(graph)
+    return finish_model(graph)

@@ -116,6 +116,7 @@ def test_row_limit_is_checked_before_rows_become_an_array(limited_server: Server
     assert v2.status_code == 400 and "max_request_rows=4" in v2.json()["error"], v2.text
 
 
+@pytest.mark.serial  # compares latencies before and during: alone on the machine (tests/conftest.py)
 def test_a_client_trickling_its_body_times_out_without_holding_up_others(limited_server: Server) -> None:
     url = limited_server.url
     body = json.dumps({"instances": [[0.5] * CLF_FEATURES]}).encode()
@@ -162,6 +163,7 @@ def test_a_client_trickling_its_body_times_out_without_holding_up_others(limited
     )
 
 
+@pytest.mark.serial  # a latency bound: alone on the machine (tests/conftest.py)
 def test_slowloris_headers_do_not_hold_up_other_clients(limited_server: Server) -> None:
     url = limited_server.url
     sockets = []

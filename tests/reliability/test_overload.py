@@ -46,6 +46,10 @@ MiB = 1024 * 1024
 QUEUE = 32  # requests that may wait per model: at ~30 req/s, about a second of work
 
 
+# capacity is measured, then offered 10x: no other test may take CPU meanwhile (tests/conftest.py)
+pytestmark = pytest.mark.serial
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
 def wide_server(wide_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     # 2 workers: two processes on the port, each with its own queue of QUEUE and one ORT thread

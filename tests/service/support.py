@@ -24,7 +24,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -40,7 +39,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import LedoitWolf
 
-from bench.servers import free_port
+from bench.servers import free_port, service_command
 from service.manifest import ModelManifest
 from tests import oracle
 
@@ -106,14 +105,21 @@ def make_classifier(seed: int = 0, heads: int = HEADS, *, poisoned: bool = False
         _init("b2", rng.normal(0, 0.2, heads * CLF_CLASSES)),
         numpy_helper.from_array(np.array([-1, heads, CLF_CLASSES], dtype=np.int64), "shape"),
     ]
+    return classifier_model(nodes, inits, "hydra_clf", heads)
+
+
+def classifier_model(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], name: str, heads: int
+) -> onnx.ModelProto:
+    """The checked model of a classifier graph: input [batch, 8] → ... → log_probs [batch, heads, 3]."""
     graph = helper.make_graph(
         nodes,
-        "hydra_clf",
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", CLF_FEATURES])],
         [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", heads, CLF_CLASSES])],
         inits,
     )
-    return _finish(graph)
+    return finish_model(graph)
 
 
 def make_regressor(seed: int = 0, heads: int = HEADS) -> onnx.ModelProto:
@@ -145,7 +151,7 @@ def make_regressor(seed: int = 0, heads: int = HEADS) -> onnx.ModelProto:
         ],
         inits,
     )
-    return _finish(graph)
+    return finish_model(graph)
 
 
 def with_density(model: onnx.ModelProto, fit_rows: np.ndarray) -> onnx.ModelProto:
@@ -202,7 +208,7 @@ def with_density(model: onnx.ModelProto, fit_rows: np.ndarray) -> onnx.ModelProt
     )
     graph.initializer.extend([_init("input_density_mean", mean), _init("input_density_w", input_whitening)])
     graph.output.append(helper.make_tensor_value_info("input_density", TensorProto.FLOAT, ["batch"]))
-    return _finish(graph)
+    return finish_model(graph)
 
 
 def input_density_parameters(fit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +223,8 @@ def input_density_parameters(fit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return mean, whitening
 
 
-def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
+def finish_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """`graph` as a model of opset 17, IR 8, that passes the ONNX checker."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -459,18 +466,7 @@ def start_server(repo_dir: Path, *args: str, **env: str) -> Server:
     log = Path(tempfile.mkstemp(prefix="hydra-serve-", suffix=".log")[1])
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--model-repository",
-                str(repo_dir),
-                *args,
-            ],
+            service_command(port, repo_dir, *args),
             cwd=REPO_ROOT,
             env=environment,
             stdout=sink,
@@ -490,6 +486,13 @@ def wait_ready(server: Server, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     server.terminate()
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+def held_batches(delay_ms: int) -> dict[str, str]:
+    """Server settings under which requests sent together wait `delay_ms` in the batch queue: Triton's
+    rule (a partial batch waits out the delay even while the model is idle) and room for 256 rows.
+    Long enough for a test to signal, reload or inspect the server while they wait."""
+    return {"max_queue_delay_ms": str(delay_ms), "max_batch_size": "256", "run_when_idle": "false"}
 
 
 @contextlib.contextmanager

@@ -30,9 +30,9 @@ from tests.service.support import (
     CLF_FEATURES,
     ReferenceModel,
     Server,
+    held_batches,
     running_server,
     start_server,
-    wait_ready,
     write_model,
 )
 from tests.service.test_v2_server import FEATURES, assert_matches_reference, rows_for, specs
@@ -425,41 +425,34 @@ def test_api_key_as_call_metadata(model_repository: Path) -> None:
 def test_sigterm_drains_grpc_calls_in_flight_then_refuses(model_repository: Path) -> None:
     # a 5 s delay, so the 30 calls are still queued at SIGTERM even on a loaded machine (stop()
     # runs them at once)
-    server = start_server(
-        model_repository,
-        "--max-queue-delay-ms",
-        "5000",
-        "--max-batch-size",
-        "256",
-        "--run-when-idle",
-        "false",
-    )
-    wait_ready(server)
-    batches = [np.random.default_rng(i).normal(size=(1, CLF_FEATURES)).astype(np.float32) for i in range(30)]
+    with running_server(model_repository, **held_batches(5000)) as server:
+        batches = [
+            np.random.default_rng(i).normal(size=(1, CLF_FEATURES)).astype(np.float32) for i in range(30)
+        ]
 
-    async def scenario() -> list[tga.InferResult]:
-        async with tga.InferenceServerClient(server.grpc_target) as client:
-            calls = [asyncio.ensure_future(client.infer("clf", [grpc_input(rows)])) for rows in batches]
-            async with httpx.AsyncClient(base_url=server.url) as http:
-                for _ in range(400):  # SIGTERM once all 30 wait in the batch queue
-                    queued = (await http.get("/v1/models/clf")).json()["batching"]["queued_requests"]
-                    if queued == len(batches):
-                        break
-                    await asyncio.sleep(0.01)
-            assert queued == len(batches)
-            server.process.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*calls)
+        async def scenario() -> list[tga.InferResult]:
+            async with tga.InferenceServerClient(server.grpc_target) as client:
+                calls = [asyncio.ensure_future(client.infer("clf", [grpc_input(rows)])) for rows in batches]
+                async with httpx.AsyncClient(base_url=server.url) as http:
+                    for _ in range(400):  # SIGTERM once all 30 wait in the batch queue
+                        queued = (await http.get("/v1/models/clf")).json()["batching"]["queued_requests"]
+                        if queued == len(batches):
+                            break
+                        await asyncio.sleep(0.01)
+                assert queued == len(batches)
+                server.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*calls)
 
-    results = asyncio.run(scenario())
-    assert [r.as_numpy("label").shape for r in results] == [(1,)] * len(batches)
-    assert server.process.wait(timeout=30) == 0, server.log()
-    client = tg.InferenceServerClient(server.grpc_target)
-    try:
-        with pytest.raises(InferenceServerException) as caught:
-            client.is_server_live(client_timeout=2)
-        assert _status(caught.value)[0] in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
-    finally:
-        client.close()
+        results = asyncio.run(scenario())
+        assert [r.as_numpy("label").shape for r in results] == [(1,)] * len(batches)
+        assert server.process.wait(timeout=30) == 0, server.log()
+        client = tg.InferenceServerClient(server.grpc_target)
+        try:
+            with pytest.raises(InferenceServerException) as caught:
+                client.is_server_live(client_timeout=2)
+            assert _status(caught.value)[0] in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+        finally:
+            client.close()
 
 
 def test_grpc_port_zero_turns_grpc_off_and_port_in_use_fails_start(model_repository: Path) -> None:

@@ -12,45 +12,37 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.support import CLF_FEATURES, start_server, wait_ready, write_model
+from tests.service.support import CLF_FEATURES, held_batches, running_server, start_server, write_model
 
 
 def test_sigterm_under_load_answers_every_accepted_request_then_exits_0(model_repository: Path) -> None:
-    # Triton's rule (--run-when-idle false), so a partial batch waits out the 1.5 s delay
-    server = start_server(
-        model_repository,
-        "--max-queue-delay-ms",
-        "1500",
-        "--max-batch-size",
-        "256",
-        "--run-when-idle",
-        "false",
-    )
-    wait_ready(server)
+    with running_server(model_repository, **held_batches(1500)) as server:
 
-    async def scenario() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=60)
-        async with httpx.AsyncClient(base_url=server.url, timeout=20, limits=limits) as client:
-            rows = np.random.default_rng(3).normal(size=(40, CLF_FEATURES))
-            tasks = [
-                asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": [row.tolist()]}))
-                for row in rows
-            ]
-            # SIGTERM once all 40 wait in the batch queue (the batch runs 1.5 s after the first arrived)
-            for _ in range(100):
-                meta = (await client.get("/v1/models/clf")).json()
-                if meta["batching"]["queued_requests"] == 40:
-                    break
-                await asyncio.sleep(0.01)
-            assert meta["batching"]["queued_requests"] == 40 and meta["batching"]["rows"] == 0
-            server.process.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
+        async def scenario() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=60)
+            async with httpx.AsyncClient(base_url=server.url, timeout=20, limits=limits) as client:
+                rows = np.random.default_rng(3).normal(size=(40, CLF_FEATURES))
+                tasks = [
+                    asyncio.create_task(
+                        client.post("/v1/models/clf:predict", json={"instances": [row.tolist()]})
+                    )
+                    for row in rows
+                ]
+                # SIGTERM once all 40 wait in the batch queue (the batch runs 1.5 s after the first arrived)
+                for _ in range(100):
+                    meta = (await client.get("/v1/models/clf")).json()
+                    if meta["batching"]["queued_requests"] == 40:
+                        break
+                    await asyncio.sleep(0.01)
+                assert meta["batching"]["queued_requests"] == 40 and meta["batching"]["rows"] == 0
+                server.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
 
-    responses = asyncio.run(scenario())
-    assert [r.status_code for r in responses] == [200] * 40
-    assert server.process.wait(timeout=20) == 0, server.log()
-    with pytest.raises(httpx.ConnectError):  # no longer accepting
-        httpx.get(f"{server.url}/v2/health/live", timeout=1)
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 40
+        assert server.process.wait(timeout=20) == 0, server.log()
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(f"{server.url}/v2/health/live", timeout=1)
 
 
 def _exit_status_and_log(repo: Path) -> tuple[int, str]:

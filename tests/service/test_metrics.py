@@ -9,7 +9,7 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -46,6 +46,20 @@ def scrape(metrics: ServiceMetrics) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
+
+
+def assert_histogram(
+    samples: Samples, name: str, observed: np.ndarray, buckets: Sequence[float], **labels: str
+) -> None:
+    """Histogram `name` holds exactly `observed`: each bucket counts the values at or below its bound,
+    compared in the values' own precision (as the server compares them), +Inf counts them all, and
+    _sum is their sum."""
+    for bound in buckets:
+        expected = int((observed <= np.asarray(bound, dtype=observed.dtype)).sum())
+        assert value(samples, f"{name}_bucket", le=repr(float(bound)), **labels) == expected, bound
+    assert value(samples, f"{name}_bucket", le="+Inf", **labels) == observed.size
+    total = observed.astype(np.float64).sum()
+    assert value(samples, f"{name}_sum", **labels) == pytest.approx(total, rel=1e-9)
 
 
 def names(samples: Samples) -> set[str]:
@@ -145,13 +159,7 @@ def test_density_scores_are_counted_only_for_outputs_that_carry_them() -> None:
     metrics.observe_uncertainty("clf", "1", classification_outputs(rng, 5, 3, 0.05), 0.05, None)
     s = scrape(metrics)
     mv = {"model": "dens", "version": "1"}
-    values = density.astype(np.float64)
-    for bound in DENSITY_BUCKETS:
-        assert value(s, "hydra_density_score_bucket", le=repr(float(bound)), **mv) == int(
-            (values <= bound).sum()
-        )
-    assert value(s, "hydra_density_score_bucket", le="+Inf", **mv) == density.size
-    assert value(s, "hydra_density_score_sum", **mv) == pytest.approx(values.sum(), rel=1e-9)
+    assert_histogram(s, "hydra_density_score", density, DENSITY_BUCKETS, **mv)
     # ID values of a 64-wide body land in the resolved middle of the buckets, not in an end bucket
     assert value(s, "hydra_density_score_bucket", le="20.0", **mv) < 5
     assert value(s, "hydra_density_score_bucket", le="200.0", **mv) > 195
@@ -190,12 +198,7 @@ def test_input_density_scores_are_counted_only_for_outputs_that_carry_them() -> 
     metrics.observe_uncertainty("clf", "1", classification_outputs(rng, 5, 3, 0.05), 0.05, None)
     s = scrape(metrics)
     mv = {"model": "dens", "version": "1"}
-    values = typical.astype(np.float64)
-    for bound in INPUT_DENSITY_BUCKETS:
-        expected = int((values <= np.float32(bound)).sum())
-        assert value(s, "hydra_input_density_score_bucket", le=repr(float(bound)), **mv) == expected
-    assert value(s, "hydra_input_density_score_bucket", le="+Inf", **mv) == typical.size
-    assert value(s, "hydra_input_density_score_sum", **mv) == pytest.approx(values.sum(), rel=1e-9)
+    assert_histogram(s, "hydra_input_density_score", typical, INPUT_DENSITY_BUCKETS, **mv)
     assert value(s, "hydra_density_score_count", **mv) == typical.size  # both observed, apart
     assert ("hydra_input_density_score_count", frozenset({"model": "clf", "version": "1"}.items())) not in s
     metrics.remove_model("dens", "1")

@@ -23,9 +23,12 @@ from tests.service.support import (
     API_KEY,
     AUTH,
     CLF_FEATURES,
+    InProcessClient,
     ReferenceModel,
     Server,
     connect,
+    held_batches,
+    in_process,
     read_response,
     running_server,
     start_server,
@@ -33,44 +36,60 @@ from tests.service.support import (
 )
 from tests.service.test_v1 import assert_matches
 
+# Repository control is the app's, whatever the transport: the app in process (httpx over ASGI) where
+# the test only asks and answers; a real server where requests must be in flight during a reload.
+Client = httpx.Client | InProcessClient
+
 
 @pytest.fixture(scope="module")
-def shared_keyed_server(model_repository: Path) -> Iterator[Server]:
-    """One server for the read-only tests (they change no model)."""
-    with running_server(model_repository, api_key=API_KEY) as server:
-        yield server
+def shared_keyed(model_repository: Path) -> Iterator[InProcessClient]:
+    """The app in process for the read-only tests (they change no model)."""
+    with in_process(model_repository, api_key=API_KEY) as client:
+        yield client
 
 
-def load(url: str, name: str, headers: dict[str, str] | None = AUTH) -> httpx.Response:
-    return httpx.post(f"{url}/v2/repository/models/{name}/load", headers=headers, timeout=30)
+@pytest.fixture
+def keyed(repo: Path) -> Iterator[InProcessClient]:
+    """The app in process over a private copy of the repository, for tests that load, unload or break
+    models."""
+    with in_process(repo, api_key=API_KEY, max_queue_delay_ms=2) as client:
+        yield client
 
 
-def predict(url: str, rows: list[list[float]], headers: dict[str, str] | None = AUTH) -> httpx.Response:
-    return httpx.post(f"{url}/v1/models/clf:predict", json={"instances": rows}, headers=headers, timeout=10)
+@contextlib.contextmanager
+def client_of(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def load(client: Client, name: str, headers: dict[str, str] | None = AUTH) -> httpx.Response:
+    return client.post(f"/v2/repository/models/{name}/load", headers=headers)
+
+
+def predict(client: Client, rows: list[list[float]], headers: dict[str, str] | None = AUTH) -> httpx.Response:
+    return client.post("/v1/models/clf:predict", json={"instances": rows}, headers=headers)
 
 
 ROWS = np.random.default_rng(5).normal(0, 2, (3, CLF_FEATURES)).tolist()
 
 
-def test_api_key_guards_prediction_and_repository_control(shared_keyed_server: Server) -> None:
-    url = shared_keyed_server.url
-    assert predict(url, ROWS, headers=None).status_code == 401
-    assert predict(url, ROWS, headers={"X-API-Key": "wrong"}).status_code == 401
-    assert predict(url, ROWS, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
-    assert predict(url, ROWS).status_code == 200
-    refused = load(url, "clf", headers={"Authorization": "Bearer nope"})
+def test_api_key_guards_prediction_and_repository_control(shared_keyed: InProcessClient) -> None:
+    assert predict(shared_keyed, ROWS, headers=None).status_code == 401
+    assert predict(shared_keyed, ROWS, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert predict(shared_keyed, ROWS, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert predict(shared_keyed, ROWS).status_code == 200
+    refused = load(shared_keyed, "clf", headers={"Authorization": "Bearer nope"})
     assert refused.status_code == 401 and "API key" in refused.json()["error"]
-    assert httpx.get(f"{url}/v2/health/live").status_code == 200  # probes stay open
+    assert shared_keyed.get("/v2/health/live").status_code == 200  # probes stay open
 
 
-def test_index_get_and_post(shared_keyed_server: Server) -> None:
-    keyed_server = shared_keyed_server
+def test_index_get_and_post(shared_keyed: InProcessClient) -> None:
     expected = [
         {"name": "clf", "version": "1", "state": "READY", "reason": ""},
         {"name": "reg", "version": "1", "state": "READY", "reason": ""},
     ]
-    assert httpx.get(f"{keyed_server.url}/v2/repository/index", headers=AUTH).json() == expected
-    posted = httpx.post(f"{keyed_server.url}/v2/repository/index", headers=AUTH, json={"ready": True})
+    assert shared_keyed.get("/v2/repository/index", headers=AUTH).json() == expected
+    posted = shared_keyed.post("/v2/repository/index", headers=AUTH, json={"ready": True})
     assert posted.json() == expected
 
 
@@ -121,58 +140,54 @@ def test_reload_under_load_fails_no_request(keyed_server: Server, repo: Path) ->
 
 
 def test_broken_versions_are_refused_and_the_old_version_keeps_serving(
-    keyed_server: Server, repo: Path
+    keyed: InProcessClient, repo: Path
 ) -> None:
-    url = keyed_server.url
     write_model(repo, "clf", 2, "classification", seed=42)
     (repo / "clf" / "2" / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
-    refused = load(url, "clf")
+    refused = load(keyed, "clf")
     assert refused.status_code == 400
     assert "model 'clf' version 2" in refused.json()["error"] and "model.onnx" in refused.json()["error"]
-    ok = predict(url, ROWS)
+    ok = predict(keyed, ROWS)
     assert ok.status_code == 200 and ok.json()["model_version"] == "1"
 
     shutil.rmtree(repo / "clf" / "2")
     write_model(repo, "clf", 3, "classification", seed=43, heads=2)
     manifest = repo / "clf" / "3" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"heads": 2', '"heads": 5'))  # graph has 2 heads
-    refused = load(url, "clf")
+    refused = load(keyed, "clf")
     assert refused.status_code == 400 and "(batch, heads, classes)" in refused.json()["error"]
 
     manifest.write_text("{ not json")
-    refused = load(url, "clf")
+    refused = load(keyed, "clf")
     assert refused.status_code == 400 and "not valid JSON" in refused.json()["error"]
-    assert predict(url, ROWS).json()["model_version"] == "1"
-    index = httpx.get(f"{url}/v2/repository/index", headers=AUTH).json()
+    assert predict(keyed, ROWS).json()["model_version"] == "1"
+    index = keyed.get("/v2/repository/index", headers=AUTH).json()
     assert {"name": "clf", "version": "1", "state": "READY", "reason": ""} in index
 
 
-def test_unload_then_load_again(keyed_server: Server) -> None:
-    url = keyed_server.url
-    unloaded = httpx.post(f"{url}/v2/repository/models/reg/unload", headers=AUTH)
+def test_unload_then_load_again(keyed: InProcessClient) -> None:
+    unloaded = keyed.post("/v2/repository/models/reg/unload", headers=AUTH)
     assert unloaded.status_code == 200
-    gone = httpx.post(f"{url}/v1/models/reg:predict", json={"instances": [[0.0] * 5]}, headers=AUTH)
+    gone = keyed.post("/v1/models/reg:predict", json={"instances": [[0.0] * 5]}, headers=AUTH)
     assert gone.status_code == 404 and "'reg'" in gone.json()["error"]
-    index = httpx.get(f"{url}/v2/repository/index", headers=AUTH).json()
+    index = keyed.get("/v2/repository/index", headers=AUTH).json()
     assert {"name": "reg", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"} in index
-    assert httpx.get(f"{url}/v1/models", headers=AUTH).json() == {"models": ["clf"]}
-    assert load(url, "reg").status_code == 200
-    back = httpx.post(f"{url}/v1/models/reg:predict", json={"instances": [[0.0] * 5]}, headers=AUTH)
+    assert keyed.get("/v1/models", headers=AUTH).json() == {"models": ["clf"]}
+    assert load(keyed, "reg").status_code == 200
+    back = keyed.post("/v1/models/reg:predict", json={"instances": [[0.0] * 5]}, headers=AUTH)
     assert back.status_code == 200
 
 
-def test_load_of_invalid_or_unknown_names_is_404(shared_keyed_server: Server) -> None:
+def test_load_of_invalid_or_unknown_names_is_404(shared_keyed: InProcessClient) -> None:
     for name in ["%2E%2E", "%2Ehidden", "a%20b", "x" * 65, "nope"]:
-        response = load(shared_keyed_server.url, name)
+        response = load(shared_keyed, name)
         assert response.status_code == 404, name
         error = response.json()["error"]
         assert "invalid model name" in error or "'nope' not found in repository" in error, error
 
 
 def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
-    with running_server(
-        repo, api_key=API_KEY, max_queue_delay_ms="1500", max_batch_size="256", run_when_idle="false"
-    ) as server:
+    with running_server(repo, api_key=API_KEY, **held_batches(1500)) as server:
 
         async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as client:
@@ -226,7 +241,8 @@ def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_i
                 time.sleep(0.01)
             assert probe.status_code == 503, probe.text
             write_model(repo, "clf", 2, "classification", seed=42)
-            assert load(server.url, "clf").json()["version"] == "2"
+            with client_of(server) as client:
+                assert load(client, "clf").json()["version"] == "2"
             answers = []
             for conn in conns:
                 conn.sendall(body[20:])
@@ -234,7 +250,8 @@ def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_i
         for status, _, payload in answers:
             assert status == 200, payload
             assert orjson.loads(payload)["model_version"] == "1"
-        fresh = predict(server.url, ROWS)
+        with client_of(server) as client:
+            fresh = predict(client, ROWS)
         assert fresh.status_code == 200 and fresh.json()["model_version"] == "2"
         # SIGTERM while version 1 is still retiring: it is drained at once, not after its grace period
         t0 = time.monotonic()
@@ -268,7 +285,8 @@ def test_a_model_nothing_serves_is_exported_not_ready_until_it_loads(repo: Path)
         assert {s.labels["model"] for s in alpha.samples if s.value > 0} >= {"clf", "reg"}
 
         write_model(repo, "broken", 2, "classification", seed=8)  # a good version 2 appears
-        assert load(server.url, "broken").status_code == 200
+        with client_of(server) as client:
+            assert load(client, "broken").status_code == 200
         ready = _model_ready_series(server.url)
         assert ready[("broken", "2")] == 1.0 and ("broken", "1") not in ready
     finally:

@@ -332,7 +332,10 @@ def test_combined_flag_rate_on_id_rows_is_at_most_alpha() -> None:
 
 
 def test_a_priority_count_ranks_ahead_of_the_combination_and_keeps_its_order_within() -> None:
-    components = [LogScaleNormaliser("mutual_information", -3.0, 1.0), LogScaleNormaliser("density", 4.0, 0.5)]
+    components = [
+        LogScaleNormaliser("mutual_information", -3.0, 1.0),
+        LogScaleNormaliser("density", 4.0, 0.5),
+    ]
     plain = CombinedOODScore(components)
     ranked = CombinedOODScore(components, priority="unseen_values")
     assert ranked.names == ("mutual_information", "density", "unseen_values")

@@ -23,10 +23,10 @@ import torch
 from service.manifest import ModelManifest
 from tests import oracle
 from tests.service.support import InProcessClient, in_process
+from tests.training.packages import classifier_with_scores
 from training.config import ArchConfig
-from training.density import fit_feature_density, fit_input_density, fit_unseen_values
 from training.export import export_onnx
-from training.models import HydraNet, PackagedModel
+from training.models import HydraNet
 
 FEATURES = 5
 LABELS = ["a", "b", "c"]
@@ -66,13 +66,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mean, std = torch.from_numpy(train.mean(axis=0)), torch.from_numpy(train.std(axis=0))
     net = HydraNet(arch, (FEATURES,), out_dim=3, heads=4, mean=mean, std=std).eval()
     labels = np.random.default_rng(3).integers(0, 3, len(train))
-    model = PackagedModel(
-        [net],
-        "classification",
-        density=fit_feature_density(net, train, labels),
-        input_density=fit_input_density(train),
-        unseen_values=fit_unseen_values(train),
-    )
+    model = classifier_with_scores(net, train, labels)
     export_onnx(model, (FEATURES,), package / "model.onnx", train[:64])
     session = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
     reference = scores(raw_outputs(session, val))

@@ -245,11 +245,17 @@ def test_malformed_json_requests_are_protocol_errors(body: bytes, message: str) 
 
 
 def binary_body(
-    sizes: list[Any], payload: bytes, datatype: str = "FP32", shape: list[int] | None = None
+    sizes: list[Any],
+    payload: bytes,
+    datatype: str = "FP32",
+    shape: list[int] | None = None,
+    names: list[str] | None = None,
 ) -> tuple[bytes, str]:
+    """A binary-extension body: one input per declared `binary_data_size` (named x0, x1, … unless
+    `names`), then `payload` as is; and its Inference-Header-Content-Length."""
     inputs = [
         {
-            "name": f"x{i}",
+            "name": names[i] if names else f"x{i}",
             "shape": shape or [2],
             "datatype": datatype,
             "parameters": {"binary_data_size": size},

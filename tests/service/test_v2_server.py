@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from service import inference
 from tests.service.support import ReferenceModel, running_server, start_server, write_model
+from tests.service.test_v2_codec import binary_body
 
 FEATURES = {"clf": 8, "reg": 5}
 
@@ -252,20 +253,12 @@ def v2_body(data: Any = None, **tensor: Any) -> dict[str, Any]:
 def binary_request(
     rows: np.ndarray, *, declared: int | None = None, tail: bytes = b""
 ) -> tuple[bytes, dict[str, str]]:
+    """`rows` as the binary tensor "input", declaring `declared` bytes (default: their size), `tail`
+    after them."""
     raw = rows.astype("<f4").tobytes()
-    header = orjson.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": list(rows.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(raw) if declared is None else declared},
-                }
-            ]
-        }
-    )
-    return header + raw + tail, {"Inference-Header-Content-Length": str(len(header))}
+    size = len(raw) if declared is None else declared
+    body, header_length = binary_body([size], raw + tail, shape=list(rows.shape), names=["input"])
+    return body, {"Inference-Header-Content-Length": header_length}
 
 
 def _nan_rows() -> np.ndarray:

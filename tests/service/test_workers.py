@@ -30,6 +30,7 @@ from tests.service.support import (
     CLF_FEATURES,
     Server,
     build_test_repository,
+    held_batches,
     running_server,
     start_server,
     wait_ready,
@@ -267,49 +268,41 @@ def test_readiness_waits_for_every_worker_to_start(repo: Path) -> None:
 
 def test_sigterm_drains_every_worker_and_loses_no_request(repo: Path) -> None:
     # Triton's rule, so the requests wait in the batch queues at the signal
-    server = start_server(
-        repo,
-        "--max-queue-delay-ms",
-        "1500",
-        "--max-batch-size",
-        "256",
-        "--run-when-idle",
-        "false",
-        workers="2",
-    )
-    wait_ready(server)
-    queued = frozenset({("model", "clf")})
+    with running_server(repo, **held_batches(1500), workers="2") as server:
+        queued = frozenset({("model", "clf")})
 
-    async def scenario() -> list[httpx.Response]:
-        clients = [httpx.AsyncClient(base_url=server.url, timeout=20) for _ in range(40)]  # 40 connections
-        try:
-            tasks = [
-                asyncio.create_task(
-                    client.post(
-                        "/v1/models/clf:predict",
-                        content=predict_body(1, i),
-                        headers={"Content-Type": "application/json"},
+        async def scenario() -> list[httpx.Response]:
+            # 40 connections
+            clients = [httpx.AsyncClient(base_url=server.url, timeout=20) for _ in range(40)]
+            try:
+                tasks = [
+                    asyncio.create_task(
+                        client.post(
+                            "/v1/models/clf:predict",
+                            content=predict_body(1, i),
+                            headers={"Content-Type": "application/json"},
+                        )
                     )
-                )
-                for i, client in enumerate(clients)
-            ]
-            for _ in range(200):  # queue depth summed over both workers (livesum)
-                if (await asyncio.to_thread(scrape, server)).get(("hydra_queue_depth_rows", queued)) == 40:
-                    break
-                await asyncio.sleep(0.01)
-            assert scrape(server)[("hydra_queue_depth_rows", queued)] == 40
-            server.process.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
-        finally:
-            for client in clients:
-                await client.aclose()
+                    for i, client in enumerate(clients)
+                ]
+                depth = ("hydra_queue_depth_rows", queued)
+                for _ in range(200):  # queue depth summed over both workers (livesum)
+                    if (await asyncio.to_thread(scrape, server)).get(depth) == 40:
+                        break
+                    await asyncio.sleep(0.01)
+                assert scrape(server)[depth] == 40
+                server.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+            finally:
+                for client in clients:
+                    await client.aclose()
 
-    responses = asyncio.run(scenario())
-    assert [r.status_code for r in responses] == [200] * 40
-    assert server.process.wait(timeout=20) == 0, server.log()
-    assert server.log().count("Application shutdown complete") == 2
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.url}/v2/health/live", timeout=1)
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 40
+        assert server.process.wait(timeout=20) == 0, server.log()
+        assert server.log().count("Application shutdown complete") == 2
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/v2/health/live", timeout=1)
 
 
 def test_workers_drain_and_exit_when_the_supervisor_is_killed(repo: Path) -> None:

@@ -148,19 +148,13 @@ def test_unseen_values_count_the_discrete_columns_off_their_training_values() ->
 
 
 def test_unseen_values_in_the_exported_graph_match_torch(tmp_path: Path) -> None:
+    from tests.training.packages import classifier_with_scores
     from training.export import export_onnx, model_output_names
-    from training.models import PackagedModel
 
     x = _mixed_table()
     net = _net(features=5)
     y = np.random.default_rng(0).integers(0, 3, len(x))
-    model = PackagedModel(
-        [net],
-        "classification",
-        density=fit_feature_density(net, x, y),
-        input_density=fit_input_density(x),
-        unseen_values=fit_unseen_values(x),
-    )
+    model = classifier_with_scores(net, x, y)
     assert model_output_names(model)[-1] == "unseen_values"
     probe = np.concatenate([x[:32], x[:32] * 0.1, x[:32] * 4.0]).astype(np.float32)
     worst = export_onnx(model, (5,), tmp_path / "model.onnx", probe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from service.uncertainty import ClassificationUncertainty, classification_uncertainty, regression_uncertainty
 from training.evaluate import (
@@ -14,6 +15,7 @@ from training.evaluate import (
     ood_metrics,
     regression_metrics,
     retention,
+    retention_interval,
 )
 
 
@@ -84,3 +86,23 @@ def test_retention_and_the_default_score() -> None:
     # one head (the KD baseline) has no knowledge uncertainty: total uncertainty instead
     assert default_score("classification", heads=1, configured="epkl") == "total_entropy"
     assert default_score("regression", heads=1, configured=None) == "total_variance"
+
+
+def test_retention_interval_is_the_bootstrap_of_roc_auc_ratios() -> None:
+    """The interval against the bootstrap written out with sklearn's roc_auc_score per resample (the
+    same draws: one RNG, ID then OOD indices per resample), on scores with ties."""
+    rng = np.random.default_rng(3)
+    ids = [np.round(rng.normal(0, 1, 60), 1) for _ in range(2)]  # [ensemble, method]
+    oods = [np.round(rng.normal(shift, 1, 40), 1) for shift in (1.5, 0.8)]
+    draws = np.random.default_rng(7)
+    labels = np.r_[np.zeros(60), np.ones(40)]
+    ratios = []
+    for _ in range(50):
+        i, o = draws.integers(0, 60, 60), draws.integers(0, 40, 40)
+        ens, own = (roc_auc_score(labels, np.r_[a[i], b[o]]) for a, b in zip(ids, oods, strict=True))
+        ratios.append((own - 0.5) / (ens - 0.5))
+    expected = np.quantile(ratios, [0.025, 0.975])
+    np.testing.assert_allclose(retention_interval(ids, oods, resamples=50, seed=7), expected, rtol=1e-12)
+    # an ensemble at chance on every resample leaves nothing to take a ratio of
+    flat = [np.zeros(5), np.arange(5.0)]
+    assert np.isnan(retention_interval(flat, [np.zeros(3), np.arange(3.0) + 9], resamples=5)).all()

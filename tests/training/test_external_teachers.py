@@ -23,9 +23,32 @@ from training.onnx_teachers import OnnxTeachers, find_teacher_files, inspect_tea
 FEATURES, CLASSES = 6, 3
 
 
-def _invoke(*args: str) -> object:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    return result
+def write_csv(path: Path, x: np.ndarray, y: np.ndarray, target: str, prefix: str = "f") -> Path:
+    """Feature columns {prefix}0, {prefix}1, … and `target`, 5 decimals (integer targets as integers)."""
+    cell = str if y.dtype.kind in "iu" else (lambda t: f"{t:.5f}")
+    header = ",".join(f"{prefix}{i}" for i in range(x.shape[1])) + f",{target}"
+    rows = [",".join([*(f"{v:.5f}" for v in r), cell(t)]) for r, t in zip(x, y, strict=True)]
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _distil(
+    csv: Path, target: str | None, task: str, teachers: Path | list[Path], root: Path, *options: str
+) -> Path:
+    """`run --teachers ... --smoke` on `csv` (`teachers`: a folder or the files), which must succeed;
+    the package written (root/pkg/1)."""
+    out = root / "pkg" / "1"
+    labels = ["--target", target] if target is not None else []
+    files = teachers if isinstance(teachers, list) else [teachers]
+    given = [arg for f in files for arg in ("--teachers", str(f))]
+    result = CliRunner().invoke(
+        app,
+        ["run", "--data", str(csv), *labels, "--task", task, *given,
+         *options, "--smoke", "--out", str(out), "--run-dir", str(root / "run")],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +71,12 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     gbm = GradientBoostingClassifier(n_estimators=20, max_depth=2, random_state=0).fit(x[:600], y[:600])
     onx = to_onnx(gbm, x[:1], options={id(gbm): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
     (folder / "trees.onnx").write_bytes(onx.SerializeToString())
-    csv = root / "rows.csv"
-    header = ",".join(f"f{i}" for i in range(FEATURES)) + ",label"
-    rows = [",".join(f"{v:.5f}" for v in r) + f",{int(t)}" for r, t in zip(x, y, strict=True)]
-    csv.write_text(header + "\n" + "\n".join(rows) + "\n")
-    return folder, csv
+    return folder, write_csv(root / "rows.csv", x, y.astype(int), "label")
 
 
 def test_distils_a_mixed_mlp_and_trees_ensemble(teacher_dir: tuple[Path, Path], tmp_path: Path) -> None:
     folder, csv = teacher_dir
-    out = tmp_path / "pkg" / "1"
-    _invoke(
-        "run", "--data", str(csv), "--target", "label", "--task", "classification", "--teachers", str(folder),
-        "--smoke", "--out", str(out), "--run-dir", str(tmp_path / "run"),
-    )  # fmt: skip
+    out = _distil(csv, "label", "classification", folder, tmp_path)
     manifest = ModelManifest.load(out)
     assert manifest.heads == 4 and manifest.labels == ["0", "1", "2"]
     teachers = manifest.provenance.model_dump()["teachers"]
@@ -91,12 +106,7 @@ def test_without_a_target_the_teachers_label_the_rows(teacher_dir: tuple[Path, P
     unlabelled = tmp_path / "rows.csv"
     lines = csv.read_text().splitlines()
     unlabelled.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
-    out = tmp_path / "pkg" / "1"
-    mlps = [arg for p in sorted(folder.glob("mlp*.onnx")) for arg in ("--teachers", str(p))]
-    _invoke(
-        "run", "--data", str(unlabelled), "--task", "classification", *mlps,
-        "--smoke", "--out", str(out), "--run-dir", str(tmp_path / "run"),
-    )  # fmt: skip
+    out = _distil(unlabelled, None, "classification", sorted(folder.glob("mlp*.onnx")), tmp_path)
     report = json.loads((out / "report.json").read_text())
     assert report["labelled"] is False
     # "accuracy" is agreement with the teachers' own vote: the ensemble agrees with itself
@@ -165,19 +175,8 @@ def test_regression_teachers_distil_with_their_variances(tmp_path: Path) -> None
             loss.backward()
             opt.step()
         _export(net.eval(), folder / f"g{hidden}.onnx", outputs=("gaussian",))
-    csv = tmp_path / "rows.csv"
-    header = ",".join(f"f{i}" for i in range(FEATURES)) + ",price"
-    csv.write_text(
-        header
-        + "\n"
-        + "\n".join(",".join(f"{v:.5f}" for v in [*r, t]) for r, t in zip(x, y, strict=True))
-        + "\n"
-    )
-    out = tmp_path / "pkg" / "1"
-    _invoke(
-        "run", "--data", str(csv), "--target", "price", "--task", "regression", "--teachers", str(folder),
-        "--smoke", "--out", str(out), "--run-dir", str(tmp_path / "run"),
-    )  # fmt: skip
+    csv = write_csv(tmp_path / "rows.csv", x, y, "price")
+    out = _distil(csv, "price", "regression", folder, tmp_path)
     manifest = ModelManifest.load(out)
     assert manifest.task == "regression" and manifest.heads == 2
     specs = inspect_teachers(find_teacher_files([folder]), "regression")
@@ -211,15 +210,8 @@ def test_image_shaped_teachers_get_a_conv_student(tmp_path: Path) -> None:
         torch.manual_seed(seed)
         net = _fit_classifier(_Image(hidden), x.reshape(-1, 4, 4), y, seed)
         _export(net, folder / f"img{hidden}.onnx", row_shape=(4, 4))
-    csv = tmp_path / "rows.csv"
-    header = ",".join(f"p{i}" for i in range(16)) + ",label"
-    body = "\n".join(",".join(f"{v:.5f}" for v in r) + f",{t}" for r, t in zip(x, y, strict=True))
-    csv.write_text(header + "\n" + body + "\n")
-    out = tmp_path / "pkg" / "1"
-    _invoke(
-        "run", "--data", str(csv), "--target", "label", "--task", "classification", "--teachers", str(folder),
-        "--arch", "cnn2d", "--smoke", "--out", str(out), "--run-dir", str(tmp_path / "run"),
-    )  # fmt: skip
+    csv = write_csv(tmp_path / "rows.csv", x, y, "label", prefix="p")
+    out = _distil(csv, "label", "classification", folder, tmp_path, "--arch", "cnn2d")
     manifest = ModelManifest.load(out)
     assert manifest.input.shape == [-1, 4, 4] and manifest.provenance.model_dump()["architecture"] == "cnn2d"
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -31,17 +32,9 @@ def _invoke(*args: str) -> None:
 
 def test_smoke_package_is_complete_and_valid(digits_smoke: tuple[Path, Path]) -> None:
     out, run_dir = digits_smoke
-    for name in (
-        "model.onnx",
-        "ensemble.onnx",
-        "kd.onnx",
-        "manifest.json",
-        "report.json",
-        "report.md",
-        "reliability.png",
-        "mi_scatter.png",
-        "ood_histograms.png",
-    ):
+    graphs, reports = ["model.onnx", "ensemble.onnx", "kd.onnx"], ["report.json", "report.md"]
+    plots = ["reliability.png", "mi_scatter.png", "ood_histograms.png"]
+    for name in [*graphs, "manifest.json", *reports, *plots]:
         assert (out / name).stat().st_size > 0, name
     manifest = ModelManifest.load(out)
     assert (manifest.name, manifest.version, manifest.task) == ("digits", 3, "classification")
@@ -233,45 +226,48 @@ def _dense_widths(path: Path) -> list[int]:
     return [int(t.dims[0]) for t in graph.initializer if t.name in gemm_weights]
 
 
+def _exported_widths(data: Path, out: Path, run_dir: Path, *options: str) -> tuple[dict[str, Any], list[int]]:
+    """(config.json, the student's dense widths) of a --smoke classification run on `data` with
+    `options`, run stage by stage up to the export: the shapes are settled there (no evaluation)."""
+    _invoke(
+        "run", "--data", str(data), "--target", "label", "--task", "classification", "--smoke",
+        *options, "--out", str(out), "--run-dir", str(run_dir), "--config-only",
+    )  # fmt: skip
+    for stage in ("teachers", "distil"):
+        _invoke(stage, "--run-dir", str(run_dir))
+    _invoke("export", "--run-dir", str(run_dir), "--out", str(out))
+    return json.loads((run_dir / "config.json").read_text()), _dense_widths(out / "model.onnx")
+
+
 def test_student_width_widens_the_student_only(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((200, 4))
     frame = "f0,f1,f2,f3,label\n" + "\n".join(
         ",".join(f"{v:.4f}" for v in row) + f",{int(row[0] > 0)}" for row in x
     )
-    (tmp_path / "rows.csv").write_text(frame + "\n")
+    data = tmp_path / "rows.csv"
+    data.write_text(frame + "\n")
     widths = {}
     for width in ("1", "3"):
-        out = tmp_path / f"w{width}" / "1"
-        run_dir = tmp_path / f"run{width}"
-        _invoke(
-            "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
-            "--smoke", "--student-width", width, "--out", str(out), "--run-dir", str(run_dir),
-        )  # fmt: skip
-        config = json.loads((run_dir / "config.json").read_text())
+        out, run_dir = tmp_path / f"w{width}" / "1", tmp_path / f"run{width}"
+        config, student = _exported_widths(data, out, run_dir, "--student-width", width)
         assert config["distil"]["student_width"] == float(width)
-        widths[width] = (_dense_widths(out / "model.onnx"), _dense_widths(out / "ensemble.onnx"))
+        widths[width] = (student, _dense_widths(out / "ensemble.onnx"))
     (student1, teachers1), (student3, teachers3) = widths["1"], widths["3"]
     assert teachers1 == teachers3  # the teachers keep the preset's shape
     assert student1 and [3 * w for w in student1] == student3
     # without the option, the `file` preset's student: one hidden layer of 8 x 128 units
     out, run_dir = tmp_path / "preset" / "1", tmp_path / "run-preset"
-    _invoke(
-        "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
-        "--smoke", "--out", str(out), "--run-dir", str(run_dir),
-    )  # fmt: skip
-    config = json.loads((run_dir / "config.json").read_text())
+    config, student = _exported_widths(data, out, run_dir)
     assert config["distil"]["student_hidden"] == [1024]
-    assert _dense_widths(out / "model.onnx") == [1024] and _dense_widths(out / "ensemble.onnx") == teachers1
+    assert student == [1024] and _dense_widths(out / "ensemble.onnx") == teachers1
     # --student-hidden sets the student's layers exactly; a malformed one is a usage error
-    out, run_dir = tmp_path / "hidden" / "1", tmp_path / "run-hidden"
-    _invoke(
-        "run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
-        "--smoke", "--student-hidden", "64,32", "--out", str(out), "--run-dir", str(run_dir),
-    )  # fmt: skip
-    assert _dense_widths(out / "model.onnx") == [64, 32]
+    _, student = _exported_widths(
+        data, tmp_path / "hidden" / "1", tmp_path / "run-hidden", "--student-hidden", "64,32"
+    )
+    assert student == [64, 32]
     bad = runner.invoke(
         app,
-        ["run", "--data", str(tmp_path / "rows.csv"), "--target", "label", "--task", "classification",
+        ["run", "--data", str(data), "--target", "label", "--task", "classification",
          "--out", str(tmp_path / "bad"), "--student-hidden", "64,x"],
         terminal_width=200,
     )  # fmt: skip
