@@ -46,6 +46,12 @@ ELEMENTWISE_OPS = {
     "Softplus",
     "Reciprocal",
     "Where",
+    # comparisons: one per output element, like the arithmetic ops (the unseen-value count's `>`)
+    "Greater",
+    "Less",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "Equal",
     "Gelu",
     "HardSigmoid",
     "Elu",
