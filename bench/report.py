@@ -1124,7 +1124,7 @@ def headline(
 ) -> str:
     lines = ["## Headline", ""]
     verdicts = {**(su or {}).get("verdict", {}), **(later or {}).get("verdict", {})}
-    for suite in ("confirmation", "fresh", "fresh2", "fresh3", "fresh4"):
+    for suite in ("confirmation", "fresh", "fresh2", "fresh3", "fresh4", "fresh5"):
         if suite in verdicts:
             v = verdicts[suite]
             misses = v["low_retention"] + v["inverted"] + v["accuracy_misses"] + v["coverage_misses"]

