@@ -136,13 +136,18 @@ def _suite_tables(runs: list[dict[str, Any]]) -> list[str]:
         "transfer rows",
         "run s",
     ]
+    # † : a transfer family draws from this probe family too (the rows rescaled about the origin)
+    seen = {f for r in runs for f, e in r["self_check"]["families"].items() if e.get("in_transfer")}
+    marked = [f"{f} †" if f in seen else f for f in families]
     return [
         _table(header, quality_rows),
         "",
         "OOD AUROC per probe family, ensemble / KD / Hydra (✓: the ensemble detects it, AUROC ≥ 0.7, so "
-        "retention counts):",
+        "retention counts"
+        + ("; †: other draws of a transfer family, the rows rescaled about the origin" if seen else "")
+        + "):",
         "",
-        _table(["dataset", *families], family_rows),
+        _table(["dataset", *marked], family_rows),
     ]
 
 

@@ -38,6 +38,7 @@ from training.report import write_report
 from training.run_manifest import run_manifest
 from training.selfcheck import self_check
 from training.teachers import build_network, load_members, target_scaling, train_member
+from training.transfer import families_in_transfer
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, note)
 
@@ -222,7 +223,9 @@ def stage_evaluate(
     setup(cfg)
     ev = evaluate(out, data, cfg.ood_score, cfg.default_alpha)
     scores = {m: v["ood_score"] for m, v in ev.report["methods"].items()}
-    ev.report["self_check"] = self_check(out, data, scores, seed=cfg.seed, combined=ev.combined)
+    ev.report["self_check"] = self_check(
+        out, data, scores, seed=cfg.seed, combined=ev.combined, in_transfer=families_in_transfer(cfg.distil)
+    )
     progress("evaluate", 1, 3, "metrics and self-check")
     if cfg.external.used:
         teachers_info = json.loads((run_dir / "teachers.json").read_text())

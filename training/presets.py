@@ -48,8 +48,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # extrapolation; two stacked layers 2x a teacher's width could not on wide tables, one wide
         # layer can, at under half the ensemble's FLOPs (docs/TRAINING.md, "Wide tables, measured
         # with 4,000 probe rows")
-        # (conv students of `--arch cnn1d/cnn2d` keep their stacks, dense widths x 2)
-        "distil": DistilConfig(student_width=2.0, student_hidden=(1024,)),
+        # (conv students of `--arch cnn1d/cnn2d` keep their stacks, dense widths x 2).
+        # Two copies of the rows rescaled about the origin: rows x 0.1 of a table of positive
+        # features land in the corner by the origin, inside every range, where no other family
+        # reaches and Hydra followed the ensemble only by the seed's luck (fresh4's friedman1 20d;
+        # docs/TRAINING.md, "Rows rescaled about the origin")
+        "distil": DistilConfig(student_width=2.0, student_hidden=(1024,), rescale_copies=2),
     },
 }
 

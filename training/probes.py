@@ -6,10 +6,12 @@ mutual information still follow the ensemble's on inputs nobody chose?) and the 
 of raw feature values; training ranges are per feature (per pixel / time step for images and
 sequences, where a constant feature simply keeps its value under `box`).
 
-None of these generators builds the transfer set (`training/transfer.py` perturbs training rows
-with Gaussian noise, blends rows, resamples columns and extrapolates along row differences): a
-probe family measures generalisation to a *different* way of leaving the data, drawn with its own
-seed.
+The first five are no transfer family (`training/transfer.py` perturbs training rows with
+Gaussian noise, blends rows, resamples columns and extrapolates along row differences): they
+measure generalisation to a *different* way of leaving the data, drawn with its own seed. The
+unit-error families are, where the transfer set rescales rows about the origin (the `file`
+preset): there they are other draws of a family the student saw, and the self-check marks them
+`in_transfer`.
 
     independent      near: every feature Gaussian with its training mean and std, independently
                            (the marginals' first two moments kept, every correlation broken)

@@ -1,12 +1,14 @@
 """The fidelity self-check that ends every training run: does Hydra still speak for its teachers on
 inputs nobody tuned for?
 
-Probe families (`training/probes.py`, generated from the training rows with their own seed, none of
-them a transfer-set family), and the dataset's own OOD sets (`ood:<name>`: the built-ins', or the
-rows of `--ood FILE`), are run through the exported `ensemble.onnx`, `kd.onnx` and
-`model.onnx`; per family we report each method's OOD AUROC against the held-out test rows, Hydra's
-and KD's retention, and the Spearman correlation of Hydra's knowledge uncertainty (mutual
-information / epistemic variance) with the ensemble's over test ∪ probes.
+Probe families (`training/probes.py`, generated from the training rows with their own seed; each
+family is marked `in_transfer` when a transfer family draws from it too, as the rows rescaled about
+the origin do for the unit-error families: other draws of a family the student saw), and the
+dataset's own OOD sets (`ood:<name>`: the built-ins', or the rows of `--ood FILE`), are run
+through the exported `ensemble.onnx`, `kd.onnx` and `model.onnx`; per family we report each
+method's OOD AUROC against the held-out test rows, Hydra's and KD's retention, and the Spearman
+correlation of Hydra's knowledge uncertainty (mutual information / epistemic variance) with the
+ensemble's over test ∪ probes.
 
 A run *passes* when Spearman ≥ `SPEARMAN_MIN` and retention ≥ `RETENTION_MIN` on every family the
 ensemble itself detects (AUROC ≥ `WELL_POSED_AUROC`; elsewhere retention divides by a margin near
@@ -66,11 +68,14 @@ def self_check(
     seed: int,
     rows: int = PROBE_ROWS,
     combined: CombinedOODScore | None = None,
+    in_transfer: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Probe the exported graphs; the report's `self_check` section. `scores` names each method's
     OOD score (the evaluation's choice: MI for multi-head graphs, total uncertainty for KD).
     `combined`: the served combined statistic (evaluate.py); then each family also reports
-    Hydra's AUROC by its score, by the feature density and by the combination (`hydra_ood`)."""
+    Hydra's AUROC by its score, by the feature density and by the combination (`hydra_ood`).
+    `in_transfer`: the probe families a transfer family also draws from (transfer.py,
+    `families_in_transfer`), marked so in each family's entry."""
     task = data.task
     # the dataset's own OOD sets (built-in, or the user's --ood file) are checked like the probes
     probes = probe_sets(data.train.x, rows, seed) | {f"ood:{k}": v for k, v in data.ood.items()}
@@ -104,6 +109,7 @@ def self_check(
         entry["hydra_retention"] = round(retention(entry["hydra"], entry["ensemble"]), 4)
         entry["kd_retention"] = round(retention(entry["kd"], entry["ensemble"]), 4)
         entry["well_posed"] = entry["ensemble"] >= WELL_POSED_AUROC
+        entry["in_transfer"] = name in in_transfer
         if combined is not None:
             entry["hydra_ood"] = {
                 k: round(ood_metrics(hydra_stats["test"][k], v)["auroc"], 4)

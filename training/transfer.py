@@ -15,10 +15,15 @@ from the training inputs alone (never from evaluation or probe sets):
     extrapolate  x_i + t·(x_i − x_j), t log-uniform in [0.1, `extrapolate_max`]  out of range, along the data
     shifted      images only: translated by up to `shift_pixels` pixels, zero fill
 
-Two more families are options, off by default (measured without gain on wide tables; docs/
-TRAINING.md, "Wide tables, a third look"):
+    rescaled     x · s about the raw origin, s log-uniform in [1/`rescale_max`, `rescale_max`], on
+                 every feature or a subset: rows in the wrong unit. Off in DistilConfig, on in the
+                 `file` preset (2 copies), whose tables are where units go wrong; the built-in
+                 presets keep their published packages. With it on, the self-check's unit-error
+                 probe families are this family at other draws (`families_in_transfer`).
 
-    rescaled     x · s about the raw origin, s log-uniform in [1/`rescale_max`, `rescale_max`]
+One more family is an option, off by default (measured without gain on wide tables; docs/
+TRAINING.md, "Wide tables, measured with 4,000 probe rows"):
+
     seek         per training row `seek_candidates` perturbations, the one the teachers disagree
                  on most kept (after Nam et al. 2021; `seek_disagreement`, run in distill.py
                  because it needs the teachers)
@@ -82,6 +87,24 @@ def _rescaled(x: np.ndarray, dc: DistilConfig, rng: np.random.Generator) -> np.n
     n, d = x.shape
     s = _log_uniform(rng, 1.0 / dc.rescale_max, dc.rescale_max, (n, 1))
     return np.where(_subset_mask(n, d, rng), x * s, x)
+
+
+UNIT_ERROR_PROBES = (
+    "scaled_x0.1",
+    "scaled_x4",
+    "scaled_x10",
+    "one_feature_x0.1",
+    "one_feature_x4",
+    "one_feature_x10",
+)
+
+
+def families_in_transfer(dc: DistilConfig) -> tuple[str, ...]:
+    """The self-check's probe families (training/probes.py) that a transfer family of `dc` also
+    draws from: the unit-error ones when rows are rescaled (x·s on every feature or a subset covers
+    x 0.1 / 4 / 10 of all features or one). Their probes are then other draws of a family the
+    student saw, not a way of leaving the data it was never shown; the report says which."""
+    return UNIT_ERROR_PROBES if dc.rescale_copies > 0 else ()
 
 
 def disagreement_scores(raw: np.ndarray, task: str) -> np.ndarray:

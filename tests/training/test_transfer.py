@@ -163,3 +163,19 @@ def test_distillation_appends_the_sought_rows_with_their_teacher_labels() -> Non
     members = [build_network(cfg, data, heads=1).eval() for _ in range(2)]  # untrained: they disagree
     result = distil(cfg, data, members, torch.device("cpu"))
     assert result.transfer_size == len(transfer_inputs(dc, data, cfg.seed)) + len(data.train)
+
+
+def test_rescaled_rows_mark_the_unit_error_probes_as_seen_families() -> None:
+    from training.presets import make_config
+    from training.probes import FAMILIES
+    from training.transfer import families_in_transfer
+
+    file_dc = make_config(DataConfig(dataset="file", path="t.csv", target="y", task="regression")).distil
+    assert file_dc.rescale_copies > 0  # the `file` preset rescales rows about the origin
+    seen = families_in_transfer(file_dc)
+    assert seen and set(seen) <= set(FAMILIES)
+    unit_errors = {f for f, (_, note) in FAMILIES.items() if note.startswith("unit error")}
+    assert unit_errors == set(seen)  # every unit-error family, none other
+    assert families_in_transfer(NONE) == ()
+    digits = make_config(DataConfig(dataset="digits")).distil
+    assert families_in_transfer(digits) == ()  # the built-ins keep their published recipe
