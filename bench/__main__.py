@@ -1,4 +1,4 @@
-"""`python -m bench quality|suites|ood|external|cost|server|workers|grpc|drift|shadow|report|all`.
+"""`python -m bench quality|suites|recipes|ood|external|cost|server|workers|grpc|drift|shadow|report|all`.
 
 All write docs/BENCHMARKS.md; most take `--preset smoke|reduced|full`.
 
@@ -183,6 +183,33 @@ def suites(
     }
     _save(output, result)
     typer.echo(f"wrote {report.write()}")
+
+
+@app.command()
+def recipes(
+    tables: Annotated[str, typer.Option(help="comma-separated suite/table, e.g. fresh4/friedman1_20d")],
+    variant: Annotated[list[str], typer.Option(help="name:field=value,... (DistilConfig), repeatable")],
+    seeds: Annotated[str, typer.Option(help="comma-separated teacher seeds")] = "0,1",
+    output: Annotated[str, typer.Option(help="results name")] = "recipes",
+) -> None:
+    """Distillation variants side by side on seen suite tables, teachers shared per (table, seed)."""
+    from bench.recipes import compare, parse_variant, table
+    from bench.workloads import BUILD
+
+    try:
+        variants = dict(parse_variant(v) for v in variant)
+        meta = describe(_command())
+        rows = compare(
+            [t.strip() for t in tables.split(",") if t.strip()],
+            [int(s) for s in seeds.split(",")],
+            variants,
+            BUILD / "recipes",
+            log=typer.echo,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    _save(output, {"machine": meta, "variants": variants, "rows": rows})
+    typer.echo(table(rows))
 
 
 @app.command()
