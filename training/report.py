@@ -115,7 +115,10 @@ def ood_statistic_markdown(report: dict[str, Any]) -> list[str]:
 def self_check_markdown(sc: dict[str, Any]) -> list[str]:
     t = sc["thresholds"]
     verdict = "**passed**" if sc["passed"] else "**FAILED**: " + "; ".join(sc["problems"])
-    lines = ["", "## Fidelity self-check (generic probe families, never in the transfer set)", ""]
+    seen = [k for k, f in sc["families"].items() if f.get("in_transfer")]
+    seen_note = "; † other draws of a transfer family, the rows rescaled about the origin"
+    title = "generic probe families" + (seen_note if seen else ", none in the transfer set")
+    lines = ["", f"## Fidelity self-check ({title})", ""]
     lines += [
         f"- {verdict} (Spearman ≥ {t['spearman_min']}, retention ≥ {t['retention_min']} where the "
         f"ensemble's AUROC ≥ {t['well_posed_auroc']})",
@@ -127,7 +130,8 @@ def self_check_markdown(sc: dict[str, Any]) -> list[str]:
     ]
     for name, f in sc["families"].items():
         lines.append(
-            f"| {name} | {f['ensemble']:.4f} | {f['kd']:.4f} | {f['hydra']:.4f} | "
+            f"| {name}{' †' if f.get('in_transfer') else ''} | {f['ensemble']:.4f} | {f['kd']:.4f} | "
+            f"{f['hydra']:.4f} | "
             f"{f['hydra_retention']:.3f} | {'yes' if f['well_posed'] else 'no'} |"
         )
     lines += ["", "Families: " + "; ".join(f"**{k}** — {v}" for k, v in sc["notes"].items())]

@@ -55,6 +55,9 @@ def test_default_recipe_passes_strict(table: Path, tmp_path: Path) -> None:
     assert sc["passed"] and sc["spearman"] >= SPEARMAN_MIN and sc["problems"] == []
     assert set(sc["families"]) >= {"independent", "off_manifold", "box", "scaled_x4"}
     assert "Fidelity self-check" in (out / "report.md").read_text()
+    # a --data run rescales rows about the origin, so its unit-error probes are marked as seen ones
+    assert sc["families"]["scaled_x4"]["in_transfer"] and not sc["families"]["box"]["in_transfer"]
+    assert "| scaled_x4 † |" in (out / "report.md").read_text()
     # the verdict travels in the manifest the server reads
     summary = ModelManifest.load(out).evaluation["self_check"]
     assert summary["passed"] is True and summary["spearman"] == sc["spearman"]
