@@ -103,6 +103,9 @@ def quality(preset: PresetOption = "reduced", skip_ablations: bool = False, skip
 def ood(
     preset: PresetOption = "reduced",
     no_oracle: Annotated[bool, typer.Option(help="skip the supervised separability oracle")] = False,
+    suites: Annotated[str, typer.Option(help="comma-separated suites (default: the preset's)")] = "",
+    builtins: Annotated[str, typer.Option(help="comma-separated built-ins, or none (default: all)")] = "",
+    output: Annotated[str, typer.Option(help="results name: ood, or ood_current (a re-run subset)")] = "ood",
 ) -> None:
     """Part 1c: MI, feature density and the served combined OOD statistic, per family, on the built-ins
     and every suite table; the separability oracle; realised false alarms (bench/ood.py).
@@ -110,15 +113,29 @@ def ood(
     Reuses the teacher/distillation checkpoints of `bench quality` and `bench suites` when their
     config matches (then only export and evaluation run); trains what is missing."""
     from bench.ood import run_ood, save
+    from bench.suites import SUITES
     from bench.workloads import BUILD
 
     p = _preset(preset)
     plan = dataclasses.replace(p.ood, oracle=not no_oracle)
+    if suites:
+        chosen = tuple(x.strip() for x in suites.split(",") if x.strip())
+        unknown = [x for x in chosen if x not in SUITES]
+        if unknown:
+            raise typer.BadParameter(f"unknown suite(s) {unknown}; known: {list(SUITES)}")
+        plan = dataclasses.replace(plan, suites=chosen)
+    if builtins:
+        chosen = () if builtins == "none" else tuple(x.strip() for x in builtins.split(",") if x.strip())
+        unknown = [x for x in chosen if x not in p.ood.builtins]
+        if unknown:
+            raise typer.BadParameter(f"unknown built-in(s) {unknown}; known: {list(p.ood.builtins)}")
+        plan = dataclasses.replace(plan, builtins=chosen)
     meta = describe(_command())
     t0 = time.perf_counter()
     rows = run_ood(plan, BUILD, log=typer.echo)
-    save(rows, plan, meta | {"preset": p.name}, time.perf_counter() - t0, report.RESULTS / "ood.json")
-    typer.echo(f"wrote {report.RESULTS / 'ood.json'}")
+    path = report.RESULTS / f"{output}.json"
+    save(rows, plan, meta | {"preset": p.name}, time.perf_counter() - t0, path)
+    typer.echo(f"wrote {path}")
     typer.echo(f"wrote {report.write()}")
 
 

@@ -258,15 +258,37 @@ def _bound_note(v: dict[str, Any]) -> str:
     )
 
 
-def ood_section(od: dict[str, Any] | None) -> str:
+OOD_CURRENT_TITLE = "### 1c, re-run on the current recipe"
+
+
+def ood_current_section(od: dict[str, Any] | None) -> str:
+    """`bench ood --output ood_current`: §1c's groups re-run after a recipe change, the rest kept."""
+    if od is None:
+        return ""
+    suites = ", ".join(od["plan"]["suites"]) or "none"
+    note = (
+        f"The groups below were re-run (`{od['machine'].get('command', '')}`; suites {suites}) after the "
+        "`--data` recipe gained the rows rescaled about the origin (docs/TRAINING.md); the tables above them "
+        "are the last full run, on the packages of the recipe before."
+    )
+    return ood_section(od, title=OOD_CURRENT_TITLE, level="####", note=note)
+
+
+def ood_section(
+    od: dict[str, Any] | None,
+    title: str = "## 1c. The OOD flag beyond the ensemble: MI, feature densities, combined",
+    level: str = "###",
+    note: str = "",
+) -> str:
     """Part 1c: what the ensemble's MI cannot see, what the feature density adds, and the served flag."""
-    title = "## 1c. The OOD flag beyond the ensemble: MI, feature densities, combined"
     if od is None:
         return _not_run(title, "make bench-ood")
     from bench.ood import GROUPS, TUNED_ON, is_unit_error, verdict
 
     plan = od["plan"]
     out = _opening(title, od)
+    if note:
+        out += [note, ""]
     out.append(
         f"Preset `{od['machine'].get('preset', '?')}`: seeds {plan['seeds']} (cells: mean over seeds), the packages of "
         f"§1 and §1b (their checkpoints reused; export and evaluation re-run); wall time {od['seconds']:.0f} s. "
@@ -321,7 +343,7 @@ def ood_section(od: dict[str, Any] | None) -> str:
         v = verdict(rows)  # recomputed from the rows: the criteria live in bench/ood.py only
         out += [
             "",
-            f"### {titles[group]}",
+            f"{level} {titles[group]}",
             "",
             "Unit errors (a training row, every feature or one, × k):",
             "",
@@ -962,6 +984,8 @@ def write(extra: dict[str, str] | None = None) -> Path:
     if sp:
         parts.append(splits_section(sp))
     parts.append(ood_section(load("ood")))
+    if load("ood_current"):
+        parts.append(ood_current_section(load("ood_current")))
     parts.append(external_section(load("external")))
     parts.append(cost_section(c))
     if c1:

@@ -81,6 +81,18 @@ def test_groups_and_section_render() -> None:
         and "**1.00**" in doc
     )
     assert "Seen datasets" not in doc  # no rows in that group
+    from bench.report import OOD_CURRENT_TITLE, ood_current_section
+
+    subset = {
+        "plan": {"seeds": [0], "suites": ["fresh_ood"]},
+        "machine": machine | {"preset": "reduced", "command": "python -m bench ood --output ood_current"},
+        "rows": rows[1:],
+        "seconds": 1.0,
+    }
+    again = ood_current_section(subset)
+    assert again.startswith(OOD_CURRENT_TITLE) and "#### Fresh datasets" in again and "| moons |" in again
+    assert "suites fresh_ood" in again and "Tuning datasets" not in again
+    assert ood_current_section(None) == ""
 
 
 def test_resampled_false_alarm_is_at_most_alpha_for_exchangeable_rows() -> None:
