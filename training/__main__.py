@@ -210,12 +210,12 @@ def run(
         return
     start = time.perf_counter()
     try:  # the data and the user's teachers are checked before anything runs: one line per problem
-        load_task_data(cfg)
+        task_data = load_task_data(cfg)
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[bold red]error[/]: {exc}", soft_wrap=True)  # one line, whatever the width
         raise typer.Exit(2) from exc
     with process_group(cfg.device), bars() as progress:
-        report = run_all(cfg, run_dir, out, progress)
+        report = run_all(cfg, run_dir, out, progress, task_data)
     _summary(report)
     console.print(f"wrote {out} in {time.perf_counter() - start:.1f}s (checkpoints in {run_dir})")
     _verdict(report, strict)
