@@ -137,7 +137,10 @@ def run(
         int | None, typer.Option(help="Model version (default: the --out folder name)")
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints (default runs/<name>-s<seed>)")] = None,
-    smoke: Annotated[bool, typer.Option(help="Seconds-long run (few members and epochs)")] = False,
+    smoke: Annotated[
+        bool,
+        typer.Option(help="Seconds-long run (few members and epochs, 500 self-check rows per probe family)"),
+    ] = False,
     config_only: Annotated[
         bool, typer.Option(help="Only write <run-dir>/config.json; then run the stages one by one")
     ] = False,
