@@ -22,18 +22,22 @@ ARG PYTHON_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 # wheel cannot load its CUDA provider and sessions come up on CPU. CUDA 13 needs host driver >= 580.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
-# ---- build: the wheel, and the requirement list of the GPU variant ----------------------------------
+# ---- build: the wheel, and the requirement lists of the CPU and GPU variants -----------------------
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The requirement lists come from pyproject.toml alone, before the code is copied: the runtime stages
+# install them in a layer of their own, which stays cached while only the code changes. The GPU
+# image installs the base dependencies with onnxruntime swapped for the `gpu` extra (both provide
+# the `onnxruntime` module, so they must never be installed side by side).
+RUN mkdir /requirements \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+cpu = p['dependencies']; gpu = [d for d in cpu if not d.startswith('onnxruntime')] + p['optional-dependencies']['gpu']; \
+open('/requirements/requirements-cpu.txt', 'w').write('\n'.join(cpu) + '\n'); \
+open('/requirements/requirements-gpu.txt', 'w').write('\n'.join(gpu) + '\n')"
 COPY service/ service/
 COPY training/ training/
-# The GPU image installs the base dependencies with onnxruntime swapped for the `gpu` extra (both
-# provide the `onnxruntime` module, so they must never be installed side by side).
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-deps = [d for d in p['dependencies'] if not d.startswith('onnxruntime')] + p['optional-dependencies']['gpu']; \
-open('/wheels/requirements-gpu.txt', 'w').write('\n'.join(deps) + '\n')"
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---- runtime-cpu: slim image, base dependencies only --------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime-cpu
@@ -47,8 +51,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 hydra \
  && useradd --system --uid 10001 --gid hydra --home-dir /home/hydra --create-home --shell /usr/sbin/nologin hydra \
  && mkdir -p /models
+# The base dependencies first (cached until pyproject.toml changes), then the wheel, which pulls
+# exactly those; the last check fails the build if torch sneaks in.
+COPY --from=build /requirements/requirements-cpu.txt /requirements/
+RUN pip install --no-cache-dir -r /requirements/requirements-cpu.txt
 COPY --from=build /wheels/ /wheels/
-# The wheel pulls exactly the base dependencies; the last check fails the build if torch sneaks in.
 RUN pip install --no-cache-dir /wheels/hydra_serve-*.whl \
  && rm -rf /wheels \
  && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
@@ -84,9 +91,10 @@ RUN apt-get update \
  && groupadd --system --gid 10001 hydra \
  && useradd --system --uid 10001 --gid hydra --home-dir /home/hydra --create-home --shell /usr/sbin/nologin hydra \
  && mkdir -p /models
+COPY --from=build /requirements/requirements-gpu.txt /requirements/
+RUN pip install --no-cache-dir -r /requirements/requirements-gpu.txt
 COPY --from=build /wheels/ /wheels/
-RUN pip install --no-cache-dir -r /wheels/requirements-gpu.txt \
- && pip install --no-cache-dir --no-deps /wheels/hydra_serve-*.whl \
+RUN pip install --no-cache-dir --no-deps /wheels/hydra_serve-*.whl \
  && rm -rf /wheels \
  && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 USER 10001:10001

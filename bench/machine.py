@@ -87,3 +87,13 @@ def measured_on(meta: dict[str, Any], command: str) -> str:
         f"`{meta.get('command', command)}` on {meta.get('cpu', 'this machine')} "
         f"({meta.get('cores', '?')} cores), {meta.get('date_utc', '')}"
     )
+
+
+def not_run(title: str, command: str) -> str:
+    """A section whose part has no result yet: its title and the command that makes one."""
+    return f"{title}\n\nNot run yet: `{command}`."
+
+
+def opening(title: str, result: dict[str, Any], command: str, text: str) -> list[str]:
+    """A section's title and first paragraph: where and how `result` was measured, then `text`."""
+    return [title, "", measured_on(result.get("machine", {}), command) + text, ""]

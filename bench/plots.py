@@ -70,9 +70,7 @@ def _mi_scatter(evals: dict[str, Any], path: Path) -> Path:
             ax.set_xscale("symlog", linthresh=1e-3)
             ax.set_yscale("symlog", linthresh=1e-3)
         rho = ev.report["fidelity"]["spearman"]
-        ax.set_title(f"{dataset}: Spearman {rho:.2f}")
-        ax.set_xlabel(f"ensemble {score}")
-        ax.set_ylabel(f"Hydra {score}")
+        ax.set(title=f"{dataset}: Spearman {rho:.2f}", xlabel=f"ensemble {score}", ylabel=f"Hydra {score}")
         ax.legend(fontsize=7, markerscale=2)
     return _save(fig, path)
 
@@ -93,9 +91,7 @@ def _roc(evals: dict[str, Any], path: Path) -> Path:
                     fpr, tpr, color=color, ls=LINESTYLES[j % 4], lw=1.2, label=f"{method} {name} {auc:.2f}"
                 )
         ax.plot([0, 1], [0, 1], color="k", lw=0.5)
-        ax.set_title(f"{dataset}: OOD ROC (AUROC)")
-        ax.set_xlabel("FPR (ID test)")
-        ax.set_ylabel("TPR (OOD)")
+        ax.set(title=f"{dataset}: OOD ROC (AUROC)", xlabel="FPR (ID test)", ylabel="TPR (OOD)")
         ax.legend(fontsize=6)
     return _save(fig, path)
 
@@ -120,9 +116,7 @@ def _reliability(evals: dict[str, Any], path: Path, bins: int = 15) -> Path:
                 label=f"{method} ECE {ece:.3f}",
             )
         ax.plot([0, 1], [0, 1], color="k", lw=0.5)
-        ax.set_title(f"{dataset}: reliability (test)")
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
+        ax.set(title=f"{dataset}: reliability (test)", xlabel="confidence", ylabel="accuracy")
         ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from bench.loadgen import run_wrk, v2_body
-from bench.machine import measured_on
+from bench.machine import not_run, opening
 from bench.servers import hydra_server
 from bench.workloads import REPO_ROOT
 
@@ -170,18 +170,18 @@ def run(preset: str, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 def section(result: dict[str, Any] | None) -> str:
     title = "## 6. Shadow teacher: fidelity on live traffic and its cost"
+    command = "python -m bench shadow"
     if not result:
-        return f"{title}\n\nNot run yet: `python -m bench shadow`."
-    meta = result.get("machine", {})
+        return not_run(title, command)
     t = result["throughput"]
-    lines = [
+    lines = opening(
         title,
-        "",
-        measured_on(meta, "python -m bench shadow") + ". The real server on "
-        "models/digits/1; the shadow runs the package's `ensemble.onnx` (8 teachers) in its own thread "
-        "after the answers went "
-        "out, and compares on the same rows (service/shadow.py).",
-        "",
+        result,
+        command,
+        ". The real server on models/digits/1; the shadow runs the package's `ensemble.onnx` (8 teachers) "
+        "in its own thread after the answers went out, and compares on the same rows (service/shadow.py).",
+    )
+    lines += [
         "| traffic | rows compared | mi_spearman | label_agreement | mi_ratio |",
         "| --- | --- | --- | --- | --- |",
     ]

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from bench.loadgen import run_wrk, v2_body, warm_wrk
-from bench.machine import measured_on
+from bench.machine import not_run, opening
 from bench.ort_timing import sample_rows
 from bench.servers import hydra_server
 from bench.workloads import BUILD, REPO_ROOT
@@ -162,18 +162,20 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def section(result: dict[str, Any] | None) -> str:
     title = "### 3d. Worker processes: `--workers 2` vs `--workers 1`"
+    command = "python -m bench workers"
     if not result:
-        return f"{title}\n\nNot run yet: `python -m bench workers`."
-    meta = result.get("machine", {})
+        return not_run(title, command)
     plan = result["plan"]
-    lines = [
+    lines = opening(
         title,
-        "",
-        measured_on(meta, "python -m bench workers") + ", load average at start "
-        f"{meta.get('loadavg_at_start', '?')}. Both servers side by side on models/digits/1 (batch 64, "
-        "delay 2 ms, ORT intra-op threads cores / workers), wrk (2 threads) driving one at a time, "
-        f"{plan['rounds']} alternating rounds of {plan['seconds']:g} s per cell; medians (bench/workers.py).",
-        "",
+        result,
+        command,
+        f", load average at start {result.get('machine', {}).get('loadavg_at_start', '?')}. Both servers "
+        "side by side on models/digits/1 (batch 64, delay 2 ms, ORT intra-op threads cores / workers), wrk "
+        f"(2 threads) driving one at a time, {plan['rounds']} alternating rounds of {plan['seconds']:g} s "
+        "per cell; medians (bench/workers.py).",
+    )
+    lines += [
         "| request | clients | rows/s, 1 worker | rows/s, 2 workers | speed-up (per round) "
         "| p50 ms 1 / 2 | p99 ms 1 / 2 | errors 1 / 2 | cores used 1 / 2 | rows per CPU-s 1 / 2 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, field_serializer
 
 FloatArray = NDArray[np.float64]
 
@@ -249,12 +250,16 @@ class ConformalTestMartingale:
         return None
 
 
-@dataclass(frozen=True)
-class DriftState:
-    """A snapshot for metadata: the run's value, the alarm threshold and the alarm history."""
+class DriftState(BaseModel):
+    """A snapshot for metadata: the run's value, the alarm threshold and the alarm history.
 
-    log10_martingale: float
-    log10_threshold: float
+    Also the declared drift block of V1 model metadata (service/routes/v1.py): `as_dict` is what
+    metadata serves."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    martingale_log10: float
+    alarm_threshold_log10: float
     delta: float
     jump_offset: float
     rows_in_run: int
@@ -263,22 +268,17 @@ class DriftState:
     last_alarm_at: str | None
     last_alarm_row: int | None
     run_started_at: str
+    guarantee: str = (
+        "Ville: P(false alarm) <= delta per run-to-alarm under exchangeability "
+        "with the calibration rows; restarts after each alarm"
+    )
+
+    @field_serializer("martingale_log10", "alarm_threshold_log10")
+    def _rounded(self, value: float) -> float:
+        return round(value, 6)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "martingale_log10": round(self.log10_martingale, 6),
-            "alarm_threshold_log10": round(self.log10_threshold, 6),
-            "delta": self.delta,
-            "jump_offset": self.jump_offset,
-            "rows_in_run": self.rows_in_run,
-            "rows_total": self.rows_total,
-            "alarms": self.alarms,
-            "last_alarm_at": self.last_alarm_at,
-            "last_alarm_row": self.last_alarm_row,
-            "run_started_at": self.run_started_at,
-            "guarantee": "Ville: P(false alarm) <= delta per run-to-alarm under exchangeability "
-            "with the calibration rows; restarts after each alarm",
-        }
+        return self.model_dump()
 
 
 def _now() -> str:
@@ -332,8 +332,8 @@ class DriftMonitor:
     def _make_state(self) -> DriftState:
         m = self.martingale
         return DriftState(
-            log10_martingale=m.log10_value,
-            log10_threshold=math.log10(1.0 / m.delta),
+            martingale_log10=m.log10_value,
+            alarm_threshold_log10=math.log10(1.0 / m.delta),
             delta=m.delta,
             jump_offset=m.jump_offset,
             rows_in_run=m.rows,

@@ -162,7 +162,7 @@ class ModelMonitor:
         self._last_log = -ALARM_LOG_INTERVAL_S
         # every series exported from the load on (zeros), so rate() and alerts have data at once
         self._metrics.martingale.labels(*labels).set(0.0)
-        self._metrics.threshold.labels(*labels).set(self.drift.state().log10_threshold)
+        self._metrics.threshold.labels(*labels).set(self.drift.state().alarm_threshold_log10)
         self._metrics.alarms.labels(*labels)
         self._metrics.shadow_fraction.labels(*labels).set(self.shadow.fraction)
 
@@ -207,7 +207,7 @@ class ModelMonitor:
                         state.alarms,
                         1.0 / state.delta,
                     )
-            self._metrics.martingale.labels(*labels).set(self.drift.state().log10_martingale)
+            self._metrics.martingale.labels(*labels).set(self.drift.state().martingale_log10)
         except Exception:  # monitoring must never break serving
             logger.exception("drift update failed for %s version %s", self.name, self.version)
 

@@ -66,9 +66,16 @@ SHARED_WORKER = {
     # `digits_smoke` (tests/training/conftest.py): one digits --smoke training run
     "tests/training/test_distributed.py": "tests/training/test_pipeline.py",
 }
-# Files are handed out in collection order with these first: the training runs are the longest units
-# of work, and one of them started last would leave the other worker idle at the end.
-FIRST = "tests/training/"
+# Files are handed out in collection order with these first, in this order: the training runs and
+# then the longest files elsewhere (20-40 s each on the 2-core box), since one of them started last
+# would leave the other worker idle at the end (test_workers.py did: 20 s).
+FIRST = (
+    "tests/training/",
+    "tests/deploy/test_image_install.py",
+    "tests/service/test_workers.py",
+    "tests/reliability/test_fuzz.py",
+    "tests/service/test_grpc_server.py",
+)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -86,7 +93,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker (they collect; every one the same order)
-        items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: files stay in order
+        items.sort(key=_first_rank)  # stable: files stay in order within a rank
+
+
+def _first_rank(item: pytest.Item) -> int:
+    return next((rank for rank, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -137,7 +137,10 @@ def run(
         int | None, typer.Option(help="Model version (default: the --out folder name)")
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints (default runs/<name>-s<seed>)")] = None,
-    smoke: Annotated[bool, typer.Option(help="Seconds-long run (few members and epochs)")] = False,
+    smoke: Annotated[
+        bool,
+        typer.Option(help="Seconds-long run (few members and epochs, 500 self-check rows per probe family)"),
+    ] = False,
     config_only: Annotated[
         bool, typer.Option(help="Only write <run-dir>/config.json; then run the stages one by one")
     ] = False,
@@ -210,12 +213,12 @@ def run(
         return
     start = time.perf_counter()
     try:  # the data and the user's teachers are checked before anything runs: one line per problem
-        load_task_data(cfg)
+        task_data = load_task_data(cfg)
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[bold red]error[/]: {exc}", soft_wrap=True)  # one line, whatever the width
         raise typer.Exit(2) from exc
     with process_group(cfg.device), bars() as progress:
-        report = run_all(cfg, run_dir, out, progress)
+        report = run_all(cfg, run_dir, out, progress, task_data)
     _summary(report)
     console.print(f"wrote {out} in {time.perf_counter() - start:.1f}s (checkpoints in {run_dir})")
     _verdict(report, strict)

@@ -224,7 +224,13 @@ def stage_evaluate(
     ev = evaluate(out, data, cfg.ood_score, cfg.default_alpha)
     scores = {m: v["ood_score"] for m, v in ev.report["methods"].items()}
     ev.report["self_check"] = self_check(
-        out, data, scores, seed=cfg.seed, combined=ev.combined, in_transfer=families_in_transfer(cfg.distil)
+        out,
+        data,
+        scores,
+        seed=cfg.seed,
+        rows=cfg.probe_rows,
+        combined=ev.combined,
+        in_transfer=families_in_transfer(cfg.distil),
     )
     progress("evaluate", 1, 3, "metrics and self-check")
     if cfg.external.used:
@@ -248,10 +254,13 @@ def stage_evaluate(
     return ev.report
 
 
-def run_all(cfg: RunConfig, run_dir: Path, out: Path, progress: Progress = _noop) -> dict[str, Any]:
+def run_all(
+    cfg: RunConfig, run_dir: Path, out: Path, progress: Progress = _noop, data: TaskData | None = None
+) -> dict[str, Any]:
+    """Every stage; `data`: the run's data when the caller has loaded it already (else loaded here)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     from_main(lambda: cfg.save(run_dir / "config.json"))  # one writer
-    data = load_task_data(cfg)
+    data = load_task_data(cfg) if data is None else data
     stage_teachers(cfg, data, run_dir, progress)
     stage_distil(cfg, data, run_dir, progress)
 

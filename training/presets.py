@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from training.config import (
+    PROBE_ROWS,
     ArchConfig,
     DataConfig,
     DistilConfig,
@@ -16,6 +17,10 @@ from training.config import (
     RunConfig,
     TeacherConfig,
 )
+
+# a --smoke run's self-check rows per probe family: two epochs say nothing of the recipe, so its
+# retention needs no PROBE_ROWS (4,000) precision; 500 run in an eighth of the ORT time
+SMOKE_PROBE_ROWS = 500
 
 # Per-dataset architecture and schedules (measured; docs/TRAINING.md). Distillation uses the
 # one default recipe (DistilConfig's defaults) everywhere but the two regression toys' schedules.
@@ -100,8 +105,10 @@ def make_config(
     if epochs is not None:  # one override for every stage's epoch count
         teacher = replace(teacher, epochs=epochs)
         dc = replace(dc, phase1_epochs=epochs, phase2_epochs=epochs)
+    probe_rows = PROBE_ROWS
     if smoke:
         data = replace(data, max_train_rows=256)
+        probe_rows = SMOKE_PROBE_ROWS
         teacher = replace(teacher, members=min(members, 3), epochs=2)
         dc = replace(
             dc, phase1_epochs=2, phase2_epochs=2, mixup_copies=1, noise_copies=1, far_copies=1, shift_copies=0
@@ -119,4 +126,5 @@ def make_config(
         teacher=teacher,
         distil=dc,
         external=external or ExternalTeachersConfig(),
+        probe_rows=probe_rows,
     )

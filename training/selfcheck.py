@@ -24,6 +24,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from service.uncertainty import CombinedOODScore
+from training.config import PROBE_ROWS
 from training.data import TaskData
 from training.evaluate import (
     GRAPH_FILES,
@@ -41,10 +42,6 @@ from training.probes import probe_notes, probe_sets
 SPEARMAN_MIN = 0.9
 RETENTION_MIN = 0.9
 WELL_POSED_AUROC = 0.7
-# per family; the ID side is the held-out test split. 500 rows let one family's retention swing
-# 0.77-0.92 with the probe seed alone on a fixed package (AUROC 0.7-0.8, where retention is four
-# times Hydra's AUROC noise); 4,000 hold it within ±0.03 (docs/TRAINING.md), for seconds of ORT
-PROBE_ROWS = 4000
 
 
 def find_problems(score: str, spearman: float, families: dict[str, dict[str, Any]]) -> list[str]:

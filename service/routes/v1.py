@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from service.admission import InferRoute
 from service.auth import require_api_key
+from service.drift import DriftState
 from service.errors import BadRequest, describe_validation_errors
 from service.responses import ORJSON_OPTIONS as _ORJSON_OPTIONS
 from service.responses import OrjsonResponse
@@ -173,20 +174,6 @@ class BatchingStatus(_Strict):
     queued_requests: int
 
 
-class DriftStatus(_Strict):
-    martingale_log10: float
-    alarm_threshold_log10: float
-    delta: float
-    jump_offset: float
-    rows_in_run: int
-    rows_total: int
-    alarms: int
-    last_alarm_at: str | None
-    last_alarm_row: int | None
-    run_started_at: str | None
-    guarantee: str
-
-
 class ShadowStatus(_Strict):
     enabled: bool
     ensemble_available: bool
@@ -217,7 +204,7 @@ class ModelStatus(_Strict):
     outputs: list[TensorSpec]
     evaluation: dict[str, Any] | None = Field(description="The manifest's evaluation summary")
     batching: BatchingStatus
-    drift: DriftStatus
+    drift: DriftState
     shadow: ShadowStatus
 
 

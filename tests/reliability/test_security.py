@@ -1,4 +1,4 @@
-"""Security properties on a real server and in the source.
+"""Security properties on a real server (in this process where sockets do not matter) and in the source.
 
 - API key: optional for prediction routes, mandatory for repository load/unload, compared with
   `hmac.compare_digest`, and never written to the log (checked on a debug-level server log after
@@ -25,7 +25,15 @@ import pytest
 
 from bench.http_load import Connection
 from tests.reliability.checks import is_error_body
-from tests.service.support import CLF_FEATURES, REPO_ROOT, Server, running_server, write_model
+from tests.service.support import (
+    CLF_FEATURES,
+    REPO_ROOT,
+    InProcessClient,
+    Server,
+    in_process,
+    running_server,
+    write_model,
+)
 
 SERVICE = REPO_ROOT / "service"
 KEY = "Zk9-very-secret-api-key-4d1f"
@@ -88,9 +96,9 @@ def test_api_key_required_on_prediction_when_set_and_always_on_load(
         assert KEY not in refused.text and look_alike not in refused.text
     assert httpx.post(f"{url}/v2/repository/models/reg/load", headers={"X-API-Key": KEY}).status_code == 200
     # without a configured key prediction is open and repository control is off
-    with running_server(model_repository) as open_server:
-        assert httpx.post(f"{open_server.url}/v1/models/clf:predict", json=ROW).status_code == 200
-        off = httpx.post(f"{open_server.url}/v2/repository/models/clf/load", headers={"X-API-Key": KEY})
+    with in_process(model_repository) as open_server:
+        assert open_server.post("/v1/models/clf:predict", json=ROW).status_code == 200
+        off = open_server.post("/v2/repository/models/clf/load", headers={"X-API-Key": KEY})
         assert off.status_code == 403 and is_error_body(off.content)
 
 
@@ -192,8 +200,8 @@ def test_a_pickle_beside_the_model_is_never_read(tmp_path: Path) -> None:
     write_model(tmp_path / "models", "clf", 1, "classification")
     for name in ("model.pkl", "model.pickle", "model.joblib"):
         (tmp_path / "models" / "clf" / "1" / name).write_bytes(pickle.dumps(Bomb()))
-    with running_server(tmp_path / "models") as server:
-        assert httpx.post(f"{server.url}/v1/models/clf:predict", json=ROW).status_code == 200
+    with in_process(tmp_path / "models") as server:  # the service's loading code, in this process
+        assert server.post("/v1/models/clf:predict", json=ROW).status_code == 200
     assert not marker.exists()
 
 
@@ -290,9 +298,10 @@ def test_literal_dot_segments_do_not_escape_the_routes(traversal: tuple[Server, 
 # ---- CORS -----------------------------------------------------------------------------------------
 
 
-def _preflight(url: str, origin: str) -> httpx.Response:
-    return httpx.options(
-        f"{url}/v1/models/clf:predict",
+def _preflight(client: InProcessClient, origin: str) -> httpx.Response:
+    return client.request(
+        "OPTIONS",
+        "/v1/models/clf:predict",
         headers={
             "Origin": origin,
             "Access-Control-Request-Method": "POST",
@@ -302,27 +311,23 @@ def _preflight(url: str, origin: str) -> httpx.Response:
 
 
 def test_cors_is_off_unless_configured(model_repository: Path) -> None:
-    with running_server(model_repository) as server:
-        preflight = _preflight(server.url, "https://evil.example")
+    with in_process(model_repository) as server:
+        preflight = _preflight(server, "https://evil.example")
         assert not any(h.startswith("access-control-") for h in preflight.headers)
-        simple = httpx.post(
-            f"{server.url}/v1/models/clf:predict", json=ROW, headers={"Origin": "https://evil.example"}
-        )
+        simple = server.post("/v1/models/clf:predict", json=ROW, headers={"Origin": "https://evil.example"})
         assert simple.status_code == 200
         assert not any(h.startswith("access-control-") for h in simple.headers)
-    with running_server(
+    with in_process(
         model_repository, cors_allow_origins="https://app.example, https://ops.example"
     ) as server:
-        allowed = _preflight(server.url, "https://app.example")
+        allowed = _preflight(server, "https://app.example")
         assert allowed.status_code == 200
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         assert "x-api-key" in allowed.headers["access-control-allow-headers"].lower()
-        refused = _preflight(server.url, "https://evil.example")
+        refused = _preflight(server, "https://evil.example")
         assert refused.status_code == 400
         assert "access-control-allow-origin" not in refused.headers
-        simple = httpx.post(
-            f"{server.url}/v1/models/clf:predict", json=ROW, headers={"Origin": "https://ops.example"}
-        )
+        simple = server.post("/v1/models/clf:predict", json=ROW, headers={"Origin": "https://ops.example"})
         assert (
             simple.status_code == 200
             and simple.headers["access-control-allow-origin"] == "https://ops.example"

@@ -29,6 +29,7 @@ from tests.service.support import (
     ReferenceModel,
     Server,
     component_scores,
+    in_process,
     make_classifier,
     running_server,
     write_model,
@@ -366,28 +367,24 @@ BAD_MANIFESTS: dict[str, tuple[dict[str, Any], str]] = {
 def test_bad_schema_2_manifests_are_refused_with_a_clear_load_error(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     write_model(repo, "clf", 1, "classification")
-    with running_server(repo, api_key=KEY) as server:
+    with in_process(repo, api_key=KEY) as server:  # load errors: no socket needed
         for i, (change, words) in enumerate(BAD_MANIFESTS.values()):
             name = f"bad{i}"
             directory = write_model(repo, name, 1, "classification", density=True)
             _rewrite_manifest(directory, change)
-            refused = httpx.post(
-                f"{server.url}/v2/repository/models/{name}/load", headers={"X-API-Key": KEY}, timeout=30
-            )
+            refused = server.post(f"/v2/repository/models/{name}/load", headers={"X-API-Key": KEY})
             assert refused.status_code == 400, refused.text
             error = refused.json()["error"]
             assert f"model {name!r} version 1: invalid manifest" in error and words in error, error
         # a valid schema-2 manifest beside a graph without the density output
         directory = write_model(repo, "no_density_graph", 1, "classification", density=True)
         onnx.save(make_classifier(0), directory / "model.onnx")
-        refused = httpx.post(
-            f"{server.url}/v2/repository/models/no_density_graph/load", headers={"X-API-Key": KEY}, timeout=30
-        )
+        refused = server.post("/v2/repository/models/no_density_graph/load", headers={"X-API-Key": KEY})
         refusal = refused.json()["error"]
         assert refused.status_code == 400 and "graph lacks outputs ['density', 'input_density']" in refusal
         # the good model keeps serving
         body = {"instances": rows_for("clf", 2, seed=7).tolist()}
-        served = httpx.post(f"{server.url}/v1/models/clf:predict", json=body, headers={"X-API-Key": KEY})
+        served = server.post("/v1/models/clf:predict", json=body, headers={"X-API-Key": KEY})
         assert served.status_code == 200, served.text
 
 

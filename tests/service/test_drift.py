@@ -149,7 +149,7 @@ def test_alarm_restarts_the_run_and_the_reference() -> None:
     assert monitor.observe(rng.lognormal(size=300)) == ()
     before = monitor.state()
     assert before.rows_in_run == before.rows_total == 300 and before.alarms == 0
-    assert before.last_alarm_at is None and before.log10_threshold == 2.0
+    assert before.last_alarm_at is None and before.alarm_threshold_log10 == 2.0
     alarms = monitor.observe(rng.lognormal(size=64) * 50.0)  # every score far above calibration
     after = monitor.state()
     assert alarms and alarms[0] <= 310
@@ -157,7 +157,7 @@ def test_alarm_restarts_the_run_and_the_reference() -> None:
     assert after.last_alarm_at is not None and after.run_started_at == after.last_alarm_at
     # one alarm per batch; the new run begins with the next batch, against the calibration set alone
     assert len(alarms) == 1 and after.rows_total == 364 and after.rows_in_run == 0
-    assert after.log10_martingale == 0.0 and monitor.p_values.n_reference == cal.size
+    assert after.martingale_log10 == 0.0 and monitor.p_values.n_reference == cal.size
     monitor.observe(rng.lognormal(size=10))
     assert monitor.state().rows_in_run == 10 and monitor.p_values.n_reference == cal.size + 10
 
