@@ -170,7 +170,9 @@ def suites_section(su: dict[str, Any] | None) -> str:
         "(2× the teachers' widths), and the **fresh2** suite was added with it, before its first run: it is the "
         "untouched evidence for that recipe. Since then the `file` preset's student is one 1024-wide layer with "
         "linear heads and the self-check probes 4,000 rows per family, both chosen on `tuning_wide` "
-        '(docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"); every table below was re-run with them. '
+        '(docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"), and its transfer set has two copies of '
+        "the rows rescaled about the origin, chosen on fresh4's seen miss (docs/TRAINING.md, \"Rows rescaled about "
+        'the origin"); every table below was re-run with them. '
         "OOD families: the generic probe families of `training/probes.py`, scored by the run's own fidelity self-check "
         "on the exported graphs (ID = the test split; each method's own OOD score)."
     )
@@ -211,8 +213,10 @@ def fresh3_section(f3: dict[str, Any] | None) -> str:
         f"(`python -m bench suites --only {','.join(plan['suites'])} --output suites_fresh3`). **fresh3** was defined "
         "and committed before the last run of the two-layer student, whose misses there (and fresh2's) sent us back "
         "to the wide tables: it is seen. **fresh4** was defined and committed before any run of the one-layer "
-        'student chosen on `tuning_wide` (docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"): the '
-        "untouched evidence for the recipe as it stands.",
+        'student chosen on `tuning_wide` (docs/TRAINING.md, "Wide tables, measured with 4,000 probe rows"); its one '
+        "miss (friedman1 20d, rows ×0.1) chose the rescaled rows, so it is seen too. **fresh5** was defined and "
+        "committed before any run of the recipe with the rescaled rows: the untouched evidence for the recipe as it "
+        "stands.",
     ]
     for suite in plan["suites"]:
         runs = [r for r in f3["runs"] if r["suite"] == suite]
