@@ -16,7 +16,7 @@ LOG=$(mktemp --suffix=.log)
 RESULTS=$(mktemp)
 trap 'rm -f "$BODY" "$RESULTS"' EXIT
 "$PY" -c "import json, sys; from sklearn.datasets import load_digits; json.dump({'instances': load_digits().data[:16].tolist()}, open(sys.argv[1], 'w'))" "$BODY"
-"$PY" -m service --host 127.0.0.1 --port "$PORT" --model-repository models --log-level warning "$@" >"$LOG" 2>&1 &
+"$PY" -m service --host 127.0.0.1 --port "$PORT" --model-repository models --log-level warning --grpc-port 0 "$@" >"$LOG" 2>&1 &
 PID=$!
 trap 'kill -TERM $PID 2>/dev/null || true; rm -f "$BODY" "$RESULTS"' EXIT
 for _ in $(seq 150); do curl -sf "http://127.0.0.1:$PORT/v2/health/ready" >/dev/null && break; sleep 0.2; done

@@ -131,6 +131,11 @@ class DynamicBatcher:
         """The queue holds `max_queue_size` requests: `submit` would refuse."""
         return self._queued_requests >= self._max_queue
 
+    def has_room(self, unsettled: int) -> bool:
+        """Would one more request find room in the queue after `unsettled` requests the caller holds
+        (queued, running, or not yet submitted: those not yet in the batcher count as queued)?"""
+        return self._queued_requests + max(0, unsettled - self._in_flight) < self._max_queue
+
     def retry_after_s(self) -> int:
         """Whole seconds until what is queued now has run at the recent drain rate (1 … 60)."""
         rate = self._drain_rows_per_s
