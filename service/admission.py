@@ -44,6 +44,7 @@ from starlette.types import Scope, Send
 
 from service.errors import DeadlineExceeded, QueueFull, ServiceError
 from service.repository import ModelRepository
+from service.served_model import ServedModel
 from service.settings import Settings
 
 # (path pattern, the route template metrics label it with, protocol); groups: model, version
@@ -189,18 +190,25 @@ class Admission:
         """An admitted request of `name` is answered: its slot goes to the first in line that can
         take it without finding the queue full after its body is parsed."""
         admitted = self.admitted[name] - 1
-        self.admitted[name] = admitted
-        line = self._lines.get(name)
+        if admitted:
+            self.admitted[name] = admitted
+        else:  # a name not in flight holds no entry (requests may name any model)
+            del self.admitted[name]
         now = time.monotonic()
+        line = self._lines.get(name)
+        model: ServedModel | None = None
         if line is None:
+            try:
+                model = self.repository.get(name)
+            except ServiceError:
+                return  # not loaded: no line is kept for it
             line = self._lines[name] = _Line(now)
         line.released(now)
         if not line.waiting:
             return
-        try:
-            model = self.repository.get(name)
-        except ServiceError:
-            model = None  # unloaded meanwhile: let them all through, the route says so
+        if model is None:  # unloaded meanwhile (stays None): let them all through, the route says so
+            with contextlib.suppress(ServiceError):
+                model = self.repository.get(name)
         waiters = line.waiters
         while waiters and (model is None or (admitted < self.limit and model.has_room(admitted))):
             turn = waiters.popleft()
@@ -209,7 +217,8 @@ class Admission:
             admitted += 1
             line.waiting -= 1
             turn.set_result(None)
-        self.admitted[name] = admitted
+        if admitted:
+            self.admitted[name] = admitted
 
 
 def refusal_headers(refusal: ServiceError, body_length: int) -> list[tuple[bytes, bytes]]:
