@@ -11,8 +11,8 @@ calls `Admission.leave` once the request is answered):
   `max_queue_size + max_batch_size` (a full queue plus one batch in the model), so thousands of
   connections cannot each have their body read and parsed only to be refused at the queue;
 - a request that finds the model's queue full or that limit reached **waits in line** (FIFO, its
-  body unread, its connection kept) when the rate at which admitted requests leave says its turn
-  comes within `admission_wait_s`; a slot that frees goes to the first in line, and only when the
+  body unread, its connection kept) when the model's drain rate says its turn comes within
+  `admission_wait_s`; a slot that frees goes to the first in line, and only when the
   queue will still have room once that request is parsed. Resending clients then wait instead of
   being refused and reconnecting, which cost the event loop ~0.5 ms each and took goodput to
   27-78 % of capacity (docs/RELIABILITY.md, "Goodput"). A waiter still without a turn at
@@ -82,35 +82,24 @@ def infer_route(path: str) -> InferRoute | None:
 
 
 class _Line:
-    """One model's requests waiting at the edge for a slot, in arrival order, and how fast its
-    admitted requests leave (the rate that predicts a newcomer's wait)."""
+    """One model's requests waiting at the edge for a slot, in arrival order."""
 
-    __slots__ = ("last_release", "rate", "waiters", "waiting", "window_releases", "window_start")
+    __slots__ = ("last_release", "waiters", "waiting")
 
-    RATE_WINDOW_S = 0.25  # releases are counted over windows at least this long, then averaged
-
-    def __init__(self, now: float) -> None:
+    def __init__(self) -> None:
         self.waiters: deque[asyncio.Future[ServiceError | None]] = deque()
         self.waiting = 0  # waiters not yet settled (admitted, timed out or cancelled)
-        self.rate = 0.0  # admitted requests leaving per second (EWMA over windows)
-        self.window_start, self.window_releases = now, 0
-        self.last_release = -math.inf
+        self.last_release = -math.inf  # when an admitted request last left
 
-    def released(self, now: float) -> None:
-        self.last_release = now
-        self.window_releases += 1
-        elapsed = now - self.window_start
-        if elapsed >= self.RATE_WINDOW_S:
-            rate = self.window_releases / elapsed
-            self.rate = rate if self.rate == 0.0 else 0.5 * self.rate + 0.5 * rate
-            self.window_start, self.window_releases = now, 0
-
-    def predicted_wait_s(self, now: float, horizon_s: float) -> float:
-        """Seconds until one more waiter's turn at the recent rate; infinite when nothing has left
-        for `horizon_s` (the admitted requests are stuck, e.g. on slow bodies: the rate is stale)."""
-        if self.rate <= 0.0 or now - self.last_release > horizon_s:
+    def predicted_wait_s(self, model: ServedModel, now: float, horizon_s: float) -> float:
+        """Seconds until one more waiter's turn: the model's time for the requests ahead of it, at
+        its compute speed — not at the rate requests leave now, which falls when the event loop is
+        busy and would turn a slow moment into refusals, reconnects and a slower loop (measured:
+        a refusal storm that held goodput at 20-35 %). Infinite when nothing has left for
+        `horizon_s`: the admitted requests are stuck (e.g. on slow bodies), not slow."""
+        if now - self.last_release > horizon_s:
             return math.inf
-        return (self.waiting + 1) / self.rate
+        return model.seconds_for(self.waiting + 1)
 
 
 class Admission:
@@ -145,10 +134,10 @@ class Admission:
             return None
         else:  # room now, but others wait for it: this one goes behind them (or, too long, away)
             reason = "queue_full"
-        now = time.monotonic()
         if line is None:
-            line = self._lines[name] = _Line(now)
-        if line.waiting < self.max_waiting and line.predicted_wait_s(now, self.wait_s) <= self.wait_s:
+            line = self._lines[name] = _Line()
+        wait_s = line.predicted_wait_s(model, time.monotonic(), self.wait_s)
+        if line.waiting < self.max_waiting and wait_s <= self.wait_s:
             return await self._wait_turn(name, line)
         model.count_refusal(reason)
         if reason == "queue_full":
@@ -194,7 +183,6 @@ class Admission:
             self.admitted[name] = admitted
         else:  # a name not in flight holds no entry (requests may name any model)
             del self.admitted[name]
-        now = time.monotonic()
         line = self._lines.get(name)
         model: ServedModel | None = None
         if line is None:
@@ -202,8 +190,8 @@ class Admission:
                 model = self.repository.get(name)
             except ServiceError:
                 return  # not loaded: no line is kept for it
-            line = self._lines[name] = _Line(now)
-        line.released(now)
+            line = self._lines[name] = _Line()
+        line.last_release = time.monotonic()
         if not line.waiting:
             return
         if model is None:  # unloaded meanwhile (stays None): let them all through, the route says so

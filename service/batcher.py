@@ -137,6 +137,14 @@ class DynamicBatcher:
         (queued, running, or not yet submitted: those not yet in the batcher count as queued)?"""
         return self._queued_requests + max(0, unsettled - self._in_flight) < self._max_queue
 
+    def seconds_for(self, requests: int) -> float:
+        """How long the model takes to run `requests` more requests of the queue's mean size at its
+        recent drain rate (its compute speed: steady while the event loop is slow); inf before any."""
+        if self._drain_rows_per_s <= 0.0:
+            return math.inf
+        rows = self._queued_rows / self._queued_requests if self._queued_requests else 1.0
+        return requests * rows / self._drain_rows_per_s
+
     def retry_after_s(self) -> int:
         """Whole seconds until what is queued now has run at the recent drain rate (1 … 60)."""
         rate = self._drain_rows_per_s

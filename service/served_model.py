@@ -155,6 +155,9 @@ class ServedModel:
     def has_room(self, unsettled: int) -> bool:
         return self._batcher.has_room(unsettled)
 
+    def seconds_for(self, requests: int) -> float:
+        return self._batcher.seconds_for(requests)
+
     def queue_full_error(self) -> QueueFull:
         return self._batcher.queue_full()
 

@@ -138,7 +138,8 @@ def _answered_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def _drain_rate_seen(url: str, seconds: float = 0.6) -> None:
-    """Served requests back to back for `seconds`: the edge learns how fast admitted ones leave."""
+    """Served requests back to back for `seconds`: the model has a drain rate, and a request has
+    just left (a line whose requests have not moved for admission_wait_s refuses newcomers)."""
     deadline = time.monotonic() + seconds
     with httpx.Client(base_url=url, timeout=5) as client:
         while time.monotonic() < deadline:
