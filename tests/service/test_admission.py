@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import select
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -216,3 +217,36 @@ def test_waiter_without_a_turn_is_504_and_a_stalled_line_refuses_at_once(waiting
             break
         time.sleep(0.02)
     assert response.status_code == 200, response.text
+
+
+def test_sigterm_answers_the_requests_waiting_in_line(model_repository: Path) -> None:
+    """Waiters are requests in progress: a drain on SIGTERM hands them their turn and answers them."""
+    # a queue of 2 that holds its requests 400 ms (Triton's rule), a line of at most 2 behind it
+    with running_server(
+        model_repository,
+        max_batch_size="4",
+        max_queue_size="2",
+        max_queue_delay_ms="400",
+        run_when_idle="false",
+        admission_wait_s="5",
+    ) as server:
+        url = server.url
+        _drain_rate_seen(url, seconds=0.1)
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+                sent = [
+                    asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ROW}))
+                    for _ in range(4)
+                ]
+                for _ in range(200):  # until two wait in the queue (the other two in line)
+                    if (await client.get("/v1/models/clf")).json()["batching"]["queued_requests"] == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)
+                server.process.send_signal(signal.SIGTERM)
+                return list(await asyncio.gather(*sent))
+
+        answers = asyncio.run(scenario())
+        assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+        assert server.terminate() == 0
