@@ -1,17 +1,26 @@
-"""Admission control at the edge: refuse an inference request from its headers, before its body.
+"""Admission control at the edge: an inference request is admitted, waits for its turn, or is
+refused — from its headers, before its body is read.
 
 Under overload a refusal must be cheap, or refusing costs as much as answering and goodput
 collapses (measured: 1,600 → 41 served requests/s once the queue filled, issue 13). So for
 `POST /v2/models/{name}[/versions/{v}]/infer` and `POST /v1/models/{name}:predict`, before a
-byte of the body is read (`service.routes.infer.InferenceEdge` asks `Admission.refusal`):
+byte of the body is read (`service.routes.infer.InferenceEdge` awaits `Admission.admit`, and
+calls `Admission.leave` once the request is answered):
 
-- when the model's batch queue is full, answer 503 with `Retry-After` from the queue's drain rate;
-- close the refused connection (`Connection: close`): a client that resends at once must connect
-  again, which throttles it in the kernel's accept queue rather than on the event loop (measured
-  with wrk, 1,500 connections resending 16-row requests: 63 → 327 served requests/s);
 - bound the requests admitted per model — queued, parsing, running or answering — to
   `max_queue_size + max_batch_size` (a full queue plus one batch in the model), so thousands of
-  connections cannot each have their body read and parsed only to be refused at the queue.
+  connections cannot each have their body read and parsed only to be refused at the queue;
+- a request that finds the model's queue full or that limit reached **waits in line** (FIFO, its
+  body unread, its connection kept) when the model's drain rate says its turn comes within
+  `admission_wait_s`; a slot that frees goes to the first in line, and only when the
+  queue will still have room once that request is parsed. Resending clients then wait instead of
+  being refused and reconnecting, which cost the event loop ~0.5 ms each and took goodput to
+  27-78 % of capacity (docs/RELIABILITY.md, "Goodput"). A waiter still without a turn at
+  `request_timeout_s` is answered 504; the line holds at most `max_queue_size` requests;
+- otherwise (the wait would be longer, nothing has left for `admission_wait_s`, or
+  `admission_wait_s` is 0: Triton's rule) answer 503 at once, with `Retry-After` from the queue's
+  drain rate, and close the connection (`Connection: close`): a client that resends at once must
+  connect again, which throttles it in the kernel's accept queue rather than on the event loop.
 
 Unknown models pass (the route answers 404); the refusal is the same `{"error"}` 503 the queue
 itself gives, written as two ASGI messages, so it costs a header parse and a dict lookup. Also
@@ -21,16 +30,21 @@ check the edge makes before admitting.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import math
 import re
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import orjson
 from starlette.types import Scope, Send
 
-from service.errors import QueueFull, ServiceError
+from service.errors import DeadlineExceeded, QueueFull, ServiceError
 from service.repository import ModelRepository
+from service.served_model import ServedModel
 from service.settings import Settings
 
 # (path pattern, the route template metrics label it with, protocol); groups: model, version
@@ -67,32 +81,132 @@ def infer_route(path: str) -> InferRoute | None:
     return None
 
 
+class _Line:
+    """One model's requests waiting at the edge for a slot, in arrival order."""
+
+    __slots__ = ("last_release", "waiters", "waiting")
+
+    def __init__(self) -> None:
+        self.waiters: deque[asyncio.Future[ServiceError | None]] = deque()
+        self.waiting = 0  # waiters not yet settled (admitted, timed out or cancelled)
+        self.last_release = -math.inf  # when an admitted request last left
+
+    def predicted_wait_s(self, model: ServedModel, now: float, horizon_s: float) -> float:
+        """Seconds until one more waiter's turn: the model's time for the requests ahead of it, at
+        its compute speed — not at the rate requests leave now, which falls when the event loop is
+        busy and would turn a slow moment into refusals, reconnects and a slower loop (measured:
+        a refusal storm that held goodput at 20-35 %). Infinite when nothing has left for
+        `horizon_s`: the admitted requests are stuck (e.g. on slow bodies), not slow."""
+        if now - self.last_release > horizon_s:
+            return math.inf
+        return model.seconds_for(self.waiting + 1)
+
+
 class Admission:
-    """Whether a named model takes one more inference request now; counts the ones it admits."""
+    """Whether a named model takes one more inference request now, waits it in line, or refuses
+    it; counts the ones it admits (`admit` … `leave`)."""
 
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
         self.limit = settings.max_queue_size + settings.max_batch_size
+        self.wait_s = settings.admission_wait_s
+        self.timeout_s = settings.request_timeout_s
+        self.max_waiting = settings.max_queue_size  # the line's own bound: its memory is bounded too
         self.admitted: Counter[str] = Counter()
+        self._lines: dict[str, _Line] = {}
 
-    def refusal(self, name: str) -> ServiceError | None:
-        """The 503 to answer instead of admitting a request for `name` (counted), else None."""
+    async def admit(self, name: str) -> ServiceError | None:
+        """Admit one request for `name` (counted: call `leave` when it is answered), or the refusal
+        to answer instead (counted by reason). Waits in line when the module docstring says so."""
         try:
             model = self.repository.get(name)
         except ServiceError:
-            return None  # not loaded: the route says so
+            self.admitted[name] += 1  # not loaded: the route says so
+            return None
+        line = self._lines.get(name)
+        admitted = self.admitted[name]
+        if model.queue_full:
+            reason = "queue_full"
+        elif admitted >= self.limit:
+            reason = "in_flight_limit"
+        elif line is None or not line.waiting:
+            self.admitted[name] = admitted + 1
+            return None
+        else:  # room now, but others wait for it: this one goes behind them (or, too long, away)
+            reason = "queue_full"
+        if line is None:
+            line = self._lines[name] = _Line()
+        wait_s = line.predicted_wait_s(model, time.monotonic(), self.wait_s)
+        if line.waiting < self.max_waiting and wait_s <= self.wait_s:
+            return await self._wait_turn(name, line)
+        model.count_refusal(reason)
+        if reason == "queue_full":
+            return model.queue_full_error()
+        return QueueFull(
+            f"model {name!r} has {admitted} requests in flight, its limit "
+            f"(max_queue_size + max_batch_size); retry later",
+            retry_after_s=model.retry_after_s(),
+        )
+
+    async def _wait_turn(self, name: str, line: _Line) -> ServiceError | None:
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[ServiceError | None] = loop.create_future()
+        line.waiters.append(turn)
+        line.waiting += 1
+        timer = loop.call_later(self.timeout_s, self._expire, name, line, turn)
         try:
-            model.refuse_if_full()
-        except QueueFull as exc:
-            return exc
-        if self.admitted[name] >= self.limit:
-            model.count_refusal("in_flight_limit")
-            return QueueFull(
-                f"model {name!r} has {self.admitted[name]} requests in flight, its limit "
-                f"(max_queue_size + max_batch_size); retry later",
-                retry_after_s=model.retry_after_s(),
-            )
-        return None
+            return await turn
+        except asyncio.CancelledError:  # this request's task is cancelled (server stopping)
+            if turn.cancelled():
+                line.waiting -= 1  # still waiting: it leaves the line (skipped when reached)
+            elif turn.result() is None:
+                self.leave(name)  # its turn had come: hand the slot on
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, name: str, line: _Line, turn: asyncio.Future[ServiceError | None]) -> None:
+        if turn.done():
+            return
+        line.waiting -= 1
+        with contextlib.suppress(ServiceError):
+            self.repository.get(name).count_refusal("deadline")
+        turn.set_result(
+            DeadlineExceeded(f"request waited {self.timeout_s:g}s for its turn at model {name!r}")
+        )
+
+    def leave(self, name: str) -> None:
+        """An admitted request of `name` is answered: its slot goes to the first in line that can
+        take it without finding the queue full after its body is parsed."""
+        admitted = self.admitted[name] - 1
+        if admitted:
+            self.admitted[name] = admitted
+        else:  # a name not in flight holds no entry (requests may name any model)
+            del self.admitted[name]
+        line = self._lines.get(name)
+        model: ServedModel | None = None
+        if line is None:
+            try:
+                model = self.repository.get(name)
+            except ServiceError:
+                return  # not loaded: no line is kept for it
+            line = self._lines[name] = _Line()
+        line.last_release = time.monotonic()
+        if not line.waiting:
+            return
+        if model is None:  # unloaded meanwhile (stays None): let them all through, the route says so
+            with contextlib.suppress(ServiceError):
+                model = self.repository.get(name)
+        waiters = line.waiters
+        while waiters and (model is None or (admitted < self.limit and model.has_room(admitted))):
+            turn = waiters.popleft()
+            if turn.done():  # timed out or cancelled
+                continue
+            admitted += 1
+            line.waiting -= 1
+            turn.set_result(None)
+        if admitted:
+            self.admitted[name] = admitted
 
 
 def refusal_headers(refusal: ServiceError, body_length: int) -> list[tuple[bytes, bytes]]:

@@ -93,7 +93,8 @@ class DynamicBatcher:
         self._queued_requests = 0
         self._queued_rows = 0
         self._in_flight = 0
-        self._executions: set[asyncio.Future[None]] = set()  # batches in the model thread, at most 2
+        self._executions: set[asyncio.Future[None]] = set()  # batches started, not yet delivered
+        self._in_model = 0  # of those, the ones the model thread has not returned yet (at most 2)
         self._drain_rows_per_s = 0.0  # rows per second the model clears while running (EWMA)
         self._batches = 0
         self._rows_run = 0
@@ -130,6 +131,19 @@ class DynamicBatcher:
     def full(self) -> bool:
         """The queue holds `max_queue_size` requests: `submit` would refuse."""
         return self._queued_requests >= self._max_queue
+
+    def has_room(self, unsettled: int) -> bool:
+        """Would one more request find room in the queue after `unsettled` requests the caller holds
+        (queued, running, or not yet submitted: those not yet in the batcher count as queued)?"""
+        return self._queued_requests + max(0, unsettled - self._in_flight) < self._max_queue
+
+    def seconds_for(self, requests: int) -> float:
+        """How long the model takes to run `requests` more requests of the queue's mean size at its
+        recent drain rate (its compute speed: steady while the event loop is slow); inf before any."""
+        if self._drain_rows_per_s <= 0.0:
+            return math.inf
+        rows = self._queued_rows / self._queued_requests if self._queued_requests else 1.0
+        return requests * rows / self._drain_rows_per_s
 
     def retry_after_s(self) -> int:
         """Whole seconds until what is queued now has run at the recent drain rate (1 … 60)."""
@@ -244,7 +258,7 @@ class DynamicBatcher:
                     # behind it at once, so the model goes from batch to batch without waiting for
                     # this loop to come round — under overload the loop is slow to (issue 13). A
                     # partial batch waits for the model to be free, and fills meanwhile.
-                    staged = len(self._executions) > 1
+                    staged = self._in_model > 1
                     if not staged and (self._queued_rows >= self._max_batch or self._stopping):
                         self._start(self._take_batch())
                     else:
@@ -288,10 +302,16 @@ class DynamicBatcher:
         await self._wake.wait()
 
     def _start(self, batch: list[tuple[QueuedRequest, int, int]]) -> None:
-        """Run `batch` (in the model thread, behind any batch already there)."""
+        """Run `batch`: handed to the model thread now (behind any batch already there)."""
         if not batch:
             return
-        execution = asyncio.ensure_future(self._execute(batch))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        parts = [req.rows[a:b] for req, a, b in batch]
+        inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        run = loop.run_in_executor(self._executor, self._timed_run, inputs)
+        self._in_model += 1
+        execution = asyncio.ensure_future(self._execute(batch, inputs, run, started))
         self._executions.add(execution)
         execution.add_done_callback(self._execution_done)
 
@@ -339,15 +359,27 @@ class DynamicBatcher:
         outputs = self._run(inputs)
         return outputs, time.perf_counter() - t0
 
-    async def _execute(self, batch: list[tuple[QueuedRequest, int, int]]) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    def _stage_full_batch(self) -> None:
+        """The model thread has returned a batch: a full next one goes behind the batch it runs now
+        at once, not when the batch loop next comes round (under overload, milliseconds later)."""
+        if self._in_model < 2 and (self._queued_rows >= self._max_batch or self._stopping):
+            self._start(self._take_batch())
+
+    async def _execute(
+        self,
+        batch: list[tuple[QueuedRequest, int, int]],
+        inputs: NDArray[np.float32],
+        run: asyncio.Future[tuple[Mapping[str, NDArray[np.generic]], float]],
+        started: float,
+    ) -> None:
         waits = np.array([started - req.enqueued_at for req, _, _ in batch], dtype=np.float64)
-        parts = [req.rows[a:b] for req, a, b in batch]
-        inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
         n = int(inputs.shape[0])
         try:
-            outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_run, inputs)
+            try:
+                outputs, compute_s = await run
+            finally:
+                self._in_model -= 1
+            self._stage_full_batch()
             bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != n}
             if bad or not outputs:
                 raise ModelRunError(

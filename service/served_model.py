@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from service import inference
 from service.batch_request import BatcherStats, BatchReport, Outputs
 from service.batcher import DynamicBatcher
-from service.errors import BadRequest, ModelLoadError, describe_validation_errors
+from service.errors import BadRequest, ModelLoadError, QueueFull, describe_validation_errors
 from service.manifest import MANIFEST_FILENAME, ModelManifest
 from service.metrics import ServiceMetrics
 from service.monitoring import ModelMonitor
@@ -147,6 +147,19 @@ class ServedModel:
 
     def retry_after_s(self) -> int:
         return self._batcher.retry_after_s()
+
+    @property
+    def queue_full(self) -> bool:
+        return self._batcher.full
+
+    def has_room(self, unsettled: int) -> bool:
+        return self._batcher.has_room(unsettled)
+
+    def seconds_for(self, requests: int) -> float:
+        return self._batcher.seconds_for(requests)
+
+    def queue_full_error(self) -> QueueFull:
+        return self._batcher.queue_full()
 
     def refuse_if_full(self) -> None:
         """Raise QueueFull (counted) when `submit` would: lets the edge refuse before reading a body."""

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests that may wait in one model's queue; beyond it: 503 + Retry-After.",
     )
+    admission_wait_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=60.0,
+        description=(
+            "A request that finds its model's queue full or its in-flight limit reached waits at the "
+            "edge for its turn, body unread, when the recent drain rate says its turn comes within "
+            "this many seconds; else 503 + Retry-After at once. 0: always refuse at once (Triton's rule)."
+        ),
+    )
     request_timeout_s: float = Field(
         default=30.0,
         gt=0.0,

@@ -9,7 +9,8 @@ parse the body reaches only ~30 % of what a bare ASGI app on the same uvicorn do
 
     Content-Length over max_request_bytes → 413 (the body is not read)
     API key missing or wrong → 401
-    the model's queue full, or too many requests in flight → 503 + Retry-After (`service.admission`)
+    the model's queue full, or too many requests in flight → wait for a turn while the drain rate
+        says it comes within admission_wait_s, else 503 + Retry-After (`service.admission`)
     else: read the body (byte limit, read deadline) → V2 (`routes.v2.serve_infer`) or V1
           (`routes.v1.serve_predict`) → the answer bytes, written as two ASGI messages
 
@@ -186,12 +187,10 @@ class InferenceEdge:
         if not key_presented_ok(scope, self.api_key):
             return await send_error(send, Unauthorized())
         name = route.model_name
-        refusal = self.admission.refusal(name)
+        refusal = await self.admission.admit(name)
         if refusal is not None:
             await send_refusal(send, refusal)
             return refusal.status_code
-        admitted = self.admission.admitted
-        admitted[name] += 1
         try:
             call = InferCall(scope, receive, self.settings, self.repository)
             try:
@@ -211,7 +210,7 @@ class InferenceEdge:
             await send_answer(send, 200, answered.body, headers)
             return 200
         finally:
-            admitted[name] -= 1
+            self.admission.leave(name)
 
 
 def fastapi_response(answered: Answered) -> Response:

@@ -52,13 +52,17 @@ pytestmark = pytest.mark.serial
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
 def wide_server(wide_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
-    # 2 workers: two processes on the port, each with its own queue of QUEUE and one ORT thread
+    # 2 workers: two processes on the port, each with its own queue of QUEUE and one ORT thread.
+    # admission_wait_s 0: past the queue a request is refused at once. With a line (the default) the
+    # waiters hold the open-loop client's connections and it cannot offer 10x (measured: 176 of 363
+    # req/s sent, 35 served = capacity); the line is measured in bench/goodput.sh and test_admission.
     with running_server(
         wide_repository,
         max_batch_size="64",
         max_queue_size=str(QUEUE),
         intra_op_threads="1",
         workers=str(request.param),
+        admission_wait_s="0",
     ) as server:
         yield server
 

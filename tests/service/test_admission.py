@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
+import signal
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.service.support import CLF_FEATURES, Server, connect, read_response, running_server
@@ -81,9 +84,14 @@ def test_unknown_model_and_other_routes_pass_through(slow_queue_server: Server) 
 
 @pytest.fixture(scope="module")
 def tight_server(model_repository: Path) -> Iterator[Server]:
-    # at most max_queue_size + max_batch_size = 3 requests of a model admitted at once
+    # at most max_queue_size + max_batch_size = 3 requests of a model admitted at once; past that a
+    # request is refused at once (admission_wait_s 0), never waits for a turn
     with running_server(
-        model_repository, max_batch_size="1", max_queue_size="2", request_read_timeout_s="5"
+        model_repository,
+        max_batch_size="1",
+        max_queue_size="2",
+        request_read_timeout_s="5",
+        admission_wait_s="0",
     ) as server:
         yield server
 
@@ -111,3 +119,134 @@ def test_in_flight_limit_refuses_past_queue_plus_one_batch(tight_server: Server)
             break
         time.sleep(0.02)
     assert response.status_code == 200, response.text
+
+
+# ---- waiting for a turn (admission_wait_s > 0) -----------------------------------------------------
+
+
+def _predict_request(url: str) -> bytes:
+    host = url.removeprefix("http://").split(":")[0]
+    body = orjson.dumps({"instances": ROW})
+    return (
+        f"POST /v1/models/clf:predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def _answered_within(sock: socket.socket, seconds: float) -> bool:
+    ready, _, _ = select.select([sock], [], [], seconds)
+    return bool(ready)
+
+
+def _drain_rate_seen(url: str, seconds: float = 0.6) -> None:
+    """Served requests back to back for `seconds`: the model has a drain rate, and a request has
+    just left (a line whose requests have not moved for admission_wait_s refuses newcomers)."""
+    deadline = time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            assert client.post("/v1/models/clf:predict", json={"instances": ROW}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def waiting_server(model_repository: Path) -> Iterator[Server]:
+    # 3 requests admitted at most (queue 2 + batch 1); past that a request waits for its turn while
+    # the drain rate promises it within 1 s; a waiter without a turn after 2 s is answered 504
+    with running_server(
+        model_repository,
+        max_batch_size="1",
+        max_queue_size="2",
+        admission_wait_s="1",
+        request_timeout_s="2",
+        request_read_timeout_s="4",
+    ) as server:
+        yield server
+
+
+def test_request_past_the_limit_waits_for_its_turn_and_is_served(waiting_server: Server) -> None:
+    url = waiting_server.url
+    refused = rejected(url, "in_flight_limit")
+    _drain_rate_seen(url)
+    length = len(orjson.dumps({"instances": ROW}))
+    holders = [_headers_only(url, "/v1/models/clf:predict", length) for _ in range(3)]
+    time.sleep(0.1)  # the three are admitted: every slot is held by a body not yet sent
+    waiter = connect(url, timeout=5)
+    try:
+        waiter.sendall(_predict_request(url))
+        assert not _answered_within(waiter, 0.4), "answered while every slot was held"
+        for sock in holders:  # the held requests complete, and a freed slot goes to the one in line
+            sock.sendall(orjson.dumps({"instances": ROW}))
+            assert read_response(sock)[0] == 200
+        status, head, body = read_response(waiter)
+        assert status == 200, (head, body)
+        assert orjson.loads(body)["predictions"]
+    finally:
+        for sock in [*holders, waiter]:
+            sock.close()
+    assert rejected(url, "in_flight_limit") == refused  # it waited: nobody was refused
+
+
+def test_waiter_without_a_turn_is_504_and_a_stalled_line_refuses_at_once(waiting_server: Server) -> None:
+    url = waiting_server.url
+    expired = rejected(url, "deadline")
+    refused = rejected(url, "in_flight_limit")
+    _drain_rate_seen(url)
+    holders = [_headers_only(url, "/v1/models/clf:predict") for _ in range(3)]  # bodies never come
+    time.sleep(0.1)
+    waiter = connect(url, timeout=10)
+    try:
+        t0 = time.perf_counter()
+        waiter.sendall(_predict_request(url))
+        time.sleep(1.2)  # nothing has left for longer than admission_wait_s: the line is stalled
+        late = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ROW}, timeout=5)
+        assert late.status_code == 503, late.text
+        assert "in flight" in late.json()["error"] and int(late.headers["Retry-After"]) >= 1
+        assert late.elapsed.total_seconds() < 0.5  # refused from its headers, not after a wait
+        status, head, body = read_response(waiter)
+        took = time.perf_counter() - t0
+        assert status == 504, (head, body)
+        assert "waited 2s for its turn" in orjson.loads(body)["error"]
+        assert 1.8 < took < 3.5, took  # its request_timeout_s, not the holders' 4 s read timeout
+    finally:
+        for sock in [*holders, waiter]:
+            sock.close()
+    assert rejected(url, "deadline") == expired + 1
+    assert rejected(url, "in_flight_limit") == refused + 1
+    for _ in range(300):  # the holders' slots free once they are gone (their read fails)
+        response = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ROW}, timeout=5)
+        if response.status_code == 200:
+            break
+        time.sleep(0.02)
+    assert response.status_code == 200, response.text
+
+
+def test_sigterm_answers_the_requests_waiting_in_line(model_repository: Path) -> None:
+    """Waiters are requests in progress: a drain on SIGTERM hands them their turn and answers them."""
+    # a queue of 2 that holds its requests 400 ms (Triton's rule), a line of at most 2 behind it
+    with running_server(
+        model_repository,
+        max_batch_size="4",
+        max_queue_size="2",
+        max_queue_delay_ms="400",
+        run_when_idle="false",
+        admission_wait_s="5",
+    ) as server:
+        url = server.url
+        _drain_rate_seen(url, seconds=0.1)
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+                sent = [
+                    asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ROW}))
+                    for _ in range(4)
+                ]
+                for _ in range(200):  # until two wait in the queue (the other two in line)
+                    if (await client.get("/v1/models/clf")).json()["batching"]["queued_requests"] == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)
+                server.process.send_signal(signal.SIGTERM)
+                return list(await asyncio.gather(*sent))
+
+        answers = asyncio.run(scenario())
+        assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+        assert server.terminate() == 0

@@ -217,13 +217,18 @@ def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_i
     in between must not fail the request. Sent by hand: headers and half the body, reload, the rest.
 
     A server whose in-flight limit is 2 (queue 1 + batch 1) refuses a third request with 503 "in
-    flight" once both half-sent requests are admitted: that is the signal to reload (polled, not
-    slept)."""
+    flight" once both half-sent requests are admitted (at once: admission_wait_s 0, no wait for a
+    turn): that is the signal to reload (polled, not slept)."""
     row = [0.5] * CLF_FEATURES
     body = orjson.dumps(
         {"inputs": [{"name": "input", "shape": [1, CLF_FEATURES], "datatype": "FP32", "data": row}]}
     )
-    limits = {"max_queue_delay_ms": "1", "max_queue_size": "1", "max_batch_size": "1"}
+    limits = {
+        "max_queue_delay_ms": "1",
+        "max_queue_size": "1",
+        "max_batch_size": "1",
+        "admission_wait_s": "0",
+    }
     with running_server(repo, api_key=API_KEY, **limits) as server:
         host = server.url.removeprefix("http://").split(":")[0]
         head = (
