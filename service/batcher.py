@@ -20,12 +20,9 @@ future; one loop task forms batches and runs them in a worker thread. Invariants
 - every future is settled, also when the model raises (ModelRunError for that batch only);
 - the queue is bounded in requests; beyond it `submit` raises QueueFull at once;
 - `stop()` stops accepting, runs what is queued without waiting for the delay, then returns;
-- each delivered batch is reported (its metrics, `on_batches`) once, after its answers: when the
-  batcher is next idle (nothing queued, nothing running: the answers are written by then), or
-  every `REPORT_EVERY_BATCHES` batches (or `REPORT_EVERY_ROWS` rows) while it is not, so the
-  bookkeeping's fixed cost per call (~0.1-0.2 ms of numpy for the drift alarm and the histograms,
-  issue 13) is paid once per several batches under load, and after the answer, not before it, at
-  low load.
+- each delivered batch is reported (its metrics, `on_batches`) once, after its answers, in groups
+  (service/batch_reports.py): when the batcher is next idle (nothing queued, nothing running: the
+  answers are written by then), or when a group is full while it is not.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -43,16 +39,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.typing import NDArray
 
-from service.batch_request import BatcherStats, BatchReport, Outputs, QueuedRequest, RowSlice
+from service.batch_reports import GroupedBatchReporter
+from service.batch_request import BatcherStats, BatchReport, DrainRate, Outputs, QueuedRequest, RowSlice
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull, ServiceError
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[NDArray[np.float32]], Mapping[str, NDArray[np.generic]]]
-# Under load, delivered batches are reported in groups of at most this many batches or rows (the
-# drift update's ~3 µs a row: one report holds the event loop ~1 ms at most)
-REPORT_EVERY_BATCHES, REPORT_EVERY_ROWS = 16, 256
 
 
 class DynamicBatcher:
@@ -85,17 +79,15 @@ class DynamicBatcher:
         self._max_queue = max_queue_size
         self._run_when_idle = run_when_idle
         self._metrics = metrics
-        self._on_batches = on_batches
-        self._reports: list[BatchReport] = []  # delivered, not yet reported
+        self._reporter = GroupedBatchReporter(name, version, metrics, on_batches)
         self._state_pending = False  # the gauges' update is scheduled
-        self._report_rows = 0
         self._queue: deque[QueuedRequest] = deque()
         self._queued_requests = 0
         self._queued_rows = 0
         self._in_flight = 0
         self._executions: set[asyncio.Future[None]] = set()  # batches started, not yet delivered
         self._in_model = 0  # of those, the ones the model thread has not returned yet (at most 2)
-        self._drain_rows_per_s = 0.0  # rows per second the model clears while running (EWMA)
+        self._drain = DrainRate()
         self._batches = 0
         self._rows_run = 0
         self._max_batch_rows = 0
@@ -140,17 +132,12 @@ class DynamicBatcher:
     def seconds_for(self, requests: int) -> float:
         """How long the model takes to run `requests` more requests of the queue's mean size at its
         recent drain rate (its compute speed: steady while the event loop is slow); inf before any."""
-        if self._drain_rows_per_s <= 0.0:
-            return math.inf
         rows = self._queued_rows / self._queued_requests if self._queued_requests else 1.0
-        return requests * rows / self._drain_rows_per_s
+        return self._drain.seconds_for(requests * rows)
 
     def retry_after_s(self) -> int:
         """Whole seconds until what is queued now has run at the recent drain rate (1 … 60)."""
-        rate = self._drain_rows_per_s
-        if rate <= 0.0:
-            return 1
-        return int(min(60, max(1, math.ceil(self._queued_rows / rate))))
+        return self._drain.retry_after_s(self._queued_rows)
 
     def queue_full(self) -> QueueFull:
         return QueueFull(
@@ -250,7 +237,7 @@ class DynamicBatcher:
                     if self._stopping:
                         break
                     if not self._executions:  # idle: the answers are out, now the bookkeeping
-                        self._report()
+                        self._reporter.flush()
                     await self._sleep_until_woken()
                     continue
                 if self._executions:
@@ -282,7 +269,7 @@ class DynamicBatcher:
                 self._start(self._take_batch())
             while self._executions:  # stopping: the last batches finish before the loop returns
                 await asyncio.wait(set(self._executions))
-            self._report()
+            self._reporter.flush()
         except BaseException:
             logger.exception("batch loop of model %s stopped unexpectedly", self.name)
             raise
@@ -401,8 +388,7 @@ class DynamicBatcher:
             for request, _, _ in batch:
                 request.fail(ModelUnavailable(f"model {self.name!r} stopped while this request ran"))
             raise
-        rate = n / max(compute_s, 1e-6)
-        self._drain_rows_per_s = rate if not self._batches else 0.8 * self._drain_rows_per_s + 0.2 * rate
+        self._drain.observe(n, compute_s)
         self._batches += 1
         self._rows_run += n
         self._max_batch_rows = max(self._max_batch_rows, n)
@@ -410,23 +396,4 @@ class DynamicBatcher:
         for request, a, b in batch:
             request.deliver(a, RowSlice(outputs, offset, offset + (b - a)), b - a)
             offset += b - a
-        self._reports.append(BatchReport(n, len(batch), compute_s, waits, outputs, inputs))
-        self._report_rows += n
-        if len(self._reports) >= REPORT_EVERY_BATCHES or self._report_rows >= REPORT_EVERY_ROWS:
-            self._report()
-
-    def _report(self) -> None:
-        """Hand the delivered batches not yet reported to the metrics and `on_batches`."""
-        reports, self._reports, self._report_rows = self._reports, [], 0
-        if not reports:
-            return
-        try:  # metrics and monitoring must never break serving
-            if self._metrics is not None:
-                for r in reports:
-                    self._metrics.observe_batch(
-                        self.name, self.version, r.rows, r.compute_seconds, r.queue_wait_seconds
-                    )
-            if self._on_batches:
-                self._on_batches(reports)
-        except Exception:
-            logger.exception("per-batch metrics failed for model %s", self.name)
+        self._reporter.add(BatchReport(n, len(batch), compute_s, waits, outputs, inputs))

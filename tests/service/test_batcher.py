@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from service.batch_reports import REPORT_EVERY_BATCHES
 from service.batch_request import BatchReport
-from service.batcher import REPORT_EVERY_BATCHES, DynamicBatcher
+from service.batcher import DynamicBatcher
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull
 
 pytestmark = pytest.mark.anyio
