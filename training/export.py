@@ -83,6 +83,14 @@ def export_onnx(
     return check_parity(model, path, row_shape, check_rows)
 
 
+def parity_scale(name: str, want: np.ndarray, logits: np.ndarray, y_mean: float) -> np.ndarray:
+    """What an output's |ORT − torch| is divided by before the tolerance (see `check_parity`)."""
+    scale = np.abs(logits).max(axis=-1, keepdims=True) if want.ndim == 3 else np.abs(want)
+    if name == "mean":
+        scale = np.maximum(scale, abs(y_mean))
+    return np.maximum(1.0, scale)
+
+
 def check_parity(
     model: PackagedModel, path: Path, row_shape: tuple[int, ...], rows: np.ndarray
 ) -> dict[str, float]:
@@ -119,9 +127,10 @@ def check_parity(
             # agree to 1e-4 absolutely. A log-softmax is a difference of logits, so its rounding
             # error scales with the row's largest |logit| (huge on far-out rows), not with the
             # log-prob itself: compare log-probs relative to that, per (row, head). The density is a
-            # squared distance: relative, like a variance.
-            scale = np.abs(logits).max(axis=-1, keepdims=True) if w_np.ndim == 3 else np.abs(w_np)
-            denom = np.maximum(1.0, scale)
+            # squared distance: relative, like a variance. A regression mean is y_mean + y_std·z in
+            # target units: where it lies near 0 against a large y_mean (prices), float32 rounds
+            # the sum at |y_mean|'s precision, so its error is relative to |y_mean| too.
+            denom = parity_scale(name, w_np, logits, model.y_mean)
             err = float(np.max(np.abs(g - w_np) / denom)) if g.size else 0.0
             worst[name] = max(worst[name], err)
     bad = {k: v for k, v in worst.items() if not v <= PARITY_TOLERANCE}

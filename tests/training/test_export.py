@@ -19,6 +19,7 @@ from training.export import (
     graph_summary,
     model_output_names,
     output_names,
+    parity_scale,
 )
 from training.models import HydraNet, PackagedModel
 
@@ -62,6 +63,20 @@ def test_regression_package_outputs_target_units(tmp_path: Path) -> None:
     assert (variance > 0).all()
     worst = export_onnx(model, (2,), tmp_path / "r.onnx", x.numpy())
     assert set(worst) == {"mean", "variance"}
+
+
+def test_parity_is_relative_to_the_target_offset_for_a_regression_mean() -> None:
+    # prices: y_mean 2,200. Where a row's mean lands near 0, the graph still adds 2,200 in float32
+    # (rounding ~2.4e-4), which a tolerance on |mean| alone refused (R's Ecdat::Computers did)
+    want = np.array([[0.3, -1.5], [2500.0, 1800.0]], dtype=np.float32)
+    logits = np.zeros((2, 2, 1), dtype=np.float32)
+    np.testing.assert_allclose(parity_scale("mean", want, logits, 2200.0), [[2200, 2200], [2500, 2200]])
+    np.testing.assert_allclose(parity_scale("variance", want, logits, 2200.0), [[1, 1.5], [2500, 1800]])
+    assert (parity_scale("mean", want, logits, 0.0) == np.maximum(1.0, np.abs(want))).all()
+    # log-probs: relative to the row's largest |logit| per (row, head)
+    lp = np.zeros((1, 2, 3), dtype=np.float32)
+    big = np.array([[[1.0, 50.0, 3.0], [0.1, 0.2, 0.3]]], dtype=np.float32)
+    np.testing.assert_allclose(parity_scale("log_probs", lp, big, 0.0), [[[50.0], [1.0]]])
 
 
 def test_output_names_follow_the_serving_contract() -> None:
