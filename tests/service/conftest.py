@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.support import Server, running_server
+from tests.service.support import Server, running_server, server_fixture
 
 
 @pytest.fixture
@@ -28,17 +28,14 @@ def base_url(server: Server) -> str:
     return server.url
 
 
-@pytest.fixture(scope="session")
-def slow_queue_server(model_repository: Path) -> Iterator[Server]:
+slow_queue_server = server_fixture(
     """Every partial batch waits 1.5 s to fill (Triton's rule: also while the model is idle) and
     two requests fill the queue: easy to fill, easy to expire (test_queueing, test_admission).
-    Past the queue a request is refused at once (admission_wait_s 0), never waits for a turn."""
-    with running_server(
-        model_repository,
-        max_batch_size="64",
-        max_queue_delay_ms="1500",
-        max_queue_size="2",
-        run_when_idle="false",
-        admission_wait_s="0",
-    ) as server:
-        yield server
+    Past the queue a request is refused at once (admission_wait_s 0), never waits for a turn.""",
+    scope="session",
+    max_batch_size="64",
+    max_queue_delay_ms="1500",
+    max_queue_size="2",
+    run_when_idle="false",
+    admission_wait_s="0",
+)

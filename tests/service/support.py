@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import LedoitWolf
@@ -504,6 +505,18 @@ def running_server(repo_dir: Path, *args: str, **env: str) -> Iterator[Server]:
         yield server
     finally:
         stop(server.process)
+
+
+def server_fixture(doc: str, scope: str = "module", **settings: str) -> Any:
+    """A pytest fixture: a server over `model_repository` with `settings` (HYDRA_<KEY>), shared per
+    `scope`. Assign it to a module-level name: `tight_server = server_fixture("...", max_queue_size="2")`."""
+
+    def fixture(model_repository: Path) -> Iterator[Server]:
+        with running_server(model_repository, **settings) as server:
+            yield server
+
+    fixture.__doc__ = doc
+    return pytest.fixture(scope=scope)(fixture)  # type: ignore[call-overload]
 
 
 def stop(process: subprocess.Popen[Any], timeout: float = 30.0) -> int:

@@ -9,14 +9,12 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
-from tests.service.support import CLF_FEATURES, Server, connect, read_response, running_server
+from tests.service.support import CLF_FEATURES, Server, connect, read_response, running_server, server_fixture
 
 ROW = [[0.25] * CLF_FEATURES]
 
@@ -82,18 +80,14 @@ def test_unknown_model_and_other_routes_pass_through(slow_queue_server: Server) 
     assert response.status_code == 404 and "nope" in response.json()["error"]
 
 
-@pytest.fixture(scope="module")
-def tight_server(model_repository: Path) -> Iterator[Server]:
-    # at most max_queue_size + max_batch_size = 3 requests of a model admitted at once; past that a
-    # request is refused at once (admission_wait_s 0), never waits for a turn
-    with running_server(
-        model_repository,
-        max_batch_size="1",
-        max_queue_size="2",
-        request_read_timeout_s="5",
-        admission_wait_s="0",
-    ) as server:
-        yield server
+tight_server = server_fixture(
+    """At most max_queue_size + max_batch_size = 3 requests of a model admitted at once; past that a
+    request is refused at once (admission_wait_s 0), never waits for a turn.""",
+    max_batch_size="1",
+    max_queue_size="2",
+    request_read_timeout_s="5",
+    admission_wait_s="0",
+)
 
 
 def test_in_flight_limit_refuses_past_queue_plus_one_batch(tight_server: Server) -> None:
@@ -147,19 +141,15 @@ def _drain_rate_seen(url: str, seconds: float = 0.6) -> None:
             assert client.post("/v1/models/clf:predict", json={"instances": ROW}).status_code == 200
 
 
-@pytest.fixture(scope="module")
-def waiting_server(model_repository: Path) -> Iterator[Server]:
-    # 3 requests admitted at most (queue 2 + batch 1); past that a request waits for its turn while
-    # the drain rate promises it within 1 s; a waiter without a turn after 2 s is answered 504
-    with running_server(
-        model_repository,
-        max_batch_size="1",
-        max_queue_size="2",
-        admission_wait_s="1",
-        request_timeout_s="2",
-        request_read_timeout_s="4",
-    ) as server:
-        yield server
+waiting_server = server_fixture(
+    """3 requests admitted at most (queue 2 + batch 1); past that a request waits for its turn while
+    the drain rate promises it within 1 s; a waiter without a turn after 2 s is answered 504.""",
+    max_batch_size="1",
+    max_queue_size="2",
+    admission_wait_s="1",
+    request_timeout_s="2",
+    request_read_timeout_s="4",
+)
 
 
 def test_request_past_the_limit_waits_for_its_turn_and_is_served(waiting_server: Server) -> None:
