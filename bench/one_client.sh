@@ -3,20 +3,29 @@
 # servers on models/ side by side — max batch 64 (on) and 1 (off), default settings otherwise —
 # and wrk -t1 -c1 sending one-row V2 JSON requests to digits, alternated on/off then off/on each
 # round (so neither always goes first), after a 1 s warm-up per cell. Prints each cell and the
-# medians. Usage: bench/one_client.sh   (ROUNDS=3 pairs per order, SECONDS_PER_CELL=8)
+# medians. Usage: bench/one_client.sh   (ROUNDS=3 pairs per order, SECONDS_PER_CELL=8; another
+# model: REPO=bench/build/models MODEL=mnist1d_wide sends one all-zero row of its input shape)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ON_PORT=${ON_PORT:-18801}
 OFF_PORT=${OFF_PORT:-18802}
 ROUNDS=${ROUNDS:-3}
+REPO=${REPO:-models}
+MODEL=${MODEL:-digits}
 SECONDS_PER_CELL=${SECONDS_PER_CELL:-8}
 BODY=$(mktemp --suffix=.json)
 CELLS=$(mktemp)
 trap 'rm -f "$BODY" "$CELLS"' EXIT
-"$PY" -c "import json, sys; from sklearn.datasets import load_digits; row = load_digits().data[:1]; json.dump({'inputs': [{'name': 'input', 'shape': [1, 64], 'datatype': 'FP32', 'data': row.reshape(-1).tolist()}]}, open(sys.argv[1], 'w'))" "$BODY"
+if [ "$MODEL" = digits ]; then
+  "$PY" -c "import json, sys; from sklearn.datasets import load_digits; row = load_digits().data[:1]; json.dump({'inputs': [{'name': 'input', 'shape': [1, 64], 'datatype': 'FP32', 'data': row.reshape(-1).tolist()}]}, open(sys.argv[1], 'w'))" "$BODY"
+else
+  "$PY" -c "import json, sys, glob; m = json.load(open(sorted(glob.glob(sys.argv[2] + '/*/manifest.json'))[-1])); d = m['input']['shape'][1:]; n = 1
+for k in d: n *= k
+json.dump({'inputs': [{'name': m['input']['name'], 'shape': [1, *d], 'datatype': 'FP32', 'data': [0.0] * n}]}, open(sys.argv[1], 'w'))" "$BODY" "$REPO/$MODEL"
+fi
 start() {  # port, max batch size
-  "$PY" -m service --host 127.0.0.1 --port "$1" --grpc-port 0 --model-repository models \
+  "$PY" -m service --host 127.0.0.1 --port "$1" --grpc-port 0 --model-repository "$REPO" \
     --log-level warning --max-batch-size "$2" >/dev/null 2>&1 &
   echo $!
 }
@@ -27,7 +36,7 @@ for port in "$ON_PORT" "$OFF_PORT"; do
   for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/v2/health/ready" >/dev/null && break; sleep 0.2; done
 done
 cell() {  # port, label
-  local url="http://127.0.0.1:$1/v2/models/digits/infer"
+  local url="http://127.0.0.1:$1/v2/models/$MODEL/infer"
   wrk -t1 -c1 -d1s -s bench/wrk_post.lua "$url" -- "$BODY" >/dev/null
   local load
   load=$(cut -d' ' -f1 /proc/loadavg)
