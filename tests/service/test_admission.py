@@ -225,15 +225,23 @@ def test_sigterm_answers_the_requests_waiting_in_line(model_repository: Path) ->
 
         async def scenario() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=15) as client:
-                sent = [
-                    asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ROW}))
-                    for _ in range(4)
-                ]
-                for _ in range(200):  # until two wait in the queue (the other two in line)
-                    if (await client.get("/v1/models/clf")).json()["batching"]["queued_requests"] == 2:
+
+                def send() -> asyncio.Task[httpx.Response]:
+                    return asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ROW}))
+
+                async def queued() -> int:
+                    return int((await client.get("/v1/models/clf")).json()["batching"]["queued_requests"])
+
+                # two fill the queue first: requests whose headers all arrive before any body is
+                # parsed are admitted by headers alone (the in-flight limit is queue + one batch)
+                sent = [send(), send()]
+                for _ in range(300):
+                    if await queued() == 2:
                         break
                     await asyncio.sleep(0.01)
-                await asyncio.sleep(0.1)
+                assert await queued() == 2
+                sent += [send(), send()]  # these find the queue full at the edge: they wait in line
+                await asyncio.sleep(0.15)
                 server.process.send_signal(signal.SIGTERM)
                 return list(await asyncio.gather(*sent))
 
