@@ -105,6 +105,9 @@ class DistilConfig:
     shift_pixels: int = 2
     # Hydra+ style penalty on the mean pairwise cosine similarity of head weights (0 = off)
     diversity_weight: float = 0.0
+    # regression: weight of the heads' spread error in the spread's own units (losses.spread_loss;
+    # 0 = off, the per-head Gaussian KL alone)
+    spread_weight: float = 0.0
 
 
 @dataclass(frozen=True)

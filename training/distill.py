@@ -24,7 +24,14 @@ from torch import Tensor
 from training.config import RunConfig
 from training.data import TaskData
 from training.distributed import data_parallel, local_batch_size, mean_over_ranks, shard
-from training.losses import ensemble_moments, gaussian_kl, head_cosine_similarity, hydra_kd_loss, kd_loss
+from training.losses import (
+    ensemble_moments,
+    gaussian_kl,
+    head_cosine_similarity,
+    hydra_kd_loss,
+    kd_loss,
+    spread_loss,
+)
 from training.models import FusedLinear, HydraNet, regression_outputs
 from training.teachers import build_network
 from training.transfer import radial_scale, seek_disagreement, transfer_inputs
@@ -101,13 +108,21 @@ def _phase1_loss(
 
 
 def _phase2_loss(
-    student_raw: Tensor, teacher_raw: Tensor, task: str, temperature: float, row_scale: Tensor | None
+    student_raw: Tensor,
+    teacher_raw: Tensor,
+    task: str,
+    temperature: float,
+    row_scale: Tensor | None,
+    spread_weight: float = 0.0,
 ) -> Tensor:
     if task == "classification":
         return hydra_kd_loss(student_raw, teacher_raw, temperature, row_scale)
     t_mean, t_var = regression_outputs(teacher_raw)
     s_mean, s_var = regression_outputs(student_raw)
-    return _radial_mean(gaussian_kl(t_mean, t_var, s_mean, s_var).mean(dim=1), row_scale)
+    loss = _radial_mean(gaussian_kl(t_mean, t_var, s_mean, s_var).mean(dim=1), row_scale)
+    if spread_weight > 0:  # the heads' spread in its own units (losses.spread_loss)
+        loss = loss + spread_weight * spread_loss(s_mean, t_mean)
+    return loss
 
 
 def _fit(
@@ -210,7 +225,7 @@ def distil(
     head_layers = [layer for layer in student.head if isinstance(layer, FusedLinear)]
 
     def phase2(s: Tensor, t: Tensor, r: Tensor | None) -> Tensor:
-        loss = _phase2_loss(s, t, task, T, r)
+        loss = _phase2_loss(s, t, task, T, r, dc.spread_weight)
         if dc.diversity_weight > 0:
             loss = loss + dc.diversity_weight * sum(head_cosine_similarity(h.weight) for h in head_layers)
         return loss

@@ -48,6 +48,23 @@ def gaussian_kl(mean_p: Tensor, var_p: Tensor, mean_q: Tensor, var_q: Tensor) ->
     return 0.5 * (torch.log(var_q / var_p) + (var_p + (mean_p - mean_q) ** 2) / var_q - 1.0)
 
 
+def spread_loss(student_means: Tensor, teacher_means: Tensor, floor_fraction: float = 0.1) -> Tensor:
+    """Relative error of the heads' spread: Σ_m (d_s,m − d_t,m)² / (Σ_m d_t,m² + floor), mean over
+    rows, where d_·,m is head m's mean minus the mean over heads ((batch, M) each).
+
+    The per-head Gaussian KL weighs a head's mean error by 1 / its variance. Where the noise is
+    large beside the teachers' disagreement (aleatoric variance 20x the epistemic on a small
+    noisy table), errors that barely move the KL can halve the spread of the head means, and
+    epistemic variance is that spread. This term measures the errors in the spread's own units.
+    `floor` (`floor_fraction` × the batch's median Σ_m d_t,m²) keeps rows where the teachers
+    agree from dividing by ~0."""
+    d_s = student_means - student_means.mean(dim=1, keepdim=True)
+    d_t = teacher_means - teacher_means.mean(dim=1, keepdim=True)
+    spread = (d_t**2).sum(dim=1)
+    floor = floor_fraction * spread.median().clamp_min(1e-12)
+    return (((d_s - d_t) ** 2).sum(dim=1) / (spread + floor)).mean()
+
+
 def ensemble_moments(means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
     """Moment-matched Gaussian of a uniform mixture over the last axis: (μ*, aleatoric + epistemic)."""
     mu = means.mean(dim=-1)

@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import v2_core
 from service.auth import key_matches
-from service.errors import BadRequest, QueueFull, ServiceError, Unauthorized
+from service.errors import BadRequest, ModelUnavailable, QueueFull, ServiceError, Unauthorized
 from service.metrics import ServiceMetrics
 from service.oip_grpc import codec
 from service.oip_grpc import grpc_predict_v2_pb2 as pb
@@ -90,6 +90,45 @@ def status_code_for(error: ServiceError) -> grpc.StatusCode:
 
 
 Handler = Callable[[Any, Any], Awaitable[Message]]
+
+# After the last call in flight has been answered, the connections stay open this long before the
+# server closes them. Closed at once, a client still reading its last answers (and sending the
+# flow-control updates it owes) meets a TCP reset and loses answers already sent: the HTTP/2
+# shutdown race of grpc/grpc-go#1738, seen here as UNAVAILABLE "Connection reset by peer" on 1 of 30
+# drained calls, on a loaded CI box.
+DRAIN_LINGER_S = 0.5
+
+
+class CallsInFlight:
+    """The calls being handled. Once `drain` has begun, new calls are refused (UNAVAILABLE) and
+    `drain` returns when the last call in flight has been answered, or at its timeout."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> bool:
+        if self.draining:
+            return False
+        self.count += 1
+        self._idle.clear()
+        return True
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """True when every call in flight was answered within `timeout_s`."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
 
 class InferenceService:
@@ -166,13 +205,18 @@ _METHODS: dict[str, tuple[type[Message], type[Message]]] = {
 }
 
 
-def _unary(name: str, handler: Handler, request_type: type[Message], metrics: ServiceMetrics) -> Any:
+def _unary(
+    name: str, handler: Handler, request_type: type[Message], metrics: ServiceMetrics, calls: CallsInFlight
+) -> Any:
     route = f"/{SERVICE}/{name}"
 
     async def call(payload: bytes, context: Any) -> bytes:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        entered = calls.enter()
         try:
+            if not entered:
+                raise ModelUnavailable("the server is shutting down")
             try:
                 request = request_type.FromString(payload)
             except DecodeError as exc:
@@ -202,15 +246,17 @@ def _unary(name: str, handler: Handler, request_type: type[Message], metrics: Se
             await context.abort(code, f"internal server error ({type(exc).__name__})")
             raise  # not reached
         finally:
+            if entered:
+                calls.leave()
             metrics.observe_request(route, "POST", HTTP_EQUIVALENT[code], time.perf_counter() - start, "grpc")
 
     # no (de)serializers: bytes in and out, so undecodable requests are ours to answer
     return grpc.unary_unary_rpc_method_handler(call)
 
 
-def inference_handler(service: InferenceService, metrics: ServiceMetrics) -> Any:
+def inference_handler(service: InferenceService, metrics: ServiceMetrics, calls: CallsInFlight) -> Any:
     handlers = {
-        name: _unary(name, getattr(service, name), request_type, metrics)
+        name: _unary(name, getattr(service, name), request_type, metrics, calls)
         for name, (request_type, _) in _METHODS.items()
     }
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
@@ -253,7 +299,8 @@ class GrpcServer:
     """Start after the repository (models warm), stop before it: `await start()`, `await stop()`.
 
     `stop()` is idempotent and may be begun early (SIGTERM, in parallel with HTTP's drain): new calls
-    are refused at once, calls in flight get `shutdown_timeout_s` to finish.
+    are refused at once (UNAVAILABLE), calls in flight get `shutdown_timeout_s` to finish, and the
+    connections close `DRAIN_LINGER_S` after the last answer.
     """
 
     def __init__(
@@ -272,6 +319,7 @@ class GrpcServer:
         self._server: Any = None
         self._health = ReadinessHealth(repository)
         self._stopping: asyncio.Task[None] | None = None
+        self._calls = CallsInFlight()
 
     async def start(self) -> int:
         options = [
@@ -284,7 +332,7 @@ class GrpcServer:
         ]
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers(
-            (inference_handler(InferenceService(self.repository, self.settings), self.metrics),)
+            (inference_handler(InferenceService(self.repository, self.settings), self.metrics, self._calls),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = _address(self.settings.host, self.settings.grpc_port)
@@ -311,6 +359,18 @@ class GrpcServer:
     async def _stop(self) -> None:
         if self._server is None:
             return
+        # new calls refused from here (health NOT_SERVING, inference UNAVAILABLE); the ones in flight
+        # are answered, read by their clients, and only then do the connections close (GOAWAY)
         await self._health.begin_shutdown()
-        await self._server.stop(self.settings.shutdown_timeout_s)
+        started = time.monotonic()
+        if await self._calls.drain(self.settings.shutdown_timeout_s):
+            await asyncio.sleep(DRAIN_LINGER_S)
+        else:
+            logger.warning(
+                "gRPC: %d call(s) still in flight after %.0f s",
+                self._calls.count,
+                self.settings.shutdown_timeout_s,
+            )
+        grace = max(0.0, self.settings.shutdown_timeout_s - (time.monotonic() - started))
+        await self._server.stop(grace)
         logger.info("gRPC server stopped")

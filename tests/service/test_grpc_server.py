@@ -441,9 +441,27 @@ def test_sigterm_drains_grpc_calls_in_flight_then_refuses(model_repository: Path
                         await asyncio.sleep(0.01)
                 assert queued == len(batches)
                 server.process.send_signal(signal.SIGTERM)
+                # while those wait out the delay: health says NOT_SERVING, and a new call (on its own
+                # connection) is refused at once
+                async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+                    health = health_pb2_grpc.HealthStub(channel)
+                    for _ in range(400):
+                        status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+                        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                async with tga.InferenceServerClient(server.grpc_target) as late:
+                    with pytest.raises(InferenceServerException) as refused:
+                        await late.infer("clf", [grpc_input(batches[0])], client_timeout=2)
+                    assert _status(refused.value) == ("StatusCode.UNAVAILABLE", "the server is shutting down")
                 return await asyncio.gather(*calls)
 
-        results = asyncio.run(scenario())
+        try:
+            results = asyncio.run(scenario())
+        except InferenceServerException as exc:  # the server's side of the story, for a CI failure
+            server.process.wait(timeout=30)
+            raise AssertionError(f"{exc}\n--- server log ---\n{server.log()}") from exc
         assert [r.as_numpy("label").shape for r in results] == [(1,)] * len(batches)
         assert server.process.wait(timeout=30) == 0, server.log()
         client = tg.InferenceServerClient(server.grpc_target)
@@ -506,3 +524,21 @@ def test_hot_reload_under_grpc_load_fails_no_call(tmp_path: Path, model_reposito
             assert client.is_model_ready("clf", "2")
         finally:
             client.close()
+
+
+def test_calls_in_flight_drain_refuses_new_calls_and_waits_for_the_last() -> None:
+    from service.oip_grpc.server import CallsInFlight
+
+    async def scenario() -> None:
+        calls = CallsInFlight()
+        assert calls.enter() and calls.enter()
+        assert not await calls.drain(0.05)  # two still in flight: drain times out
+        assert not calls.enter()  # draining: refused
+        calls.leave()
+        waiting = asyncio.ensure_future(calls.drain(5))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        calls.leave()  # the last one answered
+        assert await waiting and calls.count == 0
+
+    asyncio.run(scenario())
