@@ -137,6 +137,7 @@ def test_one_real_suite_run_renders(tmp_path: Path) -> None:
         "fresh3",
         "fresh4",
         "fresh5",
+        "fresh6",
     ]
     names = [d.name for suite in SUITES.values() for d in suite]
     assert len(names) == len(set(names)), "a table in two suites would blur which data chose what"
