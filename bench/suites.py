@@ -538,6 +538,7 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
     sc = report["self_check"]
     return {
         "test": {m: v["test"] for m, v in report["methods"].items()},
+        "fidelity": report["fidelity"],
         "self_check": sc,
         "runtime_seconds": report.get("runtime_seconds", {}),
         "transfer_size": report.get("transfer_size"),
@@ -614,7 +615,14 @@ def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if r["task"] == "classification":
             gap = t["ensemble"]["accuracy"] - t["hydra"]["accuracy"]
             if gap > ACCURACY_POINTS + 1e-9:
-                accuracy.append(f"{tag} (−{100 * gap:.1f} pts)")
+                fid = r.get("fidelity", {})
+                why = (
+                    f"; {fid['labels_flipped']} label(s) flipped, "
+                    f"ensemble margin ≤ {fid['widest_flipped_margin']:.3f}"
+                    if "labels_flipped" in fid
+                    else ""
+                )
+                accuracy.append(f"{tag} (−{100 * gap:.1f} pts{why})")
         else:
             gap = abs(t["ensemble"]["coverage_95"] - t["hydra"]["coverage_95"])
             if gap > COVERAGE_POINTS + 1e-9:

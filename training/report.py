@@ -68,6 +68,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"- {f['score']}: Spearman {f['spearman']:.4f}, RMSE {f['rmse']:.4g} "
         f"(ensemble mean {f['ensemble_mean']:.4g})"
     ]
+    if "label_agreement" in f:
+        lines += [
+            f"- labels: Hydra's is the ensemble's on {100 * f['label_agreement']:.1f} % of test rows "
+            f"({f['labels_flipped']} flipped; widest ensemble margin among them "
+            f"{f['widest_flipped_margin']:.3f})"
+        ]
     lines += self_check_markdown(report["self_check"])
     lines += ood_statistic_markdown(report)
     c = report["conformal"]

@@ -92,6 +92,9 @@ def test_verdict_names_every_miss() -> None:
     assert not v["met"] and v["spearman_met"]  # the median of (0.95, 0.92, 0.5) is 0.92
     assert v["low_retention"] == ["c s0 near (-0.44)"] and v["inverted"] == ["c s0 near"]
     assert v["accuracy_misses"] == ["a s0 (−2.0 pts)"] and v["coverage_misses"] == ["b s0 (5.0 pts)"]
+    # with the evaluation's label agreement, a miss says how many labels flipped and how close to a tie
+    bad[0]["fidelity"] = {"label_agreement": 0.98, "labels_flipped": 2, "widest_flipped_margin": 0.0113}
+    assert verdict(bad)["accuracy_misses"] == ["a s0 (−2.0 pts; 2 label(s) flipped, ensemble margin ≤ 0.011)"]
 
 
 def test_one_real_suite_run_renders(tmp_path: Path) -> None:

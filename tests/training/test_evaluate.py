@@ -12,6 +12,7 @@ from training.evaluate import (
     ReliabilityBins,
     classification_metrics,
     default_score,
+    label_agreement,
     ood_metrics,
     regression_metrics,
     retention,
@@ -106,3 +107,17 @@ def test_retention_interval_is_the_bootstrap_of_roc_auc_ratios() -> None:
     # an ensemble at chance on every resample leaves nothing to take a ratio of
     flat = [np.zeros(5), np.arange(5.0)]
     assert np.isnan(retention_interval(flat, [np.zeros(3), np.arange(3.0) + 9], resamples=5)).all()
+
+
+def test_label_agreement_counts_flips_and_the_widest_ensemble_margin_among_them() -> None:
+    def summary(probs: list[list[float]]) -> ClassificationUncertainty:
+        log_probs = np.log(np.asarray(probs, dtype=np.float64))[:, None, :]  # one head
+        return classification_uncertainty(log_probs)
+
+    ensemble = summary([[0.9, 0.1], [0.51, 0.49], [0.2, 0.8], [0.45, 0.55]])
+    hydra = summary([[0.8, 0.2], [0.49, 0.51], [0.3, 0.7], [0.56, 0.44]])
+    got = label_agreement(ensemble, hydra)
+    assert got["labels_flipped"] == 2 and got["label_agreement"] == pytest.approx(0.5)
+    assert got["widest_flipped_margin"] == pytest.approx(0.10)  # rows 2 and 4: margins 0.02 and 0.10
+    same = label_agreement(ensemble, ensemble)
+    assert same == {"label_agreement": 1.0, "labels_flipped": 0, "widest_flipped_margin": 0.0}

@@ -14,6 +14,7 @@ from training.losses import (
     head_cosine_similarity,
     hydra_kd_loss,
     kd_loss,
+    spread_loss,
 )
 
 
@@ -72,3 +73,14 @@ def test_head_cosine_similarity() -> None:
     orthogonal = torch.stack([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])])
     assert float(head_cosine_similarity(orthogonal)) == pytest.approx(0.0)
     assert float(head_cosine_similarity(torch.ones(1, 4, 4))) == 0.0
+
+
+def test_spread_loss_measures_the_heads_spread_in_its_own_units() -> None:
+    teacher = torch.tensor([[1.0, 3.0], [10.0, 10.0]])  # row 1 spread: deviations -1, +1; row 2 none
+    # a common offset of every head leaves the spread, and so the loss, untouched
+    assert spread_loss(teacher + 5.0, teacher).item() == pytest.approx(0.0, abs=1e-12)
+    # heads collapsed onto their mean: row 1 misses Σd² = 2 of its 2 (+ floor); row 2 misses nothing
+    collapsed = torch.tensor([[2.0, 2.0], [10.0, 10.0]])
+    floor = 0.1 * 1e-12  # 0.1 × the median Σd² over rows: torch's lower median of (2, 0) is 0, clamped
+    expected = (2.0 / (2.0 + floor) + 0.0) / 2
+    assert spread_loss(collapsed, teacher).item() == pytest.approx(expected)
