@@ -455,13 +455,13 @@ class Server:
 
 def start_server(repo_dir: Path, *args: str, **env: str) -> Server:
     """Start `python -m service` on a free port (not waiting for readiness)."""
-    port = free_port()
+    port = free_port(span=2)  # HTTP on port, gRPC on port + 1: two free_port() calls can return one port
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
     # CPU unless a test asks otherwise: tests compare with a CPU reference at tight tolerances and
     # assert the CPU provider, and `auto` would pick a working GPU.
     env.setdefault("execution_providers", "cpu")
     # gRPC on a free port of its own (the default 8081 would collide between concurrent servers)
-    env.setdefault("grpc_port", str(free_port()))
+    env.setdefault("grpc_port", str(port + 1))
     environment.update({f"HYDRA_{k.upper()}": str(v) for k, v in env.items()})
     environment["PYTHONUNBUFFERED"] = "1"
     log = Path(tempfile.mkstemp(prefix="hydra-serve-", suffix=".log")[1])
