@@ -35,7 +35,7 @@ and sequences). Deterministic for a seed; each family draws from its own stream.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 
@@ -226,18 +226,9 @@ def transfer_parts(dc: DistilConfig, data: TaskData, seed: int) -> dict[str, np.
 
 
 def train_only(dc: DistilConfig) -> DistilConfig:
-    """`dc` with a transfer set of the training rows alone (no perturbed family)."""
-    return replace(
-        dc,
-        mixup_copies=0,
-        noise_copies=0,
-        far_copies=0,
-        marginal_copies=0,
-        extrapolate_copies=0,
-        shift_copies=0,
-        rescale_copies=0,
-        seek_copies=0,
-    )
+    """`dc` with a transfer set of the training rows alone: every perturbed family (each `*_copies`
+    field, so one added later too) at 0 copies."""
+    return replace(dc, **{f.name: 0 for f in fields(dc) if f.name.endswith("_copies")})
 
 
 def near_only(dc: DistilConfig) -> DistilConfig:

@@ -49,10 +49,14 @@ class ServiceMetrics:
         def histogram(name: str, doc: str, bounds: Sequence[float]) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", doc, mv, buckets=bounds, registry=r)
 
+        # every per-row family, so that removing a model version drops each one's series
+        self._per_row: list[BatchHistogram] = []
+
         def per_row(name: str, doc: str, bounds: Sequence[float]) -> BatchHistogram:
             """A per-row distribution of a model version, counted once per batch."""
             family = BatchHistogram(f"{PREFIX}_{name}", doc, mv, bounds)
             r.register(family)
+            self._per_row.append(family)
             return family
 
         # -- HTTP
@@ -249,15 +253,7 @@ class ServiceMetrics:
             self.compute_duration,
         ):
             remove_series(metric, model, version)
-        for hist in (
-            self.queue_wait,
-            self.ood_p_value,
-            self.mutual_information,
-            self.density_score,
-            self.input_density_score,
-            self.vote_disagreement,
-            self.head_spread,
-        ):
+        for hist in self._per_row:
             hist.remove(model, version)
         for label in class_labels:
             remove_series(self.predicted_class, model, version, label)

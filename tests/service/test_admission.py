@@ -35,6 +35,18 @@ def _status_and_headers(sock: socket.socket) -> tuple[int, str]:
     return status, head
 
 
+def _post_until(
+    url: str, path: str, payload: object, status: int, tries: int, pause_s: float
+) -> httpx.Response:
+    """POST `payload` until the answer has `status`, at most `tries` times: the last answer."""
+    for _ in range(tries):
+        response = httpx.post(f"{url}{path}", json=payload, timeout=5)
+        if response.status_code == status:
+            break
+        time.sleep(pause_s)
+    return response
+
+
 def rejected(url: str, reason: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     found = re.search(
@@ -94,11 +106,8 @@ def test_in_flight_limit_refuses_past_queue_plus_one_batch(tight_server: Server)
     url = tight_server.url
     slow = [_headers_only(url, "/v2/models/clf/infer") for _ in range(3)]  # admitted, bodies pending
     try:
-        for _ in range(200):  # until the server has read all three requests' headers
-            response = httpx.post(f"{url}/v2/models/clf/infer", json={"inputs": []}, timeout=5)
-            if response.status_code == 503:
-                break
-            time.sleep(0.01)
+        # until the server has read all three requests' headers
+        response = _post_until(url, "/v2/models/clf/infer", {"inputs": []}, 503, tries=200, pause_s=0.01)
         assert response.status_code == 503, response.text
         assert "in flight" in response.json()["error"], response.text
         assert int(response.headers["Retry-After"]) >= 1
@@ -107,11 +116,7 @@ def test_in_flight_limit_refuses_past_queue_plus_one_batch(tight_server: Server)
         for sock in slow:
             sock.close()
     # the slow requests went away: admission is free again and a real request is served
-    for _ in range(200):
-        response = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ROW}, timeout=5)
-        if response.status_code == 200:
-            break
-        time.sleep(0.02)
+    response = _post_until(url, "/v1/models/clf:predict", {"instances": ROW}, 200, tries=200, pause_s=0.02)
     assert response.status_code == 200, response.text
 
 
@@ -201,11 +206,8 @@ def test_waiter_without_a_turn_is_504_and_a_stalled_line_refuses_at_once(waiting
             sock.close()
     assert rejected(url, "deadline") == expired + 1
     assert rejected(url, "in_flight_limit") == refused + 1
-    for _ in range(300):  # the holders' slots free once they are gone (their read fails)
-        response = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ROW}, timeout=5)
-        if response.status_code == 200:
-            break
-        time.sleep(0.02)
+    # the holders' slots free once they are gone (their read fails)
+    response = _post_until(url, "/v1/models/clf:predict", {"instances": ROW}, 200, tries=300, pause_s=0.02)
     assert response.status_code == 200, response.text
 
 
