@@ -161,10 +161,10 @@ bench-quality: install
 	$(MAKE) bench-suites
 	$(PY) -m bench ood --preset $(BENCH_PRESET)
 
-# §1b: the first four suites, then the later ones (fresh3, fresh4, fresh5: each defined before the recipe it checks)
+# §1b: the first four suites, then the later ones (fresh3 … fresh6: each defined before the recipe it checks)
 bench-suites: install
 	$(PY) -m bench suites --preset $(BENCH_PRESET)
-	$(PY) -m bench suites --preset $(BENCH_PRESET) --only fresh3,fresh4,fresh5 --output suites_fresh3
+	$(PY) -m bench suites --preset $(BENCH_PRESET) --only fresh3,fresh4,fresh5,fresh6 --output suites_fresh3
 
 bench-ood: install
 	$(PY) -m bench ood --preset $(BENCH_PRESET)
