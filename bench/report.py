@@ -206,7 +206,7 @@ def fresh3_section(f3: dict[str, Any] | None) -> str:
     from bench.suites import SUITES
 
     plan = f3["plan"]
-    names = ", ".join(plan["suites"])
+    names = ", ".join(sorted(plan["suites"], key=list(SUITES).index))
     out = [
         *_opening(f"### Later suites, on the recipe above ({names})", f3),
         f"Preset `{f3['preset']}`, seeds {plan['seeds']}, {plan['members']} teachers; wall time {f3['seconds']:.0f} s "
@@ -219,7 +219,7 @@ def fresh3_section(f3: dict[str, Any] | None) -> str:
         "heads' spread loss and the product-of-marginals copies, so it is seen too. **fresh6** was defined and "
         "committed before any run of that recipe: the untouched evidence for the recipe as it stands.",
     ]
-    for suite in plan["suites"]:
+    for suite in sorted(plan["suites"], key=list(SUITES).index):  # in definition order, however run
         runs = [r for r in f3["runs"] if r["suite"] == suite]
         out += ["", f"#### {suite.capitalize()} ({', '.join(d.name for d in SUITES[suite])})", ""]
         out += _suite_tables(runs)
