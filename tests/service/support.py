@@ -26,10 +26,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import numpy as np
@@ -53,6 +53,7 @@ REG_FEATURES = 5
 REG_FEATURE_NAMES = ("age", "bmi", "bp", "s1", "s2")
 API_KEY = "s3cret-key"  # the servers of tests that load, unload or break models need one
 AUTH = {"X-API-Key": API_KEY}
+T = TypeVar("T")
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -559,12 +560,19 @@ class InProcessClient:
     def head(self, url: str, **kwargs: Any) -> httpx.Response:
         return self.request("HEAD", url, **kwargs)
 
+    def run(self, scenario: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+        """`await scenario(client)` on the app's event loop: for tests that keep many requests in
+        flight at once (asyncio tasks sharing the one AsyncClient)."""
+        return self._portal.call(scenario, self._client)
+
 
 @contextlib.contextmanager
-def in_process(repo_dir: Path, **settings: Any) -> Iterator[InProcessClient]:
+def in_process(
+    repo_dir: Path, *, headers: dict[str, str] | None = None, **settings: Any
+) -> Iterator[InProcessClient]:
     """The app `python -m service` serves, in this process with its lifespan run, reached through
     httpx's ASGI transport (no socket): for tests where the transport does not matter. CPU and no
-    gRPC, as the subprocess servers here default to."""
+    gRPC, as the subprocess servers here default to. `headers` go with every request (an API key)."""
     from service.app import create_app
     from service.settings import Settings
 
@@ -575,7 +583,9 @@ def in_process(repo_dir: Path, **settings: Any) -> Iterator[InProcessClient]:
     with start_blocking_portal() as portal:
         lifespan = app.router.lifespan_context(app)
         portal.call(lifespan.__aenter__)
-        client = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30)
+        client = httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers, timeout=30
+        )
         try:
             yield InProcessClient(portal, client)
         finally:
