@@ -4,8 +4,9 @@ Each operation gets schema-valid (positive) and schema-violating (negative) requ
 requests name a model that exists ("clf"/"reg", version "1"), so the generated bodies reach the
 parsers and the batcher rather than stopping at 404. Checked on every answer: no 5xx, and every
 4xx body is exactly `{"error": "<message>"}`. Each drawn request goes to a one-process server and to
-a two-worker one. `make test` sends each a few hundred requests; the slow variant at least 10,000. The V2 binary-extension parser has its own Hypothesis tests
-(tests/service/test_v2_codec.py); here it is reached through HTTP like any other body.
+a two-worker one. `make test` sends each a few hundred requests; the slow variant at least 10,000.
+The V2 binary-extension parser has its own Hypothesis tests (tests/service/test_v2_codec.py); here
+it is reached through HTTP like any other body.
 """
 
 from __future__ import annotations

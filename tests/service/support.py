@@ -13,7 +13,10 @@ repository so tests that count models are unaffected.
 
 `running_server(repo_dir, **env)` starts `python -m service` as a uvicorn subprocess on a free
 127.0.0.1 port, waits for `/v2/health/ready`, yields a `Server` (base URL, process, log), and stops
-it with SIGTERM.
+it with SIGTERM: for tests where the socket or the process matters (signals, workers, limits on
+connections and bodies, overload, Prometheus scrapes, tritonclient, gRPC, the KServe SDK).
+`in_process(repo_dir, **settings)` runs the same app in this process with its lifespan, reached
+through httpx's ASGI transport, for everything else (a start costs ~0.05 s instead of 1.5-2.5 s).
 """
 
 from __future__ import annotations
