@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import signal
 import socket
@@ -594,3 +595,6 @@ def in_process(
         finally:
             portal.call(client.aclose)
             portal.call(lifespan.__aexit__, None, None, None)
+            # the lifespan's gc.freeze() (a server's start-up) would keep this app's reference
+            # cycles, its ONNX Runtime sessions and their thread pools, for the rest of the run
+            gc.unfreeze()
