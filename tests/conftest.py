@@ -16,19 +16,13 @@ for _pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import fcntl
 import shutil
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.service.support import (
-    API_KEY,
-    Server,
-    build_density_repository,
-    build_test_repository,
-    running_server,
-)
+from tests.service.support import build_density_repository, build_test_repository
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +43,6 @@ def repo(tmp_path: Path, model_repository: Path) -> Path:
     """A private copy of the test repository that a test may change (reloads, broken versions)."""
     shutil.copytree(model_repository, tmp_path / "models")
     return tmp_path / "models"
-
-
-@pytest.fixture
-def keyed_server(repo: Path) -> Iterator[Server]:
-    """A server of its own over `repo` with an API key (`support.AUTH`), for tests that load,
-    unload or break models."""
-    with running_server(repo, api_key=API_KEY, max_queue_delay_ms="2") as server:
-        yield server
 
 
 # ---- Running in parallel (pytest-xdist, `make test`: -n 2) ------------------------------------------

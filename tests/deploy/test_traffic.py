@@ -27,7 +27,7 @@ def test_traffic_moves_the_flag_rate(tmp_path: Path) -> None:
     with running_server(repository) as server:
         result = traffic(
             "--url", server.url, "--model", "clf", "--id-source", "gaussian", "--ood-kind", "shift",
-            "--rate", "40", "--rows-per-request", "8", "--schedule", "0:2,1:2",
+            "--rate", "40", "--rows-per-request", "8", "--schedule", "0:1,1:1",
         )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()

@@ -3,16 +3,19 @@
 Each operation gets schema-valid (positive) and schema-violating (negative) requests; half of the
 requests name a model that exists ("clf"/"reg", version "1"), so the generated bodies reach the
 parsers and the batcher rather than stopping at 404. Checked on every answer: no 5xx, and every
-4xx body is exactly `{"error": "<message>"}`. `make test` sends a few hundred requests; the slow
-variant at least 10,000. The V2 binary-extension parser has its own Hypothesis tests
-(tests/service/test_v2_codec.py); here it is reached through HTTP like any other body.
+4xx body is exactly `{"error": "<message>"}`. Each drawn request goes to a one-process server and to
+a two-worker one. `make test` sends each a few hundred requests; the slow variant at least 10,000.
+The V2 binary-extension parser has its own Hypothesis tests (tests/service/test_v2_codec.py); here
+it is reached through HTTP like any other body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +34,30 @@ REAL_NAMES = st.sampled_from([None, "clf", "reg"])
 REAL_VERSIONS = st.sampled_from([None, "1"])
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
-def fuzz_server(model_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+@pytest.fixture(scope="module")
+def fuzz_servers(model_repository: Path) -> Iterator[dict[str, Server]]:
+    """One server with a single process, one with two workers (`service.workers`): every generated
+    request goes to both, so Hypothesis draws the cases once (drawing is most of the run's CPU)."""
     # keyed, so load/unload are reachable too; a short request timeout keeps odd requests cheap
-    with running_server(
-        model_repository, api_key=KEY, request_timeout_s="5", workers=str(request.param)
-    ) as server:
-        yield server
+    with (
+        running_server(model_repository, api_key=KEY, request_timeout_s="5", workers="1") as one,
+        running_server(model_repository, api_key=KEY, request_timeout_s="5", workers="2") as two,
+    ):
+        yield {"1-worker": one, "2-workers": two}
 
 
-def _fuzz_operation(
-    server: Server,
-    client: httpx.Client,
-    operation: Any,
-    examples: int,
-    statuses: Counter[int],
-    failures: list[str],
-    unsendable: Counter[str],
-) -> None:
+@dataclass
+class Tally:
+    """What one server answered over a run."""
+
+    server: Server
+    client: httpx.Client
+    statuses: Counter[int] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    unsendable: Counter[str] = field(default_factory=Counter)
+
+
+def _fuzz_operation(tallies: list[Tally], operation: Any, examples: int) -> None:
     label = f"{operation.method.upper()} {operation.path}"
     # unloading a real model would starve the rest of the run of real targets
     keep_random_name = operation.path.endswith("/unload")
@@ -70,23 +79,8 @@ def _fuzz_operation(
                 params["model_name"] = name
             if version is not None and "model_version" in params:
                 params["model_version"] = version
-            kwargs = case.as_transport_kwargs(base_url=server.url)
-            headers = {**(kwargs.pop("headers", None) or {}), "X-API-Key": KEY}
-            try:
-                response = client.request(
-                    kwargs.pop("method"), kwargs.pop("url"), headers=headers, **_httpx_kwargs(kwargs)
-                )
-            except (UnicodeEncodeError, httpx.InvalidURL, httpx.UnsupportedProtocol):
-                unsendable[label] += 1  # not valid HTTP (e.g. a header httpx cannot encode): not sent
-                return
-            except httpx.HTTPError as exc:  # a dropped connection is a failure too
-                failures.append(f"{label}: {type(exc).__name__} {exc}")
-                return
-            statuses[response.status_code] += 1
-            if response.status_code >= 500:
-                failures.append(f"{label}: {response.status_code} {response.text[:300]}")
-            elif response.status_code >= 400 and not is_error_body(response.content):
-                failures.append(f"{label}: {response.status_code} body not {{error}}: {response.text[:300]}")
+            for tally in tallies:
+                _send(tally, case, label)
 
         try:
             one_request()
@@ -95,33 +89,64 @@ def _fuzz_operation(
             assert mode is schemathesis.GenerationMode.NEGATIVE, label
 
 
-def fuzz(server: Server, examples_per_operation: int) -> dict[str, Any]:
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-    statuses: Counter[int] = Counter()
-    failures: list[str] = []
-    unsendable: Counter[str] = Counter()
+def _send(tally: Tally, case: Any, label: str) -> None:
+    kwargs = case.as_transport_kwargs(base_url=tally.server.url)
+    headers = {**(kwargs.pop("headers", None) or {}), "X-API-Key": KEY}
+    try:
+        response = tally.client.request(
+            kwargs.pop("method"), kwargs.pop("url"), headers=headers, **_httpx_kwargs(kwargs)
+        )
+    except (UnicodeEncodeError, httpx.InvalidURL, httpx.UnsupportedProtocol):
+        tally.unsendable[label] += 1  # not valid HTTP (e.g. a header httpx cannot encode): not sent
+        return
+    except httpx.HTTPError as exc:  # a dropped connection is a failure too
+        tally.failures.append(f"{label}: {type(exc).__name__} {exc}")
+        return
+    tally.statuses[response.status_code] += 1
+    if response.status_code >= 500:
+        tally.failures.append(f"{label}: {response.status_code} {response.text[:300]}")
+    elif response.status_code >= 400 and not is_error_body(response.content):
+        tally.failures.append(f"{label}: {response.status_code} body not {{error}}: {response.text[:300]}")
+
+
+def fuzz(servers: dict[str, Server], examples_per_operation: int) -> dict[str, dict[str, Any]]:
+    """Every operation of the first server's document, each drawn case sent to every server; the
+    figures of each server, by its name."""
+    first = next(iter(servers.values()))
+    schema = schemathesis.openapi.from_url(f"{first.url}/openapi.json")
     operations: list[str] = []
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with contextlib.ExitStack() as stack:
+        tallies = {
+            name: Tally(server, stack.enter_context(httpx.Client(base_url=server.url, timeout=30)))
+            for name, server in servers.items()
+        }
         for result in schema.get_all_operations():
             operation = result.ok()
             operations.append(f"{operation.method.upper()} {operation.path}")
-            _fuzz_operation(server, client, operation, examples_per_operation, statuses, failures, unsendable)
-    alive = httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code
-    figures = {
-        "operations": len(operations),
-        "requests": sum(statuses.values()),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "server_errors": sum(v for k, v in statuses.items() if k >= 500),
-        "failures": len(failures),
-        "not_sendable": sum(unsendable.values()),
-    }
-    print("\nFUZZ " + json.dumps(figures))
-    assert not failures, failures[:10]
-    assert alive == 200 and server.process.poll() is None
+            _fuzz_operation(list(tallies.values()), operation, examples_per_operation)
     # every route of the app is in the document (the fuzzing covers what clients can call)
     assert {"POST /v1/models/{model_name}:predict", "POST /v2/models/{model_name}/infer"} <= set(operations)
     assert len(operations) >= 15
-    return figures
+    all_figures = {}
+    for name, tally in tallies.items():
+        alive = httpx.get(f"{tally.server.url}/v2/health/ready", timeout=5).status_code
+        statuses = tally.statuses
+        figures = {
+            "operations": len(operations),
+            "requests": sum(statuses.values()),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "server_errors": sum(v for k, v in statuses.items() if k >= 500),
+            "failures": len(tally.failures),
+            "not_sendable": sum(tally.unsendable.values()),
+        }
+        print(f"\nFUZZ {name} " + json.dumps(figures))
+        assert not tally.failures, (name, tally.failures[:10])
+        assert alive == 200 and tally.server.process.poll() is None, name
+        all_figures[name] = figures
+    # the same documents, the same requests: both servers' routes are one app's
+    (one, two) = all_figures.values()
+    assert one["requests"] == two["requests"] and one["operations"] == two["operations"]
+    return all_figures
 
 
 def _httpx_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -138,15 +163,15 @@ def _httpx_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def test_fuzz_every_route_short(fuzz_server: Server) -> None:
-    figures = fuzz(fuzz_server, examples_per_operation=24)
-    assert figures["requests"] >= 150
+def test_fuzz_every_route_short(fuzz_servers: dict[str, Server]) -> None:
+    for name, figures in fuzz(fuzz_servers, examples_per_operation=24).items():
+        assert figures["requests"] >= 150, name
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 35 requests/s on a busy 2-core machine: 5-10 minutes
-def test_fuzz_every_route_10k(fuzz_server: Server) -> None:
+@pytest.mark.timeout(1800)  # about 35 requests/s on a busy 2-core machine: 5-10 minutes per server
+def test_fuzz_every_route_10k(fuzz_servers: dict[str, Server]) -> None:
     # Hypothesis stops early on operations with few distinct inputs (GET /v2 has none), so the total
     # varies run to run (9,836 and 10,536 were both seen at 1,400): 1,600 leaves margin over 10,000.
-    figures = fuzz(fuzz_server, examples_per_operation=1600)
-    assert figures["requests"] >= 10_000
+    for name, figures in fuzz(fuzz_servers, examples_per_operation=1600).items():
+        assert figures["requests"] >= 10_000, name

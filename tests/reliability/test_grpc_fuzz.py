@@ -5,11 +5,13 @@ InferParameter kind (and none) under the names the server reads, input tensors w
 shape (negative, huge, empty), typed contents in the right or wrong field, raw contents of the right
 or wrong size, requested outputs that exist or not. Half of them are made valid enough to reach the
 batcher. Checked on every answer: OK or a client-error status code with a message — never INTERNAL
-or UNKNOWN — and the server stays up. `make test` sends a few hundred; the slow variant 10,000.
+or UNKNOWN — and the server stays up. Each drawn request goes to a one-process server and to a
+two-worker one. `make test` sends each a few hundred; the slow variant 10,000.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -167,17 +169,26 @@ def nearly_valid_request(draw: st.DrawFn) -> bytes:
     return request.SerializeToString()
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
-def fuzz_server(model_repository: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
-    with running_server(model_repository, request_timeout_s="5", workers=str(request.param)) as server:
-        yield server
+@pytest.fixture(scope="module")
+def fuzz_servers(model_repository: Path) -> Iterator[dict[str, Server]]:
+    """One server with a single process, one with two workers sharing the gRPC port: every drawn
+    request goes to both, so Hypothesis draws the requests once."""
+    with (
+        running_server(model_repository, request_timeout_s="5", workers="1") as one,
+        running_server(model_repository, request_timeout_s="5", workers="2") as two,
+    ):
+        yield {"1-worker": one, "2-workers": two}
 
 
-def fuzz(server: Server, examples: int) -> Counter[str]:
-    codes: Counter[str] = Counter()
-    failures: list[tuple[str, str, bytes]] = []
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        call = channel.unary_unary(INFER)
+def fuzz(servers: dict[str, Server], examples: int) -> dict[str, Counter[str]]:
+    """The status codes each server answered, by its name."""
+    codes: dict[str, Counter[str]] = {name: Counter() for name in servers}
+    failures: list[tuple[str, str, str, bytes]] = []
+    with contextlib.ExitStack() as stack:
+        calls = {
+            name: stack.enter_context(grpc.insecure_channel(server.grpc_target)).unary_unary(INFER)
+            for name, server in servers.items()
+        }
 
         @settings(
             max_examples=examples,
@@ -191,30 +202,34 @@ def fuzz(server: Server, examples: int) -> Counter[str]:
         )
         @given(infer_request() | nearly_valid_request())
         def send(request: bytes) -> None:
-            try:
-                call(request, timeout=30)
-                codes["OK"] += 1
-            except grpc.RpcError as error:
-                code = error.code()
-                codes[code.name] += 1
-                if code not in CLIENT_ERRORS or not error.details():
-                    failures.append((code.name, str(error.details()), request[:200]))
+            for name, call in calls.items():
+                try:
+                    call(request, timeout=30)
+                    codes[name]["OK"] += 1
+                except grpc.RpcError as error:
+                    code = error.code()
+                    codes[name][code.name] += 1
+                    if code not in CLIENT_ERRORS or not error.details():
+                        failures.append((name, code.name, str(error.details()), request[:200]))
 
         send()
-    print("\nGRPC FUZZ " + json.dumps(dict(codes)))
+    for name, counted in codes.items():
+        print(f"\nGRPC FUZZ {name} " + json.dumps(dict(counted)))
     assert not failures, failures[:5]
-    assert server.process.poll() is None
+    for name, server in servers.items():
+        assert server.process.poll() is None, name
     return codes
 
 
-def test_fuzz_model_infer_short(fuzz_server: Server) -> None:
-    codes = fuzz(fuzz_server, examples=300)
-    assert sum(codes.values()) >= 300
-    assert codes["OK"] > 0 and codes["INVALID_ARGUMENT"] > 0 and codes["NOT_FOUND"] > 0  # all paths reached
+def test_fuzz_model_infer_short(fuzz_servers: dict[str, Server]) -> None:
+    for name, codes in fuzz(fuzz_servers, examples=300).items():
+        assert sum(codes.values()) >= 300, name
+        # all paths reached
+        assert codes["OK"] > 0 and codes["INVALID_ARGUMENT"] > 0 and codes["NOT_FOUND"] > 0, name
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_fuzz_model_infer_10k(fuzz_server: Server) -> None:
-    codes = fuzz(fuzz_server, examples=10_000)
-    assert sum(codes.values()) >= 10_000
+def test_fuzz_model_infer_10k(fuzz_servers: dict[str, Server]) -> None:
+    for name, codes in fuzz(fuzz_servers, examples=10_000).items():
+        assert sum(codes.values()) >= 10_000, name

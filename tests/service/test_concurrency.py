@@ -1,32 +1,36 @@
 """Hundreds of concurrent requests with distinct inputs: every answer is its own rows' answer, and
-the server really batched them (visible in model metadata and in /metrics)."""
+the server really batched them (visible in model metadata and in /metrics). The app in process
+(httpx's ASGI transport): the requests are asyncio tasks in flight together on its loop, which is
+what the batcher sees of concurrent connections; tests/reliability/test_overload.py and
+tests/service/test_v2_server.py keep many in flight over real sockets."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.service.support import CLF_FEATURES, REG_FEATURES, ReferenceModel, Server, running_server
+from tests.service.support import CLF_FEATURES, REG_FEATURES, InProcessClient, ReferenceModel, in_process
 from tests.service.test_v1 import assert_matches
 
 REQUESTS = 300
 
 
 @pytest.fixture(scope="module")
-def batching_server(model_repository: Path) -> Iterator[Server]:
-    with running_server(model_repository, max_batch_size="32", max_queue_delay_ms="5") as server:
-        yield server
+def batching_app(model_repository: Path) -> Iterator[InProcessClient]:
+    with in_process(model_repository, max_batch_size=32, max_queue_delay_ms=5) as client:
+        yield client
 
 
-async def _fire(url: str, jobs: list[tuple[str, np.ndarray, dict[str, object]]]) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+def _fire(
+    jobs: list[tuple[str, np.ndarray, dict[str, object]]],
+) -> Callable[[httpx.AsyncClient], Awaitable[list[httpx.Response]]]:
+    async def every_job_at_once(client: httpx.AsyncClient) -> list[httpx.Response]:
         return await asyncio.gather(
             *(
                 client.post(
@@ -36,9 +40,11 @@ async def _fire(url: str, jobs: list[tuple[str, np.ndarray, dict[str, object]]])
             )
         )
 
+    return every_job_at_once
+
 
 def test_every_concurrent_answer_matches_its_own_rows(
-    batching_server: Server, model_repository: Path
+    batching_app: InProcessClient, model_repository: Path
 ) -> None:
     rng = np.random.default_rng(2024)
     jobs: list[tuple[str, np.ndarray, dict[str, object]]] = []
@@ -51,7 +57,7 @@ def test_every_concurrent_answer_matches_its_own_rows(
             params["interval_level"] = float(rng.choice([0.5, 0.9, 0.99]))
         jobs.append((model, rows, params))
 
-    responses = asyncio.run(_fire(batching_server.url, jobs))
+    responses = batching_app.run(_fire(jobs))
 
     references = {m: ReferenceModel(model_repository / m / "1") for m in ("clf", "reg")}
     for (model, rows, params), response in zip(jobs, responses, strict=True):
@@ -64,12 +70,12 @@ def test_every_concurrent_answer_matches_its_own_rows(
         )
         assert_matches(response.json()["predictions"], expected)
 
-    batching = httpx.get(f"{batching_server.url}/v1/models/clf").json()["batching"]
+    batching = batching_app.get("/v1/models/clf").json()["batching"]
     clf_requests = sum(1 for m, _, _ in jobs if m == "clf")
     assert 1 < batching["max_batch_rows"] <= 32
     assert batching["batches"] < clf_requests  # requests shared model runs
 
-    exposition = httpx.get(f"{batching_server.url}/metrics").text
+    exposition = batching_app.get("/metrics").text
     count = re.search(r'^hydra_batch_size_rows_count\{model="clf",version="1"\} (\S+)$', exposition, re.M)
     total = re.search(r'^hydra_batch_size_rows_sum\{model="clf",version="1"\} (\S+)$', exposition, re.M)
     assert count and total

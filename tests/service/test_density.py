@@ -25,6 +25,7 @@ from tests import oracle
 from tests.service.support import (
     CLF_FEATURES,
     REG_FEATURES,
+    InProcessClient,
     RawModel,
     ReferenceModel,
     Server,
@@ -68,9 +69,18 @@ def rows_for(model: str, n: int, seed: int, scale: float = 1.0) -> np.ndarray:
     return rows.astype(np.float32)
 
 
-def predict(url: str, model: str, rows: np.ndarray, **parameters: Any) -> list[dict[str, Any]]:
+def _request(target: str | InProcessClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """`path` of a real server's base URL, or of the app in process."""
+    if isinstance(target, InProcessClient):
+        return target.request(method, path, **kwargs)
+    return httpx.request(method, f"{target}{path}", timeout=10, **kwargs)
+
+
+def predict(
+    url: str | InProcessClient, model: str, rows: np.ndarray, **parameters: Any
+) -> list[dict[str, Any]]:
     body = {"instances": rows.tolist(), "parameters": parameters}
-    response = httpx.post(f"{url}/v1/models/{model}:predict", json=body, timeout=10)
+    response = _request(url, "POST", f"/v1/models/{model}:predict", json=body)
     assert response.status_code == 200, response.text
     predictions: list[dict[str, Any]] = response.json()["predictions"]
     return predictions
@@ -289,10 +299,12 @@ def test_openapi_documents_the_prediction_fields(density_server: Server) -> None
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def _density_histogram(url: str, model: str, family_name: str = "hydra_density_score") -> dict[str, float]:
+def _density_histogram(
+    url: str | InProcessClient, model: str, family_name: str = "hydra_density_score"
+) -> dict[str, float]:
     """One histogram's samples of one model version: {"le=<bound>": count, "count": n, "sum": s}."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+    for family in text_string_to_metric_families(_request(url, "GET", "/metrics").text):
         if family.name != family_name:
             continue
         for s in family.samples:
@@ -402,10 +414,10 @@ def test_a_two_sided_component_without_its_side_scales_falls_back_to_the_log_iqr
         del component[key]
     path.write_text(json.dumps(document))
     rows = np.concatenate([rows_for("clf", 20, seed=9, scale=s) for s in (1.0, 0.01, 0.3, 10.0)])
-    with running_server(repo) as server:
+    with in_process(repo) as server:  # the manifest's reading and the scores: no socket needed
         for family in ("hydra_density_score", "hydra_input_density_score"):  # at zero before traffic
-            assert _density_histogram(server.url, "no_scales", family)["count"] == 0, family
-        predictions = predict(server.url, "no_scales", rows)
+            assert _density_histogram(server, "no_scales", family)["count"] == 0, family
+        predictions = predict(server, "no_scales", rows)
     raw = RawModel(directory / "model.onnx").raw(rows)
     scores = component_scores(raw, "mutual_information")
     log_input, median, iqr = np.log(scores["input_density"]), component["log_median"], component["log_iqr"]

@@ -473,14 +473,17 @@ def test_sigterm_drains_grpc_calls_in_flight_then_refuses(model_repository: Path
             client.close()
 
 
-def test_grpc_port_zero_turns_grpc_off_and_port_in_use_fails_start(model_repository: Path) -> None:
+def test_grpc_port_zero_turns_grpc_off_and_port_in_use_fails_start(
+    model_repository: Path, server: Server
+) -> None:
     with running_server(model_repository, grpc_port="0") as http_only:
         assert httpx.get(f"{http_only.url}/v2/health/ready").status_code == 200
         assert "gRPC" not in http_only.log()
-    with running_server(model_repository) as first:
-        second = start_server(model_repository, grpc_port=str(first.grpc_port))
-        assert second.process.wait(timeout=60) != 0
-        assert "cannot listen for gRPC" in second.log()
+    # the module's server holds its gRPC port: a second server asked for that port cannot start
+    second = start_server(model_repository, grpc_port=str(server.grpc_port))
+    assert second.process.wait(timeout=60) != 0
+    assert "cannot listen for gRPC" in second.log()
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200  # the first one serves on
 
 
 def test_hot_reload_under_grpc_load_fails_no_call(tmp_path: Path, model_repository: Path) -> None:

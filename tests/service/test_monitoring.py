@@ -1,4 +1,5 @@
-"""Drift alarm and shadow teacher against a real server: metrics, V1/V2 metadata, reload, no ensemble.
+"""Drift alarm and shadow teacher in the served app (in process, httpx's ASGI transport: nothing here
+depends on the socket): metrics, V1/V2 metadata, reload, no ensemble.
 
 The packages are tests/service/support.py's; `ensemble.onnx` is written beside `model.onnx` here: for
 `clf` another random classifier (a teacher the student does not follow: low fidelity), for `reg` the
@@ -11,13 +12,12 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import pytest
 
 from service.shadow import MIN_ROWS, Sample, ShadowTeacher, spearman
-from tests.service.support import calibration_inputs, make_classifier, running_server
+from tests.service.support import InProcessClient, calibration_inputs, in_process, make_classifier
 
 KEY = "monitoring-test-key"
 
@@ -32,7 +32,7 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def _send(client: httpx.Client, name: str, rows: np.ndarray, per_request: int = 25) -> None:
+def _send(client: InProcessClient, name: str, rows: np.ndarray, per_request: int = 25) -> None:
     for start in range(0, len(rows), per_request):
         r = client.post(
             f"/v1/models/{name}:predict", json={"instances": rows[start : start + per_request].tolist()}
@@ -60,10 +60,7 @@ def shadow_repo(tmp_path: Path, model_repository: Path) -> Path:
 
 
 def test_shadow_fidelity_and_drift_in_metrics_and_metadata(shadow_repo: Path) -> None:
-    with (
-        running_server(shadow_repo, shadow_fraction="1.0", api_key=KEY) as server,
-        httpx.Client(base_url=server.url, timeout=10, headers={"X-API-Key": KEY}) as client,
-    ):
+    with in_process(shadow_repo, shadow_fraction=1.0, api_key=KEY, headers={"X-API-Key": KEY}) as client:
         _send(client, "clf", calibration_inputs("classification", 400, seed=11))
         _send(client, "reg", calibration_inputs("regression", 400, seed=12))
 
@@ -126,17 +123,17 @@ def test_shadow_fidelity_and_drift_in_metrics_and_metadata(shadow_repo: Path) ->
 
 
 def test_package_without_ensemble_serves_as_before_and_says_so(model_repository: Path) -> None:
-    with running_server(model_repository, shadow_fraction="0.5") as server:
+    with in_process(model_repository, shadow_fraction=0.5) as client:
         rows = calibration_inputs("classification", 50, seed=3)
-        r = httpx.post(f"{server.url}/v1/models/clf:predict", json={"instances": rows.tolist()}, timeout=10)
+        r = client.post("/v1/models/clf:predict", json={"instances": rows.tolist()})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 50
-        shadow = httpx.get(f"{server.url}/v1/models/clf", timeout=10).json()["shadow"]
+        shadow = client.get("/v1/models/clf").json()["shadow"]
         assert shadow["enabled"] is False and shadow["ensemble_available"] is False
         assert (
             shadow["ensemble_in_package"] is False and shadow["reason"] == "no ensemble.onnx in the package"
         )
         assert shadow["rows"] == 0 and shadow["fidelity"] is None
-        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        metrics = client.get("/metrics").text
         assert _metric(metrics, "hydra_shadow_fraction", model="clf", version="1") == 0.0
         assert _metric(metrics, "hydra_shadow_fidelity", model="clf") is None
 

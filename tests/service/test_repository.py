@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -31,13 +30,13 @@ from tests.service.support import (
     in_process,
     read_response,
     running_server,
-    start_server,
     write_model,
 )
 from tests.service.test_v1 import assert_matches
 
-# Repository control is the app's, whatever the transport: the app in process (httpx over ASGI) where
-# the test only asks and answers; a real server where requests must be in flight during a reload.
+# Repository control is the app's, whatever the transport: the app in process (httpx over ASGI), with
+# requests kept in flight during a reload as asyncio tasks on its loop; a real server where a request
+# must be half-sent on a socket during the reload, and for SIGTERM.
 Client = httpx.Client | InProcessClient
 
 
@@ -93,35 +92,33 @@ def test_index_get_and_post(shared_keyed: InProcessClient) -> None:
     assert posted.json() == expected
 
 
-def test_reload_under_load_fails_no_request(keyed_server: Server, repo: Path) -> None:
-    url = keyed_server.url
+def test_reload_under_load_fails_no_request(keyed: InProcessClient, repo: Path) -> None:
+    """Eight clients keep a request each in flight (asyncio tasks on the app's loop) while clf/2
+    is loaded."""
     stop = threading.Event()
     answers: list[tuple[list[list[float]], httpx.Response]] = []
     seen_by_worker: dict[int, list[str]] = {i: [] for i in range(8)}
 
-    async def hammer(worker: int) -> None:
+    async def hammer(client: httpx.AsyncClient, worker: int) -> None:
         rng = np.random.default_rng(worker)
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client:
-            while not stop.is_set():
-                rows = rng.normal(0, 2, (int(rng.integers(1, 4)), CLF_FEATURES)).tolist()
-                response = await client.post("/v1/models/clf:predict", json={"instances": rows})
-                answers.append((rows, response))
-                if response.status_code == 200:
-                    seen_by_worker[worker].append(response.json()["model_version"])
+        while not stop.is_set():
+            rows = rng.normal(0, 2, (int(rng.integers(1, 4)), CLF_FEATURES)).tolist()
+            response = await client.post("/v1/models/clf:predict", json={"instances": rows}, headers=AUTH)
+            answers.append((rows, response))
+            if response.status_code == 200:
+                seen_by_worker[worker].append(response.json()["model_version"])
 
-    async def load_while_hammering() -> httpx.Response:
-
-        workers = [asyncio.create_task(hammer(i)) for i in range(8)]
+    async def load_while_hammering(client: httpx.AsyncClient) -> httpx.Response:
+        workers = [asyncio.create_task(hammer(client, i)) for i in range(8)]
         await until_answered(answers, 24)
         write_model(repo, "clf", 2, "classification", seed=42)
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
-            reloaded = await client.post("/v2/repository/models/clf/load")
+        reloaded = await client.post("/v2/repository/models/clf/load", headers=AUTH)
         await until_answered(answers, len(answers) + 24)
         stop.set()
         await asyncio.gather(*workers)
         return reloaded
 
-    reloaded = asyncio.run(load_while_hammering())
+    reloaded = keyed.run(load_while_hammering)
     assert reloaded.status_code == 200, reloaded.text
     assert reloaded.json()["version"] == "2"
     assert answers and all(r.status_code == 200 for _, r in answers), [
@@ -187,25 +184,26 @@ def test_load_of_invalid_or_unknown_names_is_404(shared_keyed: InProcessClient) 
 
 
 def test_requests_queued_on_the_old_version_finish_there(repo: Path) -> None:
-    with running_server(repo, api_key=API_KEY, **held_batches(1500)) as server:
+    with in_process(repo, api_key=API_KEY, headers=AUTH, **held_batches(1500)) as app:
 
-        async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
-            async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as client:
-                queued = [
-                    asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ROWS}))
-                    for _ in range(5)
-                ]
-                for _ in range(200):  # until all five wait in version 1's queue
-                    if (await client.get("/v1/models/clf")).json()["batching"]["queued_requests"] == 5:
-                        break
-                    await asyncio.sleep(0.01)
-                write_model(repo, "clf", 2, "classification", seed=42)
-                reloaded = await client.post("/v2/repository/models/clf/load")
-                # a full batch (256 rows) runs at once instead of waiting out the 1.5 s delay
-                after = await client.post("/v1/models/clf:predict", json={"instances": [ROWS[0]] * 256})
-                return await asyncio.gather(*queued), reloaded, after
+        async def scenario(
+            client: httpx.AsyncClient,
+        ) -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+            queued = [
+                asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ROWS}))
+                for _ in range(5)
+            ]
+            for _ in range(200):  # until all five wait in version 1's queue
+                if (await client.get("/v1/models/clf")).json()["batching"]["queued_requests"] == 5:
+                    break
+                await asyncio.sleep(0.01)
+            write_model(repo, "clf", 2, "classification", seed=42)
+            reloaded = await client.post("/v2/repository/models/clf/load")
+            # a full batch (256 rows) runs at once instead of waiting out the 1.5 s delay
+            after = await client.post("/v1/models/clf:predict", json={"instances": [ROWS[0]] * 256})
+            return await asyncio.gather(*queued), reloaded, after
 
-        queued, reloaded, after = asyncio.run(scenario())
+        queued, reloaded, after = app.run(scenario)
     assert reloaded.status_code == 200
     assert [r.status_code for r in queued] == [200] * 5
     assert {r.json()["model_version"] for r in queued} == {"1"}
@@ -264,8 +262,8 @@ def test_request_that_looked_up_the_old_version_before_a_reload_is_answered_by_i
         assert time.monotonic() - t0 < 10
 
 
-def _model_ready_series(url: str) -> dict[tuple[str, str], float]:
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+def _model_ready_series(client: InProcessClient) -> dict[tuple[str, str], float]:
+    families = text_string_to_metric_families(client.get("/metrics").text)
     ready = next(f for f in families if f.name == "hydra_model_ready")
     return {(s.labels["model"], s.labels["version"]): s.value for s in ready.samples}
 
@@ -274,26 +272,16 @@ def test_a_model_nothing_serves_is_exported_not_ready_until_it_loads(repo: Path)
     """HydraModelNotReady watches hydra_model_ready == 0: a broken model must show up there."""
     write_model(repo, "broken", 1, "classification", seed=7)
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    server = start_server(repo, api_key=API_KEY)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/v2/health/live", timeout=1.0).status_code == 200:
-                    break
-            time.sleep(0.05)
-        ready = _model_ready_series(server.url)
+    with in_process(repo, api_key=API_KEY) as client:  # live once the lifespan has run
+        assert client.get("/v2/health/live").status_code == 200
+        ready = _model_ready_series(client)
         assert ready[("broken", "1")] == 0.0 and ready[("clf", "1")] == 1.0
         # α is exported as soon as a model loads, before any traffic, so dashboards can draw it
-        families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+        families = text_string_to_metric_families(client.get("/metrics").text)
         alpha = next(f for f in families if f.name == "hydra_ood_alpha")
         assert {s.labels["model"] for s in alpha.samples if s.value > 0} >= {"clf", "reg"}
 
         write_model(repo, "broken", 2, "classification", seed=8)  # a good version 2 appears
-        with client_of(server) as client:
-            assert load(client, "broken").status_code == 200
-        ready = _model_ready_series(server.url)
+        assert load(client, "broken").status_code == 200
+        ready = _model_ready_series(client)
         assert ready[("broken", "2")] == 1.0 and ("broken", "1") not in ready
-    finally:
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=30)

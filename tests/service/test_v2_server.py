@@ -1,4 +1,5 @@
-"""Open Inference Protocol against a real server process, with stock `tritonclient.http` and httpx.
+"""Open Inference Protocol against a real server process, with stock `tritonclient.http` and httpx
+(readiness with a broken model: the app in process).
 
 Answers are compared with a direct in-process ONNX Runtime run of the same rows and the independent
 test oracle (`ReferenceModel`, tests/oracle.py), output by output; datatypes and shapes with the
@@ -8,7 +9,6 @@ contract the server declares (`inference.output_specs`).
 from __future__ import annotations
 
 import gzip
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +22,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service import inference
-from tests.service.support import ReferenceModel, running_server, start_server, write_model
+from tests.service.support import ReferenceModel, in_process, running_server, write_model
 from tests.service.test_v2_codec import binary_body
 
 FEATURES = {"clf": 8, "reg": 5}
@@ -413,26 +413,16 @@ def test_openapi_documents_v2_routes_and_both_body_types(http: httpx.Client) -> 
 
 
 def test_server_is_not_ready_while_a_model_failed_to_load(tmp_path: Path) -> None:
-    """Strict readiness: one model serves, another failed to load → /v2/health/ready is 503."""
+    """Strict readiness: one model serves, another failed to load → /v2/health/ready is 503. In
+    process: the lifespan has run (the app is live) once `in_process` yields."""
     write_model(tmp_path, "clf", 1, "classification")
     broken = write_model(tmp_path, "broken", 1, "classification")
     (broken / "model.onnx").write_bytes(b"not an onnx graph")
-    server = start_server(tmp_path)
-    try:
-        with httpx.Client(base_url=server.url, timeout=5.0) as http:
-            for _ in range(300):
-                try:
-                    if http.get("/v2/health/live").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.process.poll() is None, server.log()
-                time.sleep(0.05)
-            ready = http.get("/v2/health/ready")
-            assert ready.status_code == 503
-            assert ready.json()["models"] == {"broken": False, "clf": True}
-            assert "broken" in ready.json()["error"]
-            assert http.get("/v2/models/clf/ready").status_code == 200
-            assert http.get("/v2/models/broken/ready").status_code == 404
-    finally:
-        assert server.terminate() == 0
+    with in_process(tmp_path) as http:
+        assert http.get("/v2/health/live").status_code == 200
+        ready = http.get("/v2/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["models"] == {"broken": False, "clf": True}
+        assert "broken" in ready.json()["error"]
+        assert http.get("/v2/models/clf/ready").status_code == 200
+        assert http.get("/v2/models/broken/ready").status_code == 404

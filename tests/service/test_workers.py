@@ -46,11 +46,27 @@ def repo(tmp_path: Path) -> Path:
     return build_test_repository(tmp_path / "models")
 
 
-@pytest.fixture
-def two_workers(repo: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module")
+def shared_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository of `two_workers`, which its tests may change (a reload writes clf/2)."""
+    return build_test_repository(tmp_path_factory.mktemp("workers") / "models")
+
+
+@pytest.fixture(scope="module")
+def two_workers(shared_repo: Path) -> Iterator[Server]:
+    """One two-worker server for the tests below that read it, reload it or kill one of its workers
+    (each leaves two ready workers; they count metrics as deltas and ask which clf version serves)."""
     # a replaced version retires (its series go) a second after the swap, not after the default 31 s
-    with running_server(repo, workers="2", api_key=KEY, request_read_timeout_s="1") as server:
+    with running_server(shared_repo, workers="2", api_key=KEY, request_read_timeout_s="1") as server:
         yield server
+
+
+def served_version(server: Server, model: str = "clf") -> frozenset[tuple[str, str]]:
+    """The labels {model, version} of the version of `model` that serves now."""
+    version = httpx.get(f"{server.url}/v1/models/{model}", headers={"X-API-Key": KEY}, timeout=5).json()[
+        "version"
+    ]
+    return frozenset({("model", model), ("version", str(version))})
 
 
 def worker_pids(server: Server) -> set[int]:
@@ -152,7 +168,19 @@ def test_available_cores_honours_a_cgroup_cpu_limit(tmp_path: Path) -> None:
     assert available_cores(tmp_path / "absent") == affinity
 
 
+def count(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    name: str,
+    labels: frozenset[tuple[str, str]],
+) -> float:
+    return samples.get((name, labels), 0.0)
+
+
 def test_requests_spread_over_both_workers_and_metrics_count_each_once(two_workers: Server) -> None:
+    route = ("route", "/v1/models/{model_name}:predict")
+    ok = frozenset({("protocol", "http"), route, ("method", "POST"), ("code", "200")})
+    mv = served_version(two_workers)
+    before = scrape(two_workers)
     pids = worker_pids(two_workers)
     assert len(pids) == 2
     served_by: dict[int, int] = dict.fromkeys(pids, 0)
@@ -167,21 +195,20 @@ def test_requests_spread_over_both_workers_and_metrics_count_each_once(two_worke
         connection.close()
     assert all(served_by.values()), served_by  # the kernel spread the connections over both
 
-    route = ("route", "/v1/models/{model_name}:predict")
-    ok = frozenset({("protocol", "http"), route, ("method", "POST"), ("code", "200")})
-    mv = frozenset({("model", "clf"), ("version", "1")})
     for _ in range(4):  # every worker's /metrics shows the same whole
         samples = scrape(two_workers)
-        assert samples[("hydra_requests_total", ok)] == requests
-        assert samples[("hydra_predictions_total", mv)] == rows
-        assert samples[("hydra_ood_p_value_count", mv)] == rows  # BatchHistogram, merged over files
-        assert samples[("hydra_batch_size_rows_sum", mv)] == rows
+        assert (
+            count(samples, "hydra_requests_total", ok) - count(before, "hydra_requests_total", ok) == requests
+        )
+        for name in ("hydra_predictions_total", "hydra_ood_p_value_count", "hydra_batch_size_rows_sum"):
+            # hydra_ood_p_value_count: a BatchHistogram, merged over the workers' files
+            assert count(samples, name, mv) - count(before, name, mv) == rows, name
         assert samples[("hydra_model_ready", mv)] == 1  # livemin, not summed to 2
         assert samples[("hydra_queue_depth_rows", frozenset({("model", "clf")}))] == 0
 
 
-def test_a_reload_is_seen_by_every_worker(two_workers: Server, repo: Path) -> None:
-    write_model(repo, "clf", 2, "classification", seed=7)
+def test_a_reload_is_seen_by_every_worker(two_workers: Server, shared_repo: Path) -> None:
+    write_model(shared_repo, "clf", 2, "classification", seed=7)
     status, body = request(connect(two_workers), "POST", "/v2/repository/models/clf/load")
     assert status == 200, body
     pids = worker_pids(two_workers)
@@ -239,8 +266,7 @@ def test_readiness_is_false_while_a_worker_is_missing_and_a_dead_worker_is_repla
     after = worker_pids(two_workers)
     assert len(after) == 2 and victim not in after and (before - {victim}) <= after
     # the dead worker's gauges are gone (mark_process_dead), the survivor's and the new one's agree
-    mv = frozenset({("model", "clf"), ("version", "1")})
-    assert scrape(two_workers)[("hydra_model_ready", mv)] == 1
+    assert scrape(two_workers)[("hydra_model_ready", served_version(two_workers))] == 1
 
 
 def test_readiness_waits_for_every_worker_to_start(repo: Path) -> None:
