@@ -273,8 +273,9 @@ def ood_current_section(od: dict[str, Any] | None) -> str:
     suites = ", ".join(od["plan"]["suites"]) or "none"
     note = (
         f"The groups below were re-run (`{od['machine'].get('command', '')}`; suites {suites}) after the "
-        "`--data` recipe gained the rows rescaled about the origin (docs/TRAINING.md); the tables above them "
-        "are the last full run, on the packages of the recipe before."
+        "`--data` recipe gained the heads' spread loss and three marginals copies (docs/TRAINING.md), on its "
+        "packages; fresh6 (defined after every OOD setting was fixed) joins fresh_ood2 as untouched evidence. The "
+        "tables above them are the last full run, on the packages of an earlier recipe."
     )
     return ood_section(od, title=OOD_CURRENT_TITLE, level="####", note=note)
 

@@ -59,8 +59,8 @@ def test_separability_oracle_tells_apart_only_what_differs() -> None:
 
 
 def test_groups_and_section_render() -> None:
-    groups = tuple(group_of(name) for name in ("digits", "wine", "moons", "chile"))
-    assert groups == ("tuning", "seen", "fresh", "untouched")
+    groups = tuple(group_of(name) for name in ("digits", "wine", "moons", "chile", "boston"))
+    assert groups == ("tuning", "seen", "fresh", "untouched", "untouched")
     rows = [
         _row("digits", {"scaled_x4": _family(0.2, 1.0, 1.0)}),
         _row("moons", {"scaled_x4": _family(0.2, 1.0, 1.0), "ood:noise": _family(0.9, 1.0, 1.0)}),
