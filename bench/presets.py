@@ -41,7 +41,7 @@ PRESETS = {
         ),
         cost_seconds=0.3,
         server_seconds=1.0,
-        server={"concurrencies": (1, 8), "extra_one_row": ()},
+        server={"concurrencies": (1, 8), "extra_one_row": (), "paired_rounds": 1, "aa_rounds": 0},
         suites=SuitePlan(seeds=(0,), members=3, epochs=2),
         ood=OODPlan(
             builtins=("toy",),

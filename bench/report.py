@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import batching_rule
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # BENCH_OUTPUT_DIR sends results and the document elsewhere (a trial run that must not overwrite the
 # published ones): <dir>/results/*.json and <dir>/docs/BENCHMARKS.md + figures
@@ -830,6 +832,35 @@ def server_section(
                         ]
                     )
             out += [f"**{n_rows}-row requests**", "", _table(header, rows), ""]
+        if w.get("paired"):
+            p = w["paired"]
+            out += [
+                f"**The batching rule in paired rounds** (`bench/batching_rule.py`): {p['rounds']} rounds; in each, "
+                "every config's server alone on the machine, started afresh, its cells back to back, the order "
+                f"reversed each round; {p['seconds_per_cell']} s per cell; medians over rounds, and each round's "
+                "rows/s. These judge the batching rule's targets below: the grid above runs each server minutes "
+                "apart.",
+                "",
+                _table(
+                    ["rows × clients", "server", "rows/s", "p50 ms", "p99 ms", "errors", "rows/s per round"],
+                    batching_rule.table(p),
+                ),
+                "",
+            ]
+            if p.get("same_server_twice"):
+                twins = p["same_server_twice"]["instances_in_start_order"]
+                out += [
+                    "A/A control, same run: two identical servers (batch 64, run when idle) kept up together, "
+                    "one client, measured alternately: "
+                    + "; ".join(
+                        f"started {i + 1}{'st' if i == 0 else 'nd'}: median {t['median_rows_per_s']:,.0f} rows/s "
+                        f"({', '.join(f'{x:,.0f}' for x in t['rows_per_s'])})"
+                        for i, t in enumerate(twins)
+                    )
+                    + ". Their gap is what separate server instances differ by on this machine with no "
+                    "difference in code or settings.",
+                    "",
+                ]
         out += [
             "Targets:",
             "",

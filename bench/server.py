@@ -15,7 +15,10 @@ One-row and 32-row V2 JSON requests at each concurrency, from wrk in its own pro
 Targets (issue 13): hydra-lean >= 2x triton-lean rows/s with p99 <= its, at concurrency 32;
 hydra-lean one-row >= 50% of (f); (a) >= 4x (b) on the compute-bound model at 64 one-row clients;
 32-row requests on the compute-bound model >= 50% of (d); one client: (a) >= (b) in rows/s and
-p50. A py-spy profile of (a) is taken on the cells named in `profile_cells`.
+p50, and at 32-128 one-row clients (a) no loss against (a'). Those two are judged on paired rounds
+(bench/batching_rule.py: each server alone, started afresh every round, the order reversed each
+round) with an A/A control, because the grid runs each server's cells minutes apart. A py-spy
+profile of (a) is taken on the cells named in `profile_cells`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import httpx
 import onnxruntime as ort
 
-from bench import profiling
+from bench import batching_rule, profiling
 from bench.loadgen import run_wrk, v2_body, warm_wrk
 from bench.ort_timing import Runner, make_session, require_provider, sample_rows, time_interleaved
 from bench.servers import (
@@ -140,8 +143,13 @@ def run_server(
     configs: tuple[str, ...] = CONFIGS,
     profile_cells: tuple[tuple[int, int], ...] = ((1, 32), (32, 32), (1, 64)),
     provider: str = "CPUExecutionProvider",
+    paired_rounds: int = 3,
+    aa_rounds: int = 4,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """The grid (every config × cell, each server's cells back to back), then the batching rule's
+    paired rounds (bench/batching_rule.py; `paired_rounds` 0 skips them), which judge its criteria,
+    and their A/A control: two identical servers, `aa_rounds` alternating one-client cells (0: none)."""
     work = BUILD / "server"
     work.mkdir(parents=True, exist_ok=True)
     unknown = [c for c in configs if c not in CONFIGS]
@@ -229,12 +237,31 @@ def run_server(
                 # the comparison server is someone else's software: report its failure, keep our cells
                 log(f"[{w.name}] triton failed, its cells are missing: {exc}")
                 failures.append(f"{w.name}/{server_name}: {exc}")
+        paired = None
+        rule = [c for c in batching_rule.CONFIGS if c in configs]
+        if paired_rounds > 0 and len(rule) == len(batching_rule.CONFIGS) and provider != CUDA:
+            paired = batching_rule.run_paired(
+                w,
+                bodies[False],
+                rounds=paired_rounds,
+                seconds=seconds,
+                max_batch_size=max_batch_size,
+                max_queue_delay_ms=max_queue_delay_ms,
+                work=work,
+                log=log,
+            )
+            if aa_rounds > 0:
+                paired["same_server_twice"] = batching_rule.same_server_twice(
+                    w, bodies[False][1], instances=2, rounds=aa_rounds, seconds=seconds, work=work
+                )
+                log(f"[{w.name}] A/A control: {paired['same_server_twice']}")
         result["workloads"][w.name] = {
             "ceiling": {str(k): v for k, v in ceiling.items()},
             "cells": rows,
             "profiles": profiles,
             "failures": failures,
-            "targets": targets(rows, w.name),
+            "paired": paired,
+            "targets": targets(rows, w.name, paired),
         }
     return result
 
@@ -323,7 +350,11 @@ def _find(rows: list[dict[str, Any]], config: str, n_rows: int, conc: int) -> di
     return None
 
 
-def targets(rows: list[dict[str, Any]], workload: str) -> list[dict[str, Any]]:
+def targets(
+    rows: list[dict[str, Any]], workload: str, paired: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The issue's criteria on this workload's cells; the batching rule's on the paired rounds
+    when they ran (the grid's one-client cells are minutes apart, so they only judge without)."""
     out = []
     for ours, theirs, what in (
         ("hydra", "triton", "every answer tensor"),
@@ -371,7 +402,9 @@ def targets(rows: list[dict[str, Any]], workload: str) -> list[dict[str, Any]]:
             }
         )
     a, b = _find(rows, "hydra", 1, 1), _find(rows, "hydra-b1", 1, 1)
-    if a and b:
+    if paired is not None:
+        out += batching_rule.targets(paired)
+    elif a and b:
         out.append(
             {
                 "target": "one client: (a) >= (b) in rows/s and p50",

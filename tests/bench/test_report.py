@@ -96,6 +96,36 @@ def test_server_section_shows_every_cell_and_target() -> None:
     text = server_section(result)
     assert "| 32 | (a) ours, batching | 500 | 3.0 | 9.0 | 0 | 12.5 | 1,500 | 2,000 (b=32) | 25.0% |" in text
     assert "| t | v | **missed** |" in text
+    assert "paired rounds" not in text  # none in this run
+
+    from bench.batching_rule import summarise
+
+    rounds = [
+        {
+            "order": ["hydra", "hydra-b1", "hydra-delay"],
+            "cells": {
+                "hydra 1x1": {"rows_per_s": 210.0, "p50_ms": 4.5, "p99_ms": 11.0, "errors": 0},
+                "hydra-b1 1x1": {"rows_per_s": 205.0, "p50_ms": 4.6, "p99_ms": 10.0, "errors": 0},
+            },
+        }
+    ]
+    result["workloads"]["x"]["paired"] = {  # type: ignore[index]
+        "rounds": 1,
+        "seconds_per_cell": 5,
+        "cells": [[1, 1]],
+        "per_round": rounds,
+        "summary": summarise(rounds, ((1, 1),)),
+        "same_server_twice": {
+            "instances_in_start_order": [
+                {"median_rows_per_s": 180.0, "rows_per_s": [170.0, 190.0]},
+                {"median_rows_per_s": 215.0, "rows_per_s": [210.0, 220.0]},
+            ]
+        },
+    }
+    text = server_section(result)
+    assert "| 1 × 1 | (a) ours, run when idle | 210 | 4.50 | 11.0 | 0 | 210 |" in text
+    assert "| 1 × 1 | (b) ours, batch 1 | 205 | 4.60 | 10.0 | 0 | 205 |" in text
+    assert "started 1st: median 180 rows/s (170, 190); started 2nd: median 215 rows/s (210, 220)" in text
 
 
 def _grpc_cell(rows_per_s: float, rows: int, **extra: float) -> dict[str, float]:
