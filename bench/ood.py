@@ -51,6 +51,12 @@ MIN_FALSE_ALARM_ROWS = 300
 SEPARABLE = 0.95  # oracle AUROC at or above which a family counts as distinguishable
 
 
+def outside_band(rate: float) -> bool:
+    """The realised rate is outside α ± FALSE_ALARM_SLACK (the band's ends are inside: 21/300 is
+    7 % exactly, though 0.07 − 0.05 > 0.02 in floating point)."""
+    return abs(rate - ALPHA) > FALSE_ALARM_SLACK + 1e-9
+
+
 @dataclass(frozen=True)
 class OODPlan:
     builtins: tuple[str, ...] = ("digits", "mnist1d", "toy", "diabetes")
@@ -193,6 +199,45 @@ def resampled_false_alarm(
     }
 
 
+def chance_outside_band(
+    n_cal: int, n_test: int, alpha: float = ALPHA, slack: float = FALSE_ALARM_SLACK
+) -> float:
+    """P(a split's realised false-alarm rate leaves α ± slack) for an *exact* conformal flag.
+
+    With k = ⌊α(n_cal + 1)⌋, the flag fires above the k-th largest calibration score, so the
+    false-alarm probability given the calibration draw is V ~ Beta(k, n_cal + 1 − k) (continuous
+    scores), and the flags among n_test unseen in-distribution rows are BetaBinomial(n_test, k,
+    n_cal + 1 − k). This is the spread any valid conformal flag shows at these split sizes, whatever
+    its scores: the band criterion is a statement about split sizes as much as about the flag."""
+    from scipy.stats import betabinom
+
+    k = int(np.floor(alpha * (n_cal + 1)))
+    if k < 1:
+        return 1.0  # too few calibration rows to flag at α at all
+    dist = betabinom(n_test, k, n_cal + 1 - k)
+    low = int(np.ceil((alpha - slack) * n_test - 1e-9))  # flags < low: below the band
+    high = int(np.floor((alpha + slack) * n_test + 1e-9))  # flags > high: above it
+    return float(dist.cdf(low - 1) + dist.sf(high))
+
+
+def band_expectation(per_dataset: list[tuple[str, float, int, int]]) -> dict[str, Any]:
+    """How many (dataset, seed) runs an exact conformal flag would put outside the band by chance
+    alone (the sum of each run's `chance_outside_band`), against the count observed, and the
+    probability of observing at least that many (Poisson-binomial, runs taken as independent —
+    seeds of one dataset share its split, so the true spread is somewhat wider)."""
+    chances = [chance_outside_band(n_cal, n_test) for _, _, n_test, n_cal in per_dataset]
+    observed = sum(outside_band(rate) for _, rate, _, _ in per_dataset)
+    pmf = np.array([1.0])  # Poisson-binomial pmf by convolution
+    for c in chances:
+        pmf = np.convolve(pmf, [1.0 - c, c])
+    return {
+        "runs": len(chances),
+        "expected_outside": float(sum(chances)),
+        "observed_outside": int(observed),
+        "p_at_least_observed": float(pmf[observed:].sum()) if chances else 1.0,
+    }
+
+
 def _row(name: str, cfg: Any, report: dict[str, Any], oracle: bool, package: Path) -> dict[str, Any]:
     from training.data import load_data
     from training.probes import probe_sets
@@ -293,13 +338,9 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         flagged += fa["flagged"]
         total += fa["n_test"]
         if fa["n_test"] >= MIN_FALSE_ALARM_ROWS:
-            per_dataset.append((tag, fa["rate"], fa["n_test"]))
+            per_dataset.append((tag, fa["rate"], fa["n_test"], fa.get("n_cal", fa["n_test"])))
     pooled = flagged / total if total else float("nan")
-    off = [
-        f"{t} ({100 * rate:.1f} % of {n})"
-        for t, rate, n in per_dataset
-        if abs(rate - ALPHA) > FALSE_ALARM_SLACK
-    ]
+    off = [f"{t} ({100 * rate:.1f} % of {n})" for t, rate, n, _ in per_dataset if outside_band(rate)]
     return {
         "unit_blind_misses": blind,
         "unit_blind_misses_unseparable": blind_unseparable,
@@ -308,7 +349,8 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "better_of_mi_and_density_misses": literal,
         "false_alarm_pooled": {"flagged": flagged, "rows": total, "rate": pooled},
         "false_alarm_off": off,
-        "met": not blind and not best_of_two and not off and abs(pooled - ALPHA) <= FALSE_ALARM_SLACK,
+        "false_alarm_band_by_chance": band_expectation(per_dataset),
+        "met": not blind and not best_of_two and not off and not outside_band(pooled),
     }
 
 

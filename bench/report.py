@@ -253,6 +253,18 @@ def _ood_cells(rows: list[dict[str, Any]], families: list[str]) -> list[list[str
     return table
 
 
+def _band_note(v: dict[str, Any]) -> str:
+    """What an exact conformal flag would show against the per-dataset band at these split sizes."""
+    b = v.get("false_alarm_band_by_chance")
+    if not b or not b["runs"]:
+        return ""
+    return (
+        f"; an exact conformal flag at these calibration and test sizes leaves the band in "
+        f"{b['expected_outside']:.1f} of {b['runs']} runs by chance alone (bench/ood.py `chance_outside_band`); "
+        f"observed {b['observed_outside']}, P(≥ {b['observed_outside']}) = {b['p_at_least_observed']:.2f}"
+    )
+
+
 def _bound_note(v: dict[str, Any]) -> str:
     """How many best-score misses are worse than any symmetric rule must be (bench/ood.py)."""
     misses, beyond = v["best_of_two_misses"], v.get("best_of_two_misses_beyond_symmetric_bound")
@@ -376,7 +388,8 @@ def ood_section(
             f"realised false-alarm rate at α = 0.05 on unseen ID test rows, pooled: {fa['flagged']}/{fa['rows']} = "
             f"{100 * fa['rate']:.2f} % — {_check(abs(fa['rate'] - 0.05) <= 0.02)}; per dataset with ≥ 300 test rows "
             f"within 5 ± 2 % — {_check(not v['false_alarm_off'])}"
-            f"{(' (' + ', '.join(v['false_alarm_off']) + ')') if v['false_alarm_off'] else ''}.",
+            f"{(' (' + ', '.join(v['false_alarm_off']) + ')') if v['false_alarm_off'] else ''}"
+            f"{_band_note(v)}.",
         ]
         out += [
             "",

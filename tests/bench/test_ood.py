@@ -149,3 +149,36 @@ def test_the_literal_criterion_compares_with_the_better_of_mi_and_density_only()
     # against the best of three scores both miss; in the issue's words (MI and density) only shell
     assert len(v["best_of_two_misses"]) == 2
     assert v["better_of_mi_and_density_misses"] == ["wine s0 shell (combined 0.850 vs 0.900)"]
+
+
+def test_chance_outside_band_matches_a_simulated_exact_conformal_flag() -> None:
+    """The served calibrator on continuous exchangeable scores, over fresh calibration and test
+    draws: the share of splits whose realised rate leaves 5 ± 2 % is what the formula says."""
+    from bench.ood import chance_outside_band, outside_band
+    from service.uncertainty import ConformalOODCalibrator
+
+    rng = np.random.default_rng(11)
+    n_cal, n_test, draws = 300, 300, 3000
+    outside = 0
+    for _ in range(draws):
+        calibrator = ConformalOODCalibrator(rng.random(n_cal))
+        rate = float(calibrator.flags(rng.random(n_test), 0.05).mean())
+        outside += outside_band(rate)
+    expected = chance_outside_band(n_cal, n_test)
+    # the formula against 3,000 simulated splits (binomial sd ~0.0075 at p ~0.2)
+    assert 0.15 < expected < 0.28
+    assert abs(outside / draws - expected) < 0.03
+    # more rows narrow the spread: at 3,000 calibration and test rows the band is all but certain
+    assert chance_outside_band(3000, 3000) < 0.001 < chance_outside_band(1000, 1000) < expected
+
+
+def test_verdict_counts_band_misses_an_exact_flag_would_show_by_chance() -> None:
+    rows = [
+        _row(f"d{i}", {"box": _family(0.9, 0.99, 0.99)}, flagged=f, n=400)
+        for i, f in enumerate([20, 21, 19, 36, 18])  # 36/400 = 9 %: outside 5 ± 2
+    ]
+    b = verdict(rows)["false_alarm_band_by_chance"]
+    assert b["runs"] == 5 and b["observed_outside"] == 1
+    # n_cal defaults to n_test (400): ~18 % each, so about one of five by chance
+    assert 0.7 < b["expected_outside"] < 1.1
+    assert 0.5 < b["p_at_least_observed"] < 0.75
