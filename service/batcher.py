@@ -308,8 +308,11 @@ class DynamicBatcher:
 
     @property
     def _running(self) -> bool:
-        """A batch is in the model (or staged behind one)."""
-        return bool(self._executions)
+        """A batch is in the model thread (running, or staged behind one). Not the executions still
+        being delivered: a request that arrives once the model has returned finds it idle. (With
+        `_executions`, a caller that resubmits as soon as its answer is set — before the execution's
+        done-callback has run — counted as arriving busy and waited out the whole delay.)"""
+        return self._in_model > 0
 
     def _drop_dead_head(self) -> None:
         while self._queue and not self._queue[0].queued:

@@ -184,6 +184,21 @@ async def test_run_when_idle_never_waits_out_the_delay_on_an_idle_model() -> Non
     np.testing.assert_array_equal(out["rows"], rows(0, 1))
 
 
+async def test_run_when_idle_a_caller_resubmitting_at_once_finds_the_model_idle() -> None:
+    """A closed-loop caller sends its next request in the step its answer arrives, before the
+    finished batch's bookkeeping has run: the model has returned, so that request must not count
+    as arriving during a run (it did, and waited out the whole delay each time)."""
+    batcher = DynamicBatcher(
+        "m", RecordingModel(), max_batch_size=8, max_delay_s=30.0, max_queue_size=10, run_when_idle=True
+    )
+    await batcher.start()
+    for i in range(5):  # with the 30 s delay applied, the first resubmission alone would time out
+        async with asyncio.timeout(10):  # not wait_for: its extra task would hide the race
+            out = await batcher.submit(rows(i, 1))
+        np.testing.assert_array_equal(out["rows"], rows(i, 1))
+    await batcher.stop()
+
+
 async def test_run_when_idle_delays_only_requests_that_arrive_during_a_run() -> None:
     model = RecordingModel(delay_s=0.2)
     batcher = DynamicBatcher(
