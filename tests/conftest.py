@@ -22,12 +22,14 @@ from typing import Any
 
 import pytest
 
-from tests.service.support import build_density_repository, build_test_repository
-
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`clf/1` and `reg/1` of tests/service/support.py, written once per session. Never modify it."""
+    # imported here: at the top it cost the xdist controller, which runs no test, 1.9 s (scikit-learn,
+    # onnx) before it started the workers
+    from tests.service.support import build_test_repository
+
     return build_test_repository(tmp_path_factory.mktemp("models"))
 
 
@@ -35,6 +37,8 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def density_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`dens_clf/1`, `dens_reg/1` (schema 2: density outputs, combined OOD score) and a v1 `clf/1`, of
     tests/service/support.py, written once per session. Never modify it."""
+    from tests.service.support import build_density_repository
+
     return build_density_repository(tmp_path_factory.mktemp("density_models"))
 
 

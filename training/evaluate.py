@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from scipy.stats import rankdata, spearmanr
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, roc_curve
 
 from service.uncertainty import (
     DENSITY_SCORE,
@@ -185,8 +185,8 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     labels = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
     scores = np.r_[id_scores, ood_scores]
     fpr, tpr, _ = roc_curve(labels, scores)
-    return {
-        "auroc": float(roc_auc_score(labels, scores)),
+    return {  # auc of this curve is roc_auc_score's own computation, without its second roc_curve
+        "auroc": float(auc(fpr, tpr)),
         "aupr_out": float(average_precision_score(labels, scores)),
         "fpr_at_95tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
     }
