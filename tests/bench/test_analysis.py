@@ -201,3 +201,33 @@ def test_grid_one_client_target_gives_way_to_the_paired_rounds() -> None:
     assert (
         len(one_client) == 1 and "paired rounds" in one_client[0]["target"] and one_client[0]["met"] is True
     )
+
+
+def test_web_floor_share_is_judged_on_the_paired_rounds_when_they_ran() -> None:
+    from bench.batching_rule import WEB_FLOOR_CELL, summarise
+
+    cells = ((1, 1), WEB_FLOOR_CELL)
+    rounds = [
+        _round(
+            ["hydra-lean", "ceiling-fastapi"],
+            {"hydra-lean 1x32": (4000, 8, 20), "ceiling-fastapi 1x32": (7000, 4, 9)},
+        ),
+        _round(
+            ["ceiling-fastapi", "hydra-lean"],
+            {"hydra-lean 1x32": (3900, 8, 20), "ceiling-fastapi 1x32": (8100, 4, 9)},
+        ),
+        _round(
+            ["hydra-lean", "ceiling-fastapi"],
+            {"hydra-lean 1x32": (4200, 8, 20), "ceiling-fastapi 1x32": (7200, 4, 9)},
+        ),
+    ]
+    paired = {"rounds": 3, "cells": [[1, 1]], "per_round": rounds, "summary": summarise(rounds, cells)}
+    # the grid's own cells say 40 %: a single pair minutes apart; the paired medians decide
+    rows = [_cell("hydra-lean", 1, 32, 2800, 20), _cell("ceiling-fastapi", 1, 32, 7000, 9)]
+    for r in rows:
+        r["requests_per_s"] = r["rows_per_s"]
+    grid = [t for t in targets(rows, "digits") if "FastAPI-route" in t["target"]]
+    assert len(grid) == 1 and grid[0]["met"] is False
+    got = [t for t in targets(rows, "digits", paired) if "FastAPI-route" in t["target"]]
+    assert len(got) == 1 and got[0]["met"] is True  # median 4,000 / 7,200 = 56 %
+    assert "56% (4,000 vs 7,200 req/s); per round 57%, 48%, 58%" in got[0]["value"]
