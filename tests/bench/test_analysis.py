@@ -126,34 +126,14 @@ def test_batching_rule_targets_judge_medians_over_paired_rounds() -> None:
     from bench.batching_rule import targets as rule_targets
 
     cells = ((1, 1), (1, 32))
+    keys = ("hydra 1x1", "hydra-b1 1x1", "hydra 1x32", "hydra-delay 1x32")
+    per_round = [  # (rows/s, p50 ms, p99 ms) of each key, one line a round
+        [(200, 4.0, 9), (190, 4.2, 9), (950, 30, 60), (1000, 31, 61)],
+        [(150, 5.0, 9), (210, 3.9, 9), (1040, 29, 60), (990, 30, 62)],
+        [(205, 4.1, 9), (200, 4.3, 9), (1010, 30, 59), (1005, 30, 60)],
+    ]
     rounds = [
-        _round(
-            ["hydra", "hydra-b1", "hydra-delay"],
-            {
-                "hydra 1x1": (200, 4.0, 9),
-                "hydra-b1 1x1": (190, 4.2, 9),
-                "hydra 1x32": (950, 30, 60),
-                "hydra-delay 1x32": (1000, 31, 61),
-            },
-        ),
-        _round(
-            ["hydra-delay", "hydra-b1", "hydra"],
-            {
-                "hydra 1x1": (150, 5.0, 9),
-                "hydra-b1 1x1": (210, 3.9, 9),
-                "hydra 1x32": (1040, 29, 60),
-                "hydra-delay 1x32": (990, 30, 62),
-            },
-        ),
-        _round(
-            ["hydra", "hydra-b1", "hydra-delay"],
-            {
-                "hydra 1x1": (205, 4.1, 9),
-                "hydra-b1 1x1": (200, 4.3, 9),
-                "hydra 1x32": (1010, 30, 59),
-                "hydra-delay 1x32": (1005, 30, 60),
-            },
-        ),
+        _round(["hydra", "hydra-b1", "hydra-delay"], dict(zip(keys, r, strict=True))) for r in per_round
     ]
     paired = {
         "rounds": 3,
