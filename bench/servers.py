@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -34,20 +35,41 @@ class TritonUnavailable(RuntimeError):
     pass
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; the IANA range elsewhere)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 49152, 65535
+
+
+# Ports handed out by this process: two calls must not return the same port before either is bound.
+_handed_out: set[int] = set()
+
+
 def free_port(span: int = 1) -> int:
-    """A free loopback port p such that p..p+span-1 are free too (Triton takes three)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + span >= 65535:
+    """A free loopback port p such that p..p+span-1 are free too (Triton takes three).
+
+    Picked at random below the kernel's ephemeral range, never from it: a port the kernel hands out
+    (bind to 0) is free now, but any outgoing connection on this machine - another test's client, a
+    load generator - can take it as its local port before the server binds it. Seen in CI: the gRPC
+    port, checked free, was an httpx connection's by the time the server started.
+    """
+    low, _ = _ephemeral_range()
+    first, last = (10_000, low - span) if low - span > 10_000 else (1_024, low - span)
+    chooser = random.SystemRandom()
+    for _ in range(200):
+        port = chooser.randrange(first, last)
+        wanted = range(port, port + span)
+        if _handed_out.intersection(wanted):
             continue
         try:
-            for extra in range(1, span):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", port + extra))
+            for candidate in wanted:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
         except OSError:
             continue
+        _handed_out.update(wanted)
         return port
     raise RuntimeError("no free loopback port range")
 

@@ -460,7 +460,7 @@ class Server:
 
 def start_server(repo_dir: Path, *args: str, **env: str) -> Server:
     """Start `python -m service` on a free port (not waiting for readiness)."""
-    port = free_port(span=2)  # HTTP on port, gRPC on port + 1: two free_port() calls can return one port
+    port = free_port(span=2)  # HTTP on port, gRPC on port + 1
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
     # CPU unless a test asks otherwise: tests compare with a CPU reference at tight tolerances and
     # assert the CPU provider, and `auto` would pick a working GPU.
