@@ -245,10 +245,7 @@ class DynamicBatcher:
                     # behind it at once, so the model goes from batch to batch without waiting for
                     # this loop to come round — under overload the loop is slow to (issue 13). A
                     # partial batch waits for the model to be free, and fills meanwhile.
-                    staged = self._in_model > 1
-                    if not staged and (self._queued_rows >= self._max_batch or self._stopping):
-                        self._start(self._take_batch())
-                    else:
+                    if not self._stage_full_batch():
                         await self._sleep_until_woken()
                     continue
                 head = self._queue[0]
@@ -308,10 +305,8 @@ class DynamicBatcher:
 
     @property
     def _running(self) -> bool:
-        """A batch is in the model thread (running, or staged behind one). Not the executions still
-        being delivered: a request that arrives once the model has returned finds it idle. (With
-        `_executions`, a caller that resubmits as soon as its answer is set — before the execution's
-        done-callback has run — counted as arriving busy and waited out the whole delay.)"""
+        """A batch is in the model thread (running, or staged behind one); not the executions still
+        being delivered, or a caller that resubmits as soon as its answer is set waits out the delay."""
         return self._in_model > 0
 
     def _drop_dead_head(self) -> None:
@@ -349,11 +344,14 @@ class DynamicBatcher:
         outputs = self._run(inputs)
         return outputs, time.perf_counter() - t0
 
-    def _stage_full_batch(self) -> None:
-        """The model thread has returned a batch: a full next one goes behind the batch it runs now
-        at once, not when the batch loop next comes round (under overload, milliseconds later)."""
+    def _stage_full_batch(self) -> bool:
+        """Hand a full next batch (any, when stopping) to the model thread now, behind the one it
+        runs, unless one is staged already: called as the model returns a batch, not when the loop
+        next comes round (under overload, milliseconds later). True if it did."""
         if self._in_model < 2 and (self._queued_rows >= self._max_batch or self._stopping):
             self._start(self._take_batch())
+            return True
+        return False
 
     async def _execute(
         self,
