@@ -506,10 +506,11 @@ def running_server(repo_dir: Path, *args: str, **env: str) -> Iterator[Server]:
     """A ready server for `repo_dir`; `env` keys become HYDRA_<KEY> variables. Stopped with SIGTERM."""
     server = start_server(repo_dir, *args, **env)
     try:
-        wait_ready(server)
+        wait_ready(server)  # a failed start raises with the log's text: the file can go either way
         yield server
     finally:
         stop(server.process)
+        server.log_path.unlink(missing_ok=True)  # one per server start: thousands in /tmp otherwise
 
 
 def server_fixture(doc: str, scope: str = "module", **settings: str) -> Any:

@@ -32,7 +32,8 @@ MEMBERS = SMOKE_MEMBERS
 
 def _launch(root: Path, launcher: list[str]) -> tuple[subprocess.Popen[str], Path, Path]:
     out, run_dir = root / "pkg" / "1", root / "run"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    (root / "tmp").mkdir(parents=True)  # torchrun's rendezvous folders land there, not in /tmp
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(root / "tmp")}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # the single-process run must not see a launcher's environment
     args = ["run", "--dataset", "digits", "--smoke", "--members", str(MEMBERS), "--seed", "0"]
