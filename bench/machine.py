@@ -7,6 +7,8 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +91,22 @@ def measured_on(meta: dict[str, Any], command: str) -> str:
     )
 
 
-def not_run(title: str, command: str) -> str:
-    """A section whose part has no result yet: its title and the command that makes one."""
-    return f"{title}\n\nNot run yet: `{command}`."
+@dataclass(frozen=True)
+class Section:
+    """A BENCHMARKS.md section of one bench part: its title and the command that makes its result."""
 
+    title: str
+    command: str
 
-def opening(title: str, result: dict[str, Any], command: str, text: str) -> list[str]:
-    """A section's title and first paragraph: where and how `result` was measured, then `text`."""
-    return [title, "", measured_on(result.get("machine", {}), command) + text, ""]
+    def renders(self, body: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any] | None], str]:
+        """The section is `body(result)`; while the part has no result yet, its title and the command
+        that makes one."""
+
+        def section(result: dict[str, Any] | None) -> str:
+            return body(result) if result else f"{self.title}\n\nNot run yet: `{self.command}`."
+
+        return section
+
+    def opening(self, result: dict[str, Any], text: str) -> list[str]:
+        """The title and first paragraph: where and how `result` was measured, then `text`."""
+        return [self.title, "", measured_on(result.get("machine", {}), self.command) + text, ""]

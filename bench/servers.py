@@ -160,6 +160,14 @@ def hydra_server(
     return running(cmd, env, f"http://127.0.0.1:{port}", model, log, 120)
 
 
+def digits_server(log: Path, **settings: str) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    """Our server on the committed models/digits/1 as the shadow and workers runs start it (max batch
+    64, queue delay 2 ms); `settings`: extra HYDRA_<NAME> variables, e.g. shadow_fraction="0.01"."""
+    return hydra_server(
+        REPO_ROOT / "models", "digits", max_batch_size=64, max_queue_delay_ms=2.0, log=log, settings=settings
+    )
+
+
 def ceiling_server(
     kind: str, model: str, answers: dict[int, Path], *, log: Path
 ) -> contextlib.AbstractContextManager[tuple[str, int]]:

@@ -22,11 +22,10 @@ import httpx
 import numpy as np
 
 from bench.loadgen import run_wrk, v2_body
-from bench.machine import not_run, opening
-from bench.servers import hydra_server
+from bench.machine import Section
+from bench.servers import digits_server
 from bench.workloads import REPO_ROOT
 
-DIGITS = REPO_ROOT / "models"
 PLANS = {
     "reduced": {"rounds": 6, "seconds": 12.0},
     "smoke": {"rounds": 1, "seconds": 3.0},
@@ -34,6 +33,7 @@ PLANS = {
 }
 CONCURRENCY = 32
 FRACTION = 0.01
+SECTION = Section("## 6. Shadow teacher: fidelity on live traffic and its cost", "python -m bench shadow")
 
 
 def _held_out() -> np.ndarray:
@@ -45,15 +45,9 @@ def _held_out() -> np.ndarray:
 
 
 def fidelity(rows: np.ndarray, work: Path, label: str) -> dict[str, Any]:
-    settings = {"shadow_fraction": "1.0", "shadow_window": str(max(1000, len(rows)))}
     with (
-        hydra_server(
-            DIGITS,
-            "digits",
-            max_batch_size=64,
-            max_queue_delay_ms=2.0,
-            log=work / f"fidelity-{label}.log",
-            settings=settings,
+        digits_server(
+            work / f"fidelity-{label}.log", shadow_fraction="1.0", shadow_window=str(max(1000, len(rows)))
         ) as (url, _),
         httpx.Client(base_url=url, timeout=30) as client,
     ):
@@ -82,14 +76,8 @@ def throughput(
         for config, fraction in (
             (("off", 0.0), ("on", FRACTION)) if r % 2 == 0 else (("on", FRACTION), ("off", 0.0))
         ):
-            with hydra_server(
-                DIGITS,
-                "digits",
-                max_batch_size=64,
-                max_queue_delay_ms=2.0,
-                log=work / f"throughput-{config}-{r}.log",
-                settings={"shadow_fraction": str(fraction)},
-            ) as (url, _):
+            log_path = work / f"throughput-{config}-{r}.log"
+            with digits_server(log_path, shadow_fraction=str(fraction)) as (url, _):
                 cell = run_wrk(f"{url}/v2/models/digits/infer", body, CONCURRENCY, seconds, 1, warmup_s=2.0)
                 shadow = httpx.get(f"{url}/v1/models/digits", timeout=10).json()["shadow"]
             cells[config].append(
@@ -128,7 +116,7 @@ def shadow_cpu_per_row(rows: np.ndarray, repeats: int = 1000) -> dict[str, float
     from service.manifest import ModelManifest
     from service.shadow import EnsembleRunner
 
-    package = DIGITS / "digits" / "1"
+    package = REPO_ROOT / "models" / "digits" / "1"
     runner = EnsembleRunner(package / "ensemble.onnx", ModelManifest.load(package / "manifest.json"))
     for i in range(50):
         runner(rows[i : i + 1])
@@ -168,16 +156,11 @@ def run(preset: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     }
 
 
-def section(result: dict[str, Any] | None) -> str:
-    title = "## 6. Shadow teacher: fidelity on live traffic and its cost"
-    command = "python -m bench shadow"
-    if not result:
-        return not_run(title, command)
+@SECTION.renders
+def section(result: dict[str, Any]) -> str:
     t = result["throughput"]
-    lines = opening(
-        title,
+    lines = SECTION.opening(
         result,
-        command,
         ". The real server on models/digits/1; the shadow runs the package's `ensemble.onnx` (8 teachers) "
         "in its own thread after the answers went out, and compares on the same rows (service/shadow.py).",
     )

@@ -27,12 +27,11 @@ from typing import Any
 import httpx
 
 from bench.loadgen import run_wrk, v2_body, warm_wrk
-from bench.machine import not_run, opening
+from bench.machine import Section
 from bench.ort_timing import sample_rows
-from bench.servers import hydra_server
-from bench.workloads import BUILD, REPO_ROOT
+from bench.servers import digits_server
+from bench.workloads import BUILD
 
-DIGITS = REPO_ROOT / "models"
 PLANS = {
     "reduced": {"rounds": 3, "seconds": 8.0, "concurrencies": (32, 128)},
     "smoke": {"rounds": 1, "seconds": 2.0, "concurrencies": (32,)},
@@ -40,6 +39,7 @@ PLANS = {
 }
 ROW_SIZES = (1, 32)
 WORKER_COUNTS = (1, 2)
+SECTION = Section("### 3d. Worker processes: `--workers 2` vs `--workers 1`", "python -m bench workers")
 
 
 def _bodies(work: Path) -> dict[int, Path]:
@@ -84,14 +84,7 @@ def run(preset: str, log: Callable[[str], None] = print) -> dict[str, Any]:
         urls, pids = {}, {}
         for count in WORKER_COUNTS:
             url, pids[count] = stack.enter_context(
-                hydra_server(
-                    DIGITS,
-                    "digits",
-                    max_batch_size=64,
-                    max_queue_delay_ms=2.0,
-                    log=work / f"workers-{count}.log",
-                    settings={"workers": str(count)},
-                )
+                digits_server(work / f"workers-{count}.log", workers=str(count))
             )
             urls[count] = url
         for n_rows in ROW_SIZES:
@@ -160,16 +153,11 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def section(result: dict[str, Any] | None) -> str:
-    title = "### 3d. Worker processes: `--workers 2` vs `--workers 1`"
-    command = "python -m bench workers"
-    if not result:
-        return not_run(title, command)
+@SECTION.renders
+def section(result: dict[str, Any]) -> str:
     plan = result["plan"]
-    lines = opening(
-        title,
+    lines = SECTION.opening(
         result,
-        command,
         f", load average at start {result.get('machine', {}).get('loadavg_at_start', '?')}. Both servers "
         "side by side on models/digits/1 (batch 64, delay 2 ms, ORT intra-op threads cores / workers), wrk "
         f"(2 threads) driving one at a time, {plan['rounds']} alternating rounds of {plan['seconds']:g} s "

@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -92,11 +93,19 @@ def test_unknown_model_and_other_routes_pass_through(slow_queue_server: Server) 
     assert response.status_code == 404 and "nope" in response.json()["error"]
 
 
-tight_server = server_fixture(
-    """At most max_queue_size + max_batch_size = 3 requests of a model admitted at once; past that a
-    request is refused at once (admission_wait_s 0), never waits for a turn.""",
-    max_batch_size="1",
-    max_queue_size="2",
+def _three_admitted(doc: str, **settings: str) -> Any:
+    """A server fixture admitting at most max_queue_size 2 + max_batch_size 1 = 3 requests of a model
+    at once; `doc` says what happens past that."""
+    return server_fixture(
+        f"3 requests admitted at most (queue 2 + batch 1); {doc}",
+        max_batch_size="1",
+        max_queue_size="2",
+        **settings,
+    )
+
+
+tight_server = _three_admitted(
+    "past that a request is refused at once (admission_wait_s 0), never waits for a turn.",
     request_read_timeout_s="5",
     admission_wait_s="0",
 )
@@ -146,11 +155,9 @@ def _drain_rate_seen(url: str, seconds: float = 0.6) -> None:
             assert client.post("/v1/models/clf:predict", json={"instances": ROW}).status_code == 200
 
 
-waiting_server = server_fixture(
-    """3 requests admitted at most (queue 2 + batch 1); past that a request waits for its turn while
-    the drain rate promises it within 1 s; a waiter without a turn after 2 s is answered 504.""",
-    max_batch_size="1",
-    max_queue_size="2",
+waiting_server = _three_admitted(
+    "past that a request waits for its turn while the drain rate promises it within 1 s; a waiter "
+    "without a turn after 2 s is answered 504.",
     admission_wait_s="1",
     request_timeout_s="2",
     request_read_timeout_s="4",
