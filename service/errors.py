@@ -102,7 +102,8 @@ class QueueFull(ServiceError):
     status_code = 503
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+        self.retry_after_s = max(1, retry_after_s)
+        super().__init__(message, headers={"Retry-After": str(self.retry_after_s)})
 
 
 class DeadlineExceeded(ServiceError):

@@ -85,6 +85,17 @@ class Settings(BaseSettings):
             "this many seconds; else 503 + Retry-After at once. 0: always refuse at once (Triton's rule)."
         ),
     )
+    refusal_hold_max_s: float = Field(
+        default=4.0,
+        ge=0.0,
+        le=60.0,
+        description=(
+            "After a 503 at the edge the connection is kept, and a request for that model coming back "
+            "on it before the refusal's Retry-After has passed waits until then (at most this many "
+            "seconds): a client that resends at once costs one refusal per Retry-After. "
+            "0: close the connection on a 503 instead (Connection: close)."
+        ),
+    )
     request_timeout_s: float = Field(
         default=30.0,
         gt=0.0,

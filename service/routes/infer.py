@@ -10,7 +10,8 @@ parse the body reaches only ~30 % of what a bare ASGI app on the same uvicorn do
     Content-Length over max_request_bytes → 413 (the body is not read)
     API key missing or wrong → 401
     the model's queue full, or too many requests in flight → wait for a turn while the drain rate
-        says it comes within admission_wait_s, else 503 + Retry-After (`service.admission`)
+        says it comes within admission_wait_s, else 503 + Retry-After (`service.admission`); a
+        resend on that connection before the Retry-After waits it out first
     else: read the body (byte limit, read deadline) → V2 (`routes.v2.serve_infer`) or V1
           (`routes.v1.serve_predict`) → the answer bytes, written as two ASGI messages
 
@@ -187,9 +188,10 @@ class InferenceEdge:
         if not key_presented_ok(scope, self.api_key):
             return await send_error(send, Unauthorized())
         name = route.model_name
-        refusal = await self.admission.admit(name)
+        client = scope.get("client")  # (host, port): this TCP connection's, while it is open
+        refusal = await self.admission.admit(name, tuple(client) if client else None)
         if refusal is not None:
-            await send_refusal(send, refusal)
+            await send_refusal(send, refusal, keep_alive=self.settings.refusal_hold_max_s > 0)
             return refusal.status_code
         try:
             call = InferCall(scope, receive, self.settings, self.repository)

@@ -56,6 +56,8 @@ def wide_server(wide_repository: Path, request: pytest.FixtureRequest) -> Iterat
     # admission_wait_s 0: past the queue a request is refused at once. With a line (the default) the
     # waiters hold the open-loop client's connections and it cannot offer 10x (measured: 176 of 363
     # req/s sent, 35 served = capacity); the line is measured in bench/goodput.sh and test_admission.
+    # refusal_hold_max_s 0 for the same reason: a resend on a refused connection would wait out its
+    # Retry-After (measured: 98 of 676 req/s sent), and this test measures refusals at once.
     with running_server(
         wide_repository,
         max_batch_size="64",
@@ -63,6 +65,7 @@ def wide_server(wide_repository: Path, request: pytest.FixtureRequest) -> Iterat
         intra_op_threads="1",
         workers=str(request.param),
         admission_wait_s="0",
+        refusal_hold_max_s="0",
     ) as server:
         yield server
 

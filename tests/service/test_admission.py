@@ -15,7 +15,15 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.service.support import CLF_FEATURES, Server, connect, read_response, running_server, server_fixture
+from tests.service.support import (
+    CLF_FEATURES,
+    REG_FEATURES,
+    Server,
+    connect,
+    read_response,
+    running_server,
+    server_fixture,
+)
 
 ROW = [[0.25] * CLF_FEATURES]
 
@@ -257,3 +265,95 @@ def test_sigterm_answers_the_requests_waiting_in_line(model_repository: Path) ->
         answers = asyncio.run(scenario())
         assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
         assert server.terminate() == 0
+
+
+# ---- a resend on a refused connection waits out its Retry-After (refusal_hold_max_s) ---------------
+
+
+def _refused_connection(url: str) -> tuple[socket.socket, str]:
+    """A connection whose predict request was just refused 503 (fresh connections until one is: the
+    server must first have read the slot holders' headers), and the refusal's head."""
+    for _ in range(200):
+        sock = connect(url, timeout=10)
+        sock.sendall(_predict_request(url))
+        status, head, _ = read_response(sock)
+        if status == 503:
+            return sock, head
+        sock.close()
+        time.sleep(0.01)
+    raise AssertionError("no request was refused while every slot was held")
+
+
+def _retry_after(head: str) -> int:
+    found = re.search(r"(?im)^retry-after: (\d+)\r?$", head)
+    assert found, head
+    return int(found.group(1))
+
+
+def test_a_resend_on_a_refused_connection_waits_out_its_retry_after(tight_server: Server) -> None:
+    url = tight_server.url
+    holders = [_headers_only(url, "/v1/models/clf:predict") for _ in range(3)]  # every slot held
+    sock, head = _refused_connection(url)
+    try:
+        assert not re.search(r"(?im)^connection: close", head), head  # kept for the client
+        hold_s = min(_retry_after(head), 4.0)  # the server's refusal_hold_max_s default
+        t0 = time.perf_counter()
+        # another model on the same connection is not held: answered at once
+        reg = orjson.dumps({"instances": [[0.5] * REG_FEATURES]})
+        sock.sendall(
+            b"POST /v1/models/reg:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(reg)}\r\n\r\n".encode()
+            + reg
+        )
+        assert read_response(sock)[0] == 200 and time.perf_counter() - t0 < 0.5
+        sock.sendall(_predict_request(url))  # the refused request, resent at once
+        # other connections are not held either: a fresh one is refused at once, as is due
+        fresh = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ROW}, timeout=5)
+        assert fresh.status_code == 503 and fresh.elapsed.total_seconds() < 0.5, fresh.text
+        for holder in holders:  # the slots free: the resend could be admitted from now on
+            holder.close()
+        status, head, body = read_response(sock)
+        took = time.perf_counter() - t0
+        assert status == 200, (head, body)
+        assert hold_s - 0.2 < took < hold_s + 2.0, (took, hold_s)  # admitted once its hold was over
+    finally:
+        sock.close()
+        for holder in holders:
+            holder.close()
+
+
+def test_with_the_hold_off_a_refusal_closes_the_connection(model_repository: Path) -> None:
+    with running_server(
+        model_repository, max_batch_size="1", max_queue_size="2", admission_wait_s="0", refusal_hold_max_s="0"
+    ) as server:
+        holders = [_headers_only(server.url, "/v1/models/clf:predict") for _ in range(3)]
+        sock, head = _refused_connection(server.url)
+        try:
+            assert re.search(r"(?im)^connection: close\r?$", head), head
+            assert sock.recv(1) == b""  # closed by the server: a resending client must reconnect
+        finally:
+            sock.close()
+            for holder in holders:
+                holder.close()
+
+
+def test_sigterm_answers_a_resend_waiting_out_its_hold(model_repository: Path) -> None:
+    """A resend waiting out its hold is a request in progress: the drain answers it, then exits 0."""
+    with running_server(
+        model_repository, max_batch_size="1", max_queue_size="2", admission_wait_s="0"
+    ) as server:
+        holders = [_headers_only(server.url, "/v1/models/clf:predict") for _ in range(3)]
+        sock, head = _refused_connection(server.url)
+        try:
+            sock.sendall(_predict_request(server.url))  # resent at once: it waits out the Retry-After
+            time.sleep(0.2)
+            server.process.send_signal(signal.SIGTERM)
+            for holder in holders:  # their requests go (never completed), so slots free
+                holder.close()
+            status, head, body = read_response(sock)
+            assert status == 200, (head, body)  # admitted once its hold was over, and answered
+            assert server.terminate() == 0
+        finally:
+            sock.close()
+            for holder in holders:
+                holder.close()
