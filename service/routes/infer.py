@@ -189,9 +189,12 @@ class InferenceEdge:
             return await send_error(send, Unauthorized())
         name = route.model_name
         client = scope.get("client")  # (host, port): this TCP connection's, while it is open
-        refusal = await self.admission.admit(name, tuple(client) if client else None)
+        connection = tuple(client) if client else None
+        refusal = await self.admission.admit(name, connection)
         if refusal is not None:
-            await send_refusal(send, refusal, keep_alive=self.settings.refusal_hold_max_s > 0)
+            # kept only where a resend on it can be held (else it would be refused at once, again)
+            keep_alive = connection is not None and self.settings.refusal_hold_max_s > 0
+            await send_refusal(send, refusal, keep_alive)
             return refusal.status_code
         try:
             call = InferCall(scope, receive, self.settings, self.repository)
