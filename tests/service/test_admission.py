@@ -4,11 +4,13 @@ their headers alone — the body is never waited for — on a real server over r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import select
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +286,20 @@ def _refused_connection(url: str) -> tuple[socket.socket, str]:
     raise AssertionError("no request was refused while every slot was held")
 
 
+@contextlib.contextmanager
+def _slots_held_and_a_refusal(url: str) -> Iterator[tuple[list[socket.socket], socket.socket, str]]:
+    """The 3 slots of a `_three_admitted` server held by bodies not yet sent, a connection whose
+    request was just refused, and that refusal's head; every socket closed on the way out."""
+    holders = [_headers_only(url, "/v1/models/clf:predict") for _ in range(3)]
+    sock: socket.socket | None = None
+    try:
+        sock, head = _refused_connection(url)
+        yield holders, sock, head
+    finally:
+        for opened in [*holders, *([sock] if sock else [])]:
+            opened.close()
+
+
 def _retry_after(head: str) -> int:
     found = re.search(r"(?im)^retry-after: (\d+)\r?$", head)
     assert found, head
@@ -292,9 +308,7 @@ def _retry_after(head: str) -> int:
 
 def test_a_resend_on_a_refused_connection_waits_out_its_retry_after(tight_server: Server) -> None:
     url = tight_server.url
-    holders = [_headers_only(url, "/v1/models/clf:predict") for _ in range(3)]  # every slot held
-    sock, head = _refused_connection(url)
-    try:
+    with _slots_held_and_a_refusal(url) as (holders, sock, head):
         assert not re.search(r"(?im)^connection: close", head), head  # kept for the client
         hold_s = min(_retry_after(head), 4.0)  # the server's refusal_hold_max_s default
         t0 = time.perf_counter()
@@ -316,44 +330,36 @@ def test_a_resend_on_a_refused_connection_waits_out_its_retry_after(tight_server
         took = time.perf_counter() - t0
         assert status == 200, (head, body)
         assert hold_s - 0.2 < took < hold_s + 2.0, (took, hold_s)  # admitted once its hold was over
-    finally:
-        sock.close()
-        for holder in holders:
-            holder.close()
 
 
 def test_with_the_hold_off_a_refusal_closes_the_connection(model_repository: Path) -> None:
-    with running_server(
-        model_repository, max_batch_size="1", max_queue_size="2", admission_wait_s="0", refusal_hold_max_s="0"
-    ) as server:
-        holders = [_headers_only(server.url, "/v1/models/clf:predict") for _ in range(3)]
-        sock, head = _refused_connection(server.url)
-        try:
-            assert re.search(r"(?im)^connection: close\r?$", head), head
-            assert sock.recv(1) == b""  # closed by the server: a resending client must reconnect
-        finally:
-            sock.close()
-            for holder in holders:
-                holder.close()
+    with (
+        running_server(
+            model_repository,
+            max_batch_size="1",
+            max_queue_size="2",
+            admission_wait_s="0",
+            refusal_hold_max_s="0",
+        ) as server,
+        _slots_held_and_a_refusal(server.url) as (_, sock, head),
+    ):
+        assert re.search(r"(?im)^connection: close\r?$", head), head
+        assert sock.recv(1) == b""  # closed by the server: a resending client must reconnect
 
 
 def test_sigterm_answers_a_resend_waiting_out_its_hold(model_repository: Path) -> None:
     """A resend waiting out its hold is a request in progress: the drain answers it, then exits 0."""
-    with running_server(
-        model_repository, max_batch_size="1", max_queue_size="2", admission_wait_s="0"
-    ) as server:
-        holders = [_headers_only(server.url, "/v1/models/clf:predict") for _ in range(3)]
-        sock, head = _refused_connection(server.url)
-        try:
-            sock.sendall(_predict_request(server.url))  # resent at once: it waits out the Retry-After
-            time.sleep(0.2)
-            server.process.send_signal(signal.SIGTERM)
-            for holder in holders:  # their requests go (never completed), so slots free
-                holder.close()
-            status, head, body = read_response(sock)
-            assert status == 200, (head, body)  # admitted once its hold was over, and answered
-            assert server.terminate() == 0
-        finally:
-            sock.close()
-            for holder in holders:
-                holder.close()
+    with (
+        running_server(
+            model_repository, max_batch_size="1", max_queue_size="2", admission_wait_s="0"
+        ) as server,
+        _slots_held_and_a_refusal(server.url) as (holders, sock, _),
+    ):
+        sock.sendall(_predict_request(server.url))  # resent at once: it waits out the Retry-After
+        time.sleep(0.2)
+        server.process.send_signal(signal.SIGTERM)
+        for holder in holders:  # their requests go (never completed), so slots free
+            holder.close()
+        status, head, body = read_response(sock)
+        assert status == 200, (head, body)  # admitted once its hold was over, and answered
+        assert server.terminate() == 0
