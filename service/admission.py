@@ -25,8 +25,8 @@ calls `Admission.leave` once the request is answered):
   (`ResendHolds`). A client that resends at once then costs one refusal per Retry-After, not one
   per turn of the event loop. Closing the connection instead (`refusal_hold_max_s` 0: `Connection:
   close`) sent every such client through the one FIFO accept queue again: at 3,000 resending
-  connections on the 2-core box, 2,300-2,800 refusals/s, 500-700 ms for a fresh connection's own
-  refusal and goodput 23-28 % of capacity (docs/RELIABILITY.md, "Goodput").
+  connections on the 2-core box, 1,700-2,800 refusals/s, 0.5-0.85 s for a fresh connection's own
+  refusal and goodput 23-29 % of capacity (docs/RELIABILITY.md, "Goodput").
 
 Unknown models pass (the route answers 404); the refusal is the same `{"error"}` 503 the queue
 itself gives, written as two ASGI messages, so it costs a header parse and a dict lookup. Also
