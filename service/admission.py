@@ -124,6 +124,8 @@ class ResendHolds:
 
     def remaining_s(self, connection: object, name: str, now: float) -> float:
         """Seconds until this connection's hold on `name` ends (0: none); the hold is used up."""
+        if not self._until:  # no refusal held: every request of a server not overloaded
+            return 0.0
         until = self._until.pop((connection, name), None)
         return max(0.0, until - now) if until is not None else 0.0
 

@@ -189,7 +189,7 @@ class InferenceEdge:
             return await send_error(send, Unauthorized())
         name = route.model_name
         client = scope.get("client")  # (host, port): this TCP connection's, while it is open
-        connection = tuple(client) if client else None
+        connection = client if client is None or isinstance(client, tuple) else tuple(client)
         refusal = await self.admission.admit(name, connection)
         if refusal is not None:
             # kept only where a resend on it can be held (else it would be refused at once, again)
