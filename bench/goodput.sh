@@ -5,7 +5,8 @@
 # 1,024-request queue and its in-flight limit: the excess waits in line, service/admission.py) and
 # 3,000 (past the line too: refusals). During each overload cell bench/refusal_probe.py times single
 # requests on fresh connections by status (wrk's percentiles mix served and refused answers).
-# Usage: bench/goodput.sh [extra `python -m service` flags]   (OVERLOAD="1500" for one cell)
+# Usage: bench/goodput.sh [extra `python -m service` flags]   (OVERLOAD="1500" for one cell;
+# WORKLOAD=v2 for one-row V2 JSON requests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,12 +17,18 @@ BODY=$(mktemp --suffix=.json)
 LOG=$(mktemp --suffix=.log)
 RESULTS=$(mktemp)
 trap 'rm -f "$BODY" "$RESULTS"*' EXIT
-"$PY" -c "import json, sys; from sklearn.datasets import load_digits; json.dump({'instances': load_digits().data[:16].tolist()}, open(sys.argv[1], 'w'))" "$BODY"
+# WORKLOAD=v2: one-row Open Inference V2 JSON requests instead (a second workload, to confirm on)
+WORKLOAD=${WORKLOAD:-v1}
+"$PY" -c "import json, sys; from sklearn.datasets import load_digits; x = load_digits().data
+json.dump({'instances': x[:16].tolist()} if sys.argv[2] == 'v1' else
+          {'inputs': [{'name': 'input', 'shape': [1, 64], 'datatype': 'FP32', 'data': x[0].tolist()}]},
+          open(sys.argv[1], 'w'))" "$BODY" "$WORKLOAD"
 "$PY" -m service --host 127.0.0.1 --port "$PORT" --model-repository models --log-level warning --grpc-port 0 "$@" >"$LOG" 2>&1 &
 PID=$!
 trap 'kill -TERM $PID 2>/dev/null || true; rm -f "$BODY" "$RESULTS"*' EXIT
 for _ in $(seq 150); do curl -sf "http://127.0.0.1:$PORT/v2/health/ready" >/dev/null && break; sleep 0.2; done
 URL="http://127.0.0.1:$PORT/v1/models/digits:predict"
+[ "$WORKLOAD" = v2 ] && URL="http://127.0.0.1:$PORT/v2/models/digits/infer"
 echo "uptime: $(uptime)"
 for c in 32 $OVERLOAD; do
   PROBE=""

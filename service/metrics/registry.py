@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, make_asgi_app
 from starlette.types import ASGIApp
 
 from service.metrics import buckets
@@ -33,6 +33,8 @@ class ServiceMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         # checked now, not at the first scrape: a worker whose values stay private would undercount
         self._exposition = exposition_registry(multiprocess_dir) if multiprocess_dir else self.registry
+        if not multiprocess_dir:  # python_gc_*: collections and their yield (settings.gc_young_threshold);
+            GCCollector(registry=self.registry)  # a worker's own would be one process's, merged as all
         # families declared elsewhere (service.monitoring) drop their series of a removed version here
         self.on_remove: list[Callable[[str, str], None]] = []
         r = self.registry
