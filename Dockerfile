@@ -11,6 +11,8 @@
 #
 # Configuration is HYDRA_* environment variables (service/settings.py). The install steps below are
 # exercised without a Docker engine by tests/deploy/test_image_install.py; hadolint lints this file.
+# The steps both server stages share (user, /models, the wheel, the no-torch check) are one script,
+# deploy/image/install-service.sh.
 
 ARG PYTHON_VERSION=3.11
 # The base of the build and CPU stages. Where no registry can be reached, `make image`
@@ -38,6 +40,8 @@ open('/requirements/requirements-gpu.txt', 'w').write('\n'.join(gpu) + '\n')"
 COPY service/ service/
 COPY training/ training/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# Beside the wheel, so the runtime stages get it with the wheel and drop it with /wheels.
+COPY deploy/image/install-service.sh /wheels/
 
 # ---- runtime-cpu: slim image, base dependencies only --------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime-cpu
@@ -48,17 +52,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HYDRA_PORT=8000 \
     HYDRA_GRPC_PORT=8081 \
     HYDRA_MODEL_REPOSITORY=/models
-RUN groupadd --system --gid 10001 hydra \
- && useradd --system --uid 10001 --gid hydra --home-dir /home/hydra --create-home --shell /usr/sbin/nologin hydra \
- && mkdir -p /models
-# The base dependencies first (cached until pyproject.toml changes), then the wheel, which pulls
-# exactly those; the last check fails the build if torch sneaks in.
+# The base dependencies first (cached until pyproject.toml changes), then the user, /models and the
+# wheel, which pulls exactly those; the script fails the build if torch sneaks in.
 COPY --from=build /requirements/requirements-cpu.txt /requirements/
 RUN pip install --no-cache-dir -r /requirements/requirements-cpu.txt
 COPY --from=build /wheels/ /wheels/
-RUN pip install --no-cache-dir /wheels/hydra_serve-*.whl \
- && rm -rf /wheels \
- && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+RUN sh /wheels/install-service.sh
 USER 10001:10001
 WORKDIR /home/hydra
 # 8000 HTTP (KServe V1, Open Inference V2, /metrics); 8081 Open Inference Protocol over gRPC
@@ -87,16 +86,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/venv \
- && groupadd --system --gid 10001 hydra \
- && useradd --system --uid 10001 --gid hydra --home-dir /home/hydra --create-home --shell /usr/sbin/nologin hydra \
- && mkdir -p /models
+ && python3 -m venv /opt/venv
 COPY --from=build /requirements/requirements-gpu.txt /requirements/
 RUN pip install --no-cache-dir -r /requirements/requirements-gpu.txt
 COPY --from=build /wheels/ /wheels/
-RUN pip install --no-cache-dir --no-deps /wheels/hydra_serve-*.whl \
- && rm -rf /wheels \
- && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+# --no-deps: the requirements above carry onnxruntime-gpu; the wheel's onnxruntime must not come in
+RUN sh /wheels/install-service.sh --no-deps
 USER 10001:10001
 WORKDIR /home/hydra
 # 8000 HTTP (KServe V1, Open Inference V2, /metrics); 8081 Open Inference Protocol over gRPC

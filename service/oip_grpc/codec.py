@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from service.oip_grpc import grpc_predict_v2_pb2 as pb
+from service.oip_grpc.third_party import grpc_predict_v2_pb2 as pb
 from service.protocol.v2 import (
     NUMPY_DTYPES,
     InferRequest,

@@ -1,4 +1,4 @@
-"""Regenerate the checked-in protobuf module from `grpc_predict_v2.proto` (developers only).
+"""Regenerate the checked-in protobuf module from `third_party/grpc_predict_v2.proto` (developers only).
 
     /path/to/venv-with-grpcio-tools/bin/python -m service.oip_grpc.generate
 
@@ -30,7 +30,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PROTO = Path(__file__).with_name("grpc_predict_v2.proto")
+# In third_party/ with its generated modules: protoc names the module after the .proto's path
+# (service.oip_grpc.third_party.grpc_predict_v2_pb2), so the two must stand in one folder.
+PROTO = Path(__file__).resolve().with_name("third_party") / "grpc_predict_v2.proto"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENCODE_TOOLS_VERSION = "1.75.1"
 GENCODE_PROTOBUF_VERSION = (6, 31, 1)

@@ -34,7 +34,7 @@ from service.auth import key_matches
 from service.errors import BadRequest, ModelUnavailable, QueueFull, ServiceError, Unauthorized
 from service.metrics import ServiceMetrics
 from service.oip_grpc import codec
-from service.oip_grpc import grpc_predict_v2_pb2 as pb
+from service.oip_grpc.third_party import grpc_predict_v2_pb2 as pb
 from service.protocol.v2 import NUMERIC_DATATYPES, V2ProtocolError
 from service.repository import ModelRepository
 from service.settings import Settings

@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc
 
 from tests.deploy.support import REPO_ROOT
-from tests.deploy.test_packaging import DOCKERFILE, stages
+from tests.deploy.test_packaging import DOCKERFILE, INSTALL_SCRIPT, stages
 from tests.service.support import (
     Server,
     build_test_repository,
@@ -33,7 +33,8 @@ from tests.service.support import (
 pytestmark = pytest.mark.timeout(240)
 
 WHEEL_STEP = "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ."
-INSTALL_STEP = "pip install --no-cache-dir /wheels/hydra_serve-*.whl"
+# deploy/image/install-service.sh's, which runtime-cpu runs without arguments (no extra pip flags)
+INSTALL_STEP = 'pip install --no-cache-dir "$@" /wheels/hydra_serve-*.whl'
 
 
 def _run(*args: str | Path, cwd: Path, timeout: float) -> str:
@@ -50,9 +51,11 @@ def _run(*args: str | Path, cwd: Path, timeout: float) -> str:
 
 
 def _copy_build_context(context: Path) -> None:
-    """Exactly what the Dockerfile's build stage COPYs into /src."""
+    """Exactly what the Dockerfile's build stage COPYs into /src (relative destinations: its WORKDIR)."""
     for line in re.findall(r"^COPY\s+(?!--from)(.+)$", stages(DOCKERFILE.read_text())["build"], re.MULTILINE):
-        *sources, _dest = line.split()
+        *sources, dest = line.split()
+        if dest.startswith("/"):
+            continue  # not the wheel's sources (the install script, copied to /wheels)
         for source in sources:
             origin = REPO_ROOT / source
             if origin.is_dir():
@@ -67,7 +70,8 @@ def _copy_build_context(context: Path) -> None:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh venv holding the wheel and its base dependencies; yields its bin/ directory."""
     text = DOCKERFILE.read_text()
-    assert WHEEL_STEP in stages(text)["build"] and INSTALL_STEP in stages(text)["runtime-cpu"]
+    assert WHEEL_STEP in stages(text)["build"] and INSTALL_STEP in INSTALL_SCRIPT.read_text()
+    assert re.search(r"^RUN sh /wheels/install-service\.sh$", stages(text)["runtime-cpu"], re.MULTILINE)
     work = tmp_path_factory.mktemp("image")
     context, wheels = work / "src", work / "wheels"
     context.mkdir()

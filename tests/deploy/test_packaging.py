@@ -27,6 +27,9 @@ from tests.deploy.support import (
 )
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+# what both server stages run (user, /models, the wheel, the no-torch check): the build stage puts it
+# in /wheels beside the wheel
+INSTALL_SCRIPT = REPO_ROOT / "deploy" / "image" / "install-service.sh"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 GRAFANA = DEPLOY / "grafana"
 VENV_BIN = Path(sys.executable).parent
@@ -89,12 +92,20 @@ def test_dockerfile_targets() -> None:
         assert "HEALTHCHECK" in stage and "/v2/health/ready" in stage, name
         assert 'ENTRYPOINT ["hydra-serve"]' in stage, name
         assert re.search(r"^EXPOSE 8000 8081$", stage, re.MULTILINE) and "HYDRA_GRPC_PORT=8081" in stage, name
+    # both server stages install through the one script, which the build stage ships with the wheel
+    script = INSTALL_SCRIPT.read_text()
+    assert "COPY deploy/image/install-service.sh /wheels/" in found["build"]
+    assert re.search(r"^RUN sh /wheels/install-service\.sh$", found["runtime-cpu"], re.MULTILINE)
+    # it creates the user the stages switch to, uid and gid 10001
+    assert "groupadd --system --gid 10001 hydra" in script and "useradd --system --uid 10001" in script
     # no torch anywhere, and a build-time guard that fails if it sneaks in
-    assert not re.search(r"pip install[^\n]*torch", text)
-    assert "find_spec('torch') is not None" in found["runtime-cpu"]
+    assert not re.search(r"pip install[^\n]*torch", text + script)
+    assert "find_spec('torch') is not None" in script
     # GPU: onnxruntime swapped for the gpu extra, the wheel without its (CPU) dependencies
     assert "nvidia/cuda" in text and "cudnn-runtime" in text
-    assert "requirements-gpu.txt" in found["gpu"] and "--no-deps" in found["gpu"]
+    assert "requirements-gpu.txt" in found["gpu"]
+    assert re.search(r"^RUN sh /wheels/install-service\.sh --no-deps$", found["gpu"], re.MULTILINE)
+    assert 'pip install --no-cache-dir "$@" /wheels/hydra_serve-*.whl' in script  # the flags reach pip
     assert "'optional-dependencies']['gpu']" in found["build"]
     assert "COPY models/ /models/" in found["bundled"]
 

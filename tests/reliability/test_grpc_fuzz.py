@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.oip_grpc import grpc_predict_v2_pb2 as pb
+from service.oip_grpc.third_party import grpc_predict_v2_pb2 as pb
 from service.protocol.v2 import DATATYPES
 from tests.service.support import CLF_FEATURES, REG_FEATURES, Server, running_server
 

@@ -1,5 +1,5 @@
-"""The checked-in protobuf module: it describes exactly service/oip_grpc/grpc_predict_v2.proto, it
-is wire-compatible with Triton's grpc_service.proto (what stock tritonclient.grpc speaks), its
+"""The checked-in protobuf module: it describes exactly service/oip_grpc/third_party/grpc_predict_v2.proto,
+it is wire-compatible with Triton's grpc_service.proto (what stock tritonclient.grpc speaks), its
 gencode version is the one service/oip_grpc/generate.py names, and it lives in a private pool."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from google.protobuf.descriptor import Descriptor
 from tritonclient.grpc import service_pb2 as triton_pb
 
 from service.oip_grpc import generate
-from service.oip_grpc import grpc_predict_v2_pb2 as pb
+from service.oip_grpc.third_party import grpc_predict_v2_pb2 as pb
 
 RPCS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"]
 

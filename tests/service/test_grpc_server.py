@@ -144,7 +144,7 @@ def test_server_and_model_metadata_match_http(
             for key in ("inputs", "outputs"):
                 assert [{**t, "shape": [int(d) for d in t["shape"]]} for t in got[key]] == want[key], key
         # `properties` (not in Triton's proto, so read with ours): HTTP's metadata parameters, as strings
-        from service.oip_grpc import grpc_predict_v2_pb2 as pb
+        from service.oip_grpc.third_party import grpc_predict_v2_pb2 as pb
 
         raw = raw_call(
             channel,
