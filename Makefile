@@ -33,17 +33,18 @@ install-serve: $(VENV)/.serve-installed
 serve: $(VENV)/.serve-installed
 	$(PY) -m service --host $(HOST) --port $(PORT) --model-repository $(MODELS)
 
-# Debian packages the tests need: `prometheus` (brings `promtool`) for tests/deploy. Installed only
+# Debian packages the tests need: `prometheus` (brings `promtool`) for tests/deploy, `chromium` for
+# tests/service/test_docs.py (the API pages rendered offline; skipped without it). Installed only
 # when missing (as root with apt-get, e.g. CI on a fresh Debian machine); otherwise a clear failure.
 system-deps:
-	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then \
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then \
 	  :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing Debian's prometheus package (tests/deploy need prometheus and promtool)"; \
-	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } \
-	    || { echo "make system-deps: could not install Debian's 'prometheus' package, which tests/deploy need" >&2; exit 1; }; \
+	  echo "installing Debian's prometheus and chromium packages (tests/deploy need prometheus and promtool; test_docs, chromium)"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus chromium; } \
+	    || { echo "make system-deps: could not install Debian's 'prometheus' and 'chromium' packages, which the tests need" >&2; exit 1; }; \
 	else \
-	  echo "make system-deps: prometheus/promtool missing; install Debian's 'prometheus' package (apt-get install prometheus, as root)" >&2; \
+	  echo "make system-deps: prometheus/promtool or chromium missing; install Debian's 'prometheus' and 'chromium' packages (apt-get install prometheus chromium, as root)" >&2; \
 	  exit 1; \
 	fi
 
@@ -85,7 +86,7 @@ $(KSERVE_VENV)/.installed:
 
 kserve-venv: $(KSERVE_VENV)/.installed
 
-test: install system-deps kserve-venv
+test: install system-deps image-deps kserve-venv
 	$(PY) -m ruff check service training tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow" -n 2
