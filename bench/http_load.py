@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -110,6 +110,30 @@ async def _send(
     return Outcome(index, status, response_headers, payload, scheduled, started, time.perf_counter())
 
 
+async def _workers(
+    url: str,
+    path: str,
+    make_body: BodyFactory,
+    headers: dict[str, str],
+    count: int,
+    next_job: Callable[[], Awaitable[tuple[int, float] | None]],
+    outcomes: list[Outcome],
+) -> None:
+    """`count` workers, each on its own connection, sending the jobs `next_job` gives (a request's
+    index and the time it was due) one after another, appending to `outcomes`, until it gives None."""
+
+    async def worker() -> None:
+        connection = Connection(url)
+        try:
+            while (job := await next_job()) is not None:
+                index, scheduled = job
+                outcomes.append(await _send(connection, path, index, make_body(index), scheduled, headers))
+        finally:
+            await connection.close()
+
+    await asyncio.gather(*(worker() for _ in range(count)))
+
+
 async def closed_loop(
     url: str,
     path: str,
@@ -129,17 +153,12 @@ async def closed_loop(
     counter = iter(range(first_index, 1 << 62))
     deadline = time.perf_counter() + duration_s
 
-    async def worker() -> None:
-        connection = Connection(url)
-        try:
-            while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
-                index = next(counter)
-                now = time.perf_counter()
-                outcomes.append(await _send(connection, path, index, make_body(index), now, headers or {}))
-        finally:
-            await connection.close()
+    async def next_job() -> tuple[int, float] | None:
+        if time.perf_counter() >= deadline or (stop is not None and stop.is_set()):
+            return None
+        return next(counter), time.perf_counter()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await _workers(url, path, make_body, headers or {}, concurrency, next_job, outcomes)
     return outcomes
 
 
@@ -169,17 +188,13 @@ async def open_loop(
         for _ in range(connections):
             schedule.put_nowait(None)
 
-    async def worker() -> None:
-        connection = Connection(url)
-        try:
-            while (i := await schedule.get()) is not None:
-                index = first_index + i
-                outcome = await _send(connection, path, index, make_body(index), t0 + i / rate, headers or {})
-                outcomes.append(outcome)
-        finally:
-            await connection.close()
+    async def next_job() -> tuple[int, float] | None:
+        i = await schedule.get()
+        return None if i is None else (first_index + i, t0 + i / rate)
 
-    await asyncio.gather(release(), *(worker() for _ in range(connections)))
+    await asyncio.gather(
+        release(), _workers(url, path, make_body, headers or {}, connections, next_job, outcomes)
+    )
     return outcomes
 
 
