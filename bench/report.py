@@ -715,9 +715,10 @@ def cost_section(
 ) -> str:
     if c is None:
         return _not_run(title, "make bench-cost")
+    versions = c["machine"]["versions"]
     out = [
         *_opening(title, c),
-        f"In-process ONNX Runtime {c['machine']['versions'].get('onnxruntime') or c['machine']['versions'].get('onnxruntime-gpu')}, "
+        f"In-process ONNX Runtime {versions.get('onnxruntime') or versions.get('onnxruntime-gpu')}, "
         f"provider {c['provider']}{' with IO binding' if c['io_binding'] else ''}, session options as the server's "
         f"({c.get('intra_op_threads') or 'default (one per core)'} intra-op threads, no spin-waiting). Each graph ran ≈ {c['seconds_per_cell']} s per batch size, the "
         "three graphs interleaved in 5 slices so that background load hits them alike. FLOPs are counted from each "
