@@ -13,6 +13,11 @@ Fidelity over a rolling window of the last `shadow_window` compared rows:
 - `label_agreement`: the share of rows where Hydra's top label is the ensemble's (regression: where
   |Hydra mean − ensemble mean| ≤ the ensemble's predictive sd, √ total variance);
 - `mi_ratio`: mean Hydra epistemic score / mean ensemble epistemic score (1 = same scale).
+
+The measures are recomputed at most once every `FIDELITY_EVERY_S` while samples arrive (a window's
+Spearman is two argsorts of `shadow_window` values; Prometheus reads the gauges every 15 s or so),
+when the worker has waited that long with nothing queued, and whenever `state()` is read, so the
+model's metadata is always the window's exact value and the gauges trail it by about a second.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ MEASURES = ("mi_spearman", "label_agreement", "mi_ratio")
 # Fewer compared rows than this: the window's measures are not exported (a rank correlation of a
 # handful of rows is noise, and an alert on it would be too).
 MIN_ROWS = 50
+# The longest the exported measures trail the window while rows are compared (module docstring).
+FIDELITY_EVERY_S = 1.0
 
 FloatArray = NDArray[np.float64]
 
@@ -205,6 +212,8 @@ class ShadowTeacher:
         self._rows = 0
         self._dropped = 0
         self._fidelity: dict[str, float] | None = None
+        self._stale = False  # rows compared since the measures were last computed
+        self._computed_at = -FIDELITY_EVERY_S  # time.monotonic() of that computation
         self._thread: threading.Thread | None = None
 
     @property
@@ -251,7 +260,11 @@ class ShadowTeacher:
     def _work(self) -> None:
         assert self._runner is not None
         while True:
-            sample = self._queue.get()
+            try:  # while the measures are stale, wait at most FIDELITY_EVERY_S for the next sample
+                sample = self._queue.get(timeout=FIDELITY_EVERY_S if self._stale else None)
+            except queue.Empty:
+                self._refresh(force=True)
+                continue
             try:
                 if sample is None:
                     return
@@ -277,12 +290,22 @@ class ShadowTeacher:
             self._teacher.extend(teacher_epistemic.tolist())
             self._agree.extend(agree.tolist())
             self._rows += n
-            measures = self._measures() if len(self._hydra) >= min(MIN_ROWS, self.window) else None
-            if measures is not None:
-                self._fidelity = measures
+            self._stale = True
         self._on_rows(n)
-        if measures is not None:
-            self._on_fidelity(measures)
+        self._refresh(force=False)
+
+    def _refresh(self, *, force: bool) -> None:
+        """Recompute the window's measures if rows came since the last time and (unless `force`)
+        FIDELITY_EVERY_S has passed; export them."""
+        with self._lock:
+            now = time.monotonic()
+            if not self._stale or (not force and now - self._computed_at < FIDELITY_EVERY_S):
+                return
+            self._stale, self._computed_at = False, now
+            if len(self._hydra) < min(MIN_ROWS, self.window):
+                return
+            measures = self._fidelity = self._measures()
+        self._on_fidelity(measures)
 
     def _measures(self) -> dict[str, float]:
         hydra = np.fromiter(self._hydra, np.float64, len(self._hydra))
@@ -295,6 +318,7 @@ class ShadowTeacher:
         }
 
     def state(self) -> ShadowState:
+        self._refresh(force=True)
         with self._lock:
             return ShadowState(
                 enabled=self.enabled,

@@ -171,6 +171,37 @@ def test_full_shadow_queue_drops_and_counts_without_blocking(shadow_repo: Path) 
     teacher.stop()
 
 
+def test_measures_are_rate_limited_and_caught_up_once_the_queue_is_idle(shadow_repo: Path) -> None:
+    """Twenty samples compared back to back recompute the window's measures far fewer than twenty
+    times; the worker, idle, exports the last rows' measures within about FIDELITY_EVERY_S without
+    anyone reading `state()`; `state()` is the window's exact value."""
+    from service.manifest import ModelManifest
+    from service.shadow import FIDELITY_EVERY_S, EnsembleRunner
+
+    package = shadow_repo / "clf" / "1"
+    runner = EnsembleRunner(package / "ensemble.onnx", ModelManifest.load(package / "manifest.json"))
+    exported: list[dict[str, float]] = []
+    teacher = ShadowTeacher(
+        runner, task="classification", fraction=1.0, window=2000, queue_size=32, on_fidelity=exported.append
+    )
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        rows = calibration_inputs("classification", MIN_ROWS, seed=100 + i)
+        summary = {"mutual_information": rng.random(MIN_ROWS), "label": np.zeros(MIN_ROWS, np.int64)}
+        teacher.offer(rows, summary)
+    teacher.start("clf")
+    assert teacher.drain(10.0)
+    assert 1 <= len(exported) < 10
+    before = len(exported)
+    deadline = time.monotonic() + 5 * FIDELITY_EVERY_S
+    while len(exported) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(exported) == before + 1, "the idle worker did not export the last rows' measures"
+    state = teacher.state()
+    assert state.window_rows == 20 * MIN_ROWS and state.fidelity == exported[-1]
+    teacher.stop()
+
+
 def test_sampling_takes_about_the_fraction() -> None:
     teacher = ShadowTeacher(None, task="classification", fraction=0.3, window=10, queue_size=1)
     assert not teacher.enabled  # no ensemble: nothing is sampled, whatever the setting
