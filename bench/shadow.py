@@ -47,7 +47,10 @@ def _held_out() -> np.ndarray:
 def fidelity(rows: np.ndarray, work: Path, label: str) -> dict[str, Any]:
     with (
         digits_server(
-            work / f"fidelity-{label}.log", shadow_fraction="1.0", shadow_window=str(max(1000, len(rows)))
+            work / f"fidelity-{label}.log",
+            shadow_fraction="1.0",
+            shadow_max_busy="1.0",
+            shadow_window=str(max(1000, len(rows))),
         ) as (url, _),
         httpx.Client(base_url=url, timeout=30) as client,
     ):

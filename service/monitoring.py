@@ -13,6 +13,7 @@ Metric families live here (registered on the app's `ServiceMetrics` registry), n
 - `hydra_drift_alarm_threshold_log10{model,version}`: log10(1/δ), the alarm line;
 - `hydra_drift_alarms_total{model,version}`: alarms raised (each restarts the martingale);
 - `hydra_shadow_rows_total`, `hydra_shadow_dropped_total{model,version}`: rows compared / dropped;
+- `hydra_shadow_busy_seconds_total{model,version}`: the shadow worker's busy time (its cost);
 - `hydra_shadow_fraction{model,version}`: the sampled fraction (0 when off or no ensemble);
 - `hydra_shadow_fidelity{model,version,measure}`: the rolling window's measures (service.shadow).
 """
@@ -87,6 +88,13 @@ class MonitoringMetrics:
             mv,
             registry=r,
         )
+        self.shadow_busy = Counter(
+            f"{p}_shadow_busy_seconds",
+            "Seconds the shadow worker spent running the ensemble and comparing (its CPU cost; at most "
+            "shadow_max_busy of one core).",
+            mv,
+            registry=r,
+        )
         self.shadow_fraction = Gauge(
             f"{p}_shadow_fraction",
             "Fraction of served rows sampled for the shadow teacher (0: off or no ensemble.onnx).",
@@ -110,6 +118,7 @@ class MonitoringMetrics:
             self.alarms,
             self.shadow_rows,
             self.shadow_dropped,
+            self.shadow_busy,
             self.shadow_fraction,
         ):
             remove_series(metric, model, version)
@@ -153,9 +162,12 @@ class ModelMonitor:
             fraction=settings.shadow_fraction,
             window=settings.shadow_window,
             queue_size=settings.shadow_queue_size,
+            min_batch=settings.shadow_min_batch,
+            max_busy=settings.shadow_max_busy,
             reason=reason,
             on_rows=self._metrics.shadow_rows.labels(*labels).inc,
             on_dropped=self._metrics.shadow_dropped.labels(*labels).inc,
+            on_busy=self._metrics.shadow_busy.labels(*labels).inc,
             on_fidelity=self._set_fidelity,
         )
         self._running = False

@@ -213,6 +213,19 @@ class Settings(BaseSettings):
     shadow_queue_size: int = Field(
         default=16, ge=1, description="Sampled batches the shadow queue holds; beyond it rows are dropped."
     )
+    shadow_min_batch: int = Field(
+        default=64,
+        ge=1,
+        description="Rows the shadow worker gathers from its queue into one ensemble run (waiting at "
+        "most 1 s for them): a large ensemble costs nearly as much for 1 row as for 64.",
+    )
+    shadow_max_busy: float = Field(
+        default=0.05,
+        gt=0.0,
+        le=1.0,
+        description="Largest share of one core the shadow worker keeps busy: after a run of t s it "
+        "rests t x (1/max_busy - 1); samples wait meanwhile, a full queue drops them (counted).",
+    )
 
     @field_validator("model_versions")
     @classmethod

@@ -184,6 +184,9 @@ class ShadowStatus(_Strict):
     dropped_rows: int
     window_rows: int
     fidelity: dict[str, float | int | None] | None
+    busy_seconds: float
+    max_busy: float
+    min_batch: int
     ensemble_in_package: bool
 
 

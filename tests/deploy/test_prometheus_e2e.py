@@ -95,7 +95,7 @@ def phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phases]:
     shutil.copy(repository / "dens_clf" / "1" / "model.onnx", repository / "dens_clf" / "1" / "ensemble.onnx")
     rows = _phase_rows(seed=7)
 
-    with running_server(repository, api_key=API_KEY, shadow_fraction="1.0") as server:
+    with running_server(repository, api_key=API_KEY, shadow_fraction="1.0", shadow_max_busy="1.0") as server:
         target = server.url.removeprefix("http://")
         config = prometheus_config(target, rule_files=[ALERTS], interval=f"{SCRAPE_INTERVAL_S:g}s")
         headers = {"X-API-Key": API_KEY}

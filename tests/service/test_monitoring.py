@@ -60,7 +60,9 @@ def shadow_repo(tmp_path: Path, model_repository: Path) -> Path:
 
 
 def test_shadow_fidelity_and_drift_in_metrics_and_metadata(shadow_repo: Path) -> None:
-    with in_process(shadow_repo, shadow_fraction=1.0, api_key=KEY, headers={"X-API-Key": KEY}) as client:
+    with in_process(
+        shadow_repo, shadow_fraction=1.0, shadow_max_busy=1.0, api_key=KEY, headers={"X-API-Key": KEY}
+    ) as client:
         _send(client, "clf", calibration_inputs("classification", 400, seed=11))
         _send(client, "reg", calibration_inputs("regression", 400, seed=12))
 
@@ -82,8 +84,9 @@ def test_shadow_fidelity_and_drift_in_metrics_and_metadata(shadow_repo: Path) ->
         assert v1["shadow"] | {"fidelity": None} == {
             "enabled": True, "ensemble_available": True, "ensemble_in_package": True, "reason": None,
             "fraction": 1.0, "window": 1000, "rows": 400, "dropped_rows": 0, "window_rows": 400,
-            "fidelity": None,
+            "fidelity": None, "busy_seconds": v1["shadow"]["busy_seconds"], "max_busy": 1.0, "min_batch": 64,
         }  # fmt: skip
+        assert v1["shadow"]["busy_seconds"] > 0.0
         v2 = client.get("/v2/models/clf").json()["parameters"]
         assert v2["shadow"]["fidelity"] == clf and v2["drift"]["alarm_threshold_log10"] == 2.0
         metrics = client.get("/metrics").text
@@ -202,6 +205,69 @@ def test_measures_are_rate_limited_and_caught_up_once_the_queue_is_idle(shadow_r
     teacher.stop()
 
 
+class _CountingRunner:
+    """The real EnsembleRunner, recording the rows of every run."""
+
+    def __init__(self, shadow_repo: Path) -> None:
+        from service.manifest import ModelManifest
+        from service.shadow import EnsembleRunner
+
+        package = shadow_repo / "clf" / "1"
+        self.runner = EnsembleRunner(package / "ensemble.onnx", ModelManifest.load(package / "manifest.json"))
+        self.runs: list[int] = []
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        self.runs.append(int(rows.shape[0]))
+        return self.runner(rows)
+
+
+def _offer(teacher: ShadowTeacher, n: int, seed: int) -> None:
+    rows = calibration_inputs("classification", n, seed=seed)
+    summary = {"mutual_information": np.random.default_rng(seed).random(n), "label": np.zeros(n, np.int64)}
+    teacher.offer(rows, summary)
+
+
+def test_queued_samples_are_gathered_into_runs_of_min_batch_rows(shadow_repo: Path) -> None:
+    """Ten 8-row samples, min_batch 32: three runs of 32, 32 and 16 rows (the last after GATHER_S),
+    every row compared once, in the order offered."""
+    runner = _CountingRunner(shadow_repo)
+    teacher = ShadowTeacher(
+        runner, task="classification", fraction=1.0, window=1000, queue_size=16, min_batch=32, max_busy=1.0
+    )
+    for i in range(10):
+        _offer(teacher, 8, seed=200 + i)
+    teacher.start("clf")
+    assert teacher.drain(10.0)
+    assert runner.runs == [32, 32, 16]
+    assert teacher.state().rows == 80 and teacher.state().window_rows == 80
+    teacher.stop()
+
+
+def test_the_worker_keeps_to_its_busy_share_and_drops_what_it_cannot_afford(shadow_repo: Path) -> None:
+    """Samples offered without pause for 1.5 s at max_busy 0.1: the worker's busy time stays within
+    a tenth of the wall time (plus one run), and what it could not take is dropped and counted."""
+    runner = _CountingRunner(shadow_repo)
+    busy: list[float] = []
+    teacher = ShadowTeacher(
+        runner, task="classification", fraction=1.0, window=1000, queue_size=4, min_batch=256,
+        max_busy=0.1, on_busy=busy.append,
+    )  # fmt: skip
+    teacher.start("clf")
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < 1.5:
+        _offer(teacher, 256, seed=i % 7)
+        i += 1
+        time.sleep(0.001)
+    wall = time.monotonic() - t0
+    teacher.stop()  # the run in progress finishes: its busy time counts within `wall` + one run
+    state = teacher.state()
+    assert busy and state.busy_s == pytest.approx(sum(busy))
+    assert state.busy_s <= 0.1 * wall + max(busy) + 0.05
+    assert state.dropped > 0 and state.rows + state.dropped <= 256 * i
+    assert state.max_busy == 0.1 and state.min_batch == 256
+
+
 def test_sampling_takes_about_the_fraction() -> None:
     teacher = ShadowTeacher(None, task="classification", fraction=0.3, window=10, queue_size=1)
     assert not teacher.enabled  # no ensemble: nothing is sampled, whatever the setting
@@ -244,4 +310,4 @@ def test_monitoring_settings_read_the_environment_and_refuse_bad_values(
         {"drift_delta": 1.0},
     ):
         with pytest.raises(ValidationError):
-            Settings(**bad)  # type: ignore[arg-type]
+            Settings(**bad)
