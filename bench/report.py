@@ -787,7 +787,8 @@ def server_section(
         "queued as soon as the model is free; (c) `triton`: Triton through PyTriton 0.7.0 (Debian "
         f"python3.11 venv), dynamic batcher with the same max batch and delay, its Python backend running the same "
         "ONNX graph in ONNX Runtime and the same `service.inference` answer code; (d) in-process ORT on `model.onnx` "
-        "at the batch the cell could form, min(rows × clients, max batch). Latencies are wrk's, per request. "
+        "at the batch the cell could form, min(rows × clients, max batch), timed for 1 s right after each cell with "
+        "the server idle (the machine's speed drifts over a run). Latencies are wrk's, per request. "
         "`batch` is the mean rows per model run during the cell (from each server's own counters). "
         f'"four outputs": the same request naming {", ".join(s.get("lean_outputs", []))} in `outputs`, so both '
         "servers encode the same answer (Triton's full answer carries BYTES label names and float32 printed as "
@@ -829,7 +830,8 @@ def server_section(
                     )
                     if cell is None:
                         continue
-                    d = w["ceiling"][str(cell["ceiling_batch"])]["rows_per_s"]
+                    # (d) timed right after the cell where the run did so, else at the workload's start
+                    d = cell.get("ceiling_adjacent", w["ceiling"][str(cell["ceiling_batch"])])["rows_per_s"]
                     rows.append(
                         [
                             str(conc),
