@@ -223,8 +223,9 @@ class Settings(BaseSettings):
         default=0.05,
         gt=0.0,
         le=1.0,
-        description="Largest share of one core the shadow worker keeps busy: after a run of t s it "
-        "rests t x (1/max_busy - 1); samples wait meanwhile, a full queue drops them (counted).",
+        description="Largest share of one core the shadow worker keeps busy (per model version and "
+        "worker process): after a run of t s it rests t x (1/max_busy - 1); samples wait meanwhile, a "
+        "full queue drops them (counted).",
     )
 
     @field_validator("model_versions")
