@@ -90,8 +90,8 @@ class MonitoringMetrics:
         )
         self.shadow_busy = Counter(
             f"{p}_shadow_busy_seconds",
-            "Seconds the shadow worker spent running the ensemble and comparing (its CPU cost; at most "
-            "shadow_max_busy of one core).",
+            "Wall seconds the shadow worker spent running the ensemble and comparing (an upper bound on "
+            "its CPU time; kept to shadow_max_busy of one core).",
             mv,
             registry=r,
         )
