@@ -33,11 +33,12 @@ from prometheus_client import Counter, Gauge
 from service.batch_request import BatchReport
 from service.drift import DriftMonitor
 from service.errors import ModelLoadError
+from service.fidelity import MEASURES
 from service.manifest import ModelManifest
 from service.metrics import PREFIX, ServiceMetrics
 from service.metrics.multiprocess import remove_series
 from service.settings import Settings
-from service.shadow import ENSEMBLE_FILENAME, MEASURES, EnsembleRunner, ShadowTeacher
+from service.shadow import ENSEMBLE_FILENAME, EnsembleRunner, ShadowTeacher
 
 logger = logging.getLogger(__name__)
 ALARM_LOG_INTERVAL_S = 60.0

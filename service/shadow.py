@@ -16,12 +16,8 @@ The worker's cost is bounded, whatever the ensemble costs:
   t × (1/max_busy − 1) before the next, while samples wait in the queue (a full queue drops them,
   counted). Without the rest, the shadow of that ensemble took 32 % of the server's samples at 0.01.
 
-Fidelity over a rolling window of the last `shadow_window` compared rows:
-- `mi_spearman`: Spearman rank correlation of Hydra's and the ensemble's epistemic score (mutual
-  information; for regression the epistemic variance);
-- `label_agreement`: the share of rows where Hydra's top label is the ensemble's (regression: where
-  |Hydra mean − ensemble mean| ≤ the ensemble's predictive sd, √ total variance);
-- `mi_ratio`: mean Hydra epistemic score / mean ensemble epistemic score (1 = same scale).
+Fidelity over a rolling window of the last `shadow_window` compared rows: `mi_spearman`,
+`label_agreement` and `mi_ratio`, defined in service/fidelity.py.
 
 The measures are recomputed at most once every `FIDELITY_EVERY_S` while samples arrive (a window's
 Spearman is two argsorts of `shadow_window` values; Prometheus reads the gauges every 15 s or so),
@@ -35,7 +31,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,96 +41,17 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service.errors import ModelLoadError
+from service.fidelity import FidelityWindow, FloatArray, Sample, pick
 from service.manifest import ModelManifest
 from service.uncertainty import classification_uncertainty, regression_uncertainty
 
 logger = logging.getLogger(__name__)
 
 ENSEMBLE_FILENAME = "ensemble.onnx"
-MEASURES = ("mi_spearman", "label_agreement", "mi_ratio")
-# Fewer compared rows than this: the window's measures are not exported (a rank correlation of a
-# handful of rows is noise, and an alert on it would be too).
-MIN_ROWS = 50
 # The longest the exported measures trail the window while rows are compared (module docstring).
 FIDELITY_EVERY_S = 1.0
 # The longest a sample waits for others to fill an ensemble run of `min_batch` rows.
 GATHER_S = 1.0
-
-FloatArray = NDArray[np.float64]
-
-
-def spearman(a: NDArray[np.floating], b: NDArray[np.floating]) -> float:
-    """Spearman's rank correlation with average ranks for ties (NaN when either side is constant)."""
-    ra, rb = _average_ranks(np.asarray(a, np.float64)), _average_ranks(np.asarray(b, np.float64))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0.0 else float("nan")
-
-
-def _average_ranks(x: FloatArray) -> FloatArray:
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # ties: every run of equal values gets the mean of its positions
-    starts = np.flatnonzero(np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]]))
-    ends = np.concatenate([starts[1:], [x.size]])
-    mean_rank = (starts + ends - 1) / 2.0
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
-
-
-@dataclass(frozen=True)
-class Sample:
-    """Rows picked from one executed batch and Hydra's served summaries for them."""
-
-    rows: NDArray[np.float32]
-    epistemic: FloatArray  # Hydra's MI (classification) or epistemic variance (regression)
-    label: NDArray[np.int64] | None  # classification: Hydra's top label
-    mean: FloatArray | None  # regression: Hydra's mean
-
-    @staticmethod
-    def joined(samples: list[Sample]) -> Sample:
-        """One sample of every row of `samples`, in order (one ensemble run for all of them)."""
-        if len(samples) == 1:
-            return samples[0]
-        first = samples[0]
-        return Sample(
-            rows=np.concatenate([s.rows for s in samples]),
-            epistemic=np.concatenate([s.epistemic for s in samples]),
-            label=None
-            if first.label is None
-            else np.concatenate([s.label for s in samples if s.label is not None]),
-            mean=None
-            if first.mean is None
-            else np.concatenate([s.mean for s in samples if s.mean is not None]),
-        )
-
-
-def pick(
-    rng: np.random.Generator,
-    fraction: float,
-    inputs: NDArray[np.float32],
-    summary: Mapping[str, NDArray[np.generic]],
-    task: str,
-) -> Sample | None:
-    """Each row of the batch with probability `fraction`; None when none is picked."""
-    n = int(inputs.shape[0])
-    chosen = np.arange(n) if fraction >= 1.0 else np.flatnonzero(rng.random(n) < fraction)
-    if chosen.size == 0:
-        return None
-    if task == "classification":
-        return Sample(
-            rows=np.ascontiguousarray(inputs[chosen]),
-            epistemic=np.asarray(summary["mutual_information"], np.float64)[chosen],
-            label=np.asarray(summary["label"], np.int64)[chosen],
-            mean=None,
-        )
-    return Sample(
-        rows=np.ascontiguousarray(inputs[chosen]),
-        epistemic=np.asarray(summary["epistemic_variance"], np.float64)[chosen],
-        label=None,
-        mean=np.asarray(summary["mean"], np.float64)[chosen],
-    )
 
 
 class EnsembleRunner:
@@ -251,9 +167,7 @@ class ShadowTeacher:
         self._stopping = threading.Event()  # wakes a resting worker at stop()
         self._busy_s = 0.0
         self._lock = threading.Lock()
-        self._hydra: deque[float] = deque(maxlen=window)
-        self._teacher: deque[float] = deque(maxlen=window)
-        self._agree: deque[bool] = deque(maxlen=window)
+        self._window = FidelityWindow(window)
         self._rows = 0
         self._dropped = 0
         self._fidelity: dict[str, float] | None = None
@@ -368,9 +282,7 @@ class ShadowTeacher:
             agree = np.abs(sample.mean - teacher_point) <= teacher_sd
         n = int(sample.rows.shape[0])
         with self._lock:
-            self._hydra.extend(sample.epistemic.tolist())
-            self._teacher.extend(teacher_epistemic.tolist())
-            self._agree.extend(agree.tolist())
+            self._window.add(sample.epistemic, teacher_epistemic, agree)
             self._rows += n
             self._stale = True
         self._on_rows(n)
@@ -384,20 +296,11 @@ class ShadowTeacher:
             if not self._stale or (not force and now - self._computed_at < FIDELITY_EVERY_S):
                 return
             self._stale, self._computed_at = False, now
-            if len(self._hydra) < min(MIN_ROWS, self.window):
+            measures = self._window.measures()
+            if measures is None:
                 return
-            measures = self._fidelity = self._measures()
+            self._fidelity = measures
         self._on_fidelity(measures)
-
-    def _measures(self) -> dict[str, float]:
-        hydra = np.fromiter(self._hydra, np.float64, len(self._hydra))
-        teacher = np.fromiter(self._teacher, np.float64, len(self._teacher))
-        teacher_mean = float(teacher.mean())
-        return {
-            "mi_spearman": spearman(hydra, teacher),
-            "label_agreement": float(np.mean(np.fromiter(self._agree, bool, len(self._agree)))),
-            "mi_ratio": float(hydra.mean() / teacher_mean) if teacher_mean > 0.0 else float("nan"),
-        }
 
     def state(self) -> ShadowState:
         self._refresh(force=True)
@@ -410,7 +313,7 @@ class ShadowTeacher:
                 window=self.window,
                 rows=self._rows,
                 dropped=self._dropped,
-                window_rows=len(self._hydra),
+                window_rows=len(self._window),
                 fidelity=dict(self._fidelity) if self._fidelity is not None else None,
                 busy_s=self._busy_s,
                 max_busy=self.max_busy,

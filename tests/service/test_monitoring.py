@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import pytest
 
-from service.shadow import MIN_ROWS, Sample, ShadowTeacher, spearman
+from service.fidelity import MIN_ROWS, Sample, spearman
+from service.shadow import ShadowTeacher
 from tests.service.support import InProcessClient, calibration_inputs, in_process, make_classifier
 
 KEY = "monitoring-test-key"
@@ -271,7 +272,7 @@ def test_the_worker_keeps_to_its_busy_share_and_drops_what_it_cannot_afford(shad
 def test_sampling_takes_about_the_fraction() -> None:
     teacher = ShadowTeacher(None, task="classification", fraction=0.3, window=10, queue_size=1)
     assert not teacher.enabled  # no ensemble: nothing is sampled, whatever the setting
-    from service.shadow import pick
+    from service.fidelity import pick
 
     rng = np.random.default_rng(0)
     rows = np.zeros((10_000, 2), np.float32)
