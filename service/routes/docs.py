@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -40,11 +41,17 @@ def install_docs(app: FastAPI) -> None:
         # behind a proxy that strips a prefix, links must carry it (FastAPI's own pages do the same)
         return f"{request.scope.get('root_path', '')}{ASSETS_URL}/{name}"
 
+    def common(request: Request, page: str) -> dict[str, Any]:
+        # what both pages take alike: the schema's URL under the proxy's prefix, and the title
+        return {
+            "openapi_url": f"{request.scope.get('root_path', '')}{openapi_url}",
+            "title": f"{app.title} - {page}",
+        }
+
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=f"{request.scope.get('root_path', '')}{openapi_url}",
-            title=f"{app.title} - Swagger UI",
+            **common(request, "Swagger UI"),
             swagger_js_url=asset(request, SWAGGER_JS),
             swagger_css_url=asset(request, SWAGGER_CSS),
             swagger_favicon_url=asset(request, FAVICON),
@@ -54,8 +61,7 @@ def install_docs(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
-            openapi_url=f"{request.scope.get('root_path', '')}{openapi_url}",
-            title=f"{app.title} - ReDoc",
+            **common(request, "ReDoc"),
             redoc_js_url=asset(request, REDOC_JS),
             redoc_favicon_url=asset(request, FAVICON),
             with_google_fonts=False,  # fonts.googleapis.com is as unreachable as the CDN
