@@ -38,7 +38,7 @@ from service.manifest import ModelManifest
 from service.metrics import PREFIX, ServiceMetrics
 from service.metrics.multiprocess import remove_series
 from service.settings import Settings
-from service.shadow import ENSEMBLE_FILENAME, EnsembleRunner, ShadowTeacher
+from service.shadow import ENSEMBLE_FILENAME, EnsembleRunner, ShadowBudget, ShadowTeacher
 
 logger = logging.getLogger(__name__)
 ALARM_LOG_INTERVAL_S = 60.0
@@ -157,14 +157,17 @@ class ModelMonitor:
         runner, reason = _shadow_runner(directory, manifest, settings.shadow_fraction)
         self.has_ensemble = (directory / ENSEMBLE_FILENAME).is_file()
         labels = (self.name, self.version)
+        budget = ShadowBudget(
+            settings.shadow_fraction,
+            settings.shadow_window,
+            settings.shadow_queue_size,
+            settings.shadow_min_batch,
+            settings.shadow_max_busy,
+        )
         self.shadow = ShadowTeacher(
             runner,
+            budget,
             task=manifest.task,
-            fraction=settings.shadow_fraction,
-            window=settings.shadow_window,
-            queue_size=settings.shadow_queue_size,
-            min_batch=settings.shadow_min_batch,
-            max_busy=settings.shadow_max_busy,
             reason=reason,
             on_rows=self._metrics.shadow_rows.labels(*labels).inc,
             on_dropped=self._metrics.shadow_dropped.labels(*labels).inc,

@@ -124,6 +124,23 @@ class ShadowState:
         }
 
 
+@dataclass(frozen=True)
+class ShadowBudget:
+    """What the shadow may take (settings `shadow_*`): the fraction of served rows it samples, the
+    rolling window's length in rows, the queue's size in samples, the least rows per ensemble run
+    and its share of one core."""
+
+    fraction: float
+    window: int
+    queue_size: int
+    min_batch: int = 64
+    max_busy: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_busy <= 1.0:
+            raise ValueError(f"max_busy must be in (0, 1], got {self.max_busy}")
+
+
 class ShadowTeacher:
     """The bounded queue, the worker thread and the rolling window of one model version.
 
@@ -136,13 +153,9 @@ class ShadowTeacher:
     def __init__(
         self,
         runner: EnsembleRunner | None,
+        budget: ShadowBudget,
         *,
         task: str,
-        fraction: float,
-        window: int,
-        queue_size: int,
-        min_batch: int = 64,
-        max_busy: float = 0.05,
         reason: str | None = None,
         seed: int | None = None,
         on_rows: Callable[[int], None] = lambda n: None,
@@ -150,24 +163,22 @@ class ShadowTeacher:
         on_busy: Callable[[float], None] = lambda s: None,
         on_fidelity: Callable[[dict[str, float]], None] = lambda m: None,
     ) -> None:
-        if not 0.0 < max_busy <= 1.0:
-            raise ValueError(f"max_busy must be in (0, 1], got {max_busy}")
         self._runner = runner
-        self.min_batch = max(1, min_batch)
-        self.max_busy = max_busy
+        self.min_batch = max(1, budget.min_batch)
+        self.max_busy = budget.max_busy
         self.task = task
-        self.fraction = fraction if runner is not None else 0.0
-        self.requested_fraction = fraction
-        self.window = window
+        self.fraction = budget.fraction if runner is not None else 0.0
+        self.requested_fraction = budget.fraction
+        self.window = budget.window
         self.reason = reason
         self._rng = np.random.default_rng(seed)
-        self._queue: queue.Queue[Sample | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Sample | None] = queue.Queue(maxsize=budget.queue_size)
         self._on_rows, self._on_dropped, self._on_fidelity = on_rows, on_dropped, on_fidelity
         self._on_busy = on_busy
         self._stopping = threading.Event()  # wakes a resting worker at stop()
         self._busy_s = 0.0
         self._lock = threading.Lock()
-        self._window = FidelityWindow(window)
+        self._window = FidelityWindow(budget.window)
         self._rows = 0
         self._dropped = 0
         self._fidelity: dict[str, float] | None = None

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from service.fidelity import MIN_ROWS, Sample, spearman
-from service.shadow import ShadowTeacher
+from service.shadow import ShadowBudget, ShadowTeacher
 from tests.service.support import InProcessClient, calibration_inputs, in_process, make_classifier
 
 KEY = "monitoring-test-key"
@@ -157,7 +157,7 @@ def test_full_shadow_queue_drops_and_counts_without_blocking(shadow_repo: Path) 
     runner = EnsembleRunner(package / "ensemble.onnx", ModelManifest.load(package / "manifest.json"))
     dropped: list[int] = []
     teacher = ShadowTeacher(
-        runner, task="classification", fraction=1.0, window=100, queue_size=2, on_dropped=dropped.append
+        runner, ShadowBudget(1.0, window=100, queue_size=2), task="classification", on_dropped=dropped.append
     )
     rows = calibration_inputs("classification", 10, seed=1)
     summary = {"mutual_information": np.zeros(10), "label": np.zeros(10, np.int64)}
@@ -186,7 +186,10 @@ def test_measures_are_rate_limited_and_caught_up_once_the_queue_is_idle(shadow_r
     runner = EnsembleRunner(package / "ensemble.onnx", ModelManifest.load(package / "manifest.json"))
     exported: list[dict[str, float]] = []
     teacher = ShadowTeacher(
-        runner, task="classification", fraction=1.0, window=2000, queue_size=32, on_fidelity=exported.append
+        runner,
+        ShadowBudget(1.0, window=2000, queue_size=32),
+        task="classification",
+        on_fidelity=exported.append,
     )
     rng = np.random.default_rng(3)
     for i in range(20):
@@ -233,7 +236,9 @@ def test_queued_samples_are_gathered_into_runs_of_min_batch_rows(shadow_repo: Pa
     every row compared once, in the order offered."""
     runner = _CountingRunner(shadow_repo)
     teacher = ShadowTeacher(
-        runner, task="classification", fraction=1.0, window=1000, queue_size=16, min_batch=32, max_busy=1.0
+        runner,
+        ShadowBudget(1.0, window=1000, queue_size=16, min_batch=32, max_busy=1.0),
+        task="classification",
     )
     for i in range(10):
         _offer(teacher, 8, seed=200 + i)
@@ -250,8 +255,8 @@ def test_the_worker_keeps_to_its_busy_share_and_drops_what_it_cannot_afford(shad
     runner = _CountingRunner(shadow_repo)
     busy: list[float] = []
     teacher = ShadowTeacher(
-        runner, task="classification", fraction=1.0, window=1000, queue_size=4, min_batch=256,
-        max_busy=0.1, on_busy=busy.append,
+        runner, ShadowBudget(1.0, window=1000, queue_size=4, min_batch=256, max_busy=0.1),
+        task="classification", on_busy=busy.append,
     )  # fmt: skip
     teacher.start("clf")
     t0 = time.monotonic()
@@ -270,7 +275,7 @@ def test_the_worker_keeps_to_its_busy_share_and_drops_what_it_cannot_afford(shad
 
 
 def test_sampling_takes_about_the_fraction() -> None:
-    teacher = ShadowTeacher(None, task="classification", fraction=0.3, window=10, queue_size=1)
+    teacher = ShadowTeacher(None, ShadowBudget(0.3, window=10, queue_size=1), task="classification")
     assert not teacher.enabled  # no ensemble: nothing is sampled, whatever the setting
     from service.fidelity import pick
 
@@ -312,3 +317,10 @@ def test_monitoring_settings_read_the_environment_and_refuse_bad_values(
     ):
         with pytest.raises(ValidationError):
             Settings(**bad)
+
+
+def test_shadow_budget_refuses_a_share_of_the_core_outside_0_1() -> None:
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="max_busy"):
+            ShadowBudget(0.1, window=10, queue_size=1, max_busy=bad)
+    assert ShadowBudget(0.1, window=10, queue_size=1, max_busy=1.0).max_busy == 1.0
