@@ -1,11 +1,10 @@
 """A request waiting in (or running through) `service.batcher.DynamicBatcher`'s queue, the view of
-its part of a batch's answers, the records the batcher gives out (a batch's report, its stats), and
-the model's drain rate the edge predicts waits from."""
+its part of a batch's answers, and the records the batcher gives out (a batch's report, its
+stats). The model's cost (drain rate, fixed cost per run) is in service/batch_cost.py."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -108,25 +107,3 @@ class QueuedRequest:
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(error)
-
-
-class DrainRate:
-    """Rows per second the model clears while running (an EWMA over batches): its compute speed,
-    steady while the event loop is slow. The edge predicts waits and Retry-After from it."""
-
-    def __init__(self) -> None:
-        self.rows_per_s = 0.0
-
-    def observe(self, rows: int, compute_s: float) -> None:
-        rate = rows / max(compute_s, 1e-6)
-        self.rows_per_s = rate if self.rows_per_s <= 0.0 else 0.8 * self.rows_per_s + 0.2 * rate
-
-    def seconds_for(self, rows: float) -> float:
-        """How long `rows` more rows take at the recent rate; inf before any batch ran."""
-        return rows / self.rows_per_s if self.rows_per_s > 0.0 else math.inf
-
-    def retry_after_s(self, queued_rows: int) -> int:
-        """Whole seconds until `queued_rows` have run at the recent rate (1 … 60)."""
-        if self.rows_per_s <= 0.0:
-            return 1
-        return int(min(60, max(1, math.ceil(queued_rows / self.rows_per_s))))

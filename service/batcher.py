@@ -6,10 +6,11 @@ future; one loop task forms batches and runs them in a worker thread. Invariants
 - a batch runs when it holds `max_batch_size` rows, or when the oldest queued request has waited
   `max_delay_s` (deadline = its arrival time + max delay), or at once while stopping;
 - with `run_when_idle` (the service's default) a request that arrives while no batch is running
-  runs at once, with whatever else is queued: a lone request never waits for company on an idle
-  model. The delay applies only to requests that arrived while a batch was running — traffic
-  dense enough that waiting fills the next batch. `run_when_idle=False` is Triton's rule: every
-  partial batch waits out the delay;
+  waits only for clients just answered that have not come back yet, at most one run's fixed cost
+  (service/batch_cost.py), and runs with whatever else is queued: a lone request never waits for
+  company on an idle model. The full delay applies only to requests that arrived while a batch
+  was running — traffic dense enough that waiting fills the next batch. `run_when_idle=False` is
+  Triton's rule: every partial batch waits out the delay;
 - while a batch runs, a full next batch is staged behind it in the model thread (at most one), so
   the model goes from batch to batch without waiting for the event loop; a partial batch waits
   for the model to be free (it fills meanwhile). Answers come back in batch order;
@@ -39,8 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.typing import NDArray
 
+from service.batch_cost import DrainRate, ReturningCompany
 from service.batch_reports import GroupedBatchReporter
-from service.batch_request import BatcherStats, BatchReport, DrainRate, Outputs, QueuedRequest, RowSlice
+from service.batch_request import BatcherStats, BatchReport, Outputs, QueuedRequest, RowSlice
 from service.errors import DeadlineExceeded, ModelRunError, ModelUnavailable, QueueFull, ServiceError
 from service.metrics import ServiceMetrics
 
@@ -88,6 +90,7 @@ class DynamicBatcher:
         self._executions: set[asyncio.Future[None]] = set()  # batches started, not yet delivered
         self._in_model = 0  # of those, the ones the model thread has not returned yet (at most 2)
         self._drain = DrainRate()
+        self._company = ReturningCompany(cap=max_batch_size)
         self._batches = 0
         self._rows_run = 0
         self._max_batch_rows = 0
@@ -140,19 +143,12 @@ class DynamicBatcher:
         return self._drain.retry_after_s(self._queued_rows)
 
     def queue_full(self) -> QueueFull:
-        return QueueFull(
-            f"queue of model {self.name!r} is full ({self._max_queue} requests waiting); retry later",
-            retry_after_s=self.retry_after_s(),
-        )
+        message = f"queue of model {self.name!r} is full ({self._max_queue} requests waiting); retry later"
+        return QueueFull(message, retry_after_s=self.retry_after_s())
 
     def stats(self) -> BatcherStats:
-        return BatcherStats(
-            batches=self._batches,
-            rows=self._rows_run,
-            max_batch_rows=self._max_batch_rows,
-            queued_requests=self._queued_requests,
-            queued_rows=self._queued_rows,
-        )
+        counts = (self._batches, self._rows_run, self._max_batch_rows)
+        return BatcherStats(*counts, self._queued_requests, self._queued_rows)
 
     # ---- submission ------------------------------------------------------------------------------
     def submit(self, rows: NDArray[np.float32], timeout_s: float | None = None) -> asyncio.Future[Outputs]:
@@ -173,6 +169,7 @@ class DynamicBatcher:
             request.timer = loop.call_later(timeout_s, self._expire, request, timeout_s)
         future.add_done_callback(functools.partial(self._settled, request))
         self._queue.append(request)
+        self._company.arrived()
         self._queued_requests += 1
         self._queued_rows += request.n
         self._in_flight += 1
@@ -249,14 +246,16 @@ class DynamicBatcher:
                         await self._sleep_until_woken()
                     continue
                 head = self._queue[0]
-                if self._run_when_idle and not head.arrived_busy:
-                    # it found the model idle: waiting could only add latency. One pass of the event
-                    # loop first lets requests whose bytes are already read join the batch.
+                found_idle = self._run_when_idle and not head.arrived_busy
+                if found_idle:
+                    # on an idle model wait only while a client just answered is out, for at most a
+                    # run's fixed cost; one pass of the loop lets requests already read join first
                     await asyncio.sleep(0)
-                    flush_at = loop.time()
-                else:
-                    flush_at = head.enqueued_at + self._max_delay
+                delay = min(self._max_delay, self._company.wait_s()) if found_idle else self._max_delay
+                flush_at = head.enqueued_at + delay
                 while self._queued_rows < self._max_batch and not self._stopping:
+                    if found_idle and not self._company.outstanding:
+                        break  # everyone answered is back: nobody else to wait for
                     remaining = flush_at - loop.time()
                     if remaining <= 0:
                         break
@@ -390,6 +389,7 @@ class DynamicBatcher:
                 request.fail(ModelUnavailable(f"model {self.name!r} stopped while this request ran"))
             raise
         self._drain.observe(n, compute_s)
+        self._company.answered(sum(b == req.n for req, _, b in batch), n, compute_s)
         self._batches += 1
         self._rows_run += n
         self._max_batch_rows = max(self._max_batch_rows, n)

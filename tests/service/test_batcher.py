@@ -215,11 +215,59 @@ async def test_run_when_idle_delays_only_requests_that_arrive_during_a_run() -> 
     assert model.batches == [1, 8, 8, 3]
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out["rows"], rows(i, 1))
-    # the model is idle again: a lone request runs at once, not after the 2 s delay
+    # the model is idle again: a lone request waits at most one run's fixed cost (0.2 s here) for
+    # the clients just answered to come back, not the 2 s delay
     t0 = time.perf_counter()
     await batcher.submit(rows(20, 1))
     assert time.perf_counter() - t0 < 1.5
     await batcher.stop()
+
+
+async def test_run_when_idle_waits_for_answered_clients_coming_back() -> None:
+    """Eight closed-loop clients: each sends its next row 0-7 ms after its answer arrives. The first
+    one back finds the model idle; running it alone would split every round. It waits (at most a
+    run's fixed cost) for the other seven it knows are out, so each round runs as one batch."""
+    model = RecordingModel(delay_s=0.03)
+    batcher = DynamicBatcher(
+        "m", model, max_batch_size=8, max_delay_s=0.1, max_queue_size=100, run_when_idle=True
+    )
+    await batcher.start()
+
+    async def client(i: int, rounds: int) -> None:
+        for r in range(rounds):
+            await asyncio.sleep(0.001 * i)  # the way back (network, the client's own work) differs
+            out = await batcher.submit(rows(100 * i + r, 1))
+            np.testing.assert_array_equal(out["rows"], rows(100 * i + r, 1))
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(client(i, 6) for i in range(8)))
+    await batcher.stop()
+    # [1, 8, 8, 8, 8, 8, 7] here: the first client runs alone (nobody was answered yet), then every
+    # round is one batch; running the first one back at once took 12 runs, [1, 8, 1, 8, 1, 7, 2, ...]
+    assert sum(model.batches) == 48 and len(model.batches) <= 8, model.batches
+
+
+async def test_run_when_idle_a_lone_client_never_waits_for_company() -> None:
+    """One closed-loop client is the only one out after each answer: when it comes back nobody else
+    is expected, so it runs at once although a run's fixed cost (0.3 s here) would allow a wait."""
+    model = RecordingModel(delay_s=0.3)
+    reports: list[BatchReport] = []
+    batcher = DynamicBatcher(
+        "m",
+        model,
+        max_batch_size=8,
+        max_delay_s=5.0,
+        max_queue_size=10,
+        run_when_idle=True,
+        on_batches=reports.extend,
+    )
+    await batcher.start()
+    for i in range(4):
+        await asyncio.wait_for(batcher.submit(rows(i, 1)), 10)
+    await batcher.stop()
+    assert model.batches == [1, 1, 1, 1]
+    waits = np.concatenate([r.queue_wait_seconds for r in reports])
+    assert waits.max() < 0.15, waits  # waiting for company would show as ~0.3 s
 
 
 async def test_retry_after_follows_the_drain_rate() -> None:
