@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     run_when_idle: bool = Field(
         default=True,
         description=(
-            "A request that finds the model idle runs at once (no wait for company); only "
+            "A request that finds the model idle waits only for clients just answered that have "
+            "not come back, at most one run's fixed cost (a lone client runs at once); only "
             "requests arriving while a batch runs wait up to max_queue_delay_ms for the next "
             "batch to fill. false: every partial batch waits out the delay (Triton's rule)."
         ),
