@@ -39,7 +39,8 @@ class ReturningCompany:
     that does not grow with rows — for each of the others, while waiting for them costs the time they
     take to come back. The rule is the ski-rental one: wait at most one run's fixed cost, and only
     while some answered client is still out (a lone client never waits: it was the only one out).
-    The fixed cost is the intercept of run time against rows, fitted over recent batches.
+    The fixed cost is the intercept of run time against rows, fitted over recent batches. Only
+    clients answered since the last idle-model wait count (`stop_waiting`).
     """
 
     DECAY = 0.95  # per batch: the fit follows the model's recent runs (load, threads, warm caches)
@@ -64,6 +65,13 @@ class ReturningCompany:
     def arrived(self) -> None:
         """A request came in: one answered client fewer is out (or a new one, which counts the same)."""
         self.outstanding = max(0, self.outstanding - 1)
+
+    def stop_waiting(self) -> None:
+        """An idle-model wait is over: a client not back by now is not coming soon (an open-loop
+        caller, one that left), so only the next batch's answers count. Without this, one batch of
+        two under sparse open-loop traffic would leave one client "out" for good, and every later
+        lone request would wait a run's fixed cost for it."""
+        self.outstanding = 0
 
     def fixed_cost_s(self) -> float:
         """Seconds one run costs regardless of its rows: the fitted intercept, within [0, the fastest

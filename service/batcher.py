@@ -254,14 +254,14 @@ class DynamicBatcher:
                 delay = min(self._max_delay, self._company.wait_s()) if found_idle else self._max_delay
                 flush_at = head.enqueued_at + delay
                 while self._queued_rows < self._max_batch and not self._stopping:
-                    if found_idle and not self._company.outstanding:
-                        break  # everyone answered is back: nobody else to wait for
                     remaining = flush_at - loop.time()
-                    if remaining <= 0:
-                        break
+                    if remaining <= 0 or (found_idle and not self._company.outstanding):
+                        break  # waited out, or (idle model) everyone answered is back
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), remaining)
+                if found_idle:
+                    self._company.stop_waiting()
                 self._start(self._take_batch())
             while self._executions:  # stopping: the last batches finish before the loop returns
                 await asyncio.wait(set(self._executions))

@@ -49,6 +49,15 @@ def test_only_answered_clients_still_out_are_waited_for() -> None:
     assert company.outstanding == 0
 
 
+def test_stop_waiting_forgets_the_clients_still_out() -> None:
+    company = ReturningCompany(cap=8)
+    company.answered(2, 2, 0.01)
+    company.arrived()
+    assert company.wait_s() == pytest.approx(0.01)  # one of the two may still come
+    company.stop_waiting()  # it did not, within the wait
+    assert company.outstanding == 0 and company.wait_s() == 0.0
+
+
 @given(
     st.lists(st.tuples(st.integers(1, 256), st.floats(1e-5, 1.0, allow_nan=False)), min_size=1, max_size=80)
 )

@@ -270,6 +270,26 @@ async def test_run_when_idle_a_lone_client_never_waits_for_company() -> None:
     assert waits.max() < 0.15, waits  # waiting for company would show as ~0.3 s
 
 
+async def test_run_when_idle_stops_waiting_for_clients_that_do_not_come_back() -> None:
+    """Open-loop callers are not coming back: after one batch of two, the next lone request may wait
+    (a run's fixed cost, 0.3 s here) for the second caller, but once that wait ran out nobody is
+    counted out any more, so the lone requests after it run at once."""
+    model = RecordingModel(delay_s=0.3)
+    reports: list[BatchReport] = []
+    batcher = DynamicBatcher(
+        "m", model, max_batch_size=8, max_delay_s=5.0, max_queue_size=10, run_when_idle=True,
+        on_batches=reports.extend,
+    )  # fmt: skip
+    await batcher.start()
+    await asyncio.wait_for(asyncio.gather(batcher.submit(rows(0, 1)), batcher.submit(rows(1, 1))), 10)
+    for i in range(2, 6):
+        await asyncio.wait_for(batcher.submit(rows(i, 1)), 10)
+    await batcher.stop()
+    assert model.batches == [2, 1, 1, 1, 1]
+    waits = np.concatenate([r.queue_wait_seconds for r in reports])
+    assert (waits[3:] < 0.15).all(), waits  # waiting each time would show ~0.3 s on every one
+
+
 async def test_retry_after_follows_the_drain_rate() -> None:
     model = RecordingModel(delay_s=0.1)  # 64 rows per 0.1 s run: at most 640 rows/s
     batcher, _ = make(model, max_batch_size=64, max_delay_s=5.0, max_queue_size=10)
