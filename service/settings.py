@@ -37,8 +37,8 @@ class Settings(BaseSettings):
         description=(
             "Server processes sharing the HTTP and gRPC ports (SO_REUSEPORT), each with its own "
             "batchers and ONNX Runtime sessions; 0 = one per CPU core this process may use. With "
-            "intra_op_threads 0 each worker's sessions get cores / workers threads. Default 1: on a "
-            "2-core machine shared with its load generator 2 workers gave 1.06-1.49x at twice the "
+            "intra_op_threads 0 each worker's sessions get cores / workers threads. Default 1: 2 "
+            "workers gave 1.57-1.86x on 2 free cores and 1.06-1.49x on 2 busy ones, at twice the "
             "memory (docs/SERVING.md, Worker processes)."
         ),
     )
