@@ -91,11 +91,12 @@ def status_code_for(error: ServiceError) -> grpc.StatusCode:
 
 Handler = Callable[[Any, Any], Awaitable[Message]]
 
-# After the last call in flight has been answered, the connections stay open this long before the
-# server closes them. Closed at once, a client still reading its last answers (and sending the
-# flow-control updates it owes) meets a TCP reset and loses answers already sent: the HTTP/2
-# shutdown race of grpc/grpc-go#1738, seen here as UNAVAILABLE "Connection reset by peer" on 1 of 30
-# drained calls, on a loaded CI box.
+# The connections stay open until this long after the last answer before the server closes them.
+# Closed at once, a client still reading its last answers (and sending the flow-control updates it
+# owes) meets a TCP reset and loses answers already sent: the HTTP/2 shutdown race of
+# grpc/grpc-go#1738, seen here as UNAVAILABLE "Connection reset by peer" on 1 of 30 drained calls,
+# on a loaded CI box. A server whose last answer is older than this (or that answered none) closes
+# at once: every SIGTERM used to wait the full 0.5 s.
 DRAIN_LINGER_S = 0.5
 
 
@@ -106,6 +107,7 @@ class CallsInFlight:
     def __init__(self) -> None:
         self.count = 0
         self.draining = False
+        self.last_answered: float | None = None  # time.monotonic() of the last call that left
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -118,8 +120,17 @@ class CallsInFlight:
 
     def leave(self) -> None:
         self.count -= 1
+        self.last_answered = time.monotonic()
         if self.count == 0:
             self._idle.set()
+
+    def linger_s(self, window_s: float) -> float:
+        """How much of `window_s` after the last answer is still to run: a client reads its last
+        answers within that window, so past it (or with no call ever answered) there is nothing to
+        wait for, and a server without recent gRPC calls stops at once."""
+        if self.last_answered is None:
+            return 0.0
+        return max(0.0, window_s - (time.monotonic() - self.last_answered))
 
     async def drain(self, timeout_s: float) -> bool:
         """True when every call in flight was answered within `timeout_s`."""
@@ -364,7 +375,7 @@ class GrpcServer:
         await self._health.begin_shutdown()
         started = time.monotonic()
         if await self._calls.drain(self.settings.shutdown_timeout_s):
-            await asyncio.sleep(DRAIN_LINGER_S)
+            await asyncio.sleep(self._calls.linger_s(DRAIN_LINGER_S))
         else:
             logger.warning(
                 "gRPC: %d call(s) still in flight after %.0f s",

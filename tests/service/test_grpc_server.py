@@ -545,3 +545,17 @@ def test_calls_in_flight_drain_refuses_new_calls_and_waits_for_the_last() -> Non
         assert await waiting and calls.count == 0
 
     asyncio.run(scenario())
+
+
+def test_connections_linger_only_until_the_window_after_the_last_answer_has_passed() -> None:
+    from service.oip_grpc.server import CallsInFlight
+
+    calls = CallsInFlight()
+    assert calls.linger_s(0.5) == 0.0  # nothing answered: nobody to wait for
+    assert calls.enter()
+    calls.leave()
+    assert 0.4 < calls.linger_s(0.5) <= 0.5  # just answered: its client may still be reading
+    calls.last_answered = time.monotonic() - 0.3
+    assert 0.1 < calls.linger_s(0.5) <= 0.2  # only what is left of the window
+    calls.last_answered = time.monotonic() - 2.0
+    assert calls.linger_s(0.5) == 0.0
