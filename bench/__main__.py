@@ -329,6 +329,40 @@ def workers(preset: PresetOption = "reduced") -> None:
     _planned_part("workers", preset, PLANS, run, wrk=True)
 
 
+@app.command("one-client")
+def one_client(
+    rounds: Annotated[int, typer.Option(help="paired rounds, each server alone, order reversed")] = 10,
+    seconds: Annotated[float, typer.Option(help="seconds per cell")] = 5.0,
+) -> None:
+    """Part 3's one-client criterion alone, in more paired rounds than `bench server` affords:
+    digits, one one-row client, batching on vs off vs the delay rule (bench/batching_rule.py)."""
+    import tempfile
+
+    from bench import batching_rule
+    from bench.server import _bodies
+    from bench.workloads import digits
+
+    meta = describe(_command())
+    w = digits()
+    work = Path(tempfile.mkdtemp(prefix="one-client-"))
+    paired = batching_rule.run_paired(
+        w,
+        _bodies(w, (1,), work, lean=False),
+        rounds=rounds,
+        seconds=seconds,
+        max_batch_size=64,
+        max_queue_delay_ms=2.0,  # bench server's default
+        work=work,
+        cells=((1, 1),),
+        log=typer.echo,
+    )
+    paired["machine"] = meta
+    paired["targets"] = batching_rule.targets(paired)
+    for t in paired["targets"]:
+        typer.echo(f"{t['target']}: {t['value']} — {'met' if t['met'] else 'missed'}")
+    _save("one_client", paired)
+
+
 @app.command("grpc")
 def grpc_part(
     seconds: Annotated[float, typer.Option(help="seconds per load cell (after a 1 s warm-up)")] = 5.0,
