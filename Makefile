@@ -86,10 +86,18 @@ $(KSERVE_VENV)/.installed:
 
 kserve-venv: $(KSERVE_VENV)/.installed
 
+# Bytecode cached for the test run even where the environment sets PYTHONDONTWRITEBYTECODE (ours does):
+# else every process compiles our modules again (three collecting workers, ~100 server starts,
+# training runs) and pytest rewrites the test modules' asserts again in each worker. The cache lives in
+# one ignored folder, not beside the sources.
+TEST_ENV := env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(CURDIR)/.pycache
+
+# Three workers on two cores: a quarter of the suite's test time is tests waiting (timers, drains,
+# scrapes), which a third worker fills; serial tests still run alone (tests/conftest.py).
 test: install system-deps image-deps kserve-venv
 	$(PY) -m ruff check service training tests bench
 	$(PY) -m mypy
-	$(PY) -m pytest -q -m "not slow" -n 2
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" -n 3
 
 test-long: install
 	$(PY) -m pytest -q -m slow

@@ -20,9 +20,9 @@ from bench.gpu_run import (
 from bench.report import GPU_NOT_RUN, gpu_section
 
 REPO = Path(__file__).resolve().parents[2]
-BUDGET_S = 15
-# the run must fit its budget: no other test may take CPU meanwhile (tests/conftest.py)
-pytestmark = pytest.mark.serial
+# The run fits its cells to what is left of the budget, so it must finish within it even while other
+# tests take the CPU: not `serial` (measured with two busy loops beside it: 9.1 s of a 10 s budget).
+BUDGET_S = 12
 NO_CUDA = "CUDAExecutionProvider" not in ort.get_available_providers()
 
 

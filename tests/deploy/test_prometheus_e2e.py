@@ -1,4 +1,4 @@
-"""The monitoring path end to end: a real server, Debian's Prometheus scraping it every second with our
+"""The monitoring path end to end: a real server, Debian's Prometheus scraping it every 500 ms with our
 alert rules loaded, in-distribution then OOD traffic, then every PromQL expression of the dashboard and
 of alerts.yml evaluated through Prometheus' HTTP API, the drift alarm (HydraInputDrift) and the shadow
 teacher's fidelity (HydraShadowFidelityLow) included.
@@ -55,7 +55,7 @@ ALPHA = {"clf": 0.05, "reg": 0.1, "dens_clf": 0.05}  # the default_alpha of the 
 DASHBOARD = DASHBOARDS / "hydra-serve.json"
 FLAG_RATE_PANEL = "OOD flag rate vs alpha"
 DENSITY_PANEL = "Feature density"
-SCRAPE_INTERVAL_S = 1.0
+SCRAPE_INTERVAL_S = 0.5
 API_KEY = "e2e-test-key"  # repository load/unload exist only with a key
 
 
@@ -97,7 +97,8 @@ def phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phases]:
 
     with running_server(repository, api_key=API_KEY, shadow_fraction="1.0", shadow_max_busy="1.0") as server:
         target = server.url.removeprefix("http://")
-        config = prometheus_config(target, rule_files=[ALERTS], interval=f"{SCRAPE_INTERVAL_S:g}s")
+        interval = f"{round(SCRAPE_INTERVAL_S * 1000)}ms"  # Prometheus takes no "0.5s"
+        config = prometheus_config(target, rule_files=[ALERTS], interval=interval)
         headers = {"X-API-Key": API_KEY}
         with (
             running_prometheus(config) as prometheus,

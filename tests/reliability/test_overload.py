@@ -84,7 +84,7 @@ def _capacity(server: Server, pool: RowPool, seconds: float) -> tuple[float, lis
 
 def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float) -> dict[str, Any]:
     pid = server.process.pid
-    capacity, _ = _capacity(server, pool, 2.0)
+    capacity, _ = _capacity(server, pool, 1.5)
     baseline_rss = rss_bytes(pid)
     rate = factor * capacity
     with RssSampler(pid, interval_s=0.05) as sampler:
@@ -95,7 +95,7 @@ def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float
         )
     overload_end = time.perf_counter()
     recovery = asyncio.run(
-        closed_loop(server.url, PATH, pool.body, concurrency=8, duration_s=3.0, first_index=10**8)
+        closed_loop(server.url, PATH, pool.body, concurrency=8, duration_s=2.5, first_index=10**8)
     )
 
     statuses = Counter(o.status for o in outcomes)
@@ -163,7 +163,7 @@ def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float
 
 
 def test_overload_10x_short(wide_server: Server, pool: RowPool) -> None:
-    run_overload(wide_server, pool, factor=10.0, seconds=4.0)
+    run_overload(wide_server, pool, factor=10.0, seconds=3.0)
 
 
 @pytest.mark.slow
