@@ -17,7 +17,7 @@ import pytest
 from bench.http_load import closed_loop
 from tests.service.support import CLF_FEATURES, in_process, running_server
 
-SECONDS, CONCURRENCY = 1.5, 48
+SECONDS, CONCURRENCY = 0.8, 48
 
 
 def young_collections(url: str) -> float:
