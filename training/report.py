@@ -6,10 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless; set before pyplot is imported
-import matplotlib.pyplot as plt
 import numpy as np
 
 from service.uncertainty import ClassificationUncertainty, RegressionUncertainty
@@ -19,10 +15,21 @@ from training.evaluate import METHODS, Evaluation, ReliabilityBins
 COLORS = {"ensemble": "tab:blue", "kd": "tab:gray", "hydra": "tab:orange"}
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot, headless, imported when a plot is drawn: at the top it cost every process
+    that imports the pipeline (a training CLI start, each test worker's collection) 0.3 s."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)  # pyplot keeps every open figure alive until closed
+    _pyplot().close(fig)  # pyplot keeps every open figure alive until closed
 
 
 def _fmt(v: Any) -> str:
@@ -145,7 +152,7 @@ def self_check_markdown(sc: dict[str, Any]) -> list[str]:
 
 
 def _reliability(ev: Evaluation, data: TaskData, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _pyplot().subplots(figsize=(5, 5))
     for m in METHODS:
         u = ev.summaries[m]["test"]
         assert isinstance(u, ClassificationUncertainty)
@@ -165,7 +172,7 @@ def _reliability(ev: Evaluation, data: TaskData, path: Path) -> None:
 
 def _scatter(ev: Evaluation, data: TaskData, path: Path) -> None:
     score = ev.report["fidelity"]["score"]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _pyplot().subplots(figsize=(5, 5))
     for name in ["test", *data.ood]:
         e = ev.summaries["ensemble"][name].score(score)
         h = ev.summaries["hydra"][name].score(score)
@@ -179,7 +186,7 @@ def _scatter(ev: Evaluation, data: TaskData, path: Path) -> None:
 
 
 def _histograms(ev: Evaluation, data: TaskData, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = _pyplot().subplots(1, 3, figsize=(13, 3.6))
     for ax, m in zip(axes, METHODS, strict=True):
         score = ev.report["methods"][m]["ood_score"]
         values = {name: ev.summaries[m][name].score(score) for name in ["test", *data.ood]}
@@ -199,7 +206,7 @@ def _band(ev: Evaluation, data: TaskData, package_dir: Path, path: Path) -> None
     from training.evaluate import GRAPH_FILES, run_graph, summarise
 
     grid = np.linspace(-7, 7, 400, dtype=np.float32)[:, None]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    fig, axes = _pyplot().subplots(1, 3, figsize=(14, 4), sharey=True)
     for ax, m in zip(axes, METHODS, strict=True):
         u = summarise("regression", run_graph(package_dir / GRAPH_FILES[m], grid, "regression"))
         assert isinstance(u, RegressionUncertainty)
