@@ -16,7 +16,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from skl2onnx import to_onnx
 from sklearn.datasets import make_classification, make_regression
 from sklearn.ensemble import GradientBoostingClassifier
 from torch import Tensor, nn
@@ -121,6 +120,8 @@ def classifiers(tmp_path_factory: pytest.TempPathFactory) -> Ensemble:
     models["softmax.onnx"] = Softmax(_fit_classifier(_mlp(24, CLASSES), x, y, 7))
     for name, model in models.items():
         _export(model, folder / name, outputs=("probs" if name == "softmax.onnx" else "logits",))
+    from skl2onnx import to_onnx  # here, not at the top: 0.3 s in every collecting worker
+
     trees = GradientBoostingClassifier(n_estimators=15, max_depth=2, random_state=0).fit(x, y)
     (folder / "trees.onnx").write_bytes(
         to_onnx(trees, x[:1], options={id(trees): {"zipmap": False}}).SerializeToString()
@@ -381,6 +382,8 @@ def test_broken_file_is_named(classifiers: Ensemble, tmp_path: Path) -> None:
 
 
 def test_zipmap_output_is_named_with_the_fix(classifiers: Ensemble, tmp_path: Path) -> None:
+    from skl2onnx import to_onnx
+
     trees = classifiers.sklearn_model
     zipmap = tmp_path / "zipmap.onnx"
     zipmap.write_bytes(to_onnx(trees, classifiers.x[:1]).SerializeToString())  # ZipMap on by default
