@@ -82,9 +82,12 @@ def _capacity(server: Server, pool: RowPool, seconds: float) -> tuple[float, lis
     return throughput(outcomes), outcomes
 
 
-def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float) -> dict[str, Any]:
+def run_overload(
+    server: Server, pool: RowPool, *, factor: float, seconds: float, capacity_s: float, recovery_s: float
+) -> dict[str, Any]:
+    """Capacity over `capacity_s`, `factor` x that open-loop for `seconds`, recovery over `recovery_s`."""
     pid = server.process.pid
-    capacity, _ = _capacity(server, pool, 1.5)
+    capacity, _ = _capacity(server, pool, capacity_s)
     baseline_rss = rss_bytes(pid)
     rate = factor * capacity
     with RssSampler(pid, interval_s=0.05) as sampler:
@@ -95,7 +98,7 @@ def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float
         )
     overload_end = time.perf_counter()
     recovery = asyncio.run(
-        closed_loop(server.url, PATH, pool.body, concurrency=8, duration_s=2.5, first_index=10**8)
+        closed_loop(server.url, PATH, pool.body, concurrency=8, duration_s=recovery_s, first_index=10**8)
     )
 
     statuses = Counter(o.status for o in outcomes)
@@ -163,13 +166,15 @@ def run_overload(server: Server, pool: RowPool, *, factor: float, seconds: float
 
 
 def test_overload_10x_short(wide_server: Server, pool: RowPool) -> None:
-    run_overload(wide_server, pool, factor=10.0, seconds=3.0)
+    # short phases (the suite's time budget): the ratios checked hold with margin (measured: accepted
+    # 0.80-0.99 and recovered 0.89-0.98 of capacity, against 0.4 and 0.5)
+    run_overload(wide_server, pool, factor=10.0, seconds=3.0, capacity_s=1.0, recovery_s=2.0)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_overload_10x_60s(wide_server: Server, pool: RowPool) -> None:
-    run_overload(wide_server, pool, factor=10.0, seconds=60.0)
+    run_overload(wide_server, pool, factor=10.0, seconds=60.0, capacity_s=2.0, recovery_s=3.0)
 
 
 @pytest.mark.slow
