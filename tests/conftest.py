@@ -90,24 +90,55 @@ def _first_rank(item: pytest.Item) -> int:
     return next((rank for rank, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST))
 
 
+class SerialLock:
+    """The worker's side of the `serial` rule: two locks on files of this run's temporary folder."""
+
+    def __init__(self, run: Path) -> None:
+        self.gate = (run / "serial.gate").open("a")
+        self.lock = (run / "serial.lock").open("a")
+        self.exclusive = False  # held exclusively, by a run of serial tests on this worker
+
+    def enter(self, serial: bool) -> None:
+        if serial and self.exclusive:
+            return  # the serial test before this one kept it
+        fcntl.flock(self.gate, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        fcntl.flock(self.lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        if not serial:
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+        self.exclusive = serial
+
+    def leave(self, keep: bool) -> None:
+        if keep and self.exclusive:
+            return
+        fcntl.flock(self.lock, fcntl.LOCK_UN)
+        fcntl.flock(self.gate, fcntl.LOCK_UN)
+        self.exclusive = False
+
+
+_serial_lock: SerialLock | None = None
+
+
+def _is_serial(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker("serial") is not None
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
     """Under xdist, a test marked `serial` (it measures capacity or a time budget of the whole
     machine) runs while no other test runs: over its setup (module fixtures included), call and
     teardown it holds a lock exclusively that every other test holds shared. A gate held by the
-    waiting serial test keeps new tests from starting meanwhile (else the other worker could keep
-    the shared lock held, test after test, until it ran out of work)."""
+    waiting serial test keeps new tests from starting meanwhile (else the other workers could keep
+    the shared lock held, test after test, until they ran out of work). Serial tests that follow one
+    another on a worker (a file's) keep the lock between them: each taking it anew waited again for
+    the tests the other workers had started in between (up to a training run's 10 s)."""
+    global _serial_lock
     if not hasattr(item.config, "workerinput"):  # one process: every test runs alone anyway
         return (yield)
-    serial = item.get_closest_marker("serial") is not None
-    run = Path(item.config.option.basetemp).parent  # this run's temporary folder, one per run
-    with (run / "serial.gate").open("a") as gate, (run / "serial.lock").open("a") as lock:
-        fcntl.flock(gate, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
-        fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
-        if not serial:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-        try:
-            return (yield)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            fcntl.flock(gate, fcntl.LOCK_UN)
+    if _serial_lock is None:
+        _serial_lock = SerialLock(Path(item.config.option.basetemp).parent)  # one folder per run
+    serial = _is_serial(item)
+    _serial_lock.enter(serial)
+    try:
+        return (yield)
+    finally:
+        _serial_lock.leave(keep=serial and _is_serial(nextitem))
