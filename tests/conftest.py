@@ -49,7 +49,7 @@ def repo(tmp_path: Path, model_repository: Path) -> Path:
     return tmp_path / "models"
 
 
-# ---- Running in parallel (pytest-xdist, `make test`: -n 3) ------------------------------------------
+# ---- Running in parallel (pytest-xdist, `make test`: -n 4) ------------------------------------------
 # Each test file runs whole on one worker, so its module-scoped servers start once. Files that share
 # an expensive session fixture run on the same worker, so it is built once.
 SHARED_WORKER = {
