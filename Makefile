@@ -86,11 +86,13 @@ $(KSERVE_VENV)/.installed:
 
 kserve-venv: $(KSERVE_VENV)/.installed
 
-# Bytecode cached for the test run even where the environment sets PYTHONDONTWRITEBYTECODE (ours does):
+# Bytecode written for the test run even where the environment sets PYTHONDONTWRITEBYTECODE (ours does):
 # else every process compiles our modules again (four collecting workers, ~50 server starts,
-# training runs) and pytest rewrites the test modules' asserts again in each worker. The cache lives in
-# one ignored folder, not beside the sources.
-TEST_ENV := env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(CURDIR)/.pycache
+# training runs) and pytest rewrites the test modules' asserts again in each worker. Into __pycache__
+# beside the sources (ignored by git and .dockerignore), not a PYTHONPYCACHEPREFIX: with a prefix
+# Python also ignores the site-packages' own .pyc files and compiles torch, numpy and the rest anew
+# (measured: a fresh clone's first run 137 s against 113 s for the second).
+TEST_ENV := env -u PYTHONDONTWRITEBYTECODE
 
 # Four workers on two cores: a quarter of the suite's test time is tests waiting (timers, drains,
 # scrapes), which the extra workers fill (the same tree here, 2026-12-04: -n 3 116-121 s, -n 4
