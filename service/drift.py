@@ -89,13 +89,12 @@ class ScoreGrid:
         self.size = self.BINS + 2  # [≤ LOW], BINS log bins, [≥ HIGH]
 
     def __call__(self, scores: NDArray[np.floating]) -> NDArray[np.int64]:
-        s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=np.inf, posinf=np.inf)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.log(np.maximum(s, self.LOW))
-        idx = np.floor((logs - self._log_low) * self._scale) + 1.0
-        out: NDArray[np.int64] = np.clip(np.nan_to_num(idx, posinf=self.size - 1), 0, self.size - 1).astype(
-            np.int64
-        )
+        # Runs after every batch, on the event loop, so few numpy calls: log's argument is at least
+        # LOW (no warning to silence); fmin sends +inf and NaN (a NaN score counts as the largest)
+        # to the overflow bin; scores at or below LOW, -inf included, go to bin 0.
+        s = np.asarray(scores, dtype=np.float64)
+        idx = np.floor((np.log(np.maximum(s, self.LOW)) - self._log_low) * self._scale) + 1.0
+        out: NDArray[np.int64] = np.fmin(idx, self.size - 1).astype(np.int64)
         out[s <= self.LOW] = 0
         return out
 
@@ -135,10 +134,10 @@ class OnlineConformalPValues:
         # reference scores in bins above q's: all of them less those in bins up to q's
         greater = self.n_reference - np.cumsum(self._counts)[q]
         equal = self._counts[q]
-        # earlier rows of this chunk: j < i
-        earlier = np.tri(b, b, -1, dtype=bool)
-        greater = greater + ((q[None, :] > q[:, None]) & earlier).sum(axis=1)
-        equal = equal + ((q[None, :] == q[:, None]) & earlier).sum(axis=1)
+        if b > 1:  # earlier rows of this chunk: j < i (a one-row batch, the common case, has none)
+            earlier = np.tri(b, b, -1, dtype=bool)
+            greater = greater + ((q[None, :] > q[:, None]) & earlier).sum(axis=1)
+            equal = equal + ((q[None, :] == q[:, None]) & earlier).sum(axis=1)
         n_before = self.n_reference + np.arange(b)
         theta = self._rng.random(b)
         p: FloatArray = (greater + theta * (equal + 1)) / (n_before + 1.0)
