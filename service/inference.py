@@ -73,6 +73,7 @@ _REGRESSION_SCALARS = (
 )
 _DATATYPES = {"label": "INT64", "label_name": "BYTES", "ood_flag": "BOOL", "unseen_values": "INT64"}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT64_LOWEST = float(np.finfo(np.float64).min)
 # scores the graph outputs itself, by the answer name each is served under
 GRAPH_SCORES = {
     DENSITY_SCORE: "density_score",
@@ -141,9 +142,9 @@ def _finite_density(density: NDArray[np.floating]) -> FloatArray:
     A finite row far enough out (|x| ~ 1e20) overflows the graph's float32 squared distance to inf (or
     NaN, inf − inf in the whitening): that row is as far from the data as it gets. Left as is, the
     density and the combined `ood_score` would be non-finite and JSON would answer them as null."""
-    out: FloatArray = np.nan_to_num(
-        np.asarray(density, dtype=np.float64), nan=_FLOAT32_MAX, posinf=_FLOAT32_MAX
-    )
+    # fmin takes the number where one side is NaN; two ufuncs cost a quarter of nan_to_num per batch
+    clipped = np.fmin(np.asarray(density, dtype=np.float64), _FLOAT32_MAX)  # NaN, +inf -> largest
+    out: FloatArray = np.fmax(clipped, _FLOAT64_LOWEST)  # -inf -> lowest float64, as nan_to_num did
     return out
 
 
@@ -175,8 +176,7 @@ def summarise(
             "epkl": u.epkl,
             "ood_score": score,
             "ood_p_value": calibrator.p_values(score),
-            # per-head probabilities, renormalised exactly as the summaries above saw them
-            "heads": np.exp(log_p - np.logaddexp.reduce(log_p, axis=-1, keepdims=True)),
+            "heads": u.head_probs,  # renormalised exactly as the summaries above saw them
         }
     mu = np.asarray(raw["mean"], dtype=np.float64)  # (batch, heads)
     var = np.asarray(raw["variance"], dtype=np.float64)

@@ -33,6 +33,7 @@ class ClassificationUncertainty:
     epkl: FloatArray  # (1/M²) Σ_{m,m'} KL(p_m ‖ p_m') ≥ MI
     disagreement: FloatArray  # fraction of heads whose argmax differs from argmax p̄
     variance: FloatArray  # Var_m[p_m,k] at k = argmax p̄ (population variance over heads)
+    head_probs: FloatArray  # (batch, heads, classes): each head's probabilities, renormalised
 
     def score(self, name: str) -> FloatArray:
         """The score called `name`: mutual_information, epkl, total_entropy, disagreement or variance."""
@@ -100,14 +101,6 @@ def check_level(level: float) -> None:
         raise ValueError(f"interval level must be in (0, 1), got {level}")
 
 
-def _entropy_from_log(log_p: FloatArray, axis: int = -1) -> FloatArray:
-    # p·log p with p = exp(log p); exp(-inf) = 0 makes 0·(-inf) → nan, so mask those terms.
-    p = np.exp(log_p)
-    terms = p * np.where(p > 0.0, log_p, 0.0)
-    out: FloatArray = -terms.sum(axis=axis)
-    return out
-
-
 def log_softmax(logits: NDArray[np.floating], axis: int = -1) -> FloatArray:
     """Numerically stable log-softmax in float64."""
     z = np.asarray(logits, dtype=np.float64)
@@ -126,34 +119,46 @@ def classification_uncertainty(head_log_probs: NDArray[np.floating]) -> Classifi
     if log_p.ndim != 3:
         raise ValueError(f"expected (batch, heads, classes) log-probabilities, got shape {log_p.shape}")
     batch, heads, classes = log_p.shape
-    log_p = log_softmax(log_p, axis=-1)
-    p = np.exp(log_p)  # (batch, heads, classes)
+    # One exp over the (batch, heads, classes) block, reused below: the server runs this on every
+    # batch (in the model thread, holding the GIL), where each further pass cost as much as the graph.
+    z = log_p - log_p.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=-1, keepdims=True)
+    log_p = z - np.log(total)  # log-softmax
+    p = e / total  # (batch, heads, classes), each head's row sums to one
 
-    mean_probs = p.mean(axis=1)  # (batch, classes)
-    # log p̄ via logsumexp over heads: stays finite where p̄ underflows in linear space.
-    m = log_p.max(axis=1, keepdims=True)
-    log_mean = (m + np.log(np.exp(log_p - m).mean(axis=1, keepdims=True)))[:, 0, :]  # (batch, classes)
-
-    total_entropy = _entropy_from_log(log_mean)
-    head_entropy = _entropy_from_log(log_p)  # (batch, heads)
-    expected_entropy = head_entropy.mean(axis=1)
+    # means as sum / count, which is what ndarray.mean computes, without its Python-level wrapper:
+    # per call that wrapper cost more than the arithmetic on a one-row batch
+    mean_probs = p.sum(axis=1) / heads  # (batch, classes)
+    # p·log p with 0·log 0 = 0: where a probability underflowed to 0 its term is 0, not 0·(−inf) = nan
+    with np.errstate(divide="ignore"):
+        log_mean = np.log(mean_probs)
+    total_entropy = -(mean_probs * np.where(mean_probs > 0.0, log_mean, 0.0)).sum(axis=-1)
+    head_entropy = -(p * np.where(p > 0.0, log_p, 0.0)).sum(axis=-1)  # (batch, heads)
+    expected_entropy = head_entropy.sum(axis=1) / heads
     mutual_information = np.maximum(total_entropy - expected_entropy, 0.0)
 
     # EPKL = (1/M²) Σ_{m,m'} Σ_k p_m,k (log p_m,k − log p_m',k)
     #      = E_m[Σ_k p_m,k log p_m,k] − Σ_k p̄_k · E_m'[log p_m',k]  (cross term factorises)
-    neg_head_entropy = -head_entropy.mean(axis=1)
+    neg_head_entropy = -expected_entropy
     with np.errstate(invalid="ignore"):
         # a class with p̄_k = 0 contributes 0 whatever log p is (avoid 0·(−inf) = nan)
-        mean_log = log_p.mean(axis=1)  # (batch, classes)
+        mean_log = log_p.sum(axis=1) / heads  # (batch, classes)
         cross = np.where(mean_probs > 0.0, mean_probs * mean_log, 0.0).sum(axis=1)
     epkl = np.maximum(neg_head_entropy - cross, mutual_information)
     epkl = np.where(np.isfinite(epkl), epkl, np.finfo(np.float64).max)
 
     label = mean_probs.argmax(axis=1).astype(np.int64)
-    confidence = mean_probs[np.arange(batch), label]
+    rows = np.arange(batch)
+    confidence = mean_probs[rows, label]
     head_labels = p.argmax(axis=2)  # (batch, heads)
-    disagreement = (head_labels != label[:, None]).mean(axis=1) if heads else np.zeros(batch)
-    variance = p[np.arange(batch), :, label].var(axis=1) if classes else np.zeros(batch)
+    if heads and classes:
+        disagreement = (head_labels != label[:, None]).sum(axis=1, dtype=np.float64) / heads
+        at_label = p[rows, :, label]  # (batch, heads)
+        spread = at_label - at_label.sum(axis=1, keepdims=True) / heads
+        variance = (spread * spread).sum(axis=1) / heads  # population variance, as ndarray.var
+    else:
+        disagreement = variance = np.zeros(batch)
 
     return ClassificationUncertainty(
         mean_probs=mean_probs,
@@ -163,8 +168,9 @@ def classification_uncertainty(head_log_probs: NDArray[np.floating]) -> Classifi
         expected_entropy=expected_entropy,
         mutual_information=mutual_information,
         epkl=epkl,
-        disagreement=disagreement.astype(np.float64),
+        disagreement=disagreement,
         variance=variance,
+        head_probs=p,
     )
 
 

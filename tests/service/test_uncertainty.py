@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from tests import oracle
+
 from service.uncertainty import (
     CombinedOODScore,
     ConformalOODCalibrator,
@@ -86,6 +88,35 @@ def test_classification_properties(logits: np.ndarray) -> None:
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(p > 0, p * (np.log(p) - np.log(p_bar)), 0.0).sum(axis=2).mean(axis=1)
     np.testing.assert_allclose(u.mutual_information, np.maximum(kl, 0), atol=1e-8)
+
+
+@FAST
+@given(
+    arrays(
+        np.float64,
+        st.tuples(st.integers(1, 6), st.integers(1, 9), st.integers(2, 12)),
+        elements=st.floats(-300, 300, allow_nan=False),
+    ),
+    st.floats(0.0, 0.5),
+)
+def test_classification_matches_the_independent_oracle(logits: np.ndarray, impossible: float) -> None:
+    """Every summary against tests/oracle.py (scipy's logsumexp and xlogy, pairwise KL), also with
+    classes a head gives probability exactly 0 (log p = −inf) and logits far apart."""
+    log_p = logits.copy()
+    log_p[logits < np.quantile(logits, impossible)] = -np.inf
+    log_p[..., 0] = np.maximum(log_p[..., 0], 0.0)  # every head keeps one possible class
+    u = classification_uncertainty(log_p)
+    with np.errstate(invalid="ignore"):  # the oracle masks 0 · (−inf) after computing it
+        want = oracle.classification(log_p)
+    np.testing.assert_allclose(u.mean_probs, want["probabilities"], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(u.head_probs, want["heads"], rtol=1e-12, atol=1e-15)
+    assert (u.label == want["label"]).all()
+    for name in ("confidence", "variance", "disagreement", "expected_entropy", "total_entropy"):
+        np.testing.assert_allclose(getattr(u, name), want[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(u.mutual_information, want["mutual_information"], atol=1e-9)
+    finite = np.isfinite(want["epkl"])  # the server answers an infinite EPKL as the largest float
+    np.testing.assert_allclose(u.epkl[finite], want["epkl"][finite], rtol=1e-9, atol=1e-9)
+    assert (u.epkl[~finite] == np.finfo(np.float64).max).all()
 
 
 @FAST
