@@ -11,8 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tests import oracle
-
 from service.uncertainty import (
     CombinedOODScore,
     ConformalOODCalibrator,
@@ -21,6 +19,7 @@ from service.uncertainty import (
     log_softmax,
     regression_uncertainty,
 )
+from tests import oracle
 
 FAST = settings(max_examples=60, deadline=None)
 
