@@ -228,25 +228,31 @@ class ConformalTestMartingale:
         top = log_f.max(axis=1)
         factors = np.exp(log_f - top[:, None])
         # The recursion is sequential, so it runs on Python floats: numpy's per-call cost on
-        # K = 9 weights made this loop ~4.6 µs a row, on the event loop after every batch.
-        w = np.exp(self._log_weights).tolist()
+        # K = 9 weights made this loop ~4.6 µs a row, on the event loop after every batch. The
+        # weights stay unnormalised within the batch (their sum is the capital's growth since it
+        # began): one pass over K per row, not two and a division (1.45 -> 0.9 µs a row).
+        u = np.exp(self._log_weights).tolist()
         k = float(self.k)
-        log_value = self.log_value
+        base = self.log_value  # log M = base + log(total)
+        total = 1.0
         t = self.rows + self.jump_offset
         threshold = self.threshold
         for i, (f, best) in enumerate(zip(factors.tolist(), top.tolist(), strict=True)):
             jump = 1.0 / (t + i)  # J_t: re-spread before the row's p-value is seen (predictable)
-            keep, spread = 1.0 - jump, jump / k
-            w = [(keep * wk + spread) * fk for wk, fk in zip(w, f, strict=True)]
-            total = math.fsum(w)
-            w = [wk / total for wk in w]
-            log_value += math.log(total) + best
-            if log_value >= threshold:
-                self.log_value = log_value
+            keep, spread = 1.0 - jump, jump / k * total
+            u = [(keep * uk + spread) * fk for uk, fk in zip(u, f, strict=True)]
+            total = sum(u)
+            base += best
+            if base + math.log(total) >= threshold:
+                self.log_value = base + math.log(total)
                 self.rows += i + 1
                 return i
-        self._log_weights = np.log(np.maximum(np.asarray(w), 1e-300))
-        self.log_value = log_value
+            if total < 1e-150:  # each factor is at most 1: fold the scale into base before u underflows
+                base += math.log(total)
+                u = [uk / total for uk in u]
+                total = 1.0
+        self._log_weights = np.log(np.maximum(np.asarray(u) / total, 1e-300))
+        self.log_value = base + math.log(total)
         self.rows += factors.shape[0]
         return None
 

@@ -110,6 +110,30 @@ def test_capital_matches_the_definition_whatever_the_batches(p: list[float], cut
     assert m.rows == values.size
 
 
+def test_capital_keeps_its_precision_where_the_weights_would_underflow() -> None:
+    """A long run (jumps of 1e-12) and p-values that swing between the extremes: each p near 1
+    costs the bet holding the weight ~e^-4.6, so within one batch of 300 rows the capital's scale
+    falls to ~1e-300, past float range unless it is folded out as it goes. Checked against the
+    recursion normalised at every row (without the fold the weights come out wrong)."""
+    m = ConformalTestMartingale()
+    m.threshold = math.inf  # no alarm: the capital itself is what is checked
+    m.rows = 10**12
+    start_weights, start_log = np.exp(m._log_weights), m.log_value
+    p = np.tile([1e-30, 1.0 - 1e-16], 150)
+    log_f = m.log_bets(p)
+    w, want = start_weights.tolist(), start_log
+    for t, row in enumerate(log_f):
+        jump = 1.0 / (m.rows + m.jump_offset + t)
+        top = max(row)
+        w = [((1 - jump) * wk + jump / m.k) * math.exp(lf - top) for wk, lf in zip(w, row, strict=True)]
+        total = math.fsum(w)
+        w = [wk / total for wk in w]
+        want += math.log(total) + top
+    assert m.advance(p) is None
+    assert m.log_value == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(np.exp(m._log_weights), w, rtol=1e-9, atol=1e-300)
+
+
 def test_false_alarm_frequency_on_uniform_p_values_is_at_most_delta() -> None:
     """Ville: P(sup M ≥ 1/δ) ≤ δ. δ = 0.1 so that 400 streams resolve it."""
     rng = np.random.default_rng(2)
