@@ -101,6 +101,13 @@ def check_level(level: float) -> None:
         raise ValueError(f"interval level must be in (0, 1), got {level}")
 
 
+def _entropy(p: FloatArray, log_p: FloatArray) -> FloatArray:
+    """−Σ p·log p over the last axis, `p` = exp(`log_p`); exp(−inf) = 0 makes 0·(−inf) → nan, so
+    those terms are masked."""
+    out: FloatArray = -(p * np.where(p > 0.0, log_p, 0.0)).sum(axis=-1)
+    return out
+
+
 def log_softmax(logits: NDArray[np.floating], axis: int = -1) -> FloatArray:
     """Numerically stable log-softmax in float64."""
     z = np.asarray(logits, dtype=np.float64)
@@ -119,22 +126,22 @@ def classification_uncertainty(head_log_probs: NDArray[np.floating]) -> Classifi
     if log_p.ndim != 3:
         raise ValueError(f"expected (batch, heads, classes) log-probabilities, got shape {log_p.shape}")
     batch, heads, classes = log_p.shape
-    # One exp over the (batch, heads, classes) block, reused below: the server runs this on every
-    # batch (in the model thread, holding the GIL), where each further pass cost as much as the graph.
-    z = log_p - log_p.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    total = e.sum(axis=-1, keepdims=True)
-    log_p = z - np.log(total)  # log-softmax
-    p = e / total  # (batch, heads, classes), each head's row sums to one
+    # Every summary below is bit for bit what the calibration scores in shipped manifests were
+    # computed with (a served calibration row ties its own score; conformal p-values count ties),
+    # so the operations keep their order; what is saved is work done twice: exp(log p) is reused
+    # for the head entropies and the served per-head probabilities, and means are sum / count
+    # (what ndarray.mean computes, without its Python wrapper: on a one-row batch the wrapper
+    # cost more than the arithmetic). The server runs this on every batch, holding the GIL.
+    log_p = log_softmax(log_p, axis=-1)
+    p = np.exp(log_p)  # (batch, heads, classes), each head's row sums to one
 
-    # means as sum / count, which is what ndarray.mean computes, without its Python-level wrapper:
-    # per call that wrapper cost more than the arithmetic on a one-row batch
     mean_probs = p.sum(axis=1) / heads  # (batch, classes)
-    # p·log p with 0·log 0 = 0: where a probability underflowed to 0 its term is 0, not 0·(−inf) = nan
-    with np.errstate(divide="ignore"):
-        log_mean = np.log(mean_probs)
-    total_entropy = -(mean_probs * np.where(mean_probs > 0.0, log_mean, 0.0)).sum(axis=-1)
-    head_entropy = -(p * np.where(p > 0.0, log_p, 0.0)).sum(axis=-1)  # (batch, heads)
+    # log p̄ via logsumexp over heads: stays finite where p̄ underflows in linear space.
+    m = log_p.max(axis=1, keepdims=True)
+    log_mean = (m + np.log(np.exp(log_p - m).sum(axis=1, keepdims=True) / heads))[:, 0, :]
+
+    total_entropy = _entropy(np.exp(log_mean), log_mean)
+    head_entropy = _entropy(p, log_p)  # (batch, heads)
     expected_entropy = head_entropy.sum(axis=1) / heads
     mutual_information = np.maximum(total_entropy - expected_entropy, 0.0)
 
