@@ -39,17 +39,35 @@ class BatcherStats:
 
 class RowSlice(Mapping[str, NDArray[np.generic]]):
     """Rows `[start, stop)` of every tensor of a batch's outputs, each sliced when it is read: a
-    request's answer reads only the tensors it returns (four of ~20 for a lean V2 request)."""
+    request's answer reads only the tensors it returns (four of ~20 for a lean V2 request).
 
-    __slots__ = ("_outputs", "_start", "_stop")
+    `casts` is shared by every slice of one batch: `cast` converts a tensor to an answer's dtype
+    once per batch and slices that, where converting each request's rows cost a copy per tensor
+    per request (the batch's summaries are float64, answers mostly float32)."""
 
-    def __init__(self, outputs: Mapping[str, NDArray[np.generic]], start: int, stop: int) -> None:
+    __slots__ = ("_casts", "_outputs", "_start", "_stop")
+
+    def __init__(
+        self,
+        outputs: Mapping[str, NDArray[np.generic]],
+        start: int,
+        stop: int,
+        casts: dict[tuple[str, type[np.generic]], NDArray[np.generic]] | None = None,
+    ) -> None:
         self._outputs = outputs
         self._start = start
         self._stop = stop
+        self._casts = {} if casts is None else casts
 
     def __getitem__(self, name: str) -> NDArray[np.generic]:
         return self._outputs[name][self._start : self._stop]
+
+    def cast(self, name: str, dtype: type[np.generic]) -> NDArray[np.generic]:
+        """This slice of tensor `name` as `dtype` (a view of the batch's one converted copy: read only)."""
+        column = self._casts.get((name, dtype))
+        if column is None:
+            column = self._casts[(name, dtype)] = np.asarray(self._outputs[name], dtype=dtype)
+        return column[self._start : self._stop]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._outputs)

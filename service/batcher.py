@@ -394,7 +394,8 @@ class DynamicBatcher:
         self._rows_run += n
         self._max_batch_rows = max(self._max_batch_rows, n)
         offset = 0
+        casts: dict[tuple[str, type[np.generic]], NDArray[np.generic]] = {}  # shared by the batch's slices
         for request, a, b in batch:
-            request.deliver(a, RowSlice(outputs, offset, offset + (b - a)), b - a)
+            request.deliver(a, RowSlice(outputs, offset, offset + (b - a), casts), b - a)
             offset += b - a
         self._reporter.add(BatchReport(n, len(batch), compute_s, waits, outputs, inputs))

@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 from numpy.typing import NDArray
 
+from service.batch_request import RowSlice
 from service.manifest import ModelManifest
 from service.uncertainty import (
     DENSITY_SCORE,
@@ -233,6 +234,7 @@ def finalise(
     interval: tuple[FloatArray, FloatArray] | None = None
     out: Tensors = {}
     for name in order:
+        dtype = _dtype(name)
         if name == "ood_flag":  # the conformal rule: flag when p ≤ α
             value: NDArray[np.generic] = np.asarray(summary["ood_p_value"], dtype=np.float64) <= alpha
         elif name == "ood_alpha":
@@ -247,18 +249,22 @@ def finalise(
                     level,
                 )
             value = interval[0] if name == "interval_lower" else interval[1]
+        elif isinstance(summary, RowSlice):  # a request's rows of a batch: converted once per batch
+            value = summary.cast(name, dtype)
         else:
             value = summary[name]
-        out[name] = _cast(name, value)
+        out[name] = np.asarray(value, dtype=dtype)
     return out
 
 
-def _cast(name: str, value: NDArray[np.generic]) -> NDArray[np.generic]:
-    datatype = _DATATYPES.get(name, "FP32")
-    if datatype == "FP32":
-        return np.asarray(value, dtype=np.float32)
-    if datatype == "INT64":
-        return np.asarray(value, dtype=np.int64)
-    if datatype == "BOOL":
-        return np.asarray(value, dtype=np.bool_)
-    return np.asarray(value, dtype=object)  # BYTES: Python str per element; codecs encode UTF-8
+# the numpy type of each V2 datatype an answer uses; BYTES: a Python str per element (codecs encode UTF-8)
+_NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "FP32": np.float32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "BYTES": np.object_,
+}
+
+
+def _dtype(name: str) -> type[np.generic]:
+    return _NUMPY_TYPES[_DATATYPES.get(name, "FP32")]

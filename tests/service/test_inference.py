@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from service import inference
+from service.batch_request import RowSlice
 from service.manifest import ModelManifest
 from service.uncertainty import ConformalOODCalibrator, classification_uncertainty, log_softmax
 
@@ -61,3 +62,34 @@ def test_regression_interval_at_the_requested_level() -> None:
     np.testing.assert_allclose(out["interval_upper"], mu.mean(axis=1) + half, rtol=1e-5)
     np.testing.assert_allclose(out["disagreement"], mu.std(axis=1), rtol=1e-5)
     assert "heads_mean" not in out and out["interval_level"].tolist() == [pytest.approx(0.8)] * 5
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_requests_sliced_from_one_batch_get_the_answers_of_their_own_rows(task: str) -> None:
+    """The batcher hands each request a RowSlice of its batch's summary; the answer's dtypes are
+    converted once per batch (shared by the slices) and each request's answer is exactly what
+    finalising its own rows alone gives."""
+    m = manifest(task)
+    rng = np.random.default_rng(1)
+    raw = (
+        {"log_probs": log_softmax(rng.normal(0, 3, (7, 3, 4)))}
+        if task == "classification"
+        else {"mean": rng.normal(size=(7, 3)), "variance": rng.uniform(0.1, 2.0, (7, 3))}
+    )
+    summary = inference.summarise(m, ConformalOODCalibrator(m.ood.calibration_scores), raw)
+    casts: dict[tuple[str, type[np.generic]], np.ndarray] = {}
+    cuts = [(0, 1), (1, 4), (4, 7)]
+    for start, stop in cuts:
+        shared = inference.finalise(
+            m, RowSlice(summary, start, stop, casts), alpha=0.3, level=0.8, include_heads=True
+        )
+        alone = inference.finalise(
+            m, {k: v[start:stop] for k, v in summary.items()}, alpha=0.3, level=0.8, include_heads=True
+        )
+        assert list(shared) == list(alone)
+        for name in alone:
+            assert shared[name].dtype == alone[name].dtype, name
+            np.testing.assert_array_equal(shared[name], alone[name], err_msg=name)
+    # one converted copy per tensor for the whole batch, not one per request
+    assert casts and all(column.shape[0] == 7 for column in casts.values())
+    assert len(casts) == len({name for name, _ in casts})
