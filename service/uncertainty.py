@@ -136,9 +136,13 @@ def classification_uncertainty(head_log_probs: NDArray[np.floating]) -> Classifi
     p = np.exp(log_p)  # (batch, heads, classes), each head's row sums to one
 
     mean_probs = p.sum(axis=1) / heads  # (batch, classes)
-    # log p̄ via logsumexp over heads: stays finite where p̄ underflows in linear space.
+    # log p̄ via logsumexp over heads: stays finite where p̄ underflows in linear space. A class
+    # every head gives probability 0 (log p = −inf) has p̄ = 0: shifted by 0, not by −inf (which
+    # made −inf − (−inf) = nan, and the row's total entropy nan).
     m = log_p.max(axis=1, keepdims=True)
-    log_mean = (m + np.log(np.exp(log_p - m).sum(axis=1, keepdims=True) / heads))[:, 0, :]
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        log_mean = (m + np.log(np.exp(log_p - m).sum(axis=1, keepdims=True) / heads))[:, 0, :]
 
     total_entropy = _entropy(np.exp(log_mean), log_mean)
     head_entropy = _entropy(p, log_p)  # (batch, heads)

@@ -109,8 +109,18 @@ def test_classification_matches_the_independent_oracle(logits: np.ndarray, impos
         want = oracle.classification(log_p)
     np.testing.assert_allclose(u.mean_probs, want["probabilities"], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(u.head_probs, want["heads"], rtol=1e-12, atol=1e-15)
-    assert (u.label == want["label"]).all()
-    for name in ("confidence", "variance", "disagreement", "expected_entropy", "total_entropy"):
+    # the label is a top class of the mean; where two tie to rounding either may be it, and the
+    # summaries taken at the label (confidence, variance, disagreement) are compared elsewhere
+    p_bar = want["probabilities"]
+    rows = np.arange(p_bar.shape[0])
+    np.testing.assert_allclose(p_bar[rows, u.label], p_bar.max(axis=1), rtol=1e-12)
+    top_two = np.sort(p_bar, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 1e-9 if p_bar.shape[1] > 1 else np.ones(rows.size, bool)
+    assert (u.label[clear] == want["label"][clear]).all()
+    for name in ("confidence", "variance", "disagreement"):
+        got, expected = getattr(u, name)[clear], want[name][clear]
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12, err_msg=name)
+    for name in ("expected_entropy", "total_entropy"):
         np.testing.assert_allclose(getattr(u, name), want[name], rtol=1e-9, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(u.mutual_information, want["mutual_information"], atol=1e-9)
     finite = np.isfinite(want["epkl"])  # the server answers an infinite EPKL as the largest float
