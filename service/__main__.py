@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
 from service.errors import describe_validation_errors
+from service.http_protocol import CoalescingHttpToolsProtocol
 from service.settings import Settings
 from service.workers import Supervisor, worker_count
 
@@ -109,6 +110,7 @@ def serve(app: Any, settings: Settings, sockets: list[socket.socket] | None = No
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         backlog=settings.listen_backlog,
         access_log=False,
+        http=CoalescingHttpToolsProtocol,  # each response's head and body in one write
     )
     server = DrainingServer(config)
     server.run(sockets=sockets)
