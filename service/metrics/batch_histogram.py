@@ -9,6 +9,8 @@ per-process files, in the layout its `Histogram` writes, so `MultiProcessCollect
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,6 +26,9 @@ from service.metrics.multiprocess import multiprocess_active
 
 # per label set: one file-backed value per bucket (non-cumulative, +Inf last) and one for the sum
 _FileValues = tuple[list[Any], Any]
+# Batches of at most this many values are bucketed with Python's bisect: on a one-row batch the
+# dozen numpy calls of the vectorised path cost ~6 us a histogram, five histograms a batch.
+SMALL_BATCH = 8
 
 
 class BatchHistogram(Collector):
@@ -42,6 +47,11 @@ class BatchHistogram(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._bounds = bounds
+        # the bounds as Python floats, for float64 values and rounded to float32 for float32 ones
+        self._small_bounds = {
+            np.dtype(np.float64): bounds.tolist(),
+            np.dtype(np.float32): bounds.astype(np.float32).tolist(),
+        }
         self._lock = threading.Lock()
         # label values -> (per-bucket counts incl. +Inf, non-cumulative; sum of observed values)
         self._series: dict[tuple[str, ...], tuple[NDArray[np.int64], list[float]]] = {}
@@ -86,6 +96,10 @@ class BatchHistogram(Collector):
         v = np.asarray(values).ravel()
         if not np.issubdtype(v.dtype, np.floating):
             v = v.astype(np.float64)
+        small_bounds = self._small_bounds.get(v.dtype) if v.size <= SMALL_BATCH else None
+        if small_bounds is not None:
+            self._observe_few(key, [x for x in v.tolist() if math.isfinite(x)], small_bounds)
+            return
         v = v[np.isfinite(v)]
         # Compare in the values' own precision: a float32 p-value equal to α (0.05 as float32 is
         # 0.0500000007) must land in the bucket le=α, as it was flagged with p <= α.
@@ -103,6 +117,24 @@ class BatchHistogram(Collector):
                 file_buckets, file_sum = self._file_values(key)
                 for i in np.flatnonzero(counts):  # at most len(buckets) + 1 writes, never per row
                     file_buckets[i].inc(float(counts[i]))
+                file_sum.inc(total)
+
+    def _observe_few(self, key: tuple[str, ...], values: list[float], bounds: list[float]) -> None:
+        """`observe_many` for a few finite values: the same buckets (float32 values against the
+        float32-rounded bounds, exact in Python floats), one at a time."""
+        indices = [bisect.bisect_left(bounds, x) for x in values]  # bounds[i-1] < x <= bounds[i]
+        total = sum(values)
+        with self._lock:
+            bucket_counts, acc = self._series.setdefault(
+                key, (np.zeros(self._bounds.size + 1, np.int64), [0.0])
+            )
+            for i in indices:
+                bucket_counts[i] += 1
+            acc[0] += total
+            if self._files is not None:
+                file_buckets, file_sum = self._file_values(key)
+                for i in indices:
+                    file_buckets[i].inc(1.0)
                 file_sum.inc(total)
 
     def remove(self, *labelvalues: str) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,6 +33,7 @@ from service.metrics import (
     RequestMetricsMiddleware,
     ServiceMetrics,
 )
+from service.metrics.batch_histogram import SMALL_BATCH, BatchHistogram
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -322,6 +325,17 @@ def test_remove_model_drops_its_series_only() -> None:
     metrics.remove_model("clf", "2")
     s = scrape(metrics)
     assert not any(dict(lbls).get("model") == "clf" for (_, lbls) in s)
+    # served again after its removal: it counts from zero, in series that are exported again (the
+    # children the hot paths keep were dropped with the series)
+    metrics.observe_batch("clf", "1", 3, 0.001, np.zeros(3))
+    metrics.observe_uncertainty("clf", "1", classification_outputs(rng, 5, 3, 0.05), 0.05, None)
+    metrics.set_queue_depth("clf", 4)
+    metrics.inc_rejected("clf", "queue_full")
+    s = scrape(metrics)
+    assert value(s, "hydra_predictions_total", model="clf", version="1") == 5
+    assert value(s, "hydra_batch_size_rows_count", model="clf", version="1") == 1
+    assert value(s, "hydra_queue_depth_rows", model="clf") == 4
+    assert value(s, "hydra_rejected_requests_total", model="clf", reason="queue_full") == 1
 
 
 def test_concurrent_batches_are_all_counted() -> None:
@@ -355,6 +369,35 @@ def test_float32_values_on_a_bucket_bound_fall_in_that_bucket() -> None:
     assert value(s, "hydra_ood_p_value_bucket", le="0.05", **mv) == value(s, "hydra_ood_flagged_total", **mv)
     assert value(s, "hydra_ood_p_value_bucket", le="0.1", **mv) == 4
     assert value(s, "hydra_ood_p_value_bucket", le="0.9", **mv) == 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([np.float32, np.float64]),
+    st.lists(
+        st.one_of(
+            st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, np.nan, np.inf, -np.inf]),
+            st.floats(-1.0, 2.0),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(1, SMALL_BATCH),
+)
+def test_small_batches_land_in_the_buckets_the_vectorised_path_gives(
+    dtype: type[np.floating], values: list[float], chunk: int
+) -> None:
+    """Batches of at most SMALL_BATCH values are bucketed in Python: the same `le` buckets (bounds
+    rounded to float32 for float32 values) as one vectorised call over all of them."""
+    bounds = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0]
+    v = np.asarray(values, dtype=dtype)
+    few, many = BatchHistogram("few", "", ["m"], bounds), BatchHistogram("many", "", ["m"], bounds)
+    for start in range(0, v.size, chunk):
+        few.observe_many(["x"], v[start : start + chunk])
+    many.observe_many(["x"], np.concatenate([v, np.full(SMALL_BATCH + 1, np.nan, dtype)]))
+    (few_counts, few_sum), (many_counts, many_sum) = few._series[("x",)], many._series[("x",)]
+    np.testing.assert_array_equal(few_counts, many_counts)
+    assert few_sum[0] == pytest.approx(many_sum[0], rel=1e-12, abs=1e-12)
 
 
 def test_non_finite_values_are_not_bucketed() -> None:
