@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -52,7 +53,7 @@ class RowSlice(Mapping[str, NDArray[np.generic]]):
         outputs: Mapping[str, NDArray[np.generic]],
         start: int,
         stop: int,
-        casts: dict[tuple[str, type[np.generic]], NDArray[np.generic]] | None = None,
+        casts: dict[tuple[str, np.dtype[Any]], NDArray[np.generic]] | None = None,
     ) -> None:
         self._outputs = outputs
         self._start = start
@@ -62,7 +63,7 @@ class RowSlice(Mapping[str, NDArray[np.generic]]):
     def __getitem__(self, name: str) -> NDArray[np.generic]:
         return self._outputs[name][self._start : self._stop]
 
-    def cast(self, name: str, dtype: type[np.generic]) -> NDArray[np.generic]:
+    def cast(self, name: str, dtype: np.dtype[Any]) -> NDArray[np.generic]:
         """This slice of tensor `name` as `dtype` (a view of the batch's one converted copy: read only)."""
         column = self._casts.get((name, dtype))
         if column is None:

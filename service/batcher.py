@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -394,7 +395,7 @@ class DynamicBatcher:
         self._rows_run += n
         self._max_batch_rows = max(self._max_batch_rows, n)
         offset = 0
-        casts: dict[tuple[str, type[np.generic]], NDArray[np.generic]] = {}  # shared by the batch's slices
+        casts: dict[tuple[str, np.dtype[Any]], NDArray[np.generic]] = {}  # shared by the batch's slices
         for request, a, b in batch:
             request.deliver(a, RowSlice(outputs, offset, offset + (b - a), casts), b - a)
             offset += b - a

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Mapping
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from service.batch_request import RowSlice
 from service.manifest import ModelManifest
+from service.protocol.v2_types import NUMPY_DTYPES
 from service.uncertainty import (
     DENSITY_SCORE,
     INPUT_DENSITY_SCORE,
@@ -257,14 +259,6 @@ def finalise(
     return out
 
 
-# the numpy type of each V2 datatype an answer uses; BYTES: a Python str per element (codecs encode UTF-8)
-_NUMPY_TYPES: dict[str, type[np.generic]] = {
-    "FP32": np.float32,
-    "INT64": np.int64,
-    "BOOL": np.bool_,
-    "BYTES": np.object_,
-}
-
-
-def _dtype(name: str) -> type[np.generic]:
-    return _NUMPY_TYPES[_DATATYPES.get(name, "FP32")]
+def _dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype answer `name` is sent in (BYTES: a Python str per element; codecs encode UTF-8)."""
+    return NUMPY_DTYPES[_DATATYPES.get(name, "FP32")]

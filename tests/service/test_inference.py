@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_requests_sliced_from_one_batch_get_the_answers_of_their_own_rows(task: 
         else {"mean": rng.normal(size=(7, 3)), "variance": rng.uniform(0.1, 2.0, (7, 3))}
     )
     summary = inference.summarise(m, ConformalOODCalibrator(m.ood.calibration_scores), raw)
-    casts: dict[tuple[str, type[np.generic]], np.ndarray] = {}
+    casts: dict[tuple[str, np.dtype[Any]], np.ndarray] = {}
     cuts = [(0, 1), (1, 4), (4, 7)]
     for start, stop in cuts:
         shared = inference.finalise(
